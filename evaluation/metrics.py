@@ -1,0 +1,261 @@
+"""Edit-quality metrics: CounterFact, zsRE, locality, retention, knowledge drawdown, fluency.
+
+Each protocol gathers all the prompts of all requests into one list and scores them with
+one batched call, so the cost is a handful of padded forward passes, not one per prompt.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kedit.facts import EditRequest
+
+from .scoring import Scores, adds_bos, model_device, pad_batch, pad_id_of, score_targets
+
+# ----------------------------------------------------------------------------- CounterFact
+
+
+def _mean(x: torch.Tensor) -> float:
+    return float(x.float().mean()) if x.numel() else float("nan")
+
+
+def _pairs(requests: Sequence[EditRequest], which: str) -> tuple[list[str], list[int]]:
+    """Prompts of one kind for all requests, with the owning request's index."""
+    prompts, owner = [], []
+    for i, r in enumerate(requests):
+        ps = {"rewrite": [r.text], "paraphrase": list(r.paraphrase_prompts)}[which]
+        prompts += ps
+        owner += [i] * len(ps)
+    return prompts, owner
+
+
+def counterfact_metrics(model: nn.Module, tokenizer, requests: Sequence[EditRequest], batch_size: int = 64) -> dict[str, float]:
+    """ROME's CounterFact protocol on requests that have ``target_true``.
+
+    efficacy: P(new) > P(true) on the edit prompt; generalization: the same on paraphrases;
+    specificity: neighbourhood prompts still prefer their own answer over ``target_new``.
+    Probabilities are per-token geometric means; ``*_magnitude`` are the mean differences.
+    """
+    reqs = [r for r in requests if r.target_true is not None]
+    rw, rw_owner = _pairs(reqs, "rewrite")
+    pp, pp_owner = _pairs(reqs, "paraphrase")
+    nb_prompts = [n.prompt for r in reqs for n in r.neighborhood]
+    nb_answer = [n.answer for r in reqs for n in r.neighborhood]
+    nb_new = [r.target_new for r in reqs for _ in r.neighborhood]
+    edit_prompts = rw + pp
+    owners = rw_owner + pp_owner
+    prompts = edit_prompts * 2 + nb_prompts * 2
+    targets = (
+        [reqs[i].target_new for i in owners]
+        + [reqs[i].target_true for i in owners]
+        + nb_answer
+        + nb_new
+    )
+    s = score_targets(model, tokenizer, prompts, targets, batch_size).prob
+    n_e, n_n = len(edit_prompts), len(nb_prompts)
+    p_new, p_true = s[:n_e], s[n_e : 2 * n_e]
+    nb_own, nb_edit = s[2 * n_e : 2 * n_e + n_n], s[2 * n_e + n_n :]
+    k = len(rw)
+    return {
+        "efficacy": _mean(p_new[:k] > p_true[:k]),
+        "efficacy_magnitude": _mean(p_new[:k] - p_true[:k]),
+        "generalization": _mean(p_new[k:] > p_true[k:]),
+        "generalization_magnitude": _mean(p_new[k:] - p_true[k:]),
+        "specificity": _mean(nb_own > nb_edit),
+        "specificity_magnitude": _mean(nb_own - nb_edit),
+        "n_requests": float(len(reqs)),
+    }
+
+
+# ----------------------------------------------------------------------------- zsRE
+
+
+def zsre_metrics(model: nn.Module, tokenizer, requests: Sequence[EditRequest], batch_size: int = 64) -> dict[str, float]:
+    """MEND/ROME zsRE protocol: teacher-forced token accuracy of ``target_new`` on the question
+    and its rephrasings, and of the recorded answer on the unrelated (locality) question."""
+    rw, rw_owner = _pairs(requests, "rewrite")
+    pp, pp_owner = _pairs(requests, "paraphrase")
+    loc = [(n.prompt, n.answer) for r in requests for n in r.neighborhood]
+    prompts = rw + pp + [p for p, _ in loc]
+    targets = [requests[i].target_new for i in rw_owner + pp_owner] + [a for _, a in loc]
+    acc = score_targets(model, tokenizer, prompts, targets, batch_size).token_accuracy
+    k, m = len(rw), len(rw) + len(pp)
+    return {
+        "efficacy": _mean(acc[:k]),
+        "generalization": _mean(acc[k:m]),
+        "locality": _mean(acc[m:]),
+        "n_requests": float(len(requests)),
+    }
+
+
+# ----------------------------------------------------------------------------- locality as agreement
+
+
+def neighborhood_pairs(requests: Sequence[EditRequest]) -> tuple[list[str], list[str]]:
+    return [n.prompt for r in requests for n in r.neighborhood], [n.answer for r in requests for n in r.neighborhood]
+
+
+def reference_predictions(model: nn.Module, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 64) -> list[torch.Tensor]:
+    """The unedited model's argmax tokens along each teacher-forced answer (EasyEdit's locality reference)."""
+    return score_targets(model, tokenizer, prompts, answers, batch_size).argmax
+
+
+def locality_agreement(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    answers: list[str],
+    reference: list[torch.Tensor],
+    batch_size: int = 64,
+) -> float:
+    """Mean over prompts of the fraction of positions where the model's argmax equals the reference's."""
+    if not prompts:
+        return float("nan")
+    now = score_targets(model, tokenizer, prompts, answers, batch_size).argmax
+    return sum(float((a == b).float().mean()) for a, b in zip(now, reference)) / len(prompts)
+
+
+# ----------------------------------------------------------------------------- retention
+
+
+def edit_success(model: nn.Module, tokenizer, requests: Sequence[EditRequest], batch_size: int = 64) -> torch.Tensor:
+    """Per request, whether the edit holds on its own prompt: P(new) > P(true) when the old
+    answer is known, otherwise greedy decoding gives the new target (all tokens argmax)."""
+    prompts = [r.text for r in requests]
+    with_true = [i for i, r in enumerate(requests) if r.target_true is not None]
+    s = score_targets(
+        model,
+        tokenizer,
+        prompts + [prompts[i] for i in with_true],
+        [r.target_new for r in requests] + [requests[i].target_true for i in with_true],
+        batch_size,
+    )
+    n = len(requests)
+    ok = s.exact[:n].clone()
+    if with_true:
+        idx = torch.tensor(with_true)
+        ok[idx] = s.prob[idx] > s.prob[n:]
+    return ok
+
+
+def retention(model: nn.Module, tokenizer, earlier: Sequence[EditRequest], batch_size: int = 64) -> float:
+    """Fraction of earlier accepted edits that still hold on the current model."""
+    return _mean(edit_success(model, tokenizer, earlier, batch_size)) if earlier else float("nan")
+
+
+# ----------------------------------------------------------------------------- knowledge drawdown
+
+
+@dataclass(frozen=True)
+class Fact:
+    prompt: str
+    answer: str
+
+
+def knows(model: nn.Module, tokenizer, facts: Sequence[Fact], batch_size: int = 64) -> torch.Tensor:
+    """Per fact, whether greedy decoding after the prompt produces the answer (all tokens argmax)."""
+    return score_targets(model, tokenizer, [f.prompt for f in facts], [f.answer for f in facts], batch_size).exact
+
+
+def build_retain_set(model: nn.Module, tokenizer, candidates: Sequence[Fact], batch_size: int = 64) -> list[Fact]:
+    """The facts the (unedited) model answers correctly: drawdown is measured on these."""
+    ok = knows(model, tokenizer, candidates, batch_size)
+    return [f for f, k in zip(candidates, ok.tolist()) if k]
+
+
+def knowledge_accuracy(model: nn.Module, tokenizer, facts: Sequence[Fact], batch_size: int = 64) -> float:
+    return _mean(knows(model, tokenizer, facts, batch_size)) if facts else float("nan")
+
+
+def drawdown(reference_accuracy: float, accuracy: float) -> float:
+    """Knowledge drawdown: the relative drop in accuracy, (ref - now) / ref; 0 is no loss."""
+    if not reference_accuracy > 0:
+        return float("nan")
+    return (reference_accuracy - accuracy) / reference_accuracy
+
+
+# ----------------------------------------------------------------------------- fluency
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """ROME's fluency score: weighted mean of the n-gram entropies (bits) of one text."""
+    words = _WORD.findall(text.lower())
+    out = []
+    for n, w in zip(ns, weights):
+        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        h = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
+        out.append(w * h)
+    return sum(out) / len(out)
+
+
+@torch.inference_mode()
+def greedy_generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 40, batch_size: int = 32) -> list[str]:
+    """Greedy continuations, batched with left padding; returns only the generated text."""
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    enc = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    device = model_device(model)
+    pad = pad_id_of(tokenizer)
+    out: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(enc[i]))
+    for start in range(0, len(prompts), batch_size):
+        idx = order[start : start + batch_size]
+        input_ids, attn, _, _ = pad_batch([bos + enc[i] for i in idx], pad, "left", device)
+        gen = model.generate(
+            input_ids=input_ids,
+            attention_mask=attn,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        texts = tokenizer.batch_decode(gen[:, input_ids.shape[1] :], skip_special_tokens=True)
+        for i, t in zip(idx, texts):
+            out[i] = t
+    return out
+
+
+def fluency(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 40, batch_size: int = 32) -> float:
+    """Mean n-gram entropy of greedy generations; repetitive, degenerate text scores low."""
+    if not prompts:
+        return float("nan")
+    texts = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    return sum(ngram_entropy(t) for t in texts) / len(texts)
+
+
+def scores_table(rows: dict[str, dict[str, float]]) -> str:
+    """A plain-text table: one row per name, one column per metric."""
+    cols = sorted({k for r in rows.values() for k in r})
+    head = ["", *cols]
+    body = [[name, *(f"{r.get(c, float('nan')):.3f}" for c in cols)] for name, r in rows.items()]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return "\n".join(fmt.format(*r) for r in [head, *body])
+
+
+__all__ = [
+    "Fact",
+    "Scores",
+    "build_retain_set",
+    "counterfact_metrics",
+    "drawdown",
+    "edit_success",
+    "fluency",
+    "greedy_generate",
+    "knowledge_accuracy",
+    "knows",
+    "locality_agreement",
+    "ngram_entropy",
+    "reference_predictions",
+    "retention",
+    "scores_table",
+    "zsre_metrics",
+]

@@ -1,0 +1,69 @@
+import math
+
+import pytest
+import torch
+from conftest import BigramLM, make_tokenizer, tiny_gpt2, tiny_llama
+
+from evaluation.scoring import encode_pairs, score_targets
+
+PROMPTS = ["the capital of france is", "alice speaks", "the river flows through the country of", "bob"]
+TARGETS = ["paris", "french and english", "germany", "leads the company"]
+
+
+def naive_scores(model, tok, prompt, target):
+    """One unpadded forward per pair, written independently of the batched code."""
+    p = tok(prompt)["input_ids"]
+    t = tok(target, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p + t])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    lp = sum(float(logp[len(p) - 1 + j, t[j]]) for j in range(len(t)))
+    correct = sum(int(logp[len(p) - 1 + j].argmax() == t[j]) for j in range(len(t)))
+    return lp, correct, len(t)
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("add_bos", [True, False])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_batched_equals_one_at_a_time(make_model, add_bos, side):
+    tok = make_tokenizer(add_bos=add_bos, padding_side=side)
+    model = make_model(len(tok))
+    s = score_targets(model, tok, PROMPTS, TARGETS, batch_size=3)
+    for i, (p, t) in enumerate(zip(PROMPTS, TARGETS)):
+        lp, correct, n = naive_scores(model, tok, p, t)
+        assert s.logprob[i].item() == pytest.approx(lp, abs=1e-4)
+        assert s.n_correct[i].item() == correct
+        assert s.n_tokens[i].item() == n
+
+
+def test_bos_is_added_only_when_the_tokenizer_adds_it():
+    with_bos = encode_pairs(make_tokenizer(add_bos=True), ["alice speaks"], ["french"])
+    without = encode_pairs(make_tokenizer(add_bos=False), ["alice speaks"], ["french"])
+    assert with_bos.ids[0][0] == 1 and with_bos.ids[0][1:] == without.ids[0]
+    assert with_bos.n_prompt[0] == 3 and without.n_prompt[0] == 2
+    assert with_bos.n_target == without.n_target == [1]
+
+
+def test_bigram_log_probability_by_hand():
+    tok = make_tokenizer(add_bos=True)
+    v = len(tok)
+    table = torch.zeros(v, v)
+    france, is_, paris, london = (tok.convert_tokens_to_ids(w) for w in ["france", "is", "paris", "london"])
+    # after "is": logits 2 for paris, 1 for london, 0 elsewhere
+    table[is_, paris], table[is_, london] = 2.0, 1.0
+    model = BigramLM(table)
+    z = math.exp(2) + math.exp(1) + (v - 2)
+    s = score_targets(model, tok, ["france is", "france is"], ["paris", "london"])
+    assert s.logprob.tolist() == pytest.approx([2 - math.log(z), 1 - math.log(z)], abs=1e-5)
+    assert s.n_correct.tolist() == [1, 0]
+    assert s.prob[0].item() == pytest.approx(math.exp(2) / z, rel=1e-5)
+    assert [a.tolist() for a in s.argmax] == [[paris], [paris]]
+    del france
+
+
+def test_empty_input_and_mismatched_lengths():
+    tok = make_tokenizer()
+    model = tiny_llama(len(tok))
+    assert score_targets(model, tok, [], []).logprob.numel() == 0
+    with pytest.raises(ValueError, match="2 prompts but 1 targets"):
+        score_targets(model, tok, ["a", "b"], ["c"])
