@@ -118,36 +118,125 @@ def pad_id_of(tokenizer) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class _Row:
+    """One packed row: a prompt followed by every target scored after it."""
+
+    prompt: list[int]
+    pairs: list[int]  # indices into Encoded, one per target
+    targets: list[list[int]]
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + sum(len(t) for t in self.targets)
+
+
+def _pack(enc: Encoded) -> list[_Row]:
+    """Group pairs that share a prompt: the prompt is computed once for all its targets."""
+    rows: dict[tuple[int, ...], _Row] = {}
+    for i, (ids, n_p) in enumerate(zip(enc.ids, enc.n_prompt)):
+        key = tuple(ids[:n_p])
+        row = rows.setdefault(key, _Row(list(key), [], []))
+        row.pairs.append(i)
+        row.targets.append(ids[n_p:])
+    return sorted(rows.values(), key=lambda r: r.length)
+
+
+def _packed_batch(rows: list[_Row], pad_id: int, side: str, device: torch.device, dtype: torch.dtype):
+    """Input ids, a 4D additive attention mask and position ids for packed rows.
+
+    Row layout: ``prompt | target_1 | target_2 | ...``. Each target's tokens see the prompt
+    and their own earlier tokens, never another target; positions restart after the prompt
+    for each target, so every target is scored exactly as if it followed the prompt alone.
+    Returns also, per target token, its (row, column) of prediction and its label column.
+    """
+    seqs, segs, poss = [], [], []
+    pred_rows, pred_cols, label_cols = [], [], []
+    for b, r in enumerate(rows):
+        seq, seg, pos = list(r.prompt), [0] * len(r.prompt), list(range(len(r.prompt)))
+        for k, t in enumerate(r.targets, start=1):
+            start = len(seq)
+            # token j of target k is predicted at the column of token j-1 (the last prompt token for j = 0)
+            pred_cols.append([len(r.prompt) - 1] + list(range(start, start + len(t) - 1)))
+            label_cols.append(list(range(start, start + len(t))))
+            pred_rows.append(b)
+            seq += t
+            seg += [k] * len(t)
+            pos += range(len(r.prompt), len(r.prompt) + len(t))
+        seqs.append(seq)
+        segs.append(seg)
+        poss.append(pos)
+    input_ids, valid, _, offsets = pad_batch(seqs, pad_id, side, torch.device("cpu"))
+    width = input_ids.shape[1]
+    seg_t = torch.full((len(rows), width), -1, dtype=torch.long)
+    pos_t = torch.zeros((len(rows), width), dtype=torch.long)
+    flat = valid.bool()
+    seg_t[flat] = torch.tensor([x for s in segs for x in s])
+    pos_t[flat] = torch.tensor([x for p in poss for x in p])
+    i = torch.arange(width)
+    causal = i[None, :] <= i[:, None]  # (T, T): key j <= query i
+    same = (seg_t[:, None, :] == 0) | (seg_t[:, None, :] == seg_t[:, :, None])  # (B, T, T)
+    allowed = causal[None] & same & flat[:, None, :]
+    allowed |= torch.eye(width, dtype=torch.bool)[None]  # padding queries attend to themselves: no NaN rows
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    lens = [len(c) for c in label_cols]
+    tok_rows = torch.tensor([b for b, n in zip(pred_rows, lens) for _ in range(n)])
+    shift = offsets[tok_rows]
+    tok_pred = torch.tensor([c for cs in pred_cols for c in cs]) + shift
+    tok_label = torch.tensor([c for cs in label_cols for c in cs]) + shift
+    return (
+        input_ids.to(device),
+        mask.to(device),
+        pos_t.to(device),
+        tok_rows.to(device),
+        tok_pred.to(device),
+        tok_label.to(device),
+        lens,
+    )
+
+
+def _logits_at(model: nn.Module, input_ids, mask, positions, rows, cols) -> torch.Tensor:
+    """Logits only where a target token is predicted: the LM head is skipped elsewhere.
+
+    (N, V) in fp32. Falls back to the full forward for models without a separate base model.
+    """
+    base = getattr(model, "base_model", model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is model or head is None:
+        return model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits[rows, cols].float()
+    hidden = base(input_ids=input_ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    logits = head(hidden[rows, cols]).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 @torch.inference_mode()
 def score_encoded(model: nn.Module, tokenizer, enc: Encoded, batch_size: int = 64, padding_side: str | None = None) -> Scores:
-    """Score pre-encoded pairs; batches are formed from similar lengths to waste little padding."""
+    """Score pre-encoded pairs: pairs sharing a prompt are packed into one row, rows of
+    similar length are batched, and each batch is one forward pass."""
     n = len(enc.ids)
     side = padding_side or getattr(tokenizer, "padding_side", "right") or "right"
     device = model_device(model)
+    dtype = next(model.parameters()).dtype
     pad = pad_id_of(tokenizer)
     logprob = torch.zeros(n)
     n_correct = torch.zeros(n, dtype=torch.long)
     argmax: list[torch.Tensor | None] = [None] * n
-    order = sorted(range(n), key=lambda i: len(enc.ids[i]))
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        input_ids, attn, pos, offsets = pad_batch([enc.ids[i] for i in idx], pad, side, device)
-        logits = model(input_ids=input_ids, attention_mask=attn, position_ids=pos).logits[:, :-1]  # (B, T-1, V)
-        # position t predicts token t+1; target token j of row b sits at offset + n_prompt + j
-        first = offsets + torch.tensor([enc.n_prompt[i] for i in idx]) - 1  # (B,)
-        length = torch.tensor([enc.n_target[i] for i in idx])  # (B,)
-        cols = torch.arange(logits.shape[1])
-        sel = ((cols >= first[:, None]) & (cols < (first + length)[:, None])).to(device)  # (B, T-1)
-        picked = logits[sel].float()  # (N, V), rows in (batch, position) order
-        labels = input_ids[:, 1:][sel]  # (N,)
-        lp = torch.log_softmax(picked, dim=-1).gather(-1, labels[:, None]).squeeze(-1)
-        top = picked.argmax(-1)
-        row = torch.arange(len(idx), device=device)[:, None].expand_as(sel)[sel]  # (N,) batch row per token
-        sums = torch.zeros(len(idx), device=device).index_add_(0, row, lp).cpu()
-        hits = torch.zeros(len(idx), dtype=torch.long, device=device).index_add_(0, row, (top == labels).long()).cpu()
+    rows = _pack(enc)
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        input_ids, mask, pos, tok_rows, tok_pred, tok_label, lens = _packed_batch(batch, pad, side, device, dtype)
+        logits = _logits_at(model, input_ids, mask, pos, tok_rows, tok_pred)  # (N, V)
+        labels = input_ids[tok_rows, tok_label]  # (N,)
+        lp = torch.log_softmax(logits, dim=-1).gather(-1, labels[:, None]).squeeze(-1)
+        top = logits.argmax(-1)
+        pair = torch.repeat_interleave(torch.arange(len(lens), device=device), torch.tensor(lens, device=device))
+        sums = torch.zeros(len(lens), device=device).index_add_(0, pair, lp).cpu()
+        hits = torch.zeros(len(lens), dtype=torch.long, device=device).index_add_(0, pair, (top == labels).long()).cpu()
+        idx = [i for r in batch for i in r.pairs]
         logprob[idx] = sums
         n_correct[idx] = hits
-        for i, chunk in zip(idx, top.cpu().split(length.tolist())):
+        for i, chunk in zip(idx, top.cpu().split(lens)):
             argmax[i] = chunk
     return Scores(logprob, torch.tensor(enc.n_target), n_correct, argmax)  # type: ignore[arg-type]
 

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from .errors import KeditError
 
-class UnsupportedArchitecture(ValueError):
+
+class UnsupportedArchitecture(KeditError, ValueError):
     pass
 
 

@@ -20,6 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .errors import KeditError
+
 log = logging.getLogger(__name__)
 
 # Limits on field sizes; a record over them is quarantined, never truncated.
@@ -52,7 +54,7 @@ class FieldError(ValueError):
         self.reason = reason
 
 
-class FactFileError(ValueError):
+class FactFileError(KeditError, ValueError):
     """The file itself cannot be read (missing, unknown format)."""
 
 

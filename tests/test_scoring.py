@@ -67,3 +67,26 @@ def test_empty_input_and_mismatched_lengths():
     assert score_targets(model, tok, [], []).logprob.numel() == 0
     with pytest.raises(ValueError, match="2 prompts but 1 targets"):
         score_targets(model, tok, ["a", "b"], ["c"])
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_targets_sharing_a_prompt_are_packed_and_scored_independently(make_model, side):
+    """Pairs with the same prompt share one packed row; each target must still see only the prompt."""
+    tok = make_tokenizer(padding_side=side)
+    model = make_model(len(tok), seed=1)
+    prompts = ["the capital of france is"] * 3 + ["alice speaks"] * 2 + ["bob"]
+    targets = ["paris", "london city", "rome and berlin", "french", "german and english", "leads"]
+    s = score_targets(model, tok, prompts, targets, batch_size=2)
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        lp, correct, n = naive_scores(model, tok, p, t)
+        assert s.logprob[i].item() == pytest.approx(lp, abs=1e-4)
+        assert (s.n_correct[i].item(), s.n_tokens[i].item()) == (correct, n)
+
+
+def test_bf16_model_scores_close_to_fp32():
+    tok = make_tokenizer()
+    model = tiny_llama(len(tok), seed=2)
+    ref = score_targets(model, tok, PROMPTS, TARGETS).logprob
+    half = score_targets(model.to(torch.bfloat16), tok, PROMPTS, TARGETS).logprob
+    assert torch.allclose(ref, half, atol=0.15)
