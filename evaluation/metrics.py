@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kedit.facts import EditRequest
+from kedit.facts import EditRequest, Fact
 
 from .scoring import Scores, adds_bos, model_device, pad_batch, pad_id_of, score_targets
 
@@ -44,25 +44,42 @@ def counterfact_metrics(model: nn.Module, tokenizer, requests: Sequence[EditRequ
     Probabilities are per-token geometric means; ``*_magnitude`` are the mean differences.
     """
     reqs = [r for r in requests if r.target_true is not None]
+    pairs = counterfact_pairs(reqs)
+    s = score_targets(model, tokenizer, pairs.prompts, pairs.targets, batch_size).prob
+    return counterfact_from_probs(pairs, s)
+
+
+@dataclass(frozen=True)
+class CounterFactPairs:
+    """All (prompt, target) pairs of the protocol, laid out as [edit x new, edit x true, nb x own, nb x new]."""
+
+    prompts: list[str]
+    targets: list[str]
+    n_rewrite: int  # edit prompts that are the rewrite prompt itself (the rest are paraphrases)
+    n_edit: int
+    n_neighbor: int
+    n_requests: int
+
+
+def counterfact_pairs(reqs: Sequence[EditRequest]) -> CounterFactPairs:
     rw, rw_owner = _pairs(reqs, "rewrite")
     pp, pp_owner = _pairs(reqs, "paraphrase")
     nb_prompts = [n.prompt for r in reqs for n in r.neighborhood]
-    nb_answer = [n.answer for r in reqs for n in r.neighborhood]
-    nb_new = [r.target_new for r in reqs for _ in r.neighborhood]
-    edit_prompts = rw + pp
     owners = rw_owner + pp_owner
-    prompts = edit_prompts * 2 + nb_prompts * 2
     targets = (
         [reqs[i].target_new for i in owners]
         + [reqs[i].target_true for i in owners]
-        + nb_answer
-        + nb_new
+        + [n.answer for r in reqs for n in r.neighborhood]
+        + [r.target_new for r in reqs for _ in r.neighborhood]
     )
-    s = score_targets(model, tokenizer, prompts, targets, batch_size).prob
-    n_e, n_n = len(edit_prompts), len(nb_prompts)
+    edit = rw + pp
+    return CounterFactPairs(edit * 2 + nb_prompts * 2, targets, len(rw), len(edit), len(nb_prompts), len(reqs))
+
+
+def counterfact_from_probs(pairs: CounterFactPairs, s: torch.Tensor) -> dict[str, float]:
+    n_e, n_n, k = pairs.n_edit, pairs.n_neighbor, pairs.n_rewrite
     p_new, p_true = s[:n_e], s[n_e : 2 * n_e]
     nb_own, nb_edit = s[2 * n_e : 2 * n_e + n_n], s[2 * n_e + n_n :]
-    k = len(rw)
     return {
         "efficacy": _mean(p_new[:k] > p_true[:k]),
         "efficacy_magnitude": _mean(p_new[:k] - p_true[:k]),
@@ -70,7 +87,7 @@ def counterfact_metrics(model: nn.Module, tokenizer, requests: Sequence[EditRequ
         "generalization_magnitude": _mean(p_new[k:] - p_true[k:]),
         "specificity": _mean(nb_own > nb_edit),
         "specificity_magnitude": _mean(nb_own - nb_edit),
-        "n_requests": float(len(reqs)),
+        "n_requests": float(pairs.n_requests),
     }
 
 
@@ -151,12 +168,6 @@ def retention(model: nn.Module, tokenizer, earlier: Sequence[EditRequest], batch
 
 
 # ----------------------------------------------------------------------------- knowledge drawdown
-
-
-@dataclass(frozen=True)
-class Fact:
-    prompt: str
-    answer: str
 
 
 def knows(model: nn.Module, tokenizer, facts: Sequence[Fact], batch_size: int = 64) -> torch.Tensor:
@@ -242,7 +253,6 @@ def scores_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 __all__ = [
-    "Fact",
     "Scores",
     "build_retain_set",
     "counterfact_metrics",

@@ -68,7 +68,7 @@ SPECS: dict[str, ArchSpec] = {
         mlp_out="mlp.dense_4h_to_h",
         attn_out="attention.dense",
         final_norm="gpt_neox.final_layer_norm",
-        lm_head="embed_out",
+        lm_head="lm_head",  # "embed_out" before transformers 5
         embed="gpt_neox.embed_in",
     ),
     "llama": _LLAMA_LIKE,

@@ -65,6 +65,14 @@ class Neighbor:
 
 
 @dataclass(frozen=True)
+class Fact:
+    """A fact the model should keep knowing: greedy decoding after ``prompt`` gives ``answer``."""
+
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
 class EditRequest:
     """One fact update. ``prompt`` holds ``{}`` exactly once, where the subject goes."""
 
@@ -530,6 +538,8 @@ def _read_json_array(data: bytes) -> Iterator[_Raw]:
         elif text[i : i + 1] != "]":
             yield _Raw(line_at(i), error=FieldError("<record>", "expected ',' or ']' after a record; rest unreadable"))
             return
+    if i >= len(text):
+        yield _Raw(line_at(len(text)), error=FieldError("<file>", "unterminated JSON array (missing ']')"))
 
 
 def _csv_cell(name: str, value: str) -> Any:
@@ -596,8 +606,11 @@ def _read_csv(data: bytes) -> Iterator[_Raw]:
 
 
 def _reader_for(path: Path, data: bytes) -> Callable[[bytes], Iterator[_Raw]]:
-    if path.suffix.lower() == ".csv":
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
         return _read_csv
+    if suffix == ".jsonl":
+        return _read_jsonl
     head = data.lstrip()[:1]
     return _read_json_array if head == b"[" else _read_jsonl
 
@@ -735,3 +748,27 @@ def write_feed(requests: Iterable[EditRequest], path: str | Path) -> Path:
             f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
     return path
 
+
+
+def load_known_facts(path: str | Path) -> list[Fact]:
+    """Facts for the drawdown retain set: JSONL ``{prompt, answer}`` or ROME's knowns JSON
+    (``{prompt, attribute, ...}``). Any invalid record is an error naming file, line and field."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise FactFileError(f"{path}: {e.strerror or e}") from None
+    out = []
+    for raw in _reader_for(path, data)(data):
+        where = f"{path}:{raw.line}"
+        if raw.error is not None:
+            raise FactFileError(f"{where}: field {raw.error.field!r}: {raw.error.reason}")
+        rec = raw.record
+        if not isinstance(rec, dict):
+            raise FactFileError(f"{where}: expected a JSON object")
+        answer_key = "answer" if "answer" in rec else "attribute"
+        try:
+            out.append(Fact(_text(rec, "prompt"), _text(rec, answer_key, limit=MAX_TARGET_CHARS)))
+        except FieldError as e:
+            raise FactFileError(f"{where}: field {e.field!r}: {e.reason}") from None
+    return out

