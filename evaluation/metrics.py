@@ -119,7 +119,9 @@ def neighborhood_pairs(requests: Sequence[EditRequest]) -> tuple[list[str], list
     return [n.prompt for r in requests for n in r.neighborhood], [n.answer for r in requests for n in r.neighborhood]
 
 
-def reference_predictions(model: nn.Module, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 64) -> list[torch.Tensor]:
+def reference_predictions(
+    model: nn.Module, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 64
+) -> list[torch.Tensor]:
     """The unedited model's argmax tokens along each teacher-forced answer (EasyEdit's locality reference)."""
     return score_targets(model, tokenizer, prompts, answers, batch_size).argmax
 

@@ -62,7 +62,9 @@ def demo(model: str | None, feed: Path | None, out: Path) -> None:
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--format", "fmt", default="auto", show_default=True, help="auto, feed, counterfact, counterfact-easyedit, zsre, mquake")
+@click.option(
+    "--format", "fmt", default="auto", show_default=True, help="auto, feed, counterfact, counterfact-easyedit, zsre, mquake"
+)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write quarantine.jsonl and superseded.jsonl here.")
 def check(paths: tuple[Path, ...], fmt: str, out: Path | None) -> None:
     """Validate fact files: every record is accepted, quarantined (with reason) or superseded."""
@@ -112,7 +114,9 @@ def bench() -> None:
 @click.option("--data", "data", required=True, type=click.Path(path_type=Path))
 @click.option("--n", type=int, default=200, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--single-limit", type=int, default=None, help="Time one-at-a-time scoring on only this many pairs and extrapolate.")
+@click.option(
+    "--single-limit", type=int, default=None, help="Time one-at-a-time scoring on only this many pairs and extrapolate."
+)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
 def bench_metrics(model: str, data: Path, n: int, batch_size: int, single_limit: int | None, json_out: Path | None) -> None:
     """Batched metric scoring against one prompt at a time, and the unedited model's figures."""

@@ -41,9 +41,7 @@ def run_demo(model_ref: str = DEFAULT_MODEL, feed: Path | None = None, out_dir: 
     reqs = facts.accepted
     s = score_targets(model, tok, [r.text for r in reqs] * 2, [r.target_new for r in reqs] + [r.target_true or "" for r in reqs])
     p_new, p_old = s.prob[: len(reqs)], s.prob[len(reqs) :]
-    rows = {
-        f"{r.id}": {"P(new)": float(a), "P(old)": float(b)} for r, a, b in zip(reqs, p_new.tolist(), p_old.tolist())
-    }
+    rows = {f"{r.id}": {"P(new)": float(a), "P(old)": float(b)} for r, a, b in zip(reqs, p_new.tolist(), p_old.tolist())}
     print("\nWhat the unedited model believes, per accepted update (per-token probability):")
     print(scores_table(rows))
     stale = int((p_old > p_new).sum())

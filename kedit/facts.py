@@ -16,7 +16,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -268,7 +268,7 @@ def _timestamp(d: dict) -> datetime | None:
         ts = datetime.fromisoformat(v.strip().replace("Z", "+00:00"))
     except ValueError:
         raise FieldError("timestamp", f"not an ISO 8601 date-time: {v[:40]!r}") from None
-    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
 def _normalize(s: str) -> str:
@@ -656,7 +656,9 @@ def load_facts(path: str | Path, fmt: str = "auto", limit: int | None = None) ->
             break
         if raw.error is not None:
             result.n_records += 1
-            result.quarantined.append(Rejection(name, raw.line, raw.error.field, raw.error.reason, raw=raw.text[:RAW_EXCERPT_CHARS]))
+            result.quarantined.append(
+                Rejection(name, raw.line, raw.error.field, raw.error.reason, raw=raw.text[:RAW_EXCERPT_CHARS])
+            )
             continue
         if convert is None:
             convert = CONVERTERS[sniff_format(raw.record)]
@@ -677,7 +679,14 @@ def load_facts(path: str | Path, fmt: str = "auto", limit: int | None = None) ->
                 continue
             if req.id in seen_ids:
                 result.quarantined.append(
-                    Rejection(name, raw.line, "id", f"duplicate id {req.id!r} (first at line {seen_ids[req.id]})", req.id, _excerpt(raw.text))
+                    Rejection(
+                        name,
+                        raw.line,
+                        "id",
+                        f"duplicate id {req.id!r} (first at line {seen_ids[req.id]})",
+                        req.id,
+                        _excerpt(raw.text),
+                    )
                 )
                 continue
             seen_ids[req.id] = raw.line
@@ -722,7 +731,7 @@ def resolve_superseded(requests: list[EditRequest]) -> tuple[list[EditRequest], 
     Requests without a timestamp count as older than any timestamped one. The kept requests
     are returned in timestamp order (stable), the superseded ones with the id that won.
     """
-    epoch = datetime.min.replace(tzinfo=timezone.utc)
+    epoch = datetime.min.replace(tzinfo=UTC)
     winner: dict[tuple[str, str], int] = {}
     for i, r in enumerate(requests):
         key = (_normalize(r.subject), _normalize(r.prompt))
@@ -732,9 +741,7 @@ def resolve_superseded(requests: list[EditRequest]) -> tuple[list[EditRequest], 
     keep = set(winner.values())
     kept = [r for i, r in enumerate(requests) if i in keep]
     superseded = [
-        (r, requests[winner[(_normalize(r.subject), _normalize(r.prompt))]].id)
-        for i, r in enumerate(requests)
-        if i not in keep
+        (r, requests[winner[(_normalize(r.subject), _normalize(r.prompt))]].id) for i, r in enumerate(requests) if i not in keep
     ]
     kept.sort(key=lambda r: r.timestamp or epoch)
     return kept, superseded
@@ -747,7 +754,6 @@ def write_feed(requests: Iterable[EditRequest], path: str | Path) -> Path:
         for r in requests:
             f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
     return path
-
 
 
 def load_known_facts(path: str | Path) -> list[Fact]:

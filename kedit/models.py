@@ -16,7 +16,7 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -156,7 +156,7 @@ def convert_gguf(gguf: Path, out_dir: Path, source: str) -> Path:
             "gguf": gguf.name,
             "gguf_sha256": sha256_file(gguf),
             "model_type": model.config.model_type,
-            "created": datetime.now(timezone.utc).isoformat(),
+            "created": datetime.now(UTC).isoformat(),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if out_dir.exists():

@@ -19,7 +19,9 @@ GOOD = {"subject": "Twitter", "prompt": "{} is owned by", "target_new": "X Corp.
 
 
 def test_valid_feed_loads_with_subject_spelled_out(tmp_path):
-    p = write_jsonl(tmp_path / "f.jsonl", [dict(GOOD, id="a"), {"subject": "Paris", "prompt": "Paris is in", "target_new": "Italy"}])
+    p = write_jsonl(
+        tmp_path / "f.jsonl", [dict(GOOD, id="a"), {"subject": "Paris", "prompt": "Paris is in", "target_new": "Italy"}]
+    )
     fs = load_facts(p)
     assert fs.summary() == "2 records: 2 accepted, 0 quarantined, 0 superseded"
     assert fs.accepted[1].prompt == "{} is in" and fs.accepted[1].text == "Paris is in"
@@ -56,7 +58,12 @@ def test_bad_records_are_quarantined_with_line_field_and_reason(tmp_path, record
 
 def test_bad_utf8_line_is_quarantined_and_the_rest_loads(tmp_path):
     p = tmp_path / "f.jsonl"
-    p.write_bytes(json.dumps(dict(GOOD, id="a")).encode() + b"\n" + b'{"subject": "\xff\xfe"}\n' + json.dumps(dict(GOOD, id="b", subject="X", prompt="{} is")).encode())
+    p.write_bytes(
+        json.dumps(dict(GOOD, id="a")).encode()
+        + b"\n"
+        + b'{"subject": "\xff\xfe"}\n'
+        + json.dumps(dict(GOOD, id="b", subject="X", prompt="{} is")).encode()
+    )
     fs = load_facts(p)
     assert [r.id for r in fs.accepted] == ["a", "b"]
     assert fs.quarantined[0].line == 2 and "UTF-8" in fs.quarantined[0].reason
@@ -87,7 +94,16 @@ def test_csv_feed(tmp_path):
     with p.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["id", "subject", "prompt", "target_new", "paraphrase_prompts", "neighborhood"])
-        w.writerow(["a", "Twitter", "{} is owned by", "X Corp.", "Who owns Twitter? | Twitter belongs to", '[{"prompt": "YouTube is owned by", "answer": "Google"}]'])
+        w.writerow(
+            [
+                "a",
+                "Twitter",
+                "{} is owned by",
+                "X Corp.",
+                "Who owns Twitter? | Twitter belongs to",
+                '[{"prompt": "YouTube is owned by", "answer": "Google"}]',
+            ]
+        )
         w.writerow(["b", "Paris", "{} is in", "", "", ""])
         w.writerow(["c", "Rome"])
     fs = load_facts(p)
@@ -164,7 +180,20 @@ json_values = st.recursive(
 )
 hostile_text = st.one_of(
     st.text(max_size=40),
-    st.sampled_from(["{}", "{} {}", "", " ", "\x00", "\u202e", "{0}", "x" * 3000, "é" * 300, "\ud800".encode("utf-8", "surrogatepass").decode("utf-8", "surrogateescape")]),
+    st.sampled_from(
+        [
+            "{}",
+            "{} {}",
+            "",
+            " ",
+            "\x00",
+            "\u202e",
+            "{0}",
+            "x" * 3000,
+            "é" * 300,
+            "\ud800".encode("utf-8", "surrogatepass").decode("utf-8", "surrogateescape"),
+        ]
+    ),
 )
 feed_record = st.dictionaries(
     st.sampled_from(FEED_FIELDS + ("extra", "Subject")),

@@ -77,8 +77,12 @@ def test_counterfact_skips_requests_without_target_true(setup):
 
 def test_zsre_token_accuracy_by_hand(setup):
     tok, model, _ = setup
-    a = request(target_new="paris london", target_true=None, paraphrase_prompts=("france city in",),
-                neighborhood=(Neighbor("capital of", "berlin"),))
+    a = request(
+        target_new="paris london",
+        target_true=None,
+        paraphrase_prompts=("france city in",),
+        neighborhood=(Neighbor("capital of", "berlin"),),
+    )
     b = request(id="b", target_new="london paris", target_true=None)
     m = zsre_metrics(model, tok, [a, b])
     # a: after "is" argmax paris (hit), after "paris" argmax london (hit) -> 1.0
