@@ -1,0 +1,27 @@
+"""Editors, one folder per method; importing this package registers them all."""
+
+from .alphaedit.alphaedit import AlphaEdit
+from .base import EDITORS, EditError, Editor, get_editor, register
+from .delta import DeltaIntegrityError, Dense, LowRank, Undo, WeightDelta
+from .ft_l.ft_l import FTL
+from .ft_m.ft_m import FTM
+from .memit.memit import MEMIT
+from .rome.rome import ROME
+
+__all__ = [
+    "EDITORS",
+    "MEMIT",
+    "ROME",
+    "AlphaEdit",
+    "DeltaIntegrityError",
+    "Dense",
+    "EditError",
+    "Editor",
+    "FTL",
+    "FTM",
+    "LowRank",
+    "Undo",
+    "WeightDelta",
+    "get_editor",
+    "register",
+]

@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AlphaEditHyperParams:
+    layers: tuple[int, ...]
+    l2: float = 10.0  # ridge term of the projected solve
+    nullspace_threshold: float = 0.02  # eigenvalues of E[k kᵀ] below this span the null space
+    steps: int = 20
+    lr: float = 0.5
+    weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    clamp_norm: float = 4.0
+    stop_loss: float = 0.05
+    n_templates: int = 5
+    template_length: int = 10
+    mom2_samples: int = 2000
+    mom2_length: int = 128

@@ -1,0 +1,125 @@
+"""Reading and changing the inputs and outputs of modules named by the architecture spec."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def first(x):
+    """Decoder blocks return a tensor or a tuple whose first item is the hidden states."""
+    return x[0] if isinstance(x, tuple) else x
+
+
+def _with_first(x, value):
+    return (value, *x[1:]) if isinstance(x, tuple) else value
+
+
+@contextmanager
+def capture(model: nn.Module, paths: list[str], what: str = "output") -> Iterator[dict[str, torch.Tensor]]:
+    """Record the input (first positional or ``hidden_states``) or the output of each module, per forward."""
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+    for path in paths:
+        module = model.get_submodule(path)
+        if what == "input":
+
+            def pre(mod, args, kwargs, path=path):
+                store[path] = args[0] if args else kwargs["hidden_states"]
+
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        else:
+
+            def post(mod, args, out, path=path):
+                store[path] = first(out)
+
+            handles.append(module.register_forward_hook(post))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def edit_output(model: nn.Module, path: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace a module's (first) output by ``fn(output)`` for every forward inside the block."""
+    handle = model.get_submodule(path).register_forward_hook(lambda mod, args, out: _with_first(out, fn(first(out))))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class StopForward(Exception):
+    pass
+
+
+@contextmanager
+def stop_after(model: nn.Module, path: str) -> Iterator[None]:
+    """End the forward pass after ``path`` runs (statistics need no layer above the last edited one)."""
+
+    def hook(mod, args, out):
+        raise StopForward
+
+    handle = model.get_submodule(path).register_forward_hook(hook)
+    try:
+        yield
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
+class _Passthrough(nn.Module):
+    """Stands in for a block below the edit layer: returns its input untouched."""
+
+    def __init__(self, returns_tuple: bool):
+        super().__init__()
+        self.returns_tuple = returns_tuple
+
+    def forward(self, *args, **kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        return (h,) if self.returns_tuple else h
+
+
+@contextmanager
+def start_at_block(model: nn.Module, blocks_path: str, index: int, hidden: torch.Tensor, returns_tuple: bool) -> Iterator[None]:
+    """Run the model from block ``index`` on, with ``hidden`` (B, T, d) as that block's input.
+
+    The blocks below are swapped for passthroughs and the embedding output is overwritten at
+    ``index``, so repeated forwards (an optimization loop) do not recompute what cannot change.
+    """
+    blocks = model.get_submodule(blocks_path)
+    saved = [blocks[i] for i in range(index)]
+    for i in range(index):
+        blocks[i] = _Passthrough(returns_tuple)
+
+    def pre(mod, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    handle = blocks[index].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for i, b in enumerate(saved):
+            blocks[i] = b
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """No weight gradients inside the block (target vectors are the only leaves)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)

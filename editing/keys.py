@@ -1,0 +1,95 @@
+"""Where a fact lives: token positions of the subject, and the MLP keys there.
+
+A context template is a short prefix ending in ``{}``; the request's prompt (subject filled
+in) replaces the ``{}``. Keys are averaged over templates, as in ROME and MEMIT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from evaluation.scoring import adds_bos, model_device, pad_batch, pad_id_of
+from kedit.arch import ArchSpec
+from kedit.facts import EditRequest
+
+from .hooks import capture
+
+
+@dataclass(frozen=True)
+class Located:
+    """Token ids of (template x request) texts, and the subject's last token in each."""
+
+    ids: list[list[int]]
+    subject_pos: list[int]
+    owner: list[int]  # index of the request each row belongs to
+
+
+def fill(template: str, request: EditRequest) -> tuple[str, str]:
+    """The full text and the text up to the end of the subject."""
+    head = request.prompt.split("{}", 1)[0] + request.subject
+    return template.replace("{}", request.text, 1), template.replace("{}", head, 1)
+
+
+def locate(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str]) -> Located:
+    """Tokenize every request in every template and find the subject's last token."""
+    texts, heads, owner = [], [], []
+    for t in templates:
+        for i, r in enumerate(requests):
+            full, head = fill(t, r)
+            texts.append(full)
+            heads.append(head)
+            owner.append(i)
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    enc = tokenizer(texts + heads, add_special_tokens=False)["input_ids"]
+    ids = [bos + e for e in enc[: len(texts)]]
+    pos = [len(bos) + len(h) - 1 for h in enc[len(texts) :]]
+    return Located(ids, [min(p, len(i) - 1) for p, i in zip(pos, ids)], owner)
+
+
+def average_by_owner(x: torch.Tensor, owner: Sequence[int], n: int) -> torch.Tensor:
+    """Mean of the rows of ``x`` (rows, d) that belong to each of n owners -> (n, d)."""
+    idx = torch.tensor(owner, device=x.device)
+    sums = torch.zeros(n, x.shape[-1], device=x.device, dtype=x.dtype).index_add_(0, idx, x)
+    counts = torch.bincount(idx, minlength=n).clamp(min=1).to(x.dtype)
+    return sums / counts[:, None]
+
+
+@torch.no_grad()
+def read_at_subject(
+    model: nn.Module, tokenizer, requests: Sequence[EditRequest], templates: Sequence[str], paths: Sequence[str], what: str
+) -> dict[str, torch.Tensor]:
+    """The input or output of each module at the subject's last token, averaged over templates.
+
+    One padded forward pass for all requests and templates; (n_requests, d) fp32 per path.
+    """
+    loc = locate(tokenizer, requests, templates)
+    input_ids, mask, positions, offsets = pad_batch(loc.ids, pad_id_of(tokenizer), "right", model_device(model))
+    with capture(model, list(paths), what) as store:
+        model(input_ids=input_ids, attention_mask=mask, position_ids=positions)
+    rows = torch.arange(len(loc.ids), device=input_ids.device)
+    cols = torch.tensor(loc.subject_pos, device=input_ids.device)
+    return {p: average_by_owner(store[p][rows, cols].float(), loc.owner, len(requests)) for p in paths}
+
+
+def subject_keys(
+    model: nn.Module, tokenizer, spec: ArchSpec, layers: Sequence[int], requests: Sequence[EditRequest], templates: Sequence[str]
+) -> dict[int, torch.Tensor]:
+    """Per layer, the input of the MLP output projection at the subject: (n_requests, d_in)."""
+    paths = {layer: spec.module_path("mlp_out", layer) for layer in layers}
+    got = read_at_subject(model, tokenizer, requests, templates, list(paths.values()), "input")
+    return {layer: got[p] for layer, p in paths.items()}
+
+
+def context_templates(model: nn.Module, tokenizer, n: int = 5, length: int = 10) -> tuple[str, ...]:
+    """``{}`` plus short greedy continuations of fixed seed words as prefixes (ROME's context templates)."""
+    from evaluation.metrics import greedy_generate
+
+    seeds = ["The", "Therefore", "Because", "I", "You", "It", "When", "In", "This", "A"][:n]
+    gens = greedy_generate(model, tokenizer, seeds, max_new_tokens=length)
+    joined = [s + (g if g[:1].isspace() else " " + g) for s, g in zip(seeds, gens)]
+    prefixes = [" ".join(j.replace("{", " ").replace("}", " ").split()) for j in joined]
+    return ("{}",) + tuple(f"{p}. {{}}" for p in prefixes)

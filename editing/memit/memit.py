@@ -1,0 +1,90 @@
+"""MEMIT (Meng et al., 2023): a batch of facts spread over a range of MLP layers.
+
+1. target: z = h + δ at the last layer of the range, δ optimized jointly for the batch;
+2. for each layer l, bottom to top:
+   keys K (n, d_in) at l with the current weights, residual R = (z - h_now) / (layers left);
+3. solve: ΔW = Rᵀ K (λC + KᵀK)⁻¹, kept as factors Rᵀ (d_out, n) and K (λC + KᵀK)⁻¹ (n, d_in),
+   so the update has rank <= n;
+4. apply it, then go up one layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from editing.base import Editor, linear_update, register
+from editing.keys import context_templates, read_at_subject, subject_keys
+from editing.stats import Corpus, corpus_from_model, second_moments
+from editing.targets import TargetConfig, optimize_targets
+from kedit.facts import EditRequest
+
+from .hparams import MEMITHyperParams
+
+
+class MEMITFamily(Editor):
+    """MEMIT's loop; subclasses change how the target is found or how a layer's update is solved."""
+
+    def __init__(self, model, tokenizer, hparams=None, corpus: Corpus | None = None):
+        super().__init__(model, tokenizer, hparams)
+        self.corpus = corpus
+        self._templates: tuple[str, ...] | None = None
+        self._cov: dict[int, torch.Tensor] | None = None
+
+    def templates(self) -> tuple[str, ...]:
+        if self._templates is None:
+            hp = self.hparams
+            self._templates = context_templates(self.model, self.tok, hp.n_templates, hp.template_length)
+        return self._templates
+
+    def covariances(self) -> dict[int, torch.Tensor]:
+        """E[k kᵀ] per edited layer, from the unedited model, one pass for all layers."""
+        if self._cov is None:
+            hp = self.hparams
+            corpus = self.corpus or corpus_from_model(self.model, self.tok)
+            self._cov = second_moments(self.model, self.tok, self.spec, hp.layers, corpus, hp.mom2_samples, hp.mom2_length)
+        return self._cov
+
+    def target_config(self) -> TargetConfig:
+        hp = self.hparams
+        return TargetConfig(hp.steps, hp.lr, hp.weight_decay, hp.kl_factor, hp.clamp_norm, hp.stop_loss)
+
+    def compute_targets(self, requests: list[EditRequest]) -> torch.Tensor:
+        """z - h at the last edited block's output: (n, d)."""
+        top = self.spec.block(self.hparams.layers[-1])
+        t = optimize_targets(
+            self.model, self.tok, self.spec, requests, self.templates(), [top], self.hparams.layers[0], self.target_config()
+        )
+        return t.deltas[top]
+
+    def solve(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors (d_out, n), (n, d_in) of the layer's update. keys (n, d_in), resid (n, d_out)."""
+        cov = self.covariances()[layer].to(keys.device).double()
+        k = keys.double()
+        x = torch.linalg.solve(self.hparams.mom2_weight * cov + k.T @ k, k.T)  # (d_in, n)
+        return resid.T.float(), x.T.float()
+
+    def after_layer(self, layer: int, keys: torch.Tensor) -> None:
+        """Hook for state kept across batches (AlphaEdit's key cache)."""
+
+    def _edit(self, requests: list[EditRequest]) -> None:
+        hp = self.hparams
+        self.covariances()
+        top = self.spec.block(hp.layers[-1])
+        h0 = read_at_subject(self.model, self.tok, requests, ("{}",), [top], "output")[top]  # (n, d)
+        z = h0 + self.compute_targets(requests)  # (n, d)
+        for i, layer in enumerate(hp.layers):
+            keys = subject_keys(self.model, self.tok, self.spec, [layer], requests, self.templates())[layer]  # (n, d_in)
+            h = read_at_subject(self.model, self.tok, requests, ("{}",), [top], "output")[top]
+            resid = (z - h) / (len(hp.layers) - i)  # (n, d)
+            out_f, in_f = self.solve(layer, keys, resid)
+            self._apply(self.weight_name("mlp_out", layer), linear_update(self.module("mlp_out", layer), out_f, in_f))
+            self.after_layer(layer, keys)
+
+
+@register
+class MEMIT(MEMITFamily):
+    name = "memit"
+    hparams_cls = MEMITHyperParams
+    method_dir = Path(__file__).parent

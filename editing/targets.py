@@ -1,0 +1,160 @@
+"""Target vectors (ROME's v*, MEMIT's z), optimized for all requests of a batch jointly.
+
+One residual δ per request and per module is added to the module's output at the subject's
+last token. The loss per request is the NLL of ``target_new`` after the prompt in every context
+template, plus a KL term keeping the subject's "essence" prompt unchanged, plus a weight decay
+on ‖δ‖. Requests' losses are summed: each δ only reaches its own rows, so the joint problem is
+the per-request problems side by side (Adam is elementwise), in one forward and backward per
+step. The weights are frozen, the blocks below the first edited module run once, and a request
+stops (its δ frozen) once its NLL is below ``stop_loss``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from evaluation.scoring import encode_pairs, model_device, pad_batch, pad_id_of
+from kedit.arch import ArchSpec
+from kedit.facts import EditRequest
+
+from .hooks import capture, edit_output, frozen, start_at_block
+from .keys import fill, locate
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    steps: int = 20
+    lr: float = 0.5
+    weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    clamp_norm: float = 4.0  # ‖δ‖ <= clamp_norm * ‖original output‖
+    stop_loss: float = 0.05
+    kl_prompt: str = "{} is a"
+
+
+@dataclass
+class Targets:
+    deltas: dict[str, torch.Tensor]  # module path -> (n, d) fp32
+    originals: dict[str, torch.Tensor]  # module path -> (n, d) output at the subject (template "{}")
+    nll: torch.Tensor  # (n,) final NLL per request
+    steps: torch.Tensor  # (n,) steps each request ran
+
+
+def _batch(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str], kl_prompt: str):
+    """Rows: every (template, request) with target_new appended, then one KL row per request."""
+    n = len(requests)
+    loc = locate(tokenizer, requests, templates)
+    texts = [fill(t, r)[0] for t in templates for r in requests]
+    enc = encode_pairs(tokenizer, texts, [requests[i].target_new for i in loc.owner])
+    kl_reqs = [EditRequest(r.id, r.subject, kl_prompt, "x") for r in requests]
+    kl = locate(tokenizer, kl_reqs, ["{}"])
+    ids = enc.ids + kl.ids
+    subject_pos = loc.subject_pos + kl.subject_pos
+    owner = loc.owner + list(range(n))
+    return ids, enc.n_prompt, enc.n_target, subject_pos, owner, len(enc.ids)
+
+
+def optimize_targets(
+    model: nn.Module,
+    tokenizer,
+    spec: ArchSpec,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    paths: Sequence[str],
+    first_block: int,
+    cfg: TargetConfig,
+) -> Targets:
+    """Jointly optimize one δ per request for each module in ``paths`` (all in blocks >= first_block)."""
+    n = len(requests)
+    device = model_device(model)
+    ids, n_prompt, n_target, subject_pos, owner, n_rw = _batch(tokenizer, requests, templates, cfg.kl_prompt)
+    input_ids, mask, positions, _ = pad_batch(ids, pad_id_of(tokenizer), "right", device)
+    rows = torch.arange(len(ids), device=device)
+    cols = torch.tensor(subject_pos, device=device)
+    own = torch.tensor(owner, device=device)
+
+    # target-token positions of the rewrite rows: token j of row b is predicted at n_prompt[b] - 1 + j
+    lens = torch.tensor(n_target)
+    t_rows = torch.repeat_interleave(torch.arange(n_rw), lens)
+    t_cols = torch.cat([torch.arange(p - 1, p - 1 + t) for p, t in zip(n_prompt, n_target)])
+    t_labels = input_ids[t_rows.to(device), (t_cols + 1).to(device)]
+    t_rows, t_cols = t_rows.to(device), t_cols.to(device)
+    kl_rows = torch.arange(n_rw, len(ids), device=device)
+    kl_cols = mask[n_rw:].sum(-1) - 1  # last real token of each KL row
+
+    blocks_path = spec.blocks
+    block = model.get_submodule(spec.block(first_block))
+    kind = {}
+
+    def probe_hook(mod, args, out) -> None:
+        kind["tuple"] = isinstance(out, tuple)
+
+    probe = block.register_forward_hook(probe_hook)
+    try:
+        with torch.no_grad(), capture(model, list(paths), "output") as out0:
+            with capture(model, [spec.block(first_block)], "input") as in0:
+                base_logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
+    finally:
+        probe.remove()
+    hidden_in = in0[spec.block(first_block)].detach()
+    returns_tuple = kind["tuple"]
+    base_kl = torch.log_softmax(base_logits[kl_rows, kl_cols].float(), -1).detach()  # (n, V)
+    originals_all = {p: out0[p][rows, cols].detach().float() for p in paths}  # (rows, d)
+    originals = {p: originals_all[p][:n_rw][:n] for p in paths}  # template "{}" comes first
+    norms = {p: originals[p].norm(dim=-1).clamp(min=1e-6) for p in paths}  # (n,)
+
+    deltas = {p: torch.zeros(n, originals[p].shape[-1], device=device, requires_grad=True) for p in paths}
+    opt = torch.optim.Adam(list(deltas.values()), lr=cfg.lr)
+    active = torch.ones(n, dtype=torch.bool, device=device)
+    steps = torch.zeros(n, dtype=torch.long)
+    nll_req = torch.full((n,), float("inf"), device=device)
+
+    def add_delta(p):
+        def fn(out):
+            d = deltas[p][own].to(out.dtype)  # (rows, d)
+            return out.index_put((rows, cols), d, accumulate=True)
+
+        return fn
+
+    with ExitStack() as stack:
+        stack.enter_context(frozen(model))
+        stack.enter_context(start_at_block(model, blocks_path, first_block, hidden_in, returns_tuple))
+        for p in paths:
+            stack.enter_context(edit_output(model, p, add_delta(p)))
+        for _ in range(cfg.steps):
+            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
+            logp = torch.log_softmax(logits[t_rows, t_cols].float(), -1)
+            tok_nll = -logp.gather(-1, t_labels[:, None]).squeeze(-1)  # (N,)
+            row_nll = torch.zeros(n_rw, device=device).index_add_(0, t_rows, tok_nll) / lens.to(device)
+            nll_req = _mean_by(row_nll, own[:n_rw], n)
+            kl_logp = torch.log_softmax(logits[kl_rows, kl_cols].float(), -1)
+            kl = torch.nn.functional.kl_div(kl_logp, base_kl, log_target=True, reduction="none").sum(-1)  # (n,)
+            decay = sum((deltas[p].norm(dim=-1) / norms[p]) ** 2 for p in paths)
+            loss_req = nll_req + cfg.kl_factor * kl + cfg.weight_decay * decay
+            active &= nll_req.detach() > cfg.stop_loss
+            if not bool(active.any()):
+                break
+            steps += active.cpu().long()
+            opt.zero_grad()
+            (loss_req * active).sum().backward()
+            with torch.no_grad():
+                keep = {p: deltas[p].detach().clone() for p in paths}
+            opt.step()
+            with torch.no_grad():
+                for p in paths:
+                    d = deltas[p]
+                    d[~active] = keep[p][~active]  # finished requests stay where they stopped
+                    limit = cfg.clamp_norm * norms[p]
+                    scale = (limit / d.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)
+                    d.mul_(scale[:, None])
+    return Targets({p: d.detach() for p, d in deltas.items()}, originals, nll_req.detach().cpu(), steps)
+
+
+def _mean_by(x: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    sums = torch.zeros(n, device=x.device, dtype=x.dtype).index_add(0, owner, x)
+    return sums / torch.bincount(owner, minlength=n).clamp(min=1).to(x.dtype)

@@ -1,0 +1,254 @@
+"""The contract every registered editor keeps, on a tiny model built here, plus each method's defining property."""
+
+import copy
+
+import pytest
+import torch
+from conftest import make_tokenizer, tiny_gpt2, tiny_llama
+
+import editing
+from editing import EDITORS, DeltaIntegrityError, WeightDelta, get_editor
+from editing.hparams import HparamsError
+from editing.keys import subject_keys
+from editing.stats import Corpus, second_moments
+from editing.targets import TargetConfig, optimize_targets
+from evaluation.scoring import score_targets
+from kedit.facts import EditRequest
+
+CORPUS = Corpus(
+    "test",
+    tuple(
+        s
+        for _ in range(4)
+        for s in [
+            "the capital of france is paris and the capital of germany is berlin",
+            "alice speaks french and bob speaks german",
+            "the river flows through the city of london in england",
+            "who leads the company ? the ceo carol leads the company",
+            "rome is a city in italy and madrid is a city in spain",
+        ]
+    ),
+)
+
+# per editor: overrides that fit a 4-layer model
+OVERRIDES = {
+    # a random tiny model's MLP outputs are ~100x smaller than a trained model's: allow larger δ
+    "rome": dict(layer=1, clamp_norm=200.0, mom2_samples=40, mom2_length=16, n_templates=2, template_length=3),
+    "memit": dict(layers=(1, 2), mom2_samples=40, mom2_length=16, n_templates=2, template_length=3, mom2_weight=1.0),
+    "alphaedit": dict(
+        layers=(1, 2), l2=1e-6, mom2_samples=40, mom2_length=16, n_templates=2, template_length=3, nullspace_threshold=1e-3
+    ),
+    "ft-l": dict(layers=(1,), lr=0.01, norm_constraint=0.05),
+    "ft-m": dict(layers=(1,), lr=0.01),
+}
+
+REQUESTS = [
+    EditRequest("a", "france", "the capital of {} is", "rome", "paris"),
+    EditRequest("b", "alice", "{} speaks", "german", "french"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("KEDIT_HOME", str(tmp_path / "home"))
+
+
+def build(name, make=tiny_llama, seed=0):
+    tok = make_tokenizer()
+    model = make(len(tok), seed=seed)
+    cls = get_editor(name)
+    kwargs = {"corpus": CORPUS} if "corpus" in cls.__init__.__code__.co_varnames else {}
+    return model, tok, cls(model, tok, cls.preset(model, OVERRIDES[name]), **kwargs)
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_bits(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_every_editor_has_a_contract_entry():
+    assert set(EDITORS) == set(OVERRIDES)
+
+
+@pytest.mark.parametrize("name", sorted(OVERRIDES))
+def test_editor_contract(name, tmp_path):
+    model, tok, editor = build(name)
+    base = copy.deepcopy(model)
+    before = snapshot(model)
+    p0 = score_targets(model, tok, [r.text for r in REQUESTS], [r.target_new for r in REQUESTS]).mean_logprob
+
+    delta = editor.edit(REQUESTS)
+    p1 = score_targets(model, tok, [r.text for r in REQUESTS], [r.target_new for r in REQUESTS]).mean_logprob
+    assert (p1 > p0).all(), f"{name}: target log-prob {p0.tolist()} -> {p1.tolist()}"
+    assert delta.parts and delta.meta["request_ids"] == ["a", "b"]
+    edited = snapshot(model)
+    touched = {k for k in before if not torch.equal(before[k], edited[k])}
+    assert touched == set(delta.parts), "weights change only through the delta"
+
+    # the stored delta rebuilds the edited weights bit for bit from the base
+    WeightDelta.load(delta.save(tmp_path / "delta")).apply(base)
+    assert_same_bits(snapshot(base), edited)
+
+    # state round-trips into a fresh editor
+    state = editor.state_dict()
+    _, _, fresh = build(name)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict().keys() == state.keys()
+    for k in state:
+        assert torch.equal(fresh.state_dict()[k], state[k])
+
+    # revert restores weights bit for bit and the state before the edit
+    editor.revert()
+    assert_same_bits(snapshot(model), before)
+    assert editor.state_dict() == {} or all(v.abs().sum() == 0 for v in editor.state_dict().values())
+
+
+def test_tampered_or_missing_delta_is_refused(tmp_path):
+    model, tok, editor = build("memit")
+    d = editor.edit(REQUESTS[:1]).save(tmp_path / "d")
+    blob = bytearray((d / "delta.safetensors").read_bytes())
+    blob[-1] ^= 1
+    (d / "delta.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(DeltaIntegrityError, match="does not match"):
+        WeightDelta.load(d)
+    (d / "delta.safetensors").unlink()
+    with pytest.raises(DeltaIntegrityError, match="no delta.safetensors"):
+        WeightDelta.load(d)
+
+
+def test_rome_update_is_rank_one():
+    model, tok, editor = build("rome")
+    delta = editor.edit(REQUESTS[:1])
+    (upd,) = delta.parts.values()
+    assert upd.rank == 1
+    assert torch.linalg.matrix_rank(upd.dense()).item() == 1
+
+
+def test_rome_on_gpt2_conv1d_layout():
+    model, tok, editor = build("rome", make=tiny_gpt2)
+    delta = editor.edit(REQUESTS[:1])
+    (name,) = delta.parts
+    assert name == "transformer.h.1.mlp.c_proj.weight"
+    assert delta.parts[name].dense().shape == model.get_parameter(name).shape
+
+
+def test_memit_update_rank_is_at_most_the_batch_size():
+    model, tok, editor = build("memit")
+    delta = editor.edit(REQUESTS)
+    for upd in delta.parts.values():
+        assert upd.rank == 2 and torch.linalg.matrix_rank(upd.dense()).item() <= 2
+
+
+def test_alphaedit_leaves_preserved_keys_unchanged():
+    """Keys in the span of the statistics (the preserved knowledge) map to the same outputs after the edit."""
+    model, tok, editor = build("alphaedit")
+    layer = 1
+    cov = editor.covariances()[layer]
+    evals, evecs = torch.linalg.eigh(cov.double())
+    # a random tiny model's keys are small: put the threshold inside its spectrum
+    threshold = float(evals.median())
+    editor = get_editor("alphaedit")(
+        model, tok, editor.preset(model, OVERRIDES["alphaedit"] | {"nullspace_threshold": threshold}), CORPUS
+    )
+    kept = evecs[:, evals >= editor.hparams.nullspace_threshold].float()  # (d_in, m) preserved directions
+    assert 0 < kept.shape[1] < cov.shape[0]
+    k0 = kept @ torch.randn(kept.shape[1], 16)  # (d_in, 16) preserved keys
+    k_edit = subject_keys(model, tok, editor.spec, [layer], REQUESTS, editor.templates())[layer].T  # (d_in, 2)
+    w = model.get_parameter(editor.weight_name("mlp_out", layer)).detach().clone()
+    editor.edit(REQUESTS)
+    dw = model.get_parameter(editor.weight_name("mlp_out", layer)).detach() - w
+
+    def rel(k):
+        return ((dw @ k).norm(dim=0) / (w @ k).norm(dim=0)).max()
+
+    assert rel(k_edit) > 1e-3  # the edit moved its own keys' outputs
+    assert rel(k0) < 1e-4 * rel(k_edit)  # and not the preserved ones
+
+
+def test_alphaedit_accumulates_keys_of_earlier_batches():
+    model, tok, editor = build("alphaedit")
+    editor.edit(REQUESTS[:1])
+    first = {k: v.clone() for k, v in editor.state_dict().items()}
+    editor.edit(REQUESTS[1:])
+    second = editor.state_dict()
+    assert first.keys() == second.keys() and len(first) == 2
+    assert all(not torch.equal(first[k], second[k]) for k in first)
+    editor.revert()
+    assert all(torch.equal(first[k], editor.state_dict()[k]) for k in first)
+
+
+def test_batched_target_vectors_equal_per_request_ones():
+    tok = make_tokenizer()
+    model = tiny_llama(len(tok), seed=0)
+    from kedit.arch import spec_for
+
+    spec = spec_for(model)
+    path = spec.module_path("mlp_out", 1)
+    cfg = TargetConfig(steps=8, lr=0.1)
+    templates = ("{}", "the city . {}")
+    joint = optimize_targets(model, tok, spec, REQUESTS, templates, [path], 1, cfg)
+    for i, r in enumerate(REQUESTS):
+        alone = optimize_targets(model, tok, spec, [r], templates, [path], 1, cfg)
+        assert torch.allclose(joint.deltas[path][i], alone.deltas[path][0], atol=1e-4)
+
+
+def test_layers_below_the_first_edited_block_are_not_run_during_optimization():
+    tok = make_tokenizer()
+    model = tiny_llama(len(tok))
+    from kedit.arch import spec_for
+
+    spec = spec_for(model)
+    calls = []
+    h = model.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    optimize_targets(
+        model, tok, spec, REQUESTS, ("{}",), [spec.module_path("mlp_out", 2)], 2, TargetConfig(steps=5, stop_loss=0.0)
+    )
+    h.remove()
+    assert len(calls) == 1  # the single forward that caches the input of block 2
+
+
+def test_statistics_cache_is_keyed_by_the_weights(tmp_path):
+    tok = make_tokenizer()
+    model = tiny_llama(len(tok))
+    from kedit.arch import spec_for
+
+    spec = spec_for(model)
+    a = second_moments(model, tok, spec, [1, 2], CORPUS, 20, 16)
+    b = second_moments(model, tok, spec, [1, 2], CORPUS, 20, 16)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    files = list((tmp_path / "home" / "stats").glob("*.safetensors"))
+    assert len(files) == 2
+    with torch.no_grad():  # editing the output projection of layer 1 changes layer 2's keys, not layer 1's
+        model.model.layers[1].mlp.down_proj.weight.add_(0.1)
+    c = second_moments(model, tok, spec, [1, 2], CORPUS, 20, 16)
+    assert torch.equal(a[1], c[1]) and not torch.equal(a[2], c[2])
+    assert len(list((tmp_path / "home" / "stats").glob("*.safetensors"))) == 3
+    d = second_moments(model, tok, spec, [1], CORPUS, 10, 16)  # another sample count: another entry
+    assert not torch.equal(c[1], d[1])
+
+
+def test_subject_keys_shape():
+    tok = make_tokenizer()
+    model = tiny_llama(len(tok))
+    from kedit.arch import spec_for
+
+    keys = subject_keys(model, tok, spec_for(model), [1, 3], REQUESTS, ("{}", "a city . {}"))
+    assert keys[1].shape == (2, 64) and keys[3].shape == (2, 64)
+
+
+def test_presets_are_strict(tmp_path):
+    model, tok, _ = build("memit")
+    with pytest.raises(HparamsError, match="unknown key 'layerz'"):
+        get_editor("memit").preset(model, {"layerz": [1]})
+    with pytest.raises(HparamsError, match="expected float"):
+        get_editor("memit").preset(model, {"mom2_weight": "big"})
+
+
+def test_registry_refuses_duplicates():
+    with pytest.raises(ValueError, match="already registered"):
+        editing.register(editing.ROME)
