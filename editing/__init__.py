@@ -2,15 +2,20 @@
 
 from .alphaedit.alphaedit import AlphaEdit
 from .base import EDITORS, EditError, Editor, get_editor, register
+from .come.come import CoMEMEMIT, CoMEPMET
 from .delta import DeltaIntegrityError, Dense, LowRank, Undo, WeightDelta
 from .ft_l.ft_l import FTL
 from .ft_m.ft_m import FTM
 from .memit.memit import MEMIT
+from .pmet.pmet import PMET
 from .rome.rome import ROME
 
 __all__ = [
     "EDITORS",
     "MEMIT",
+    "PMET",
+    "CoMEMEMIT",
+    "CoMEPMET",
     "ROME",
     "AlphaEdit",
     "DeltaIntegrityError",

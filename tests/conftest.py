@@ -37,7 +37,7 @@ def make_tokenizer(add_bos: bool = True, padding_side: str = "right", words=WORD
     )
 
 
-def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 4) -> LlamaForCausalLM:
+def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 4, init: float = 0.02) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab_size,
@@ -50,6 +50,7 @@ def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 4) -> LlamaForCausa
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
+        initializer_range=init,
     )
     return LlamaForCausalLM(cfg).eval()
 

@@ -32,12 +32,17 @@ CORPUS = Corpus(
 
 # per editor: overrides that fit a 4-layer model
 OVERRIDES = {
-    # a random tiny model's MLP outputs are ~100x smaller than a trained model's: allow larger δ
+    # a tiny model's MLP outputs are small: a larger norm bound lets δ at one MLP do the edit alone
     "rome": dict(layer=1, clamp_norm=200.0, mom2_samples=40, mom2_length=16, n_templates=2, template_length=3),
     "memit": dict(layers=(1, 2), mom2_samples=40, mom2_length=16, n_templates=2, template_length=3, mom2_weight=1.0),
     "alphaedit": dict(
         layers=(1, 2), l2=1e-6, mom2_samples=40, mom2_length=16, n_templates=2, template_length=3, nullspace_threshold=1e-3
     ),
+    "pmet": dict(
+        layers=(1, 2), clamp_norm=200.0, mom2_samples=40, mom2_length=16, n_templates=2, template_length=3, mom2_weight=1.0
+    ),
+    "come-memit": dict(layers=(1, 2), mom2_samples=40, mom2_length=16, n_templates=2, template_length=3, mom2_weight=1.0),
+    "come-pmet": dict(layers=(1, 2), mom2_samples=40, mom2_length=16, n_templates=2, template_length=3, mom2_weight=1.0),
     "ft-l": dict(layers=(1,), lr=0.01, norm_constraint=0.05),
     "ft-m": dict(layers=(1,), lr=0.01),
 }
@@ -53,7 +58,13 @@ def _home(tmp_path, monkeypatch):
     monkeypatch.setenv("KEDIT_HOME", str(tmp_path / "home"))
 
 
-def build(name, make=tiny_llama, seed=0):
+def trained_scale_llama(vocab_size, seed=0):
+    """A tiny Llama whose weights are initialized at 0.05 rather than 0.02: its MLP and attention
+    outputs then have the relative sizes of a trained model's, which locate-then-edit methods assume."""
+    return tiny_llama(vocab_size, seed=seed, init=0.05)
+
+
+def build(name, make=trained_scale_llama, seed=0):
     tok = make_tokenizer()
     model = make(len(tok), seed=seed)
     cls = get_editor(name)
@@ -252,3 +263,37 @@ def test_presets_are_strict(tmp_path):
 def test_registry_refuses_duplicates():
     with pytest.raises(ValueError, match="already registered"):
         editing.register(editing.ROME)
+
+
+@pytest.mark.parametrize("name, base", [("come-memit", "memit"), ("come-pmet", "pmet")])
+def test_come_with_alpha_zero_equals_its_base_method(name, base):
+    model_a, tok, come = build(name)
+    come = get_editor(name)(model_a, tok, come.preset(model_a, OVERRIDES[name] | {"alpha": 0.0}), CORPUS)
+    model_b, _, plain = build(base)
+    plain = get_editor(base)(model_b, tok, plain.preset(model_b, OVERRIDES[name]), CORPUS)
+    da, db = come.edit(REQUESTS), plain.edit(REQUESTS)
+    assert da.parts.keys() == db.parts.keys()
+    for k in da.parts:
+        assert torch.allclose(da.parts[k].dense(), db.parts[k].dense(), atol=1e-6, rtol=1e-4)
+
+
+def test_come_removes_the_outdated_direction_on_the_top_coordinates():
+    from editing.come.come import conflict_free_target
+
+    delta = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    outdated = torch.tensor([[2.0, 3.0, -1.0, 0.5]])  # common part (2, 0, 0, 0); specific (0, 3, -1, .5)
+    z = conflict_free_target(delta, outdated, alpha=0.1, top_p=0.5)  # the 2 largest |specific|: coords 1, 2
+    assert torch.allclose(z, torch.tensor([[1.0, -0.3, 0.1, 0.0]]))
+    assert torch.equal(conflict_free_target(delta, outdated, 0.0, 0.5), delta)
+
+
+def test_come_needs_target_true():
+    _, _, editor = build("come-memit")
+    with pytest.raises(editing.EditError, match="target_true.*missing for: x"):
+        editor.edit([EditRequest("x", "bob", "{} speaks", "german")])
+
+
+def test_pmet_spreads_the_residual_with_a_square_root():
+    _, _, editor = build("pmet")
+    assert [round(editor.spread(i), 4) for i in range(2)] == [round(1 / 2**0.5, 4), 1.0]
+    assert editor.target_path() == "model.layers.2.mlp.down_proj"

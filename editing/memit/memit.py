@@ -50,13 +50,31 @@ class MEMITFamily(Editor):
         hp = self.hparams
         return TargetConfig(hp.steps, hp.lr, hp.weight_decay, hp.kl_factor, hp.clamp_norm, hp.stop_loss)
 
-    def compute_targets(self, requests: list[EditRequest]) -> torch.Tensor:
-        """z - h at the last edited block's output: (n, d)."""
-        top = self.spec.block(self.hparams.layers[-1])
+    def target_path(self) -> str:
+        """Where the target z is set and measured: the last edited block's output."""
+        return self.spec.block(self.hparams.layers[-1])
+
+    def spread(self, i: int) -> float:
+        """The share of the remaining residual that layer i (0-based in the range) takes: 1 / layers left."""
+        return 1.0 / (len(self.hparams.layers) - i)
+
+    def optimize(self, requests: list[EditRequest]) -> dict[str, torch.Tensor]:
+        """δ per optimized module, (n, d) each."""
         t = optimize_targets(
-            self.model, self.tok, self.spec, requests, self.templates(), [top], self.hparams.layers[0], self.target_config()
+            self.model,
+            self.tok,
+            self.spec,
+            requests,
+            self.templates(),
+            [self.target_path()],
+            self.hparams.layers[0],
+            self.target_config(),
         )
-        return t.deltas[top]
+        return t.deltas
+
+    def compute_targets(self, requests: list[EditRequest]) -> torch.Tensor:
+        """z - h at the target path: (n, d)."""
+        return self.optimize(requests)[self.target_path()]
 
     def solve(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Factors (d_out, n), (n, d_in) of the layer's update. keys (n, d_in), resid (n, d_out)."""
@@ -71,13 +89,13 @@ class MEMITFamily(Editor):
     def _edit(self, requests: list[EditRequest]) -> None:
         hp = self.hparams
         self.covariances()
-        top = self.spec.block(hp.layers[-1])
+        top = self.target_path()
         h0 = read_at_subject(self.model, self.tok, requests, ("{}",), [top], "output")[top]  # (n, d)
         z = h0 + self.compute_targets(requests)  # (n, d)
         for i, layer in enumerate(hp.layers):
             keys = subject_keys(self.model, self.tok, self.spec, [layer], requests, self.templates())[layer]  # (n, d_in)
             h = read_at_subject(self.model, self.tok, requests, ("{}",), [top], "output")[top]
-            resid = (z - h) / (len(hp.layers) - i)  # (n, d)
+            resid = (z - h) * self.spread(i)  # (n, d)
             out_f, in_f = self.solve(layer, keys, resid)
             self._apply(self.weight_name("mlp_out", layer), linear_update(self.module("mlp_out", layer), out_f, in_f))
             self.after_layer(layer, keys)

@@ -1,0 +1,45 @@
+"""PMET (Li et al., 2024): attention and FFN targets optimized together, only the FFN updated.
+
+1. target: δ for the attention output and δ for the MLP output of the last edited layer,
+   optimized jointly (the attention part absorbs what the FFN should not carry);
+2. keys per layer as in MEMIT; the residual is measured at the MLP output of the last layer and
+   spread with a square root: layer i takes 1/√(layers left) of it;
+3. solve and apply as MEMIT, on the MLP output projections only.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from editing.base import register
+from editing.memit.memit import MEMITFamily
+from editing.targets import optimize_targets
+from kedit.facts import EditRequest
+
+from .hparams import PMETHyperParams
+
+
+class PMETFamily(MEMITFamily):
+    def target_path(self) -> str:
+        return self.spec.module_path("mlp_out", self.hparams.layers[-1])
+
+    def spread(self, i: int) -> float:
+        return 1.0 / math.sqrt(len(self.hparams.layers) - i)
+
+    def optimize(self, requests: list[EditRequest]) -> dict[str, torch.Tensor]:
+        top = self.hparams.layers[-1]
+        paths = [self.spec.module_path("attn_out", top), self.target_path()]
+        t = optimize_targets(
+            self.model, self.tok, self.spec, requests, self.templates(), paths, self.hparams.layers[0], self.target_config()
+        )
+        return t.deltas
+
+
+@register
+class PMET(PMETFamily):
+    name = "pmet"
+    hparams_cls = PMETHyperParams
+    method_dir = Path(__file__).parent
