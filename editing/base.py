@@ -91,6 +91,9 @@ class Editor(ABC):
         """Forget the undo information of past edits (their snapshots cost memory)."""
         self._history.clear()
 
+    def prepare(self) -> None:  # noqa: B027 - optional hook
+        """Compute what is expensive and reused across batches (key statistics) ahead of the first edit."""
+
     def check(self, requests: Sequence[EditRequest]) -> None:  # noqa: B027 - optional hook
         """Reject requests this method cannot handle, with a clear message."""
 

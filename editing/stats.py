@@ -180,8 +180,8 @@ def second_moments(
             model(input_ids=ids, attention_mask=mask)
         sel = mask.bool()
         for layer, path in zip(todo, paths):
-            k = store[path][sel].double()  # (n_tokens, d_in)
-            s = k.T @ k
+            k = store[path][sel].float()  # (n_tokens, d_in)
+            s = (k.T @ k).double()  # fp32 product per batch, fp64 running sum
             sums[layer] = sums[layer] + s if layer in sums else s
         count += int(sel.sum())
     for layer in todo:

@@ -69,3 +69,103 @@ def bench_metrics(model_ref: str, data: Path, n: int, batch_size: int = 32, sing
         "unedited": counterfact_from_probs(pairs, batched.prob),
         "machine": machine(),
     }
+
+
+DEFAULT_CORPUS = Path("../shared/data/text/wikitext-2-raw.test.txt")
+
+
+def _run_method(
+    method: str, model_ref: str, data: str, n: int, batch_size: int, corpus_path: str | None, overrides: dict
+) -> dict:
+    """One editor on a fresh model, in its own process (so peak memory is its own)."""
+    import resource
+
+    from editing import get_editor
+    from editing.stats import corpus_from_files, corpus_from_model
+    from evaluation.metrics import counterfact_metrics, fluency, retention
+
+    model, tok = load_model(model_ref)
+    reqs = [r for r in load_facts(data).accepted if r.target_true is not None][:n]
+    cls = get_editor(method)
+    editor_kwargs = {}
+    if "corpus" in cls.__init__.__code__.co_varnames:
+        editor_kwargs["corpus"] = corpus_from_files([corpus_path]) if corpus_path else corpus_from_model(model, tok)
+    editor = cls(model, tok, cls.preset(model, overrides or None), **editor_kwargs)
+    t0 = time.perf_counter()
+    editor.prepare()
+    t_stats = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    batches = [reqs[i : i + batch_size] for i in range(0, len(reqs), batch_size)]
+    for b in tqdm(batches, desc=f"{method}: batches of {batch_size}", unit="batch"):
+        editor.edit(b)
+        editor.commit()
+    t_edit = time.perf_counter() - t0
+    m = counterfact_metrics(model, tok, reqs)
+    earlier = [r for b in batches[:-1] for r in b]
+    gen_prompts = [p for r in reqs for p in r.generation_prompts[:1]]
+    return {
+        "efficacy": m["efficacy"],
+        "generalization": m["generalization"],
+        "specificity": m["specificity"],
+        "retention": retention(model, tok, earlier) if earlier else m["efficacy"],
+        "fluency": fluency(model, tok, gen_prompts) if gen_prompts else float("nan"),
+        "seconds_per_edit": t_edit / max(len(reqs), 1),
+        "statistics_s": t_stats,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "n_edits": len(reqs),
+    }
+
+
+def _unedited(model_ref: str, data: str, n: int) -> dict:
+    from evaluation.metrics import counterfact_metrics, fluency
+
+    model, tok = load_model(model_ref)
+    reqs = [r for r in load_facts(data).accepted if r.target_true is not None][:n]
+    m = counterfact_metrics(model, tok, reqs)
+    gen_prompts = [p for r in reqs for p in r.generation_prompts[:1]]
+    return {
+        "efficacy": m["efficacy"],
+        "generalization": m["generalization"],
+        "specificity": m["specificity"],
+        "fluency": fluency(model, tok, gen_prompts) if gen_prompts else float("nan"),
+    }
+
+
+def bench_editors(
+    model_ref: str,
+    data: Path,
+    methods: list[str],
+    n: int,
+    batch_size: int,
+    corpus: Path | None = DEFAULT_CORPUS,
+    overrides: dict[str, dict] | None = None,
+) -> dict:
+    """N edits in successive batches per method, each on a fresh model in its own process;
+    metrics on the final model. ``overrides`` maps a method to preset overrides."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    if model_ref in KNOWN_MODELS:
+        pull(model_ref)
+    corpus_path = str(corpus) if corpus and Path(corpus).is_file() else None
+    if corpus and not corpus_path:
+        log.warning("corpus %s not found; key statistics will use text sampled from the model", corpus)
+    ctx = mp.get_context("spawn")
+    results = {}
+    # a fresh process per method: its peak memory is its own
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1) as pool:
+        unedited = pool.submit(_unedited, model_ref, str(data), n).result()
+        for method in methods:
+            args = (method, model_ref, str(data), n, batch_size, corpus_path, (overrides or {}).get(method, {}))
+            results[method] = pool.submit(_run_method, *args).result()
+            log.info("%s: %s", method, results[method])
+    return {
+        "model": model_ref,
+        "data": str(data),
+        "n": n,
+        "batch_size": batch_size,
+        "corpus": corpus_path or "model samples",
+        "unedited": unedited,
+        "results": results,
+        "machine": machine(),
+    }

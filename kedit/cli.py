@@ -129,6 +129,42 @@ def bench_metrics(model: str, data: Path, n: int, batch_size: int, single_limit:
         json_out.write_text(json.dumps(result, indent=2))
 
 
+@bench.command("editors")
+@click.option("--model", default="smollm2-135m", show_default=True)
+@click.option("--data", "data", required=True, type=click.Path(path_type=Path))
+@click.option("--methods", default="rome,memit,alphaedit,pmet,come-memit,come-pmet,ft-l,ft-m", show_default=True)
+@click.option("--n", type=int, default=20, show_default=True)
+@click.option("--batch-size", type=int, default=10, show_default=True)
+@click.option("--sequential/--no-sequential", default=True, show_default=True, help="Batches one after another on one model.")
+@click.option(
+    "--corpus", type=click.Path(path_type=Path), default=Path("../shared/data/text/wikitext-2-raw.test.txt"), show_default=True
+)
+@click.option("--set", "sets", multiple=True, help="Preset override METHOD.KEY=YAML_VALUE, e.g. memit.mom2_samples=500.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
+def bench_editors(model, data, methods, n, batch_size, sequential, corpus, sets, json_out) -> None:
+    """N edits per method in successive batches; quality, speed and memory on the final model."""
+    import yaml
+
+    from evaluation.metrics import scores_table
+
+    from .bench import bench_editors as run
+
+    if not sequential:
+        raise click.UsageError("only --sequential is implemented: batches accumulate on one model, as in a stream")
+    overrides: dict[str, dict] = {}
+    for s in sets:
+        key, _, value = s.partition("=")
+        method, _, field = key.partition(".")
+        if not field or not value:
+            raise click.BadParameter(f"expected METHOD.KEY=VALUE, got {s!r}", param_hint="--set")
+        overrides.setdefault(method, {})[field] = yaml.safe_load(value)
+    result = run(model, data, methods.split(","), n, batch_size, corpus, overrides)
+    click.echo(scores_table({"unedited": result["unedited"], **result["results"]}))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2))
+
+
 def main() -> None:
     try:
         cli(standalone_mode=False)

@@ -46,6 +46,9 @@ class AlphaEdit(MEMITFamily):
             self._projectors = {layer: null_space_projector(c, thr) for layer, c in self.covariances().items()}
         return self._projectors
 
+    def prepare(self) -> None:
+        self.projectors()
+
     def solve(self, layer, keys, resid):
         p = self.projectors()[layer].to(keys.device).double()
         k = keys.double()  # (n, d_in)

@@ -46,6 +46,9 @@ class MEMITFamily(Editor):
             self._cov = second_moments(self.model, self.tok, self.spec, hp.layers, corpus, hp.mom2_samples, hp.mom2_length)
         return self._cov
 
+    def prepare(self) -> None:
+        self.covariances()
+
     def target_config(self) -> TargetConfig:
         hp = self.hparams
         return TargetConfig(hp.steps, hp.lr, hp.weight_decay, hp.kl_factor, hp.clamp_norm, hp.stop_loss)

@@ -50,6 +50,9 @@ class ROME(Editor):
             self._inv_cov = torch.linalg.pinv(cov.double()).float()  # (d_in, d_in)
         return self._inv_cov
 
+    def prepare(self) -> None:
+        self.inverse_covariance()
+
     def _edit(self, requests: list[EditRequest]) -> None:
         hp = self.hparams
         inv_cov = self.inverse_covariance()
