@@ -11,6 +11,7 @@ stops (its δ frozen) once its NLL is below ``stop_loss``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from kedit.facts import EditRequest
 
 from .hooks import capture, edit_output, frozen, start_at_block
 from .keys import fill, locate
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,11 @@ def optimize_targets(
                     limit = cfg.clamp_norm * norms[p]
                     scale = (limit / d.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)
                     d.mul_(scale[:, None])
-    return Targets({p: d.detach() for p, d in deltas.items()}, originals, nll_req.detach().cpu(), steps)
+    nll = nll_req.detach().cpu()
+    log.info(
+        "targets: NLL of target_new mean %.3f max %.3f after %.1f steps on average", nll.mean(), nll.max(), steps.float().mean()
+    )
+    return Targets({p: d.detach() for p, d in deltas.items()}, originals, nll, steps)
 
 
 def _mean_by(x: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
