@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from evaluation.scoring import encode_pairs, model_device, pad_batch, pad_id_of
+from evaluation.scoring import encode_pairs, logits_at, model_device, pad_batch, pad_id_of
 from kedit.arch import ArchSpec
 from kedit.facts import EditRequest
 
@@ -101,12 +101,12 @@ def optimize_targets(
     try:
         with torch.no_grad(), capture(model, list(paths), "output") as out0:
             with capture(model, [spec.block(first_block)], "input") as in0:
-                base_logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
+                base_kl_logits = logits_at(model, input_ids, mask, positions, kl_rows, kl_cols)  # (n, V)
     finally:
         probe.remove()
     hidden_in = in0[spec.block(first_block)].detach()
     returns_tuple = kind["tuple"]
-    base_kl = torch.log_softmax(base_logits[kl_rows, kl_cols].float(), -1).detach()  # (n, V)
+    base_kl = torch.log_softmax(base_kl_logits, -1).detach()  # (n, V)
     originals_all = {p: out0[p][rows, cols].detach().float() for p in paths}  # (rows, d)
     originals = {p: originals_all[p][:n_rw][:n] for p in paths}  # template "{}" comes first
     norms = {p: originals[p].norm(dim=-1).clamp(min=1e-6) for p in paths}  # (n,)
@@ -130,12 +130,13 @@ def optimize_targets(
         for p in paths:
             stack.enter_context(edit_output(model, p, add_delta(p)))
         for _ in range(cfg.steps):
-            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
-            logp = torch.log_softmax(logits[t_rows, t_cols].float(), -1)
+            # the LM head only where a loss is taken: target tokens, then the KL rows' last tokens
+            logits = logits_at(model, input_ids, mask, positions, torch.cat([t_rows, kl_rows]), torch.cat([t_cols, kl_cols]))
+            logp = torch.log_softmax(logits[: len(t_rows)], -1)
             tok_nll = -logp.gather(-1, t_labels[:, None]).squeeze(-1)  # (N,)
             row_nll = torch.zeros(n_rw, device=device).index_add_(0, t_rows, tok_nll) / lens.to(device)
             nll_req = _mean_by(row_nll, own[:n_rw], n)
-            kl_logp = torch.log_softmax(logits[kl_rows, kl_cols].float(), -1)
+            kl_logp = torch.log_softmax(logits[len(t_rows) :], -1)
             kl = torch.nn.functional.kl_div(kl_logp, base_kl, log_target=True, reduction="none").sum(-1)  # (n,)
             decay = sum((deltas[p].norm(dim=-1) / norms[p]) ** 2 for p in paths)
             loss_req = nll_req + cfg.kl_factor * kl + cfg.weight_decay * decay

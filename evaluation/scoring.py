@@ -195,7 +195,7 @@ def _packed_batch(rows: list[_Row], pad_id: int, side: str, device: torch.device
     )
 
 
-def _logits_at(model: nn.Module, input_ids, mask, positions, rows, cols) -> torch.Tensor:
+def logits_at(model: nn.Module, input_ids, mask, positions, rows, cols) -> torch.Tensor:
     """Logits only where a target token is predicted: the LM head is skipped elsewhere.
 
     (N, V) in fp32. Falls back to the full forward for models without a separate base model.
@@ -226,7 +226,7 @@ def score_encoded(model: nn.Module, tokenizer, enc: Encoded, batch_size: int = 6
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         input_ids, mask, pos, tok_rows, tok_pred, tok_label, lens = _packed_batch(batch, pad, side, device, dtype)
-        logits = _logits_at(model, input_ids, mask, pos, tok_rows, tok_pred)  # (N, V)
+        logits = logits_at(model, input_ids, mask, pos, tok_rows, tok_pred)  # (N, V)
         labels = input_ids[tok_rows, tok_label]  # (N,)
         lp = torch.log_softmax(logits, dim=-1).gather(-1, labels[:, None]).squeeze(-1)
         top = logits.argmax(-1)
