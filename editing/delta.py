@@ -95,12 +95,6 @@ class WeightDelta:
                 p.copy_((p.float() + d).to(p.dtype))
         return Undo(saved)
 
-    def norms(self) -> dict[str, float]:
-        return {name: float(upd.dense().norm()) for name, upd in self.parts.items()}
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors().values())
-
     def _tensors(self) -> dict[str, torch.Tensor]:
         out = {}
         for name, upd in self.parts.items():

@@ -50,12 +50,12 @@ def locate(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str])
     return Located(ids, [min(p, len(i) - 1) for p, i in zip(pos, ids)], owner)
 
 
-def average_by_owner(x: torch.Tensor, owner: Sequence[int], n: int) -> torch.Tensor:
-    """Mean of the rows of ``x`` (rows, d) that belong to each of n owners -> (n, d)."""
-    idx = torch.tensor(owner, device=x.device)
-    sums = torch.zeros(n, x.shape[-1], device=x.device, dtype=x.dtype).index_add_(0, idx, x)
+def average_by_owner(x: torch.Tensor, owner: Sequence[int] | torch.Tensor, n: int) -> torch.Tensor:
+    """Mean of the rows of ``x`` ((rows,) or (rows, d)) that belong to each of n owners."""
+    idx = torch.as_tensor(owner, device=x.device)
+    sums = torch.zeros((n, *x.shape[1:]), device=x.device, dtype=x.dtype).index_add(0, idx, x)
     counts = torch.bincount(idx, minlength=n).clamp(min=1).to(x.dtype)
-    return sums / counts[:, None]
+    return sums / counts.view(-1, *([1] * (x.dim() - 1)))
 
 
 @torch.no_grad()

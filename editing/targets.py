@@ -24,7 +24,7 @@ from kedit.arch import ArchSpec
 from kedit.facts import EditRequest
 
 from .hooks import capture, edit_output, frozen, start_at_block
-from .keys import fill, locate
+from .keys import average_by_owner, fill, locate
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def optimize_targets(
             logp = torch.log_softmax(logits[: len(t_rows)], -1)
             tok_nll = -logp.gather(-1, t_labels[:, None]).squeeze(-1)  # (N,)
             row_nll = torch.zeros(n_rw, device=device).index_add_(0, t_rows, tok_nll) / lens.to(device)
-            nll_req = _mean_by(row_nll, own[:n_rw], n)
+            nll_req = average_by_owner(row_nll, own[:n_rw], n)
             kl_logp = torch.log_softmax(logits[len(t_rows) :], -1)
             kl = torch.nn.functional.kl_div(kl_logp, base_kl, log_target=True, reduction="none").sum(-1)  # (n,)
             decay = sum((deltas[p].norm(dim=-1) / norms[p]) ** 2 for p in paths)
@@ -161,8 +161,3 @@ def optimize_targets(
         "targets: NLL of target_new mean %.3f max %.3f after %.1f steps on average", nll.mean(), nll.max(), steps.float().mean()
     )
     return Targets({p: d.detach() for p, d in deltas.items()}, originals, nll, steps)
-
-
-def _mean_by(x: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
-    sums = torch.zeros(n, device=x.device, dtype=x.dtype).index_add(0, owner, x)
-    return sums / torch.bincount(owner, minlength=n).clamp(min=1).to(x.dtype)

@@ -115,10 +115,6 @@ def zsre_metrics(model: nn.Module, tokenizer, requests: Sequence[EditRequest], b
 # ----------------------------------------------------------------------------- locality as agreement
 
 
-def neighborhood_pairs(requests: Sequence[EditRequest]) -> tuple[list[str], list[str]]:
-    return [n.prompt for r in requests for n in r.neighborhood], [n.answer for r in requests for n in r.neighborhood]
-
-
 def reference_predictions(
     model: nn.Module, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 64
 ) -> list[torch.Tensor]:

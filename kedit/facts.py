@@ -699,29 +699,18 @@ def load_facts(path: str | Path, fmt: str = "auto", limit: int | None = None) ->
 
 
 def load_many(paths: Iterable[str | Path], fmt: str = "auto") -> FactSet:
-    """Load several files; supersession is resolved across all of them."""
+    """Load several files; an id already seen in an earlier file is quarantined, and
+    supersession is resolved across all of them."""
     total = FactSet()
     for p in paths:
-        total.extend(load_facts(p, fmt))
-    ids = {}
-    for r in total.accepted:
-        ids.setdefault(r.id, 0)
-        ids[r.id] += 1
-    dup = [i for i, c in ids.items() if c > 1]
-    if dup:
-        # the same id in two files: keep the first, quarantine the others
-        seen: set[str] = set()
-        kept = []
-        for r in total.accepted:
-            if r.id in seen:
-                f, line = total.origins.get(r.id, ("", 0))
-                total.quarantined.append(Rejection(f, line, "id", f"duplicate id {r.id!r} across feeds", r.id))
-            else:
-                seen.add(r.id)
-                kept.append(r)
-        total.accepted = kept
+        part = load_facts(p, fmt)
+        for r in [r for r in part.accepted if r.id in total.origins]:
+            (f, line), (first_f, first_line) = part.origins.pop(r.id), total.origins[r.id]
+            part.quarantined.append(Rejection(f, line, "id", f"duplicate id {r.id!r} (first at {first_f}:{first_line})", r.id))
+        part.accepted = [r for r in part.accepted if r.id in part.origins]
+        total.extend(part)
     total.accepted, superseded = resolve_superseded(total.accepted)
-    total.superseded += [Superseded(r, by, *total.origins.get(r.id, ("", 0))) for r, by in superseded]
+    total.superseded += [Superseded(r, by, *total.origins[r.id]) for r, by in superseded]
     return total
 
 
@@ -745,15 +734,6 @@ def resolve_superseded(requests: list[EditRequest]) -> tuple[list[EditRequest], 
     ]
     kept.sort(key=lambda r: r.timestamp or epoch)
     return kept, superseded
-
-
-def write_feed(requests: Iterable[EditRequest], path: str | Path) -> Path:
-    """Write requests as a JSONL feed (the canonical schema)."""
-    path = Path(path)
-    with path.open("w", encoding="utf-8") as f:
-        for r in requests:
-            f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
-    return path
 
 
 def load_known_facts(path: str | Path) -> list[Fact]:

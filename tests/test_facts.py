@@ -235,3 +235,15 @@ def test_any_bytes_as_a_json_array_file(tmp_path, blob):
     p = tmp_path / "h.json"
     p.write_bytes(b"[" + blob)
     assert load_facts(p).accounted
+
+
+def test_an_id_seen_in_an_earlier_feed_is_quarantined_where_it_repeats(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [dict(GOOD, id="x")])
+    b = write_jsonl(
+        tmp_path / "b.jsonl", [dict(GOOD, id="y", subject="Y", prompt="{} is"), dict(GOOD, id="x", subject="Z", prompt="{} is")]
+    )
+    fs = load_many([a, b])
+    assert sorted(r.id for r in fs.accepted) == ["x", "y"] and fs.accounted
+    (q,) = fs.quarantined
+    assert (q.file, q.line, q.field) == (str(b), 2, "id") and f"first at {a}:1" in q.reason
+    assert next(r for r in fs.accepted if r.id == "x").subject == "Twitter"  # the first one is kept

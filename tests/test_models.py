@@ -46,8 +46,16 @@ def test_every_spec_names_real_modules(model_type):
     assert 32 in tuple(out.weight.shape)
 
 
-def test_gemma3_multimodal_spec_is_declared():
-    assert SPECS["gemma3"].blocks == "model.language_model.layers"
+def test_gemma3_multimodal_spec_names_real_modules():
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = dict(SMALL, num_key_value_heads=1, head_dim=8)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+    spec = spec_for(model)
+    assert spec is SPECS["gemma3"] and n_layers(model) == 2
+    for path in (spec.final_norm, spec.lm_head, spec.embed, spec.module_path("mlp_out", 1), spec.module_path("attn_out", 0)):
+        get_module(model, path)
 
 
 def test_unknown_architecture_is_a_clear_error():
