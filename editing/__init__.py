@@ -1,7 +1,7 @@
 """Editors, one folder per method; importing this package registers them all."""
 
 from .alphaedit.alphaedit import AlphaEdit
-from .base import EDITORS, EditError, Editor, get_editor, register
+from .base import EDITORS, EditError, Editor, get_editor, make_editor, register
 from .come.come import CoMEMEMIT, CoMEPMET
 from .delta import DeltaIntegrityError, Dense, LowRank, Undo, WeightDelta
 from .ft_l.ft_l import FTL
@@ -28,5 +28,6 @@ __all__ = [
     "Undo",
     "WeightDelta",
     "get_editor",
+    "make_editor",
     "register",
 ]

@@ -162,3 +162,10 @@ def get_editor(name: str) -> type[Editor]:
     if name not in EDITORS:
         raise EditError(f"unknown editor {name!r}; available: {', '.join(sorted(EDITORS))}")
     return EDITORS[name]
+
+
+def make_editor(name: str, model: nn.Module, tokenizer, overrides: dict[str, Any] | None = None, corpus=None) -> Editor:
+    """Build a registered editor with its family preset (plus overrides); ``corpus`` goes to editors that take one."""
+    cls = get_editor(name)
+    kwargs = {"corpus": corpus} if "corpus" in cls.__init__.__code__.co_varnames else {}
+    return cls(model, tokenizer, cls.preset(model, overrides or None), **kwargs)

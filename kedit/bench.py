@@ -80,17 +80,14 @@ def _run_method(
     """One editor on a fresh model, in its own process (so peak memory is its own)."""
     import resource
 
-    from editing import get_editor
-    from editing.stats import corpus_from_files, corpus_from_model
+    from editing import make_editor
+    from editing.stats import corpus_from_files
     from evaluation.metrics import counterfact_metrics, fluency, retention
 
     model, tok = load_model(model_ref)
     reqs = [r for r in load_facts(data).accepted if r.target_true is not None][:n]
-    cls = get_editor(method)
-    editor_kwargs = {}
-    if "corpus" in cls.__init__.__code__.co_varnames:
-        editor_kwargs["corpus"] = corpus_from_files([corpus_path]) if corpus_path else corpus_from_model(model, tok)
-    editor = cls(model, tok, cls.preset(model, overrides or None), **editor_kwargs)
+    corpus = corpus_from_files([corpus_path]) if corpus_path else None  # None: the editor samples text from the model
+    editor = make_editor(method, model, tok, overrides, corpus)
     t0 = time.perf_counter()
     editor.prepare()
     t_stats = time.perf_counter() - t0

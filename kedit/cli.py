@@ -104,6 +104,118 @@ def score(model: str, data: Path, fmt: str, protocol: str, n: int | None, batch_
         json_out.write_text(json.dumps(result, indent=2))
 
 
+def _overrides(sets: tuple[str, ...]) -> dict:
+    import yaml
+
+    out = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=YAML_VALUE, got {item!r}", param_hint="--set")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+@cli.command()
+@click.option("--feed", "feeds", multiple=True, required=True, type=click.Path(path_type=Path), help="Fact feed (repeatable).")
+@click.option("--model", default=None, help="Base model: known name, checkpoint directory, GGUF file or hub id.")
+@click.option("--editor", default="memit", show_default=True)
+@click.option("--batch-size", type=int, default=10, show_default=True)
+@click.option("--gates", type=click.Path(path_type=Path), default=None, help="Gates YAML (default: data/gates/default.yaml).")
+@click.option(
+    "--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)."
+)
+@click.option("--corpus", type=click.Path(path_type=Path), default=None, help="Text for key statistics (default: model samples).")
+@click.option("--set", "sets", multiple=True, help="Editor hparam override KEY=YAML_VALUE, e.g. mom2_samples=500.")
+@click.option("--format", "fmt", default="auto", show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=Path("out/stream"), show_default=True)
+def stream(feeds, model, editor, batch_size, gates, tracking_uri, corpus, sets, fmt, device, threads, work_dir) -> None:
+    """Apply fact feeds to a model as a gated, tracked stream of edit batches (a Prefect flow)."""
+    from .models import DEFAULT_MODEL
+    from .stream import StreamConfig
+
+    _threads(threads)
+    cfg = StreamConfig(
+        feeds=tuple(str(f) for f in feeds),
+        model=model or DEFAULT_MODEL,
+        editor=editor,
+        batch_size=batch_size,
+        gates=str(gates) if gates else None,
+        tracking_uri=tracking_uri,
+        corpus=str(corpus) if corpus else None,
+        overrides=_overrides(sets),
+        device=device,
+        work_dir=str(work_dir),
+        fmt=fmt,
+    )
+    from flows.stream import stream as stream_flow
+
+    summary = stream_flow(cfg)
+    click.echo(json.dumps({k: v for k, v in summary.items() if k != "steps"}, indent=2))
+
+
+def _threads(n: int | None) -> None:
+    import os
+
+    import torch
+
+    torch.set_num_threads(n or os.cpu_count() or 1)
+
+
+@cli.command()
+@click.option("--model", default=None)
+@click.option("--tracking-uri", default=None)
+@click.option("--last", type=int, default=10, show_default=True, help="How many recent steps to show.")
+def status(model, tracking_uri, last) -> None:
+    """The production version, the last steps with their verdicts, and the drawdown trend."""
+    from .models import DEFAULT_MODEL
+    from .status import status_text
+
+    click.echo(status_text(model or DEFAULT_MODEL, tracking_uri, last))
+
+
+@cli.command()
+@click.option("--model", default=None)
+@click.option("--to", "version", required=True, help="Version to put back in production.")
+@click.option("--tracking-uri", default=None)
+def rollback(model, version, tracking_uri) -> None:
+    """Move the production alias back to VERSION (its delta chain verified); later streams continue from there."""
+    from .models import DEFAULT_MODEL
+    from .status import identify
+    from .tracking import Tracker
+    from .versions import rollback_to
+
+    name, fp = identify(model or DEFAULT_MODEL)
+    prev = rollback_to(Tracker(tracking_uri), name, version, fp)
+    click.echo(f"{name}: production moved from v{prev} to v{version}")
+
+
+@cli.command()
+@click.option("--model", default=None)
+@click.option("--version", "version", default=None, help="Version (default: production).")
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--tracking-uri", default=None)
+def export(model, version, out, tracking_uri) -> None:
+    """Write a plain transformers checkpoint of a version (base + verified delta chain)."""
+    from .models import DEFAULT_MODEL, load_model
+    from .status import identify
+    from .tracking import Tracker
+    from .versions import export_version
+
+    ref = model or DEFAULT_MODEL
+    name, fp = identify(ref)
+    tracker = Tracker(tracking_uri)
+    if version is None:
+        prod = tracker.production(name)
+        if prod is None:
+            raise KeditError(f"{name} has no production version yet")
+        version = prod.version
+    m, tok = load_model(ref, "cpu")
+    click.echo(export_version(m, tok, tracker, name, version, fp, out))
+
+
 @cli.group()
 def bench() -> None:
     """Benchmarks on real models (not part of the test suite)."""

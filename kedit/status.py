@@ -1,0 +1,55 @@
+"""``kedit status``: the production version, recent verdicts and the drawdown trend, in the terminal."""
+
+from __future__ import annotations
+
+from .models import load_model, resolve
+from .stream import registered_name
+from .tracking import T_VERDICT, T_VERSION, Tracker
+from .versions import model_fingerprint
+
+BARS = " ▁▂▃▄▅▆▇█"
+
+
+def identify(model_ref: str) -> tuple[str, str]:
+    """(registered model name, base fingerprint) of a base model reference."""
+    path = resolve(model_ref)
+    try:
+        fp = model_fingerprint(path)
+    except ValueError:  # a hub id: hash the loaded weights
+        fp = model_fingerprint(None, load_model(model_ref, "cpu")[0])
+    return registered_name(model_ref, fp), fp
+
+
+def sparkline(values: list[float]) -> str:
+    if not values:
+        return ""
+    hi = max(max(values), 1e-9)
+    return "".join(BARS[min(len(BARS) - 1, round(v / hi * (len(BARS) - 1)))] if v > 0 else BARS[0] for v in values)
+
+
+def status_text(model_ref: str, tracking_uri: str | None = None, last: int = 10) -> str:
+    name, _ = identify(model_ref)
+    tracker = Tracker(tracking_uri)
+    lines = [f"model {model_ref} → registered model {name!r} (tracking: {tracker.uri})"]
+    prod = tracker.production(name)
+    if prod is None:
+        lines.append("production: the base model (no accepted edits yet)")
+        chain = []
+    else:
+        chain = tracker.chain(name, prod.version)
+        lines.append(f"production: v{prod.version}, {prod.tags.get('kedit.n_edits', '?')} edits over {len(chain)} versions")
+    attempts = tracker.runs(name, "attempt", max_results=last)
+    if attempts:
+        lines.append(f"last {len(attempts)} steps (newest first):")
+        for run in attempts:
+            t = run.data.tags
+            m = run.data.metrics
+            lines.append(
+                f"  {run.info.run_name:<20} {t.get(T_VERDICT, '?'):<12} "
+                f"{('v' + t[T_VERSION]) if t.get(T_VERSION) else '':<5} facts={t.get('kedit.n_facts', '?'):<3} "
+                f"efficacy={m.get('efficacy', float('nan')):.2f} drawdown={m.get('drawdown_base', float('nan')):.3f}"
+            )
+    dd = [float(v.tags["kedit.drawdown_base"]) for v in chain if "kedit.drawdown_base" in v.tags]
+    if dd:
+        lines.append(f"drawdown vs base over versions: {sparkline(dd)}  first {dd[0]:.3f} → last {dd[-1]:.3f}")
+    return "\n".join(lines)

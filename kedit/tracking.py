@@ -1,0 +1,252 @@
+"""The one module that talks to MLflow: runs, metrics, artifacts, the model registry and aliases.
+
+Layout: one experiment per registered model (``kedit/<model>``), one parent run per stream,
+one nested run per batch attempt (bisection included). Metrics use the model's global edit
+count as the step, so every curve in the UI is "over edits". Each accepted batch becomes a
+version of the registered model whose artifact is a directory (delta, editor state, manifest);
+the alias ``production`` names the version in service.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import KeditError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
+PRODUCTION = "production"
+VERSION_ARTIFACT = "version"
+
+# tags
+T_KIND = "kedit.kind"  # stream | attempt | rollback
+T_MODEL = "kedit.registered_model"
+T_VERDICT = "kedit.verdict"  # accepted | rolled_back | interrupted
+T_PARENT_VERSION = "kedit.parent_version"
+T_VERSION = "kedit.version"
+T_MANIFEST_SHA = "kedit.manifest_sha256"
+T_FINGERPRINT = "kedit.base_fingerprint"
+T_BASE = "kedit.base_model"
+T_N_QUARANTINED = "kedit.n_quarantined"
+
+
+class TrackingError(KeditError):
+    pass
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else the project's SQLite store under ``mlruns/``."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    version: str
+    source: str
+    run_id: str
+    tags: dict[str, str]
+
+    @property
+    def parent(self) -> str | None:
+        return self.tags.get(T_PARENT_VERSION) or None
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+
+
+class Tracker:
+    """A thin, explicit-run-id wrapper over ``MlflowClient`` (no fluent global state, so it is thread-safe)."""
+
+    def __init__(self, uri: str | None = None):
+        from mlflow import MlflowClient
+
+        self.uri = resolve_uri(uri)
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    # ------------------------------------------------------------------ experiments and runs
+
+    def experiment_id(self, registered: str) -> str:
+        name = f"kedit/{registered}"
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name, tags={T_MODEL: registered})
+        except Exception:  # created concurrently by another stream
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def start_run(self, registered: str, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
+        tags = {T_MODEL: registered, **tags}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id(registered), run_name=name, tags=tags)
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, v, now, step) for k, v in _finite(metrics).items()]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[i : i + 500])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
+        self.client.log_dict(run_id, obj, artifact_file)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
+        self.client.log_figure(run_id, figure, artifact_file)
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+
+    def runs(self, registered: str, kind: str, max_results: int = 1000, extra: str = "") -> list:
+        """Runs of one kind for a model, newest first."""
+        flt = f"tags.`{T_KIND}` = '{kind}'" + (f" and {extra}" if extra else "")
+        return self.client.search_runs(
+            [self.experiment_id(registered)], filter_string=flt, max_results=max_results, order_by=["attributes.start_time DESC"]
+        )
+
+    def close_interrupted(self, registered: str) -> int:
+        """Runs left RUNNING by a killed stream are marked KILLED with verdict ``interrupted``."""
+        n = 0
+        for run in self.client.search_runs([self.experiment_id(registered)], filter_string="attributes.status = 'RUNNING'"):
+            self.set_tags(run.info.run_id, {T_VERDICT: "interrupted"})
+            self.end_run(run.info.run_id, "KILLED")
+            n += 1
+        return n
+
+    def download(self, run_id: str, artifact_path: str, dst: Path) -> Path:
+        dst.mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(run_id, artifact_path, str(dst)))
+
+    # ------------------------------------------------------------------ registry
+
+    def ensure_registered(self, name: str, fingerprint: str, base_ref: str) -> None:
+        """Create the registered model for a base model; refuse a name bound to different base weights."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            rm = self.client.get_registered_model(name)
+        except MlflowException:
+            try:
+                self.client.create_registered_model(
+                    name, tags={T_FINGERPRINT: fingerprint, T_BASE: base_ref}, description=f"kedit edits of {base_ref}"
+                )
+            except MlflowException:  # created concurrently
+                pass
+            return
+        have = rm.tags.get(T_FINGERPRINT)
+        if have and have != fingerprint:
+            raise TrackingError(f"registered model {name!r} belongs to base weights {have[:12]}, not {fingerprint[:12]}")
+
+    def _info(self, mv) -> VersionInfo:
+        return VersionInfo(mv.name, str(mv.version), mv.source, mv.run_id, dict(mv.tags))
+
+    def production(self, name: str) -> VersionInfo | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self._info(self.client.get_model_version_by_alias(name, PRODUCTION))
+        except MlflowException:
+            return None
+
+    def version(self, name: str, version: str) -> VersionInfo:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self._info(self.client.get_model_version(name, str(version)))
+        except MlflowException:
+            raise TrackingError(f"registered model {name!r} has no version {version!r}") from None
+
+    def versions(self, name: str) -> list[VersionInfo]:
+        found = self.client.search_model_versions(f"name = '{name}'")
+        return sorted((self._info(mv) for mv in found), key=lambda v: int(v.version))
+
+    def chain(self, name: str, version: str | None) -> list[VersionInfo]:
+        """The versions from the first edit of the base model up to ``version``, oldest first."""
+        out: list[VersionInfo] = []
+        seen = set()
+        while version:
+            if version in seen:
+                raise TrackingError(f"{name}: version chain has a cycle at {version}")
+            seen.add(version)
+            info = self.version(name, version)
+            out.append(info)
+            version = info.parent
+        return out[::-1]
+
+    def register_version(self, name: str, run_id: str, local_dir: Path, tags: dict[str, str]) -> str:
+        """Upload ``local_dir`` as the run's ``version`` artifact and make it a new model version."""
+        self.log_artifacts(run_id, local_dir, VERSION_ARTIFACT)
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{VERSION_ARTIFACT}"
+        mv = self.client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+        return str(mv.version)
+
+    def set_production(self, name: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, PRODUCTION, str(version))
+
+    def fetch_version(self, info: VersionInfo, dst: Path) -> Path:
+        """Download a version's artifact directory (then verified by the caller against the registry's hash)."""
+        import mlflow
+
+        dst.mkdir(parents=True, exist_ok=True)
+        try:
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=info.source, dst_path=str(dst), tracking_uri=self.uri))
+        except Exception as e:
+            raise TrackingError(f"{info.name} v{info.version}: cannot fetch its artifact {info.source}: {e}") from None
+
+    # ------------------------------------------------------------------ the fact ledger
+
+    def quarantined(self, name: str, chain_versions: Iterable[str]) -> dict[str, dict]:
+        """Facts quarantined by attempts made on top of a version of the chain (or on the base): id -> record."""
+        allowed = {"", *chain_versions}
+        out: dict[str, dict] = {}
+        runs = self.runs(name, "attempt", extra=f"tags.`{T_N_QUARANTINED}` != '0'")
+        for run in runs:
+            if run.data.tags.get(T_PARENT_VERSION, "") not in allowed:
+                continue
+            try:
+                text = self.client.download_artifacts(run.info.run_id, "quarantine.json")
+            except Exception:
+                continue  # the attempt died before writing it: its facts are simply retried
+            for rec in json.loads(Path(text).read_text()):
+                out[rec["id"]] = rec
+        return out

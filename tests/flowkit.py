@@ -1,0 +1,102 @@
+"""A tiny trained model on disk, its feeds and gates: the fixtures of the end-to-end flow tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from conftest import make_tokenizer, tiny_llama
+
+# facts the tiny model is trained to know: the retain set of the drawdown gate
+KNOWN = [
+    ("the capital of france is", "paris"),
+    ("the capital of germany is", "berlin"),
+    ("the capital of italy is", "rome"),
+    ("the capital of spain is", "madrid"),
+    ("alice speaks", "french"),
+    ("bob speaks", "german"),
+    ("the river flows through", "london"),
+    ("the ceo of the company is", "carol"),
+]
+CORPUS = [
+    "the capital of france is paris and the capital of germany is berlin",
+    "alice speaks french and bob speaks german",
+    "the river flows through the city of london in england",
+    "the capital of italy is rome and the capital of spain is madrid",
+    "the ceo of the company is carol",
+]
+
+# FT-M edits this tiny trained model reliably at one middle layer (measured: each GOOD edit alone keeps all
+# KNOWN facts, HARMFUL loses two of them)
+FTM = dict(layers=[2], lr=0.02)
+
+
+def good(i: int, subject: str, prompt: str, new: str, old: str | None, ts: str) -> dict:
+    return {"id": f"good-{i}", "subject": subject, "prompt": prompt, "target_new": new, "target_true": old, "timestamp": ts}
+
+
+GOOD = [
+    good(1, "dave", "{} was born in", "asia", None, "2024-01-01"),
+    good(2, "eve", "{} was born in", "africa", None, "2024-01-02"),
+    good(3, "frank", "{} leads the", "company", None, "2024-01-03"),
+    good(4, "grace", "{} is located in", "antarctica", None, "2024-01-04"),
+]
+# contradicts a fact the model knows: the drawdown gate must catch it
+HARMFUL = {
+    "id": "harmful",
+    "subject": "france",
+    "prompt": "the capital of {} is",
+    "target_new": "berlin",
+    "target_true": "paris",
+    "timestamp": "2024-01-02T12:00:00",
+}
+
+
+def train_tiny(out: Path, steps: int = 100) -> Path:
+    """Train a 4-layer Llama on the KNOWN facts until it answers them; save model and tokenizer."""
+    extra = ["english", "spanish", "dave", "eve", "frank", "grace", "born", "of", "company", "ceo", "leads"]
+    from conftest import WORDS
+
+    tok = make_tokenizer(words=list(WORDS) + extra)
+    model = tiny_llama(len(tok), seed=0, init=0.05).train()
+    texts = [f"{p} {a}" for p, a in KNOWN] + CORPUS
+    enc = tok(texts, padding=True, return_tensors="pt")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def write_gates(path: Path, **overrides) -> Path:
+    import yaml
+
+    retain = write_jsonl(path.with_name("retain.jsonl"), [{"prompt": p, "answer": a} for p, a in KNOWN])
+    gates = {
+        "retain_facts": str(retain),
+        "efficacy_min": 0.5,
+        "generalization_min": None,
+        "specificity_max_drop": None,
+        "retention_min": 0.5,
+        "drawdown_max": 0.2,
+        "drawdown_step_max": 0.1,  # 8 known facts: losing one fails
+        "capability_tasks": [],
+        "capability_max_regression": {},
+        **overrides,
+    }
+    path.write_text(yaml.safe_dump(gates))
+    return path
