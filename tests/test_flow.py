@@ -1,0 +1,196 @@
+"""End to end: the Prefect stream flow on a tiny trained model, a real Prefect test server and a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from flowkit import CORPUS, FTM, GOOD, HARMFUL, train_tiny, write_gates, write_jsonl
+from prefect.testing.utilities import prefect_test_harness
+
+from editing import DeltaIntegrityError
+from flows.stream import stream
+from kedit import stream as lib
+from kedit.models import load_model
+from kedit.tracking import T_VERDICT, T_VERSION, Tracker
+from kedit.versions import export_version, rebuild, rollback_to
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return train_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def env(tmp_path, checkpoint, monkeypatch, prefect_server):
+    monkeypatch.setenv("KEDIT_HOME", str(tmp_path / "home"))
+    (tmp_path / "corpus.txt").write_text("\n".join(CORPUS))
+    kept: list[lib.StreamSession] = []
+    # keep the closed session's in-memory model so the test can compare it with a rebuilt one
+    monkeypatch.setattr(lib, "close_session", lambda sid: kept.append(lib.SESSIONS.pop(sid)))
+
+    def config(records, batch_size=5, store="mlruns", **gates) -> lib.StreamConfig:
+        feed = write_jsonl(tmp_path / f"feed-{len(kept)}-{len(records)}.jsonl", records)
+        return lib.StreamConfig(
+            feeds=(str(feed),),
+            model=str(checkpoint),
+            editor="ft-m",
+            batch_size=batch_size,
+            gates=str(write_gates(tmp_path / "gates.yaml", **gates)),
+            tracking_uri=f"sqlite:///{tmp_path}/{store}/mlflow.db",
+            corpus=str(tmp_path / "corpus.txt"),
+            overrides=FTM,
+            device="cpu",
+            work_dir=str(tmp_path / "work"),
+        )
+
+    return tmp_path, config, kept
+
+
+def fresh_base(checkpoint):
+    return load_model(str(checkpoint), "cpu")[0]
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_harmful_edit_is_isolated_the_rest_accepted_and_tracked(env, checkpoint):
+    tmp, config, kept = env
+    summary = stream(config(GOOD + [HARMFUL]))
+
+    # every fact ends somewhere: the harmful one quarantined by the drawdown gate, the rest accepted
+    assert summary["records"] == 5 and summary["accepted"] == 4 and summary["quarantined"] == 1
+    q = [json.loads(line) for line in (tmp / "work" / "stream_quarantine.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in q] == ["harmful"]
+    assert {c["gate"] for c in q[0]["failed"]} & {"drawdown_prev", "drawdown_base"}
+    accepted = json.loads((tmp / "work" / "accepted.json").read_text())
+    assert sorted(accepted) == sorted(r["id"] for r in GOOD)
+
+    tracker = Tracker(f"sqlite:///{tmp}/mlruns/mlflow.db")
+    name = summary["registered_model"]
+    versions = tracker.versions(name)
+    prod = tracker.production(name)
+    assert prod is not None and prod.version == versions[-1].version == summary["production"]
+    chain = tracker.chain(name, prod.version)
+    assert [v.version for v in chain] == [v.version for v in versions]  # each version's parent is the one before
+    assert int(prod.tags["kedit.n_edits"]) == 4
+
+    # attempts: the first batch and the harmful singleton were rolled back and made no version
+    attempts = tracker.runs(name, "attempt")
+    verdicts = {r.info.run_name: r.data.tags[T_VERDICT] for r in attempts}
+    assert verdicts["batch-000"] == "rolled_back"
+    for r in attempts:
+        assert (T_VERSION in r.data.tags) == (r.data.tags[T_VERDICT] == "accepted")
+        assert r.data.tags["mlflow.parentRunId"] == summary["run_id"]
+    assert sum(v == "accepted" for v in verdicts.values()) == len(versions)
+
+    # metrics over the global edit count, and the drawdown picture on the stream run
+    hist = tracker.metric_history(summary["run_id"], "drawdown_base")
+    assert [step for step, _ in hist] == sorted(int(v.tags["kedit.n_edits"]) for v in versions)
+    assert all(0 <= value <= 0.2 for _, value in hist)
+    artifacts = {a.path for a in tracker.client.list_artifacts(summary["run_id"])}
+    assert {"drawdown.png", "summary.json", "quarantine_gates.json"} <= artifacts
+
+    # the in-memory model equals the base plus the verified delta chain, bit for bit
+    base = fresh_base(checkpoint)
+    rebuild(base, tracker, name, prod.version, kept[0].fingerprint)
+    assert_same_weights(base, kept[0].model)
+
+
+def test_tampered_or_missing_delta_is_refused(env, checkpoint):
+    tmp, config, kept = env
+    summary = stream(config(GOOD[:2], batch_size=1))
+    tracker = Tracker(f"sqlite:///{tmp}/mlruns/mlflow.db")
+    name = summary["registered_model"]
+    first = tracker.versions(name)[0]
+    delta_file = Path(first.source) / "delta.safetensors"
+    raw = bytearray(delta_file.read_bytes())
+    raw[-1] ^= 0x01
+    delta_file.write_bytes(bytes(raw))
+
+    base = fresh_base(checkpoint)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(DeltaIntegrityError, match="sha256"):
+        rebuild(base, tracker, name, summary["production"], kept[0].fingerprint)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items()), "nothing applied from a bad chain"
+
+    delta_file.unlink()
+    with pytest.raises(DeltaIntegrityError, match="missing"):
+        rebuild(base, tracker, name, summary["production"], kept[0].fingerprint)
+    # a stream cannot continue from a broken production chain either
+    with pytest.raises(DeltaIntegrityError):
+        stream(config(GOOD[2:], batch_size=1))
+
+
+def test_crash_mid_stream_resumes_without_loss_or_double(env, checkpoint, monkeypatch):
+    tmp, config, kept = env
+    calls = {"n": 0}
+    real = Tracker.set_production
+
+    def crash_on_third(self, name, version):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the version is registered, the alias not yet moved: the worst moment
+            raise KeyboardInterrupt("simulated crash")
+        return real(self, name, version)
+
+    monkeypatch.setattr(Tracker, "set_production", crash_on_third)
+    cfg = config(GOOD + [HARMFUL], batch_size=1)
+    with pytest.raises(BaseException, match="simulated crash"):
+        stream(cfg)
+    monkeypatch.setattr(Tracker, "set_production", real)
+
+    summary = stream(cfg)
+    tracker = Tracker(cfg.tracking_uri)
+    name = summary["registered_model"]
+    applied = [r.id for r in rebuild(fresh_base(checkpoint), tracker, name, summary["production"], None).requests]
+    assert len(applied) == len(set(applied)), "no fact applied twice"
+    assert summary["skipped"] >= 3  # two versions and the quarantined harmful fact survived the crash
+    quarantined = set(tracker.quarantined(name, [v.version for v in tracker.chain(name, summary["production"])]))
+    assert set(applied) | quarantined == {r["id"] for r in GOOD + [HARMFUL]} and not set(applied) & quarantined
+    interrupted = [r for r in tracker.runs(name, "attempt") if r.data.tags.get(T_VERDICT) == "interrupted"]
+    assert interrupted and all(r.info.status == "KILLED" for r in interrupted)
+    orphan = [
+        v for v in tracker.versions(name) if v.version not in {c.version for c in tracker.chain(name, summary["production"])}
+    ]
+    assert len(orphan) == 1, "the version registered just before the crash is left out of the chain"
+
+    # the resumed stream ends exactly where an uninterrupted one does: same facts, same weights
+    reference = stream(config(GOOD + [HARMFUL], batch_size=1, store="reference"))
+    ref_tracker = Tracker(f"sqlite:///{tmp}/reference/mlflow.db")
+    ref_applied = [r.id for r in rebuild(fresh_base(checkpoint), ref_tracker, name, reference["production"], None).requests]
+    assert applied == ref_applied
+    assert_same_weights(kept[-1].model, kept[-2].model)
+
+
+def test_rollback_moves_production_and_later_streams_continue_from_there(env, checkpoint, tmp_path):
+    tmp, config, kept = env
+    summary = stream(config(GOOD[:3], batch_size=1))
+    tracker = Tracker(f"sqlite:///{tmp}/mlruns/mlflow.db")
+    name = summary["registered_model"]
+    assert summary["production"] == "3"
+    assert rollback_to(tracker, name, "1") == "3"
+    assert tracker.production(name).version == "1"
+
+    summary = stream(config([GOOD[3]], batch_size=1))
+    v = tracker.production(name)
+    assert v.version == "4" and v.parent == "1"
+    assert [r.id for r in rebuild(fresh_base(checkpoint), tracker, name, "4", None).requests] == ["good-1", "good-4"]
+
+    # export writes a plain checkpoint equal to the rebuilt version
+    base, tok = load_model(str(checkpoint), "cpu")
+    out = export_version(base, tok, tracker, name, "4", kept[-1].fingerprint, tmp_path / "export")
+    exported = load_model(str(out), "cpu")[0]
+    assert_same_weights(exported, kept[-1].model)
+    assert json.loads((out / "kedit_version.json").read_text())["chain"] == ["1", "4"]
