@@ -1,4 +1,4 @@
-"""The continual-editing flow: validate → open → restore production → for each batch: edit, gate, commit or roll back.
+"""The continual-editing flow: validate → open → (model slot) restore production → per batch: edit, gate, commit or roll back.
 
 Tasks pass ids, paths, configs and metrics; the model stays in the process's StreamSession
 (``kedit.stream``). No task caches its result (``NO_CACHE``): an edit must run every time it is
@@ -7,6 +7,7 @@ asked for, and never twice because of a retry: only tracking writes are retried.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from prefect import flow, task
@@ -14,6 +15,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.transactions import transaction
 
 from kedit import stream as lib
+
+from .locks import one_stream_per_model
 
 EDIT = {"cache_policy": NO_CACHE, "persist_result": False, "retries": 0}
 TRACK = {"cache_policy": NO_CACHE, "persist_result": False, "retries": 2, "retry_delay_seconds": 1}
@@ -71,6 +74,7 @@ def finish(session_id: str, plan: lib.Plan) -> dict:
 
 def attempt(session_id: str, ids: list[str], name: str, bisect: bool) -> None:
     """One transaction: edit, gate, then commit a version or roll back; a failing batch is bisected."""
+    t0 = time.perf_counter()
     with transaction() as txn:
         txn.set("session_id", session_id)
         apply_edits(session_id, ids, name)
@@ -82,6 +86,7 @@ def attempt(session_id: str, ids: list[str], name: str, bisect: bool) -> None:
     isolate = not report["passed"] and bisect and len(ids) > 1
     verdict = "accepted" if report["passed"] else "rolled_back"
     record_attempt(session_id, report, verdict, quarantine=not report["passed"] and not isolate)
+    lib.note_wall(session_id, time.perf_counter() - t0)
     if isolate:
         half = len(ids) // 2
         attempt(session_id, ids[:half], f"{name}.1", bisect)
@@ -93,11 +98,12 @@ def stream(cfg: lib.StreamConfig) -> dict:
     plan = validate_feeds(cfg, cfg.work_dir)
     session_id = load_model(cfg)
     try:
-        restore_production(session_id)
-        batches = start_tracking(session_id, plan)
-        bisect = lib.session(session_id).gates.bisect
-        for i, ids in enumerate(batches):
-            attempt(session_id, ids, f"batch-{i:03d}", bisect)
-        return finish(session_id, plan)
+        with one_stream_per_model(lib.session(session_id).registered):
+            restore_production(session_id)
+            batches = start_tracking(session_id, plan)
+            bisect = lib.session(session_id).gates.bisect
+            for i, ids in enumerate(batches):
+                attempt(session_id, ids, f"batch-{i:03d}", bisect)
+            return finish(session_id, plan)
     finally:
         lib.close_session(session_id)

@@ -166,3 +166,81 @@ def bench_editors(
         "results": results,
         "machine": machine(),
     }
+
+
+def bench_stream(
+    model_ref: str,
+    data: Path,
+    n: int,
+    batch_size: int,
+    editor: str = "memit",
+    gates: Path | None = None,
+    corpus: Path | None = DEFAULT_CORPUS,
+    work_dir: Path | None = None,
+) -> dict:
+    """The stream flow on N CounterFact cases: per step, edit / gate / tracking / orchestration seconds,
+    bytes per version against a full checkpoint, rollback time; metrics on the final production model."""
+    import json
+    import tempfile
+
+    from evaluation.metrics import counterfact_metrics, retention
+    from flows.stream import stream
+
+    from .stream import StreamConfig
+    from .tracking import Tracker
+    from .versions import rebuild
+
+    if model_ref in KNOWN_MODELS:
+        pull(model_ref)
+    reqs = [r for r in load_facts(data).accepted if r.target_true is not None][:n]
+    with tempfile.TemporaryDirectory(prefix="kedit-bench-stream-") as tmp:
+        root = Path(work_dir or tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        feed = root / "feed.jsonl"
+        feed.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in reqs))
+        uri = f"sqlite:///{root}/mlruns/mlflow.db"
+        cfg = StreamConfig(
+            feeds=(str(feed),),
+            model=model_ref,
+            editor=editor,
+            batch_size=batch_size,
+            gates=str(gates) if gates else None,
+            tracking_uri=uri,
+            corpus=str(corpus) if corpus and Path(corpus).is_file() else None,
+            work_dir=str(root / "work"),
+        )
+        t0 = time.perf_counter()
+        summary = stream(cfg)
+        total = time.perf_counter() - t0
+        model, tok = load_model(model_ref)
+        full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if summary["production"]:
+            rebuild(model, Tracker(uri), summary["registered_model"], summary["production"], None)
+    steps = summary["steps"]
+    for s in steps:
+        inside = sum(v for k, v in s.items() if k.startswith("gate:") or k in ("edit", "tracking", "rollback"))
+        s["gates_s"] = sum(v for k, v in s.items() if k.startswith("gate:"))
+        s["orchestration_s"] = max(0.0, s.get("wall", inside) - inside)
+        if "version_bytes" in s:
+            s["version_fraction_of_checkpoint"] = s["version_bytes"] / full_bytes
+    accepted_ids = {fid for s in steps if s["verdict"] == "accepted" for fid in s.get("ids", [])}
+    final_reqs = [r for r in reqs if r.id in accepted_ids]
+    final = counterfact_metrics(model, tok, reqs) | {"retention_of_accepted": retention(model, tok, final_reqs)}
+    walls = sum(s.get("wall", 0.0) for s in steps)
+    overhead = sum(s["orchestration_s"] + s.get("tracking", 0.0) for s in steps)
+    return {
+        "model": model_ref,
+        "editor": editor,
+        "data": str(data),
+        "n": n,
+        "batch_size": batch_size,
+        "total_s": total,
+        "full_checkpoint_bytes": full_bytes,
+        "summary": {k: v for k, v in summary.items() if k not in ("steps", "feeds")},
+        "orchestration_plus_tracking_fraction": overhead / walls if walls else float("nan"),
+        "max_version_fraction": max((s.get("version_fraction_of_checkpoint", 0.0) for s in steps), default=0.0),
+        "max_rollback_s": max((s.get("rollback", 0.0) for s in steps), default=0.0),
+        "steps": steps,
+        "final": final,
+        "machine": machine(),
+    }

@@ -51,13 +51,18 @@ def models_list() -> None:
 @cli.command()
 @click.option("--model", default=None, help="Model name, checkpoint directory, GGUF file or hub id.")
 @click.option("--feed", type=click.Path(path_type=Path), default=None, help="Fact feed (default: the project's demo feed).")
+@click.option("--editor", default="memit", show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db).")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out/demo"), show_default=True)
-def demo(model: str | None, feed: Path | None, out: Path) -> None:
-    """Run kedit on the embedded default model and the project's demo feed."""
+def demo(model, feed, editor, batch_size, tracking_uri, threads, out) -> None:
+    """Run a gated, tracked edit stream of real-world fact updates on the embedded default model."""
     from .demo import run_demo
     from .models import DEFAULT_MODEL
 
-    run_demo(model or DEFAULT_MODEL, feed, out)
+    _threads(threads)
+    run_demo(model or DEFAULT_MODEL, feed, out, editor, batch_size, tracking_uri)
 
 
 @cli.command()
@@ -216,6 +221,75 @@ def export(model, version, out, tracking_uri) -> None:
     click.echo(export_version(m, tok, tracker, name, version, fp, out))
 
 
+@cli.command()
+@click.option("--feeds", "feeds_dir", required=True, type=click.Path(path_type=Path), help="Directory to watch for feed files.")
+@click.option("--model", default=None)
+@click.option("--editor", default="memit", show_default=True)
+@click.option("--cron", default=None, help='Cron schedule for recurring updates, e.g. "0 3 * * *".')
+@click.option("--batch-size", type=int, default=10, show_default=True)
+@click.option("--gates", type=click.Path(path_type=Path), default=None)
+@click.option("--tracking-uri", default=None)
+@click.option("--corpus", type=click.Path(path_type=Path), default=None)
+@click.option("--set", "sets", multiple=True, help="Editor hparam override KEY=YAML_VALUE.")
+@click.option("--device", default=None)
+@click.option("--name", "target", default=None, help="Deployment name prefix and event target (default: from the model).")
+@click.option("--limit", type=int, default=2, show_default=True, help="Flow runs executed at once by this server.")
+@click.option("--poll", type=float, default=1.0, show_default=True, help="Seconds between the runner's checks for new runs.")
+def serve(feeds_dir, model, editor, cron, batch_size, gates, tracking_uri, corpus, sets, device, target, limit, poll) -> None:
+    """Register the stream's deployments (feed events, optional cron) and run them; needs a Prefect server (kedit up)."""
+    import os
+    import re
+
+    from .models import DEFAULT_MODEL
+
+    os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", str(max(1, round(poll))))
+    from flows.serve import serve as run
+
+    ref = model or DEFAULT_MODEL
+    target = target or re.sub(r"[^A-Za-z0-9_-]+", "-", Path(ref).name).strip("-")
+    params = {
+        "batch_size": batch_size,
+        "gates": str(Path(gates).resolve()) if gates else None,
+        "tracking_uri": _absolute_uri(tracking_uri),
+        "corpus": str(Path(corpus).resolve()) if corpus else None,
+        "overrides": _overrides(sets),
+        "device": device,
+        "work_dir": str(Path("out/serve").resolve() / target),
+    }
+    run(Path(feeds_dir), ref, editor, cron, target, params, limit)
+
+
+def _absolute_uri(uri: str | None) -> str:
+    """Flow runs execute in other processes (and directories): pin a relative SQLite path to this directory."""
+    from .tracking import resolve_uri
+
+    uri = resolve_uri(uri)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+@cli.command()
+@click.option("--prefect-port", type=int, default=4200, show_default=True)
+@click.option("--mlflow-port", type=int, default=5000, show_default=True)
+@click.option("--tracking-uri", default=None, help="MLflow backend store (default: sqlite:///mlruns/mlflow.db).")
+def up(prefect_port, mlflow_port, tracking_uri) -> None:
+    """Start the Prefect server and the MLflow UI on 127.0.0.1 and wait until both answer."""
+    from .servers import up as start
+
+    for s in start(prefect_port, mlflow_port, tracking_uri):
+        click.echo(f"{s.name:8} {s.url}  (pid {s.pid}, log {s.log})")
+    click.echo(f"export PREFECT_API_URL=http://127.0.0.1:{prefect_port}/api MLFLOW_TRACKING_URI=http://127.0.0.1:{mlflow_port}")
+
+
+@cli.command()
+def down() -> None:
+    """Stop the servers started by ``kedit up`` and every process they spawned."""
+    from .servers import down as stop
+
+    click.echo(f"stopped: {', '.join(stop()) or 'nothing was running'}")
+
+
 @cli.group()
 def bench() -> None:
     """Benchmarks on real models (not part of the test suite)."""
@@ -272,6 +346,31 @@ def bench_editors(model, data, methods, n, batch_size, sequential, corpus, sets,
         overrides.setdefault(method, {})[field] = yaml.safe_load(value)
     result = run(model, data, methods.split(","), n, batch_size, corpus, overrides)
     click.echo(scores_table({"unedited": result["unedited"], **result["results"]}))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2))
+
+
+@bench.command("stream")
+@click.option("--model", default="smollm2-135m", show_default=True)
+@click.option("--data", "data", required=True, type=click.Path(path_type=Path))
+@click.option("--n", type=int, default=40, show_default=True)
+@click.option("--batch-size", type=int, default=10, show_default=True)
+@click.option("--editor", default="memit", show_default=True)
+@click.option("--gates", type=click.Path(path_type=Path), default=None)
+@click.option(
+    "--corpus", type=click.Path(path_type=Path), default=Path("../shared/data/text/wikitext-2-raw.test.txt"), show_default=True
+)
+@click.option("--threads", type=int, default=None)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
+def bench_stream(model, data, n, batch_size, editor, gates, corpus, threads, json_out) -> None:
+    """The stream flow on N cases: time per step by phase, bytes per version, rollback time, final metrics."""
+    from .bench import bench_stream as run
+
+    _threads(threads)
+    result = run(model, data, n, batch_size, editor, gates, corpus)
+    keys = ("total_s", "orchestration_plus_tracking_fraction", "max_version_fraction", "max_rollback_s", "summary", "final")
+    click.echo(json.dumps({k: result[k] for k in keys}, indent=2))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2))

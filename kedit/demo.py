@@ -2,60 +2,104 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
-from evaluation.metrics import build_retain_set, counterfact_metrics, fluency, scores_table
+from evaluation.metrics import scores_table
 from evaluation.scoring import score_targets
 
-from .facts import load_facts, load_known_facts
+from .facts import load_facts
 from .models import DEFAULT_MODEL, KNOWN_MODELS, load_model, pull
 from .paths import project_data_dir
 
 log = logging.getLogger(__name__)
 
-FLUENCY_PROMPTS = [
-    "The history of the city begins",
-    "My favourite thing about the weekend is",
-    "Scientists have recently discovered that",
-    "The football season ended with",
-]
+
+def default_corpus() -> Path | None:
+    """WikiText-2 from the shared data beside the project when present; otherwise the editor samples text from the model."""
+    p = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "wikitext-2-raw.test.txt"
+    return p if p.is_file() else None
 
 
-def run_demo(model_ref: str = DEFAULT_MODEL, feed: Path | None = None, out_dir: Path = Path("out/demo")) -> dict:
-    """Validate the demo feed, then score the unedited model on it: what the stream will have to fix."""
+def run_demo(
+    model_ref: str = DEFAULT_MODEL,
+    feed: Path | None = None,
+    out_dir: Path = Path("out/demo"),
+    editor: str = "memit",
+    batch_size: int = 4,
+    tracking_uri: str | None = None,
+    corpus: Path | None = None,
+) -> dict:
+    """Validate the demo feed, show what the unedited model believes, then run the gated stream and show the result."""
+    from flows.stream import stream
+
+    from .stream import StreamConfig
+    from .tracking import resolve_uri
+
     data = project_data_dir()
     feed = feed or data / "demo_feed.jsonl"
     if model_ref in KNOWN_MODELS:
         pull(model_ref)
     facts = load_facts(feed)
-    quarantine = facts.write_quarantine(out_dir)
     log.info("feed %s: %s", feed, facts.summary())
     for q in facts.quarantined:
         log.info("  quarantined %s", q)
     for s in facts.superseded:
         log.info("  superseded  %s (by %s)", s.request.id, s.by)
-    log.info("quarantine and supersession lists: %s", quarantine.parent)
 
     model, tok = load_model(model_ref)
     reqs = facts.accepted
-    s = score_targets(model, tok, [r.text for r in reqs] * 2, [r.target_new for r in reqs] + [r.target_true or "" for r in reqs])
-    p_new, p_old = s.prob[: len(reqs)], s.prob[len(reqs) :]
-    rows = {f"{r.id}": {"P(new)": float(a), "P(old)": float(b)} for r, a, b in zip(reqs, p_new.tolist(), p_old.tolist())}
+    before = _beliefs(model, tok, reqs)
     print("\nWhat the unedited model believes, per accepted update (per-token probability):")
-    print(scores_table(rows))
-    stale = int((p_old > p_new).sum())
-    print(f"\nThe model prefers the outdated answer for {stale} of {len(reqs)} facts.")
+    print(scores_table(before))
+    del model
 
-    candidates = load_known_facts(data / "retain_facts.jsonl")
-    retain = build_retain_set(model, tok, candidates)
-    metrics = counterfact_metrics(model, tok, reqs)
-    metrics["retain_set_known"] = len(retain) / len(candidates)
-    metrics["fluency"] = fluency(model, tok, FLUENCY_PROMPTS)
-    print("\nUnedited model on the demo feed (CounterFact protocol) and capability baselines:")
-    print(scores_table({model_ref: metrics}))
-    print(
-        f"\n{len(retain)} of {len(candidates)} retain facts are known to the model: knowledge drawdown "
-        "is measured on those after each edit."
+    corpus = corpus or default_corpus()
+    log.info("key statistics from %s", corpus or "text sampled from the model")
+    cfg = StreamConfig(
+        feeds=(str(feed),),
+        model=model_ref,
+        editor=editor,
+        batch_size=batch_size,
+        tracking_uri=tracking_uri,
+        corpus=str(corpus) if corpus else None,
+        work_dir=str(out_dir),
     )
-    return {"summary": facts.summary(), "metrics": metrics, "stale": stale, "retain": len(retain)}
+    summary = stream(cfg)
+
+    model, tok = load_model(model_ref)
+    from .tracking import Tracker
+    from .versions import rebuild
+
+    tracker = Tracker(tracking_uri)
+    rebuild(model, tracker, summary["registered_model"], summary["production"], None)
+    after = _beliefs(model, tok, reqs)
+    rows = {
+        k: {"before P(new)": before[k]["P(new)"], "after P(new)": after[k]["P(new)"], "after P(old)": after[k]["P(old)"]}
+        for k in before
+    }
+    print(f"\nAfter the stream (production v{summary['production']} of {summary['registered_model']}):")
+    print(scores_table(rows))
+    print(
+        f"\n{summary['records']} records: {summary['accepted']} accepted, {summary['quarantined']} quarantined, "
+        f"{summary['superseded']} superseded, {summary['skipped']} already applied before this run."
+    )
+    quarantine = Path(out_dir) / "stream_quarantine.jsonl"
+    for line in quarantine.read_text().splitlines():
+        rec = json.loads(line)
+        print(f"  quarantined by the gates: {rec['id']}: {rec['reason']}")
+    uri = resolve_uri(tracking_uri)
+    print(
+        f"\nTracking store: {uri}. Look at it with:\n"
+        f"  mlflow ui --backend-store-uri {uri}\n"
+        f"then open the experiment 'kedit/{summary['registered_model']}' (metrics over edits, drawdown.png on the stream run) "
+        f"and Models → {summary['registered_model']} (versions, alias 'production'). In the terminal: kedit status"
+    )
+    return summary
+
+
+def _beliefs(model, tok, reqs) -> dict[str, dict[str, float]]:
+    s = score_targets(model, tok, [r.text for r in reqs] * 2, [r.target_new for r in reqs] + [r.target_true or "" for r in reqs])
+    n = len(reqs)
+    return {r.id: {"P(new)": float(s.prob[i]), "P(old)": float(s.prob[n + i])} for i, r in enumerate(reqs)}

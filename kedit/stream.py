@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 
 from editing import EditError, make_editor
 from evaluation.gates import Baselines, EditChecks, GateConfig, edit_checks, evaluate, load_gates
-from evaluation.metrics import build_retain_set, knowledge_accuracy
+from evaluation.metrics import build_retain_set, edit_success, knowledge_accuracy
 
 from .errors import KeditError
-from .facts import EditRequest, load_known_facts, load_many
+from .facts import EditRequest, FactFileError, load_facts, load_known_facts, load_many
 from .models import KNOWN_MODELS, load_model, resolve
 from .paths import sha256_file
 from .tracking import (
@@ -83,22 +83,46 @@ class Plan:
     n_invalid: int
     n_superseded: int
     feed_sha256: dict[str, str]
+    fact_feed: dict[str, str]  # fact id -> the feed it came from
+    feeds: dict[str, dict]  # feed -> {records, accepted, quarantined, superseded, error}
 
 
 def plan_stream(cfg: StreamConfig, work_dir: Path) -> Plan:
-    """Validate the feeds, resolve superseded updates, order by timestamp; write plan.json and the lists."""
-    facts = load_many([Path(p) for p in cfg.feeds], cfg.fmt)
+    """Validate the feeds, resolve superseded updates, order by timestamp; write plan.json and the lists.
+
+    A feed that cannot be read at all (missing, unknown format) is reported as invalid, and the others still run.
+    """
+    readable, feeds = [], {}
+    for p in cfg.feeds:
+        try:
+            load_facts(p, cfg.fmt)
+            readable.append(Path(p))
+        except FactFileError as e:
+            log.error("feed %s is invalid: %s", p, e)
+            feeds[str(p)] = {"records": 0, "accepted": 0, "quarantined": 0, "superseded": 0, "error": str(e)}
+    facts = load_many(readable, cfg.fmt)
     work_dir.mkdir(parents=True, exist_ok=True)
     facts.write_quarantine(work_dir)
     (work_dir / "plan.json").write_text(json.dumps([r.to_dict() for r in facts.accepted], ensure_ascii=False))
     log.info("feeds: %s", facts.summary())
+    fact_feed = {r.id: facts.origins[r.id][0] for r in facts.accepted}
+    for p in readable:
+        f = str(p)
+        counts = {
+            "accepted": sum(1 for v in fact_feed.values() if v == f),
+            "quarantined": sum(1 for q in facts.quarantined if q.file == f),
+            "superseded": sum(1 for x in facts.superseded if x.file == f),
+        }
+        feeds[f] = {"records": sum(counts.values()), **counts, "error": None}
     return Plan(
         str(work_dir / "plan.json"),
         [r.id for r in facts.accepted],
         facts.n_records,
         len(facts.quarantined),
         len(facts.superseded),
-        {str(p): sha256_file(Path(p)) for p in cfg.feeds},
+        {str(p): sha256_file(Path(p)) for p in readable},
+        fact_feed,
+        feeds,
     )
 
 
@@ -147,6 +171,7 @@ class StreamSession:
     steps: list[dict] = field(default_factory=list)  # timings per attempt
     attempt: Attempt | None = None
     progress: Any = None
+    ledger: dict[str, dict] = field(default_factory=dict)  # feed sha256 -> entry, as the stream started
 
 
 SESSIONS: dict[str, StreamSession] = {}
@@ -203,9 +228,8 @@ def open_session(cfg: StreamConfig) -> str:
     with torch.no_grad():
         editor.prepare()  # statistics of the *base* model, so they are cached once per base
     sid = uuid.uuid4().hex[:12]
-    SESSIONS[sid] = StreamSession(
-        sid, cfg, gates, tracker, name, fp, model, tok, editor, Baselines(retain, 1.0, base_cap, dict(base_cap), hib), capability
-    )
+    baselines = Baselines(retain, 1.0, set(), base_cap, dict(base_cap), hib)
+    SESSIONS[sid] = StreamSession(sid, cfg, gates, tracker, name, fp, model, tok, editor, baselines, capability)
     return sid
 
 
@@ -228,6 +252,8 @@ def restore_production(session_id: str) -> dict:
     s.history = [_history_point(v.tags) for v in chain.versions]
     if prod is not None:
         s.baselines.retain_prev = _accuracy(s)
+        ok = edit_success(s.model, s.tok, s.earlier).tolist() if s.earlier else []
+        s.baselines.holding = {r.id for r, k in zip(s.earlier, ok) if k}
         if s.capability is not None:
             s.baselines.capability_prev = dict(s.capability.evaluate(s.model, s.tok).values)
     log.info("production: %s (%d edits applied)", f"v{s.production}" if s.production else "the base model", s.n_edits)
@@ -254,9 +280,15 @@ def start_stream(session_id: str, plan: Plan) -> list[list[str]]:
     chain_versions = [v for v in (s.tracker.chain(s.registered, s.production) if s.production else [])]
     done = {r.id for r in s.earlier}
     earlier_q = s.tracker.quarantined(s.registered, [v.version for v in chain_versions])
+    s.ledger = s.tracker.feed_ledger(s.registered)
+    seen_feeds = {f for f, sha in plan.feed_sha256.items() if sha in s.ledger}
+    for f in seen_feeds:
+        log.info("feed %s (sha256 %s…) was processed before: skipped", f, plan.feed_sha256[f][:12])
     pending = []
     for fid in plan.fact_ids:
-        if fid in done:
+        if plan.fact_feed.get(fid) in seen_feeds:
+            s.skipped[fid] = "feed already processed"
+        elif fid in done:
             s.skipped[fid] = "already applied"
         elif fid in earlier_q:
             s.skipped[fid] = f"quarantined earlier: {earlier_q[fid].get('reason', '')}"
@@ -388,6 +420,7 @@ def commit_version(session_id: str, report: dict) -> str:
     s.n_edits = n_edits
     s.earlier += batch
     s.baselines.retain_prev = m.get("retain_accuracy", s.baselines.retain_prev)
+    s.baselines.holding = set(report.get("holding", []))
     s.baselines.capability_prev = {k.removeprefix("cap/"): v for k, v in m.items() if k.startswith("cap/")} or (
         s.baselines.capability_prev
     )
@@ -422,11 +455,18 @@ def record_attempt(session_id: str, report: dict, verdict: str, quarantine: bool
     s.tracker.set_tags(a.run_id, tags)
     s.tracker.end_run(a.run_id)
     a.seconds["tracking"] += time.perf_counter() - t0
-    s.steps.append({"attempt": a.name, "n": len(a.ids), "verdict": verdict, **a.seconds})
+    s.steps.append({"attempt": a.name, "n": len(a.ids), "ids": list(a.ids), "verdict": verdict, **a.seconds})
     if quarantine:
         s.progress.update(len(a.ids))
     log.info("%s (%d facts): %s%s", a.name, len(a.ids), verdict, "" if verdict == "accepted" else f" — {checks}")
     return {"verdict": verdict, "quarantined": len(q)}
+
+
+def note_wall(session_id: str, seconds: float) -> None:
+    """The flow's wall time for the last attempt (edit to recorded verdict), for the orchestration overhead."""
+    s = session(session_id)
+    if s.steps:
+        s.steps[-1]["wall"] = seconds
 
 
 def _quarantine(s: StreamSession, fid: str, reason: str, gate: str, attempt: Attempt | None, report: dict | None = None) -> dict:
@@ -508,6 +548,19 @@ def finish_stream(session_id: str, plan: Plan) -> dict:
     s.tracker.log_dict(s.run_id, s.quarantined, "quarantine_gates.json")
     s.tracker.log_dict(s.run_id, s.accepted, "accepted.json")
     s.tracker.log_dict(s.run_id, summary, "summary.json")
+    for feed, counts in plan.feeds.items():
+        sha = plan.feed_sha256.get(feed) or f"unreadable:{feed}"
+        if sha in s.ledger:
+            continue
+        status = (
+            "invalid" if counts["error"] or (counts["records"] and not counts["accepted"] + counts["superseded"]) else "processed"
+        )
+        quarantine = [q for q in _read_jsonl(work / "quarantine.jsonl") if q.get("file") == feed]
+        quarantine += [q for q in s.quarantined if plan.fact_feed.get(q["id"]) == feed]
+        s.tracker.record_feed(
+            s.registered, s.run_id, feed, sha, status, {k: v for k, v in counts.items() if k != "error"}, quarantine
+        )
+    summary["feeds"] = plan.feeds
     s.tracker.log_metrics(
         s.run_id,
         {k: summary[k] for k in ("accepted", "quarantined", "superseded", "skipped")} | {"n_edits": s.n_edits},
@@ -516,6 +569,10 @@ def finish_stream(session_id: str, plan: Plan) -> dict:
     s.tracker.set_tags(s.run_id, {T_VERSION: s.production or "", T_VERDICT: "finished"})
     s.tracker.end_run(s.run_id)
     return summary
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.is_file() else []
 
 
 def close_session(session_id: str) -> None:

@@ -37,6 +37,8 @@ T_MANIFEST_SHA = "kedit.manifest_sha256"
 T_FINGERPRINT = "kedit.base_fingerprint"
 T_BASE = "kedit.base_model"
 T_N_QUARANTINED = "kedit.n_quarantined"
+T_FEED_SHA = "kedit.feed_sha256"
+T_FEED_STATUS = "kedit.feed_status"  # processed | invalid
 
 
 class TrackingError(KeditError):
@@ -250,3 +252,25 @@ class Tracker:
             for rec in json.loads(Path(text).read_text()):
                 out[rec["id"]] = rec
         return out
+
+    # ------------------------------------------------------------------ the feed ledger
+
+    def feed_ledger(self, name: str) -> dict[str, dict]:
+        """Feeds already processed for a model, by content hash: sha256 -> {status, feed, run_id}."""
+        out = {}
+        for run in self.runs(name, "feed", max_results=10000):
+            sha = run.data.tags.get(T_FEED_SHA)
+            if sha and sha not in out:
+                out[sha] = {"status": run.data.tags.get(T_FEED_STATUS), "feed": run.info.run_name, "run_id": run.info.run_id}
+        return out
+
+    def record_feed(
+        self, name: str, parent_run_id: str | None, feed: str, sha: str, status: str, counts: dict, quarantine: list
+    ) -> str:
+        """One ledger entry: a finished run of kind ``feed`` under the stream that processed it."""
+        run = self.start_run(name, Path(feed).name, {T_KIND: "feed", T_FEED_SHA: sha, T_FEED_STATUS: status}, parent_run_id)
+        self.log_params(run, {"path": feed, "sha256": sha})
+        self.log_metrics(run, {k: float(v) for k, v in counts.items()}, step=0)
+        self.log_dict(run, quarantine, "quarantine.json")
+        self.end_run(run)
+        return run

@@ -194,3 +194,49 @@ def test_rollback_moves_production_and_later_streams_continue_from_there(env, ch
     exported = load_model(str(out), "cpu")[0]
     assert_same_weights(exported, kept[-1].model)
     assert json.loads((out / "kedit_version.json").read_text())["chain"] == ["1", "4"]
+
+
+def test_kill_9_mid_stream_then_resume(env, checkpoint):
+    """A real `kedit stream` process is SIGKILLed after its second version; the next stream finishes the job."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    tmp, config, kept = env
+    cfg = config(GOOD + [HARMFUL], batch_size=1)
+    cmd = [str(Path(sys.executable).parent / "kedit"), "stream", "--model", cfg.model, "--editor", "ft-m", "--batch-size", "1"]
+    cmd += ["--feed", cfg.feeds[0], "--gates", cfg.gates, "--tracking-uri", cfg.tracking_uri, "--corpus", cfg.corpus]
+    cmd += ["--device", "cpu", "--work-dir", str(tmp / "killed"), "--threads", "1"]
+    for k, v in FTM.items():
+        cmd += ["--set", f"{k}={json.dumps(v)}"]
+    env_vars = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen(cmd, env=env_vars, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    tracker = Tracker(cfg.tracking_uri)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            names = [m.name for m in tracker.client.search_registered_models()]
+            prod = tracker.production(names[0]) if names else None
+            if prod is not None and int(prod.version) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the stream finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    t0 = time.monotonic()
+    summary = stream(cfg)  # waits for the dead stream's slot lease (60 s, Prefect's minimum) to expire
+    assert time.monotonic() - t0 < 150
+    name = summary["registered_model"]
+    applied = [r.id for r in rebuild(fresh_base(checkpoint), tracker, name, summary["production"], None).requests]
+    quarantined = set(tracker.quarantined(name, [v.version for v in tracker.chain(name, summary["production"])]))
+    assert len(applied) == len(set(applied)), "no fact applied twice"
+    assert set(applied) | quarantined == {r["id"] for r in GOOD + [HARMFUL]} and not set(applied) & quarantined
+    assert summary["skipped"] >= 2

@@ -1,0 +1,249 @@
+"""Integration: a real Prefect server and ``kedit serve`` on 127.0.0.1; feeds dropped in a directory become versions."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from flowkit import CORPUS, GOOD, HARMFUL, train_tiny, write_gates, write_jsonl
+
+from flows.serve import FeedWatcher, is_feed_name
+from kedit.servers import group_members, stop_group
+from kedit.tracking import Tracker
+
+KEDIT = [str(Path(sys.executable).parent / "kedit")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def healthy(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def drop(directory: Path, name: str, records: list[dict]) -> Path:
+    """Write-then-rename: the watcher never sees a partial file."""
+    tmp = write_jsonl(directory / f".{name}.tmp", records)
+    final = directory / name
+    tmp.rename(final)
+    return final
+
+
+# ----------------------------------------------------------------------------- the watcher alone
+
+
+def test_watcher_fires_once_per_complete_content(tmp_path):
+    fired = []
+    w = FeedWatcher(tmp_path, lambda p, sha: fired.append((p.name, sha)), settle=1.0)
+    (tmp_path / "a.jsonl.part").write_text("{}")  # still being written: never read
+    (tmp_path / ".b.jsonl").write_text("{}")  # hidden: the writer's temporary name
+    (tmp_path / "c.jsonl").write_text('{"x": 1}\n')
+    assert w.scan(now=0.0) == []  # first sight: not yet known to be stable
+    assert w.scan(now=0.5) == []  # unchanged, but not for `settle` seconds
+    assert [p.name for p in w.scan(now=1.6)] == ["c.jsonl"]
+    assert w.scan(now=5.0) == []  # same content: once
+    (tmp_path / "c.jsonl").write_text('{"x": 2}\n')  # changed content under the same name: a new feed
+    w.scan(now=6.0)
+    assert [p.name for p in w.scan(now=7.5)] == ["c.jsonl"]
+    assert len(fired) == 2 and fired[0][1] != fired[1][1]
+    assert not is_feed_name(Path("x.jsonl.tmp")) and is_feed_name(Path("x.csv"))
+
+
+# ----------------------------------------------------------------------------- servers and kedit serve
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    port, mport = free_port(), free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(root / "prefect"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "KEDIT_HOME": str(root / "home"),
+        "TQDM_DISABLE": "1",
+    }
+    groups = []
+    try:
+        # kedit up: both servers, health-checked, with the stores under root
+        up = subprocess.run(
+            [
+                *KEDIT,
+                "up",
+                "--prefect-port",
+                str(port),
+                "--mlflow-port",
+                str(mport),
+                "--tracking-uri",
+                f"sqlite:///{root}/mlruns/mlflow.db",
+            ],
+            env=env,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert f"http://127.0.0.1:{port}" in up.stdout and f"http://127.0.0.1:{mport}" in up.stdout
+        servers = json.loads((root / "home" / "servers.json").read_text())
+        groups += [s["pid"] for s in servers.values()]
+        ck = train_tiny(root / "model")
+        (root / "corpus.txt").write_text("\n".join(CORPUS))
+        feeds = root / "feeds"
+        feeds.mkdir()
+        uri = f"http://127.0.0.1:{mport}"
+        slog = (root / "serve.log").open("wb")
+        serve = subprocess.Popen(
+            [
+                *KEDIT,
+                "serve",
+                "--feeds",
+                str(feeds),
+                "--model",
+                str(ck),
+                "--editor",
+                "ft-m",
+                "--set",
+                "layers=[2]",
+                "--set",
+                "lr=0.02",
+                "--batch-size",
+                "5",
+                "--gates",
+                str(write_gates(root / "gates.yaml")),
+                "--tracking-uri",
+                uri,
+                "--corpus",
+                str(root / "corpus.txt"),
+                "--device",
+                "cpu",
+                "--cron",
+                "0 3 * * *",
+                "--name",
+                "tiny",
+            ],
+            env=env,
+            cwd=root,
+            stdout=slog,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        groups.append(serve.pid)
+        yield {"root": root, "feeds": feeds, "uri": uri, "env": env, "api": env["PREFECT_API_URL"], "serve": serve}
+    finally:
+        down = subprocess.run([*KEDIT, "down"], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+        for pgid in groups:
+            stop_group(pgid, grace=10)  # kedit serve, and anything `down` missed (then the assertion below fails)
+        assert down.returncode == 0, down.stdout + down.stderr
+        for pgid in groups:
+            assert group_members(pgid) == [], f"processes left in group {pgid}"
+
+
+def api(stack, method: str, path: str, body: dict | None = None):
+    import urllib.request
+
+    req = urllib.request.Request(
+        stack["api"] + path, data=json.dumps(body or {}).encode(), method=method, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read() or b"null")
+
+
+def deployments(stack) -> dict[str, dict]:
+    return {d["name"]: d for d in api(stack, "POST", "/deployments/filter", {})}
+
+
+def flow_runs(stack) -> list[dict]:
+    return api(stack, "POST", "/flow_runs/filter", {"flow_runs": {"parent_task_run_id": {"is_null_": True}}})
+
+
+def production(stack) -> str | None:
+    t = Tracker(stack["uri"])
+    names = [rm.name for rm in t.client.search_registered_models()]
+    if not names:
+        return None
+    prod = t.production(names[0])
+    return prod.version if prod else None
+
+
+def finished_feed_runs(stack) -> list[dict]:
+    return [r for r in flow_runs(stack) if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED") and r["parameters"].get("feed")]
+
+
+def test_serve_registers_deployments_and_processes_dropped_feeds_exactly_once(stack):
+    deps = wait_for(lambda: (d := deployments(stack)) and len(d) == 2 and d, 180, "the two deployments")
+    cron = deps["tiny-cron"]
+    assert [s["schedule"]["cron"] for s in cron["schedules"]] == ["0 3 * * *"]
+    assert deps["tiny-on-feed"]["parameters"]["feeds_dir"] == str(stack["feeds"].resolve())
+
+    drop(stack["feeds"], "first.jsonl", GOOD[:2])
+    assert wait_for(lambda: production(stack), 180, "a production version after the first feed") == "1"
+    runs = wait_for(lambda: (r := finished_feed_runs(stack)) and r, 60, "the first flow run to finish")
+    assert [r["state_type"] for r in runs] == ["COMPLETED"]
+
+    # the same content again (under another name): processed once, so nothing happens
+    drop(stack["feeds"], "first-again.jsonl", GOOD[:2])
+    wait_for(lambda: len(finished_feed_runs(stack)) == 2, 120, "the duplicate feed's flow run")
+    assert production(stack) == "1"
+    t = Tracker(stack["uri"])
+    name = t.client.search_registered_models()[0].name
+    assert len(t.feed_ledger(name)) == 1
+
+    # two feeds at once: both processed, one stream after the other (the model's slot); the harmful fact is stopped
+    drop(stack["feeds"], "second.jsonl", [GOOD[2]])
+    drop(stack["feeds"], "third.jsonl", [HARMFUL])
+    wait_for(lambda: len(finished_feed_runs(stack)) == 4, 240, "both feeds' flow runs")
+    assert all(r["state_type"] == "COMPLETED" for r in finished_feed_runs(stack))
+    assert production(stack) == "2"
+    streams = sorted(t.runs(name, "stream"), key=lambda r: r.info.start_time)
+    assert len(streams) == 3  # the duplicate feed never opened a stream
+    for a, b in zip(streams, streams[1:]):
+        assert a.info.end_time <= b.info.start_time, "streams of one model never overlap"
+    assert len(t.feed_ledger(name)) == 3
+
+    # the metric history the streams wrote, read through the MLflow server's REST API: drawdown over edits
+    import urllib.request
+
+    steps = []
+    for run in streams:
+        url = f"{stack['uri']}/api/2.0/mlflow/metrics/get-history?run_id={run.info.run_id}&metric_key=drawdown_base"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            history = json.loads(r.read()).get("metrics", [])
+        assert all(0 <= m["value"] <= 0.2 for m in history)
+        steps += [m["step"] for m in history]
+    assert sorted(steps) == [2, 3]
+
+    # a feed that fails validation is recorded as invalid, with its quarantine, and not retried
+    bad = drop(stack["feeds"], "broken.jsonl", [{"subject": "dave", "prompt": "no placeholder", "target_new": ""}])
+    wait_for(lambda: len(finished_feed_runs(stack)) == 5, 120, "the broken feed's flow run")
+    entry = wait_for(lambda: [e for e in t.feed_ledger(name).values() if e["feed"] == bad.name], 30, "the ledger entry")[0]
+    assert entry["status"] == "invalid"
+    quarantine = json.loads(Path(t.client.download_artifacts(entry["run_id"], "quarantine.json")).read_text())
+    assert quarantine and quarantine[0]["file"] == str(bad.resolve()) and quarantine[0]["field"] == "target_new"
+    assert production(stack) == "2"
