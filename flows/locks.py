@@ -1,8 +1,16 @@
-"""One stream per model: a Prefect global concurrency limit of one slot per registered model.
+"""One stream per model: a lock held from reading the production version to the stream's last version.
 
-Every stream of a model, whoever starts it (the CLI, a schedule, a feed event, a worker on
-another machine), takes the model's slot before touching its production version; a second
-stream waits, then continues from the version the first one left in production.
+Two kinds, chosen by ``KEDIT_LOCK``:
+
+- ``file`` (default): an OS advisory lock on ``$KEDIT_HOME/locks/<model>.lock``. Every stream of a
+  model on this machine (the CLI, ``kedit serve``'s flow runs, tests) takes it; the kernel frees it
+  the instant its holder dies, ``kill -9`` included, so a killed stream never blocks the next one.
+- ``prefect``: a Prefect global concurrency limit of one slot per model, for workers on several
+  machines sharing one Prefect server. The slot is a lease renewed while the stream lives; a stream
+  killed with ``kill -9`` frees it when the lease expires (60 s, Prefect's minimum) and the server's
+  repossessor service runs (every 15 s; it runs in ``prefect server start``, not in ephemeral servers).
+
+A second stream waits, then continues from the version the first left in production.
 """
 
 from __future__ import annotations
@@ -17,6 +25,15 @@ log = logging.getLogger(__name__)
 
 def limit_name(registered: str) -> str:
     return f"kedit-stream-{registered}"
+
+
+def lock_kind() -> str:
+    kind = os.environ.get("KEDIT_LOCK", "file")
+    if kind not in ("file", "prefect"):
+        from kedit.errors import KeditError
+
+        raise KeditError(f"KEDIT_LOCK must be 'file' or 'prefect', not {kind!r}")
+    return kind
 
 
 def ensure_limit(name: str) -> None:
@@ -38,20 +55,27 @@ def ensure_limit(name: str) -> None:
 
 
 def lease_seconds() -> float:
-    """How long a slot outlives a holder that died without releasing it (kill -9); renewed while alive.
-
-    Prefect's server accepts 60 s at least, and revokes expired leases every 15 s by default.
-    """
     return max(60.0, float(os.environ.get("KEDIT_LOCK_LEASE_S", "60")))
 
 
 @contextmanager
 def one_stream_per_model(registered: str) -> Iterator[None]:
-    from prefect.concurrency.sync import concurrency
-
     name = limit_name(registered)
-    ensure_limit(name)
-    log.info("waiting for the model's stream slot %s", name)
-    with concurrency(name, occupy=1, strict=True, lease_duration=lease_seconds()):
-        log.info("holding %s", name)
+    log.info("waiting for the model's stream lock %s (%s)", name, lock_kind())
+    if lock_kind() == "prefect":
+        from prefect.concurrency.sync import concurrency
+
+        ensure_limit(name)
+        with concurrency(name, occupy=1, strict=True, lease_duration=lease_seconds()):
+            log.info("holding %s", name)
+            yield
+        return
+    from filelock import FileLock
+
+    from kedit.paths import kedit_home
+
+    path = kedit_home() / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path)):
+        log.info("holding %s", path)
         yield

@@ -231,9 +231,7 @@ def test_kill_9_mid_stream_then_resume(env, checkpoint):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
 
-    t0 = time.monotonic()
-    summary = stream(cfg)  # waits for the dead stream's slot lease (60 s, Prefect's minimum) to expire
-    assert time.monotonic() - t0 < 150
+    summary = stream(cfg)  # the dead stream's lock died with it
     name = summary["registered_model"]
     applied = [r.id for r in rebuild(fresh_base(checkpoint), tracker, name, summary["production"], None).requests]
     quarantined = set(tracker.quarantined(name, [v.version for v in tracker.chain(name, summary["production"])]))
