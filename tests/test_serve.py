@@ -245,5 +245,5 @@ def test_serve_registers_deployments_and_processes_dropped_feeds_exactly_once(st
     entry = wait_for(lambda: [e for e in t.feed_ledger(name).values() if e["feed"] == bad.name], 30, "the ledger entry")[0]
     assert entry["status"] == "invalid"
     quarantine = json.loads(Path(t.client.download_artifacts(entry["run_id"], "quarantine.json")).read_text())
-    assert quarantine and quarantine[0]["file"] == str(bad.resolve()) and quarantine[0]["field"] == "target_new"
+    assert quarantine and quarantine[0]["file"] == str(bad.resolve()) and quarantine[0]["field"] == "prompt"
     assert production(stack) == "2"
