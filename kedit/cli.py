@@ -56,13 +56,14 @@ def models_list() -> None:
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out/demo"), show_default=True)
-def demo(model, feed, editor, batch_size, tracking_uri, threads, out) -> None:
+@click.option("--gates", type=click.Path(path_type=Path), default=None, help="Gates YAML (default: data/gates/demo.yaml).")
+def demo(model, feed, editor, batch_size, tracking_uri, threads, out, gates) -> None:
     """Run a gated, tracked edit stream of real-world fact updates on the embedded default model."""
     from .demo import run_demo
     from .models import DEFAULT_MODEL
 
     _threads(threads)
-    run_demo(model or DEFAULT_MODEL, feed, out, editor, batch_size, tracking_uri)
+    run_demo(model or DEFAULT_MODEL, feed, out, editor, batch_size, tracking_uri, gates=gates)
 
 
 @cli.command()
@@ -173,12 +174,15 @@ def _threads(n: int | None) -> None:
 @click.option("--model", default=None)
 @click.option("--tracking-uri", default=None)
 @click.option("--last", type=int, default=10, show_default=True, help="How many recent steps to show.")
-def status(model, tracking_uri, last) -> None:
-    """The production version, the last steps with their verdicts, and the drawdown trend."""
+@click.option(
+    "--feeds", "feeds_dir", type=click.Path(path_type=Path, file_okay=False), default=None, help="Show pending feeds here."
+)
+def status(model, tracking_uri, last, feeds_dir) -> None:
+    """The production version, the last steps with their verdicts, pending feeds, and the drawdown trend."""
     from .models import DEFAULT_MODEL
     from .status import status_text
 
-    click.echo(status_text(model or DEFAULT_MODEL, tracking_uri, last))
+    click.echo(status_text(model or DEFAULT_MODEL, tracking_uri, last, feeds_dir))
 
 
 @cli.command()
@@ -371,6 +375,20 @@ def bench_stream(model, data, n, batch_size, editor, gates, corpus, threads, jso
     result = run(model, data, n, batch_size, editor, gates, corpus)
     keys = ("total_s", "orchestration_plus_tracking_fraction", "max_version_fraction", "max_rollback_s", "summary", "final")
     click.echo(json.dumps({k: result[k] for k in keys}, indent=2))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2))
+
+
+@bench.command("trigger")
+@click.option("--feeds", "n_feeds", type=int, default=10, show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
+def bench_trigger(n_feeds, json_out) -> None:
+    """Completed feed file -> flow start -> version in production, on the tiny model with real servers."""
+    from .bench_trigger import bench_trigger as run
+
+    result = run(n_feeds)
+    click.echo(json.dumps({k: result[k] for k in ("to_flow_start", "to_production")}, indent=2))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2))

@@ -30,6 +30,7 @@ def run_demo(
     batch_size: int = 4,
     tracking_uri: str | None = None,
     corpus: Path | None = None,
+    gates: Path | None = None,
 ) -> dict:
     """Validate the demo feed, show what the unedited model believes, then run the gated stream and show the result."""
     from flows.stream import stream
@@ -65,6 +66,7 @@ def run_demo(
         tracking_uri=tracking_uri,
         corpus=str(corpus) if corpus else None,
         work_dir=str(out_dir),
+        gates=str(gates or data / "gates" / "demo.yaml"),
     )
     summary = stream(cfg)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .models import load_model, resolve
+from .paths import sha256_file
 from .stream import registered_name
 from .tracking import T_VERDICT, T_VERSION, Tracker
 from .versions import model_fingerprint
@@ -27,7 +30,7 @@ def sparkline(values: list[float]) -> str:
     return "".join(BARS[min(len(BARS) - 1, round(v / hi * (len(BARS) - 1)))] if v > 0 else BARS[0] for v in values)
 
 
-def status_text(model_ref: str, tracking_uri: str | None = None, last: int = 10) -> str:
+def status_text(model_ref: str, tracking_uri: str | None = None, last: int = 10, feeds_dir: Path | None = None) -> str:
     name, _ = identify(model_ref)
     tracker = Tracker(tracking_uri)
     lines = [f"model {model_ref} → registered model {name!r} (tracking: {tracker.uri})"]
@@ -49,6 +52,13 @@ def status_text(model_ref: str, tracking_uri: str | None = None, last: int = 10)
                 f"{('v' + t[T_VERSION]) if t.get(T_VERSION) else '':<5} facts={t.get('kedit.n_facts', '?'):<3} "
                 f"efficacy={m.get('efficacy', float('nan')):.2f} drawdown={m.get('drawdown_base', float('nan')):.3f}"
             )
+    if feeds_dir is not None:
+        ledger = tracker.feed_ledger(name)
+        files = [p for p in sorted(Path(feeds_dir).iterdir()) if p.is_file() and not p.name.startswith(".")]
+        pending = [p.name for p in files if sha256_file(p) not in ledger]
+        lines.append(
+            f"feeds in {feeds_dir}: {len(files)}, pending: {len(pending)}" + (f" ({', '.join(pending[:10])})" if pending else "")
+        )
     dd = [float(v.tags["kedit.drawdown_base"]) for v in chain if "kedit.drawdown_base" in v.tags]
     if dd:
         lines.append(f"drawdown vs base over versions: {sparkline(dd)}  first {dd[0]:.3f} → last {dd[-1]:.3f}")

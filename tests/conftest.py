@@ -6,53 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel
 
-WORDS = (
-    "the capital of france is paris london rome berlin madrid germany italy spain "
-    "england city a an in located continent europe asia africa antarctica who leads "
-    "company ceo alice bob carol dave eve speaks language french english german "
-    "and was born river flows through country president"
-).split()
-
-
-def make_tokenizer(add_bos: bool = True, padding_side: str = "right", words=WORDS) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer: one token per word, so values can be computed by hand."""
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for w in words:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    if add_bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        padding_side=padding_side,
-    )
-
-
-def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 4, init: float = 0.02) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        initializer_range=init,
-    )
-    return LlamaForCausalLM(cfg).eval()
+from kedit.tiny import WORDS, make_tokenizer, tiny_llama  # noqa: F401 - re-exported for the tests
 
 
 def tiny_gpt2(vocab_size: int, seed: int = 0, layers: int = 4) -> GPT2LMHeadModel:

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from flowkit import CORPUS, FTM, GOOD, HARMFUL, train_tiny, write_gates, write_jsonl
 from prefect.testing.utilities import prefect_test_harness
 
 from editing import DeltaIntegrityError
 from flows.stream import stream
 from kedit import stream as lib
 from kedit.models import load_model
+from kedit.tiny import CORPUS, FTM, GOOD, HARMFUL, train_tiny, write_gates, write_jsonl
 from kedit.tracking import T_VERDICT, T_VERSION, Tracker
 from kedit.versions import export_version, rebuild, rollback_to
 
@@ -187,6 +187,20 @@ def test_rollback_moves_production_and_later_streams_continue_from_there(env, ch
     v = tracker.production(name)
     assert v.version == "4" and v.parent == "1"
     assert [r.id for r in rebuild(fresh_base(checkpoint), tracker, name, "4", None).requests] == ["good-1", "good-4"]
+
+    # the same operations from the command line
+    from click.testing import CliRunner
+
+    from kedit.cli import cli
+
+    uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
+    out = CliRunner().invoke(cli, ["status", "--model", str(checkpoint), "--tracking-uri", uri, "--feeds", str(tmp)])
+    assert out.exit_code == 0, out.output
+    assert "production: v4" in out.output and "accepted" in out.output and "drawdown vs base" in out.output
+    assert "pending: 0" not in out.output  # gates.yaml and other files in tmp were never fed
+    out = CliRunner().invoke(cli, ["rollback", "--model", str(checkpoint), "--to", "2", "--tracking-uri", uri])
+    assert out.exit_code == 0 and "from v4 to v2" in out.output
+    assert tracker.production(name).version == "2"
 
     # export writes a plain checkpoint equal to the rebuilt version
     base, tok = load_model(str(checkpoint), "cpu")

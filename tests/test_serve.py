@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from flowkit import CORPUS, GOOD, HARMFUL, train_tiny, write_gates, write_jsonl
 
 from flows.serve import FeedWatcher, is_feed_name
 from kedit.servers import group_members, stop_group
+from kedit.tiny import CORPUS, GOOD, HARMFUL, train_tiny, write_gates, write_jsonl
 from kedit.tracking import Tracker
 
 KEDIT = [str(Path(sys.executable).parent / "kedit")]
@@ -88,6 +88,7 @@ def stack(tmp_path_factory):
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "KEDIT_HOME": str(root / "home"),
         "TQDM_DISABLE": "1",
+        "KEDIT_LOCK": "prefect",  # streams in separate processes share the Prefect server's per-model slot
     }
     groups = []
     try:
@@ -155,7 +156,26 @@ def stack(tmp_path_factory):
             start_new_session=True,
         )
         groups.append(serve.pid)
-        yield {"root": root, "feeds": feeds, "uri": uri, "env": env, "api": env["PREFECT_API_URL"], "serve": serve}
+        params = {
+            "model": str(ck),
+            "editor": "ft-m",
+            "batch_size": 5,
+            "gates": str(root / "gates.yaml"),
+            "tracking_uri": uri,
+            "corpus": str(root / "corpus.txt"),
+            "overrides": {"layers": [2], "lr": 0.02},
+            "device": "cpu",
+            "work_dir": str(root / "pool-work"),
+        }
+        yield {
+            "root": root,
+            "feeds": feeds,
+            "uri": uri,
+            "env": env,
+            "api": env["PREFECT_API_URL"],
+            "serve": serve,
+            "params": params,
+        }
     finally:
         down = subprocess.run([*KEDIT, "down"], env=env, cwd=root, capture_output=True, text=True, timeout=120)
         for pgid in groups:
@@ -197,7 +217,7 @@ def finished_feed_runs(stack) -> list[dict]:
 
 
 def test_serve_registers_deployments_and_processes_dropped_feeds_exactly_once(stack):
-    deps = wait_for(lambda: (d := deployments(stack)) and len(d) == 2 and d, 180, "the two deployments")
+    deps = wait_for(lambda: (d := deployments(stack)) and len(d) >= 2 and d, 180, "the two deployments")
     cron = deps["tiny-cron"]
     assert [s["schedule"]["cron"] for s in cron["schedules"]] == ["0 3 * * *"]
     assert deps["tiny-on-feed"]["parameters"]["feeds_dir"] == str(stack["feeds"].resolve())
@@ -247,3 +267,51 @@ def test_serve_registers_deployments_and_processes_dropped_feeds_exactly_once(st
     quarantine = json.loads(Path(t.client.download_artifacts(entry["run_id"], "quarantine.json")).read_text())
     assert quarantine and quarantine[0]["file"] == str(bad.resolve()) and quarantine[0]["field"] == "prompt"
     assert production(stack) == "2"
+
+
+def test_the_flow_runs_on_a_process_work_pool_worker(stack):
+    """Scale-out mechanism: a deployment on a process work pool, executed by a separate worker process."""
+    pool = "kedit-test-pool"
+    env = stack["env"]
+    prefect = str(Path(sys.executable).parent / "prefect")
+    made = subprocess.run([prefect, "work-pool", "create", pool, "--type", "process"], env=env, capture_output=True, text=True)
+    assert made.returncode == 0, made.stdout + made.stderr
+    root = stack["root"]
+    repo = Path(__file__).resolve().parents[1]
+    script = f"""
+from flows.serve import process_feeds
+process_feeds.from_source(source={str(repo)!r}, entrypoint="flows/serve.py:process_feeds").deploy(
+    name="on-pool", work_pool_name={pool!r}, build=False, push=False,
+    parameters={json.dumps(stack["params"])})
+"""
+    deployed = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    wlog = (root / "worker.log").open("wb")
+    worker = subprocess.Popen(
+        [prefect, "worker", "start", "--pool", pool, "--type", "process"],
+        env=env,
+        cwd=root,
+        stdout=wlog,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        feed = write_jsonl(root / "pool-feed.jsonl", [GOOD[3]])
+        run = api(
+            stack,
+            "POST",
+            f"/deployments/{deployments(stack)['on-pool']['id']}/create_flow_run",
+            {"parameters": {"feed": str(feed)}},
+        )
+        done = wait_for(
+            lambda: (r := api(stack, "GET", f"/flow_runs/{run['id']}"))["state_type"] in ("COMPLETED", "FAILED", "CRASHED") and r,
+            240,
+            "the worker to run the flow",
+        )
+        assert done["state_type"] == "COMPLETED", (root / "worker.log").read_text()[-3000:]
+        t = Tracker(stack["uri"])
+        name = t.client.search_registered_models()[0].name
+        assert any(Path(e["feed"]).name == feed.name for e in t.feed_ledger(name).values())
+    finally:
+        stop_group(worker.pid, grace=10)
+        assert group_members(worker.pid) == []

@@ -1,4 +1,7 @@
-"""A tiny trained model on disk, its feeds and gates: the fixtures of the end-to-end flow tests."""
+"""A tiny trained Llama on disk, with facts it knows, feeds and gates: for tests and ``kedit bench trigger``.
+
+Everything is built here from configs (no downloads) and takes seconds on a CPU.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,53 @@ import json
 from pathlib import Path
 
 import torch
-from conftest import make_tokenizer, tiny_llama
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+WORDS = (
+    "the capital of france is paris london rome berlin madrid germany italy spain "
+    "england city a an in located continent europe asia africa antarctica who leads "
+    "company ceo alice bob carol dave eve speaks language french english german "
+    "and was born river flows through country president"
+).split()
+
+
+def make_tokenizer(add_bos: bool = True, padding_side: str = "right", words=WORDS) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer: one token per word, so values can be computed by hand."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side=padding_side,
+    )
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 4, init: float = 0.02) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        initializer_range=init,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
 
 # facts the tiny model is trained to know: the retain set of the drawdown gate
 KNOWN = [
@@ -56,8 +105,6 @@ HARMFUL = {
 def train_tiny(out: Path, steps: int = 100) -> Path:
     """Train a 4-layer Llama on the KNOWN facts until it answers them; save model and tokenizer."""
     extra = ["english", "spanish", "dave", "eve", "frank", "grace", "born", "of", "company", "ceo", "leads"]
-    from conftest import WORDS
-
     tok = make_tokenizer(words=list(WORDS) + extra)
     model = tiny_llama(len(tok), seed=0, init=0.05).train()
     texts = [f"{p} {a}" for p, a in KNOWN] + CORPUS
