@@ -214,8 +214,17 @@ def bench_stream(
         total = time.perf_counter() - t0
         model, tok = load_model(model_ref)
         full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        rollback_s = None
         if summary["production"]:
-            rebuild(model, Tracker(uri), summary["registered_model"], summary["production"], None)
+            chain = rebuild(model, Tracker(uri), summary["registered_model"], summary["production"], None)
+            # a rollback is Undo.restore of the touched tensors: time it on the last version's delta
+            from .versions import fetch
+
+            last = fetch(Tracker(uri), chain.versions[-1], root / "last-version", None)
+            undo = last.delta.apply(model)
+            t1 = time.perf_counter()
+            undo.restore(model)
+            rollback_s = time.perf_counter() - t1
     steps = summary["steps"]
     for s in steps:
         inside = sum(v for k, v in s.items() if k.startswith("gate:") or k in ("edit", "tracking", "rollback"))
@@ -240,6 +249,7 @@ def bench_stream(
         "orchestration_plus_tracking_fraction": overhead / walls if walls else float("nan"),
         "max_version_fraction": max((s.get("version_fraction_of_checkpoint", 0.0) for s in steps), default=0.0),
         "max_rollback_s": max((s.get("rollback", 0.0) for s in steps), default=0.0),
+        "rollback_of_last_version_s": rollback_s,
         "steps": steps,
         "final": final,
         "machine": machine(),

@@ -373,7 +373,14 @@ def bench_stream(model, data, n, batch_size, editor, gates, corpus, threads, jso
 
     _threads(threads)
     result = run(model, data, n, batch_size, editor, gates, corpus)
-    keys = ("total_s", "orchestration_plus_tracking_fraction", "max_version_fraction", "max_rollback_s", "summary", "final")
+    keys = (
+        "total_s",
+        "orchestration_plus_tracking_fraction",
+        "max_version_fraction",
+        "max_rollback_s",
+        "rollback_of_last_version_s",
+    )
+    keys += ("summary", "final")
     click.echo(json.dumps({k: result[k] for k in keys}, indent=2))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
