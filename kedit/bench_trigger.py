@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -20,25 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .errors import KeditError
-
 log = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise KeditError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _post(url: str, body: dict) -> list | dict:
@@ -50,14 +31,14 @@ def _post(url: str, body: dict) -> list | dict:
 def bench_trigger(n_feeds: int = 10, timeout: float = 300.0) -> dict:
     from datetime import datetime
 
-    from .servers import stop_group, up
+    from .servers import free_port, stop_group, up, wait_for
     from .tiny import CORPUS, FTM, train_tiny, write_gates, write_jsonl
     from .tracking import Tracker
 
     kedit = str(Path(sys.executable).parent / "kedit")
     with tempfile.TemporaryDirectory(prefix="kedit-bench-trigger-") as tmp:
         root = Path(tmp)
-        port, mport = _free_port(), _free_port()
+        port, mport = free_port(), free_port()
         os.environ.update(
             {
                 "KEDIT_HOME": str(root / "home"),
@@ -84,7 +65,7 @@ def bench_trigger(n_feeds: int = 10, timeout: float = 300.0) -> dict:
             with (root / "serve.log").open("wb") as out:
                 serve = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             groups.append(serve.pid)
-            _wait(lambda: len(_post(f"{api}/deployments/filter", {})) >= 1, 180, "the deployment")
+            wait_for(lambda: len(_post(f"{api}/deployments/filter", {})) >= 1, 180, "the deployment")
             tracker = Tracker(uri)
             rows = []
             for i in range(n_feeds):
@@ -100,9 +81,9 @@ def bench_trigger(n_feeds: int = 10, timeout: float = 300.0) -> dict:
                 final = feeds / f"feed-{i}.jsonl"
                 tmp_file.rename(final)
                 t_done = time.time()
-                run = _wait(lambda f=final: _flow_run(api, str(f.resolve())), timeout, f"the flow run of {final.name}")
+                run = wait_for(lambda f=final: _flow_run(api, str(f.resolve())), timeout, f"the flow run of {final.name}")
                 started = datetime.fromisoformat(run["start_time"].replace("Z", "+00:00")).timestamp()
-                _wait(lambda b=before: _production(tracker) not in (b, None), timeout, f"the version of {final.name}")
+                wait_for(lambda b=before: _production(tracker) not in (b, None), timeout, f"the version of {final.name}")
                 t_version = time.time()
                 rows.append({"feed": final.name, "to_flow_start_s": started - t_done, "to_production_s": t_version - t_done})
                 log.info("%s: flow started after %.1f s, in production after %.1f s", final.name, *list(rows[-1].values())[1:])

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -55,6 +56,24 @@ def _write_state(state: dict[str, dict]) -> None:
 def _bin(name: str) -> str:
     exe = Path(sys.executable).parent / name
     return str(exe) if exe.exists() else name
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    """Poll ``predicate`` until it returns something truthy (returned), or raise ServerError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise ServerError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _healthy(url: str) -> bool:

@@ -4,46 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from flows.serve import FeedWatcher, is_feed_name
-from kedit.servers import group_members, stop_group
+from kedit.servers import free_port, group_members, stop_group, wait_for
 from kedit.tiny import CORPUS, GOOD, HARMFUL, train_tiny, write_gates, write_jsonl
 from kedit.tracking import Tracker
 
 KEDIT = [str(Path(sys.executable).parent / "kedit")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def healthy(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def drop(directory: Path, name: str, records: list[dict]) -> Path:
