@@ -28,7 +28,7 @@ from kedit.errors import KeditError
 from kedit.facts import EditRequest, Fact
 from kedit.paths import project_data_dir
 
-from .metrics import edit_success, knows
+from .metrics import edit_success, knows, prompt_holds
 from .scoring import score_targets
 
 
@@ -169,43 +169,23 @@ def _mean(x: torch.Tensor) -> float:
 
 
 def edit_checks(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 64) -> EditChecks:
-    """One batched scoring call for all prompts of all requests.
-
-    An edit holds on a prompt when P(new) > P(true) if the old answer is known, and otherwise
-    when greedy decoding gives the new target.
-    """
-    edit_prompts, owners = [], []
-    for i, r in enumerate(requests):
-        for p in (r.text, *r.paraphrase_prompts):
-            edit_prompts.append(p)
-            owners.append(i)
-    n_e = len(edit_prompts)
-    with_true = [k for k, i in enumerate(owners) if requests[i].target_true is not None]
-    nb = [(n.prompt, n.answer, r.target_new) for r in requests for n in r.neighborhood]
-    prompts = edit_prompts + [edit_prompts[k] for k in with_true] + [p for p, _, _ in nb] * 2
-    targets = (
-        [requests[i].target_new for i in owners]
-        + [requests[owners[k]].target_true for k in with_true]
-        + [a for _, a, _ in nb]
-        + [t for _, _, t in nb]
+    """Whether each edit holds on its prompt and paraphrases (``prompt_holds``), and whether its neighbours
+    still prefer their own answer over ``target_new``."""
+    rewrite = [(r.text, r) for r in requests]
+    para = [(p, r) for r in requests for p in r.paraphrase_prompts]
+    pairs = rewrite + para  # rewrite prompts first: the first len(requests) results are the rewrites
+    ok = prompt_holds(
+        model, tokenizer, [p for p, _ in pairs], [r.target_new for _, r in pairs], [r.target_true for _, r in pairs], batch_size
     )
-    if not prompts:
-        empty = torch.zeros(0, dtype=torch.bool)
-        return EditChecks(empty, empty, empty)
-    s = score_targets(model, tokenizer, prompts, targets, batch_size)
-    ok = s.exact[:n_e].clone()
-    if with_true:
-        idx = torch.tensor(with_true)
-        ok[idx] = s.prob[idx] > s.prob[n_e : n_e + len(with_true)]
-    first = torch.zeros(n_e, dtype=torch.bool)
-    seen: set[int] = set()
-    for k, i in enumerate(owners):  # the first prompt of each request is its rewrite prompt
-        if i not in seen:
-            first[k] = True
-            seen.add(i)
-    m = n_e + len(with_true)
-    nb_own, nb_new = s.prob[m : m + len(nb)], s.prob[m + len(nb) :]
-    return EditChecks(ok[first], ok[~first], nb_own > nb_new)
+    nb = [(n.prompt, n.answer, r.target_new) for r in requests for n in r.neighborhood]
+    if nb:
+        prob = score_targets(
+            model, tokenizer, [p for p, _, _ in nb] * 2, [a for _, a, _ in nb] + [t for _, _, t in nb], batch_size
+        ).prob
+        nb_ok = prob[: len(nb)] > prob[len(nb) :]
+    else:
+        nb_ok = torch.zeros(0, dtype=torch.bool)
+    return EditChecks(ok[: len(rewrite)], ok[len(rewrite) :], nb_ok)
 
 
 # ----------------------------------------------------------------------------- deciding

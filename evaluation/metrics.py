@@ -140,24 +140,35 @@ def locality_agreement(
 # ----------------------------------------------------------------------------- retention
 
 
-def edit_success(model: nn.Module, tokenizer, requests: Sequence[EditRequest], batch_size: int = 64) -> torch.Tensor:
-    """Per request, whether the edit holds on its own prompt: P(new) > P(true) when the old
-    answer is known, otherwise greedy decoding gives the new target (all tokens argmax)."""
-    prompts = [r.text for r in requests]
-    with_true = [i for i, r in enumerate(requests) if r.target_true is not None]
+def prompt_holds(
+    model: nn.Module, tokenizer, prompts: Sequence[str], new: Sequence[str], true: Sequence[str | None], batch_size: int = 64
+) -> torch.Tensor:
+    """Per prompt, whether an edit holds there: P(new) > P(true) when the old answer is known,
+    otherwise greedy decoding gives the new target (all tokens argmax). One batched scoring call."""
+    if not prompts:
+        return torch.zeros(0, dtype=torch.bool)
+    with_true = [i for i, t in enumerate(true) if t is not None]
     s = score_targets(
-        model,
-        tokenizer,
-        prompts + [prompts[i] for i in with_true],
-        [r.target_new for r in requests] + [requests[i].target_true for i in with_true],
-        batch_size,
+        model, tokenizer, list(prompts) + [prompts[i] for i in with_true], list(new) + [true[i] for i in with_true], batch_size
     )
-    n = len(requests)
+    n = len(prompts)
     ok = s.exact[:n].clone()
     if with_true:
         idx = torch.tensor(with_true)
         ok[idx] = s.prob[idx] > s.prob[n:]
     return ok
+
+
+def edit_success(model: nn.Module, tokenizer, requests: Sequence[EditRequest], batch_size: int = 64) -> torch.Tensor:
+    """Per request, whether the edit holds on its own prompt (see ``prompt_holds``)."""
+    return prompt_holds(
+        model,
+        tokenizer,
+        [r.text for r in requests],
+        [r.target_new for r in requests],
+        [r.target_true for r in requests],
+        batch_size,
+    )
 
 
 def retention(model: nn.Module, tokenizer, earlier: Sequence[EditRequest], batch_size: int = 64) -> float:

@@ -177,6 +177,7 @@ def bench_stream(
     gates: Path | None = None,
     corpus: Path | None = DEFAULT_CORPUS,
     work_dir: Path | None = None,
+    overrides: dict | None = None,
 ) -> dict:
     """The stream flow on N CounterFact cases: per step, edit / gate / tracking / orchestration seconds,
     bytes per version against a full checkpoint, rollback time; metrics on the final production model."""
@@ -207,6 +208,7 @@ def bench_stream(
             gates=str(gates) if gates else None,
             tracking_uri=uri,
             corpus=str(corpus) if corpus and Path(corpus).is_file() else None,
+            overrides=overrides or {},
             work_dir=str(root / "work"),
         )
         t0 = time.perf_counter()
@@ -243,6 +245,7 @@ def bench_stream(
         "data": str(data),
         "n": n,
         "batch_size": batch_size,
+        "overrides": overrides or {},
         "total_s": total,
         "full_checkpoint_bytes": full_bytes,
         "summary": {k: v for k, v in summary.items() if k not in ("steps", "feeds")},

@@ -106,8 +106,7 @@ def score(model: str, data: Path, fmt: str, protocol: str, n: int | None, batch_
     fn = counterfact_metrics if protocol == "counterfact" else zsre_metrics
     result = fn(m, tok, reqs, batch_size)
     click.echo(scores_table({model: result}))
-    if json_out:
-        json_out.write_text(json.dumps(result, indent=2))
+    _write_json(json_out, result)
 
 
 def _overrides(sets: tuple[str, ...]) -> dict:
@@ -314,9 +313,7 @@ def bench_metrics(model: str, data: Path, n: int, batch_size: int, single_limit:
 
     result = run(model, data, n, batch_size, single_limit)
     click.echo(json.dumps(result, indent=2))
-    if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=2))
+    _write_json(json_out, result)
 
 
 @bench.command("editors")
@@ -333,8 +330,6 @@ def bench_metrics(model: str, data: Path, n: int, batch_size: int, single_limit:
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
 def bench_editors(model, data, methods, n, batch_size, sequential, corpus, sets, json_out) -> None:
     """N edits per method in successive batches; quality, speed and memory on the final model."""
-    import yaml
-
     from evaluation.metrics import scores_table
 
     from .bench import bench_editors as run
@@ -342,17 +337,14 @@ def bench_editors(model, data, methods, n, batch_size, sequential, corpus, sets,
     if not sequential:
         raise click.UsageError("only --sequential is implemented: batches accumulate on one model, as in a stream")
     overrides: dict[str, dict] = {}
-    for s in sets:
-        key, _, value = s.partition("=")
+    for key, value in _overrides(sets).items():
         method, _, field = key.partition(".")
-        if not field or not value:
-            raise click.BadParameter(f"expected METHOD.KEY=VALUE, got {s!r}", param_hint="--set")
-        overrides.setdefault(method, {})[field] = yaml.safe_load(value)
+        if not field:
+            raise click.BadParameter(f"expected METHOD.KEY=VALUE, got {key!r}", param_hint="--set")
+        overrides.setdefault(method, {})[field] = value
     result = run(model, data, methods.split(","), n, batch_size, corpus, overrides)
     click.echo(scores_table({"unedited": result["unedited"], **result["results"]}))
-    if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=2))
+    _write_json(json_out, result)
 
 
 @bench.command("stream")
@@ -365,14 +357,15 @@ def bench_editors(model, data, methods, n, batch_size, sequential, corpus, sets,
 @click.option(
     "--corpus", type=click.Path(path_type=Path), default=Path("../shared/data/text/wikitext-2-raw.test.txt"), show_default=True
 )
+@click.option("--set", "sets", multiple=True, help="Editor hparam override KEY=YAML_VALUE, e.g. mom2_samples=2000.")
 @click.option("--threads", type=int, default=None)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
-def bench_stream(model, data, n, batch_size, editor, gates, corpus, threads, json_out) -> None:
+def bench_stream(model, data, n, batch_size, editor, gates, corpus, sets, threads, json_out) -> None:
     """The stream flow on N cases: time per step by phase, bytes per version, rollback time, final metrics."""
     from .bench import bench_stream as run
 
     _threads(threads)
-    result = run(model, data, n, batch_size, editor, gates, corpus)
+    result = run(model, data, n, batch_size, editor, gates, corpus, overrides=_overrides(sets))
     keys = (
         "total_s",
         "orchestration_plus_tracking_fraction",
@@ -382,9 +375,7 @@ def bench_stream(model, data, n, batch_size, editor, gates, corpus, threads, jso
     )
     keys += ("summary", "final")
     click.echo(json.dumps({k: result[k] for k in keys}, indent=2))
-    if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=2))
+    _write_json(json_out, result)
 
 
 @bench.command("trigger")
@@ -396,9 +387,13 @@ def bench_trigger(n_feeds, json_out) -> None:
 
     result = run(n_feeds)
     click.echo(json.dumps({k: result[k] for k in ("to_flow_start", "to_production")}, indent=2))
-    if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=2))
+    _write_json(json_out, result)
+
+
+def _write_json(path: Path | None, obj) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=2))
 
 
 def main() -> None:

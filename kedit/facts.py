@@ -698,12 +698,19 @@ def load_facts(path: str | Path, fmt: str = "auto", limit: int | None = None) ->
     return result
 
 
-def load_many(paths: Iterable[str | Path], fmt: str = "auto") -> FactSet:
+def load_many(paths: Iterable[str | Path], fmt: str = "auto", unreadable: dict[str, str] | None = None) -> FactSet:
     """Load several files; an id already seen in an earlier file is quarantined, and
-    supersession is resolved across all of them."""
+    supersession is resolved across all of them. With ``unreadable``, a file that cannot be read
+    at all is recorded there (path -> reason) and skipped instead of raising."""
     total = FactSet()
     for p in paths:
-        part = load_facts(p, fmt)
+        try:
+            part = load_facts(p, fmt)
+        except FactFileError as e:
+            if unreadable is None:
+                raise
+            unreadable[str(p)] = str(e)
+            continue
         for r in [r for r in part.accepted if r.id in total.origins]:
             (f, line), (first_f, first_line) = part.origins.pop(r.id), total.origins[r.id]
             part.quarantined.append(Rejection(f, line, "id", f"duplicate id {r.id!r} (first at {first_f}:{first_line})", r.id))

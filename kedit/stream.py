@@ -29,7 +29,7 @@ from evaluation.gates import Baselines, EditChecks, GateConfig, edit_checks, eva
 from evaluation.metrics import build_retain_set, edit_success, knowledge_accuracy
 
 from .errors import KeditError
-from .facts import EditRequest, FactFileError, load_facts, load_known_facts, load_many
+from .facts import EditRequest, load_known_facts, load_many
 from .models import KNOWN_MODELS, load_model, resolve
 from .paths import sha256_file
 from .tracking import (
@@ -92,15 +92,12 @@ def plan_stream(cfg: StreamConfig, work_dir: Path) -> Plan:
 
     A feed that cannot be read at all (missing, unknown format) is reported as invalid, and the others still run.
     """
-    readable, feeds = [], {}
-    for p in cfg.feeds:
-        try:
-            load_facts(p, cfg.fmt)
-            readable.append(Path(p))
-        except FactFileError as e:
-            log.error("feed %s is invalid: %s", p, e)
-            feeds[str(p)] = {"records": 0, "accepted": 0, "quarantined": 0, "superseded": 0, "error": str(e)}
-    facts = load_many(readable, cfg.fmt)
+    unreadable: dict[str, str] = {}
+    facts = load_many([Path(p) for p in cfg.feeds], cfg.fmt, unreadable)
+    for p, reason in unreadable.items():
+        log.error("feed %s is invalid: %s", p, reason)
+    feeds = {p: {"records": 0, "accepted": 0, "quarantined": 0, "superseded": 0, "error": e} for p, e in unreadable.items()}
+    readable = [Path(p) for p in cfg.feeds if str(Path(p)) not in unreadable]
     work_dir.mkdir(parents=True, exist_ok=True)
     facts.write_quarantine(work_dir)
     (work_dir / "plan.json").write_text(json.dumps([r.to_dict() for r in facts.accepted], ensure_ascii=False))
@@ -162,6 +159,7 @@ class StreamSession:
     requests: dict[str, EditRequest] = field(default_factory=dict)  # this stream's plan
     earlier: list[EditRequest] = field(default_factory=list)  # accepted along the production chain
     production: str | None = None
+    chain: list[str] = field(default_factory=list)  # versions from the base up to production
     n_edits: int = 0
     run_id: str | None = None
     accepted: dict[str, str] = field(default_factory=dict)  # fact id -> version (this stream)
@@ -242,6 +240,7 @@ def restore_production(session_id: str) -> dict:
     prod = s.tracker.production(s.registered)
     chain = rebuild(s.model, s.tracker, s.registered, prod.version if prod else None, s.fingerprint)
     s.production = prod.version if prod else None
+    s.chain = [v.version for v in chain.versions]
     s.earlier = chain.requests
     s.n_edits = len(chain.requests)
     if chain.state or chain.editor:
@@ -277,9 +276,8 @@ def start_stream(session_id: str, plan: Plan) -> list[list[str]]:
     """Open the stream's parent run, skip what the chain already holds, quarantine what the editor refuses; returns batches."""
     s = session(session_id)
     s.requests = read_plan(plan)
-    chain_versions = [v for v in (s.tracker.chain(s.registered, s.production) if s.production else [])]
     done = {r.id for r in s.earlier}
-    earlier_q = s.tracker.quarantined(s.registered, [v.version for v in chain_versions])
+    earlier_q = s.tracker.quarantined(s.registered, s.chain)
     s.ledger = s.tracker.feed_ledger(s.registered)
     seen_feeds = {f for f, sha in plan.feed_sha256.items() if sha in s.ledger}
     for f in seen_feeds:
@@ -442,7 +440,7 @@ def record_attempt(session_id: str, report: dict, verdict: str, quarantine: bool
     if quarantine:
         for fid in a.ids:
             q.append(_quarantine(s, fid, f"failed gates: {checks}", gate="gates", attempt=a, report=report))
-    metrics = {k: v for k, v in report["metrics"].items()}
+    metrics = report["metrics"]
     s.tracker.log_metrics(a.run_id, metrics, step=s.n_edits)
     s.tracker.log_dict(a.run_id, report, "gate_report.json")
     s.tracker.log_dict(a.run_id, {"fact_ids": a.ids, "parent_version": a.parent_version}, "batch.json")

@@ -30,7 +30,7 @@ from editing.delta import DeltaIntegrityError, WeightDelta
 from kedit.facts import EditRequest
 from kedit.paths import sha256_file
 
-from .tracking import T_MANIFEST_SHA, Tracker, VersionInfo
+from .tracking import T_KIND, T_MANIFEST_SHA, Tracker, VersionInfo
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def rollback_to(tracker: Tracker, name: str, version: str, fingerprint: str | No
             fetch(tracker, info, Path(tmp) / info.version, fingerprint)
     prev = tracker.production(name)
     tracker.set_production(name, version)
-    run = tracker.start_run(name, f"rollback-to-v{version}", {"kedit.kind": "rollback"})
+    run = tracker.start_run(name, f"rollback-to-v{version}", {T_KIND: "rollback"})
     tracker.log_params(run, {"from_version": prev.version if prev else "", "to_version": version})
     tracker.end_run(run)
     return prev.version if prev else None
