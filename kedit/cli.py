@@ -347,6 +347,28 @@ def bench_editors(model, data, methods, n, batch_size, sequential, corpus, sets,
     _write_json(json_out, result)
 
 
+@bench.command("targets")
+@click.option("--model", default="smollm2-135m", show_default=True)
+@click.option("--data", "data", required=True, type=click.Path(path_type=Path))
+@click.option("--method", default="memit", show_default=True, help="A MEMIT-family editor.")
+@click.option("--n", type=int, default=20, show_default=True)
+@click.option("--batch-size", type=int, default=10, show_default=True)
+@click.option("--device", default=None, help="torch device; default: CUDA when present, else CPU.")
+@click.option(
+    "--corpus", type=click.Path(path_type=Path), default=Path("../shared/data/text/wikitext-2-raw.test.txt"), show_default=True
+)
+@click.option("--set", "sets", multiple=True, help="Editor hparam override KEY=YAML_VALUE.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
+def bench_targets(model, data, method, n, batch_size, device, corpus, sets, json_out) -> None:
+    """Target vectors optimized jointly per batch against one request at a time, inside the same edits."""
+    from .bench import bench_targets as run
+
+    result = run(model, data, n, batch_size, method, corpus, device, _overrides(sets))
+    keys = ("batched", "per_request", "targets_speedup", "target_rel_diff_median", "target_rel_diff_max")
+    click.echo(json.dumps({k: result[k] for k in keys}, indent=2))
+    _write_json(json_out, result)
+
+
 @bench.command("stream")
 @click.option("--model", default="smollm2-135m", show_default=True)
 @click.option("--data", "data", required=True, type=click.Path(path_type=Path))
