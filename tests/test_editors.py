@@ -86,9 +86,12 @@ def test_every_editor_has_a_contract_entry():
     assert set(EDITORS) == set(OVERRIDES)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", sorted(OVERRIDES))
-def test_editor_contract(name, tmp_path):
-    model, tok, editor = build(name)
+def test_editor_contract(name, dtype, tmp_path):
+    """bf16 stands for a GPU checkpoint: weights keep their dtype, the linear algebra runs in fp32,
+    and the delta and the revert stay exact in the weights' own dtype."""
+    model, tok, editor = build(name, make=lambda v, seed: trained_scale_llama(v, seed).to(dtype))
     base = copy.deepcopy(model)
     before = snapshot(model)
     p0 = score_targets(model, tok, [r.text for r in REQUESTS], [r.target_new for r in REQUESTS]).mean_logprob
@@ -98,6 +101,7 @@ def test_editor_contract(name, tmp_path):
     assert (p1 > p0).all(), f"{name}: target log-prob {p0.tolist()} -> {p1.tolist()}"
     assert delta.parts and delta.meta["request_ids"] == ["a", "b"]
     edited = snapshot(model)
+    assert all(v.dtype == dtype and torch.isfinite(v).all() for v in edited.values())
     touched = {k for k in before if not torch.equal(before[k], edited[k])}
     assert touched == set(delta.parts), "weights change only through the delta"
 
@@ -117,25 +121,6 @@ def test_editor_contract(name, tmp_path):
     editor.revert()
     assert_same_bits(snapshot(model), before)
     assert editor.state_dict() == {} or all(v.abs().sum() == 0 for v in editor.state_dict().values())
-
-
-@pytest.mark.parametrize("name", sorted(OVERRIDES))
-def test_editor_contract_on_bf16_weights(name, tmp_path):
-    """GPU checkpoints run in bf16: weights stay bf16, the linear algebra runs in fp32, and the
-    delta and revert stay exact in the weights' own dtype."""
-    model, tok, editor = build(name, make=lambda v, seed: trained_scale_llama(v, seed).to(torch.bfloat16))
-    base = copy.deepcopy(model)
-    before = snapshot(model)
-    p0 = score_targets(model, tok, [r.text for r in REQUESTS], [r.target_new for r in REQUESTS]).mean_logprob
-    delta = editor.edit(REQUESTS)
-    p1 = score_targets(model, tok, [r.text for r in REQUESTS], [r.target_new for r in REQUESTS]).mean_logprob
-    assert (p1 > p0).all(), f"{name}: target log-prob {p0.tolist()} -> {p1.tolist()}"
-    edited = snapshot(model)
-    assert all(v.dtype == torch.bfloat16 and torch.isfinite(v).all() for v in edited.values())
-    WeightDelta.load(delta.save(tmp_path / "delta")).apply(base)
-    assert_same_bits(snapshot(base), edited)
-    editor.revert()
-    assert_same_bits(snapshot(model), before)
 
 
 def test_tampered_or_missing_delta_is_refused(tmp_path):
