@@ -255,7 +255,7 @@ def scores_table(rows: dict[str, dict[str, float]]) -> str:
     """A plain-text table: one row per name, one column per metric."""
     cols = sorted({k for r in rows.values() for k in r})
     head = ["", *cols]
-    body = [[name, *(f"{r.get(c, float('nan')):.3f}" for c in cols)] for name, r in rows.items()]
+    body = [[name, *("-" if r.get(c) is None else f"{r[c]:.3f}" for c in cols)] for name, r in rows.items()]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     return "\n".join(fmt.format(*r) for r in [head, *body])

@@ -109,6 +109,7 @@ def _run_method(
         "seconds_per_edit": t_edit / max(len(reqs), 1),
         "statistics_s": t_stats,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "n_edits": len(reqs),
     }
 
