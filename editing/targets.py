@@ -62,6 +62,26 @@ def _batch(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str],
     return ids, enc.n_prompt, enc.n_target, subject_pos, owner, len(enc.ids)
 
 
+@dataclass
+class _Live:
+    """The rows of the requests still optimizing, re-indexed densely (R' rows, T' columns)."""
+
+    input_ids: torch.Tensor  # (R', T')
+    mask: torch.Tensor
+    positions: torch.Tensor
+    hidden: torch.Tensor  # (R', T', d): the first edited block's input, computed once
+    rows: torch.Tensor  # (R',) 0..R'-1
+    cols: torch.Tensor  # (R',) subject's last token
+    own: torch.Tensor  # (R',) request of each row
+    t_rows: torch.Tensor  # (N',) target tokens: live row, column, label, rewrite row in the full batch
+    t_cols: torch.Tensor
+    t_labels: torch.Tensor
+    t_rw: torch.Tensor
+    kl_rows: torch.Tensor  # (n',) one KL row per live request
+    kl_cols: torch.Tensor
+    kl_req: torch.Tensor  # (n',) which requests
+
+
 def optimize_targets(
     model: nn.Module,
     tokenizer,
@@ -72,22 +92,25 @@ def optimize_targets(
     first_block: int,
     cfg: TargetConfig,
 ) -> Targets:
-    """Jointly optimize one δ per request for each module in ``paths`` (all in blocks >= first_block)."""
+    """Jointly optimize one δ per request for each module in ``paths`` (all in blocks >= first_block).
+
+    A request that reaches ``stop_loss`` leaves the batch: its rows are dropped from later forwards,
+    so the joint run does the per-request loop's arithmetic, not n rows for the slowest request's steps.
+    """
     n = len(requests)
     device = model_device(model)
     ids, n_prompt, n_target, subject_pos, owner, n_rw = _batch(tokenizer, requests, templates, cfg.kl_prompt)
     input_ids, mask, positions, _ = pad_batch(ids, pad_id_of(tokenizer), "right", device)
-    rows = torch.arange(len(ids), device=device)
+    n_rows = len(ids)
     cols = torch.tensor(subject_pos, device=device)
     own = torch.tensor(owner, device=device)
 
     # target-token positions of the rewrite rows: token j of row b is predicted at n_prompt[b] - 1 + j
-    lens = torch.tensor(n_target)
-    t_rows = torch.repeat_interleave(torch.arange(n_rw), lens)
-    t_cols = torch.cat([torch.arange(p - 1, p - 1 + t) for p, t in zip(n_prompt, n_target)])
-    t_labels = input_ids[t_rows.to(device), (t_cols + 1).to(device)]
-    t_rows, t_cols = t_rows.to(device), t_cols.to(device)
-    kl_rows = torch.arange(n_rw, len(ids), device=device)
+    lens = torch.tensor(n_target, device=device)
+    t_rows = torch.repeat_interleave(torch.arange(n_rw, device=device), lens)
+    t_cols = torch.cat([torch.arange(p - 1, p - 1 + t) for p, t in zip(n_prompt, n_target)]).to(device)
+    t_labels = input_ids[t_rows, t_cols + 1]
+    kl_rows = torch.arange(n_rw, n_rows, device=device)
     kl_cols = mask[n_rw:].sum(-1) - 1  # last real token of each KL row
 
     blocks_path = spec.blocks
@@ -104,45 +127,84 @@ def optimize_targets(
                 base_kl_logits = logits_at(model, input_ids, mask, positions, kl_rows, kl_cols)  # (n, V)
     finally:
         probe.remove()
-    hidden_in = in0[spec.block(first_block)].detach()
+    hidden_in = in0[spec.block(first_block)].detach()  # (R, T, d)
     returns_tuple = kind["tuple"]
     base_kl = torch.log_softmax(base_kl_logits, -1).detach()  # (n, V)
-    originals_all = {p: out0[p][rows, cols].detach().float() for p in paths}  # (rows, d)
+    all_rows = torch.arange(n_rows, device=device)
+    originals_all = {p: out0[p][all_rows, cols].detach().float() for p in paths}  # (R, d)
     originals = {p: originals_all[p][:n_rw][:n] for p in paths}  # template "{}" comes first
     norms = {p: originals[p].norm(dim=-1).clamp(min=1e-6) for p in paths}  # (n,)
+
+    def live_view(active: torch.Tensor) -> _Live:
+        keep = active[own]  # (R,)
+        sel = keep.nonzero().squeeze(1)
+        remap = torch.full((n_rows,), -1, dtype=torch.long, device=device)
+        remap[sel] = torch.arange(len(sel), device=device)
+        width = int(mask[sel].sum(-1).max())  # right padding: columns past the longest live row are padding
+        t_keep = keep[t_rows]
+        return _Live(
+            input_ids[sel, :width],
+            mask[sel, :width],
+            positions[sel, :width],
+            hidden_in[sel, :width],
+            torch.arange(len(sel), device=device),
+            cols[sel],
+            own[sel],
+            remap[t_rows[t_keep]],
+            t_cols[t_keep],
+            t_labels[t_keep],
+            t_rows[t_keep],
+            remap[kl_rows[active]],
+            kl_cols[active],
+            active.nonzero().squeeze(1),
+        )
 
     deltas = {p: torch.zeros(n, originals[p].shape[-1], device=device, requires_grad=True) for p in paths}
     opt = torch.optim.Adam(list(deltas.values()), lr=cfg.lr)
     active = torch.ones(n, dtype=torch.bool, device=device)
+    live = live_view(active)
     steps = torch.zeros(n, dtype=torch.long)
     nll_req = torch.full((n,), float("inf"), device=device)
 
     def add_delta(p):
         def fn(out):
-            d = deltas[p][own].to(out.dtype)  # (rows, d)
-            return out.index_put((rows, cols), d, accumulate=True)
+            d = deltas[p][live.own].to(out.dtype)  # (R', d)
+            return out.index_put((live.rows, live.cols), d, accumulate=True)
 
         return fn
 
     with ExitStack() as stack:
         stack.enter_context(frozen(model))
-        stack.enter_context(start_at_block(model, blocks_path, first_block, hidden_in, returns_tuple))
         for p in paths:
             stack.enter_context(edit_output(model, p, add_delta(p)))
         for _ in range(cfg.steps):
             # the LM head only where a loss is taken: target tokens, then the KL rows' last tokens
-            logits = logits_at(model, input_ids, mask, positions, torch.cat([t_rows, kl_rows]), torch.cat([t_cols, kl_cols]))
-            logp = torch.log_softmax(logits[: len(t_rows)], -1)
-            tok_nll = -logp.gather(-1, t_labels[:, None]).squeeze(-1)  # (N,)
-            row_nll = torch.zeros(n_rw, device=device).index_add_(0, t_rows, tok_nll) / lens.to(device)
-            nll_req = average_by_owner(row_nll, own[:n_rw], n)
-            kl_logp = torch.log_softmax(logits[len(t_rows) :], -1)
-            kl = torch.nn.functional.kl_div(kl_logp, base_kl, log_target=True, reduction="none").sum(-1)  # (n,)
+            with start_at_block(model, blocks_path, first_block, live.hidden, returns_tuple):
+                logits = logits_at(
+                    model,
+                    live.input_ids,
+                    live.mask,
+                    live.positions,
+                    torch.cat([live.t_rows, live.kl_rows]),
+                    torch.cat([live.t_cols, live.kl_cols]),
+                )
+            n_t = len(live.t_rows)
+            logp = torch.log_softmax(logits[:n_t], -1)
+            tok_nll = -logp.gather(-1, live.t_labels[:, None]).squeeze(-1)  # (N',)
+            row_nll = torch.zeros(n_rw, device=device).index_add_(0, live.t_rw, tok_nll) / lens  # (n_rw,)
+            # stopped requests keep the NLL they stopped at: their δ no longer changes
+            nll_req = torch.where(active, average_by_owner(row_nll, own[:n_rw], n), nll_req.detach())
+            kl_logp = torch.log_softmax(logits[n_t:], -1)
+            kl_live = torch.nn.functional.kl_div(kl_logp, base_kl[live.kl_req], log_target=True, reduction="none").sum(-1)
+            kl = torch.zeros(n, device=device).index_put((live.kl_req,), kl_live)  # (n,)
             decay = sum((deltas[p].norm(dim=-1) / norms[p]) ** 2 for p in paths)
             loss_req = nll_req + cfg.kl_factor * kl + cfg.weight_decay * decay
-            active &= nll_req.detach() > cfg.stop_loss
-            if not bool(active.any()):
+            still = active & (nll_req.detach() > cfg.stop_loss)
+            if not bool(still.any()):
                 break
+            if not torch.equal(still, active):
+                active = still
+                live = live_view(active)
             steps += active.cpu().long()
             opt.zero_grad()
             (loss_req * active).sum().backward()

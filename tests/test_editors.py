@@ -212,6 +212,33 @@ def test_batched_target_vectors_equal_per_request_ones():
         assert torch.allclose(joint.deltas[path][i], alone.deltas[path][0], atol=1e-4)
 
 
+def test_a_request_that_stops_early_leaves_the_batch():
+    tok = make_tokenizer()
+    model = trained_scale_llama(len(tok))
+    from kedit.arch import spec_for
+
+    spec = spec_for(model)
+    path = spec.module_path("mlp_out", 1)
+    reqs = [*REQUESTS, EditRequest("c", "the river", "{} flows through", "the city of london", None)]
+    # measured on this model: request "a" reaches this NLL after one step, the others never do
+    cfg = TargetConfig(steps=12, lr=0.5, stop_loss=3.6, clamp_norm=200.0)
+    templates = ("{}", "the city . {}")
+    rows_seen = []
+    h = model.model.layers[2].register_forward_hook(
+        lambda m, a, o: rows_seen.append((o[0] if isinstance(o, tuple) else o).shape[0])
+    )
+    joint = optimize_targets(model, tok, spec, reqs, templates, [path], 1, cfg)
+    h.remove()
+    assert joint.steps.tolist() == [1, 12, 12]
+    full = rows_seen[0]  # the forward that caches the first block's input: every row
+    assert rows_seen[1] == full and rows_seen[-1] == full - 3  # "a"'s two template rows and its KL row dropped
+    for i, r in enumerate(reqs):
+        alone = optimize_targets(model, tok, spec, [r], templates, [path], 1, cfg)
+        assert alone.steps.tolist() == [joint.steps[i].item()]
+        assert torch.allclose(joint.deltas[path][i], alone.deltas[path][0], atol=1e-5)
+        assert torch.allclose(joint.nll[i], alone.nll[0], atol=1e-5)
+
+
 def test_layers_below_the_first_edited_block_are_not_run_during_optimization():
     tok = make_tokenizer()
     model = tiny_llama(len(tok))
