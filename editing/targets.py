@@ -70,7 +70,6 @@ class _Live:
     mask: torch.Tensor
     positions: torch.Tensor
     hidden: torch.Tensor  # (R', T', d): the first edited block's input, computed once
-    rows: torch.Tensor  # (R',) 0..R'-1
     cols: torch.Tensor  # (R',) subject's last token
     own: torch.Tensor  # (R',) request of each row
     t_rows: torch.Tensor  # (N',) target tokens: live row, column, label, rewrite row in the full batch
@@ -147,7 +146,6 @@ def optimize_targets(
             mask[sel, :width],
             positions[sel, :width],
             hidden_in[sel, :width],
-            torch.arange(len(sel), device=device),
             cols[sel],
             own[sel],
             remap[t_rows[t_keep]],
@@ -169,7 +167,8 @@ def optimize_targets(
     def add_delta(p):
         def fn(out):
             d = deltas[p][live.own].to(out.dtype)  # (R', d)
-            return out.index_put((live.rows, live.cols), d, accumulate=True)
+            rows = torch.arange(len(live.own), device=out.device)
+            return out.index_put((rows, live.cols), d, accumulate=True)
 
         return fn
 

@@ -21,20 +21,11 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from kedit.facts import is_feed_name, list_feeds
+
 log = logging.getLogger(__name__)
 
 FEED_EVENT = "kedit.feed.arrived"
-FEED_SUFFIXES = (".jsonl", ".csv", ".json")
-PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload")
-
-
-def is_feed_name(path: Path) -> bool:
-    return not path.name.startswith(".") and path.suffix in FEED_SUFFIXES and not path.name.endswith(PARTIAL_SUFFIXES)
-
-
-def list_feeds(feeds_dir: str | Path) -> list[str]:
-    d = Path(feeds_dir)
-    return sorted(str(p) for p in d.iterdir() if p.is_file() and is_feed_name(p)) if d.is_dir() else []
 
 
 @task(name="new-feeds", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=1)

@@ -37,7 +37,7 @@ def bench_metrics(model_ref: str, data: Path, n: int, batch_size: int = 32, sing
     if model_ref in KNOWN_MODELS:
         pull(model_ref)
     model, tok = load_model(model_ref)
-    reqs = [r for r in load_facts(data, limit=n).accepted if r.target_true is not None]
+    reqs = _cases(data, n)
     pairs = counterfact_pairs(reqs)
     m = len(pairs.prompts)
     score_targets(model, tok, pairs.prompts[:8], pairs.targets[:8])  # warm-up
@@ -74,6 +74,20 @@ def bench_metrics(model_ref: str, data: Path, n: int, batch_size: int = 32, sing
 DEFAULT_CORPUS = Path("../shared/data/text/wikitext-2-raw.test.txt")
 
 
+def _cases(data: Path | str, n: int) -> list:
+    """The first n CounterFact cases of a file that have an outdated answer (every protocol metric needs it)."""
+    return [r for r in load_facts(data).accepted if r.target_true is not None][:n]
+
+
+def _corpus_file(corpus: Path | str | None) -> str | None:
+    """The statistics corpus if the file is there; None (with a warning) means text sampled from the model."""
+    if corpus and Path(corpus).is_file():
+        return str(corpus)
+    if corpus:
+        log.warning("corpus %s not found; key statistics will use text sampled from the model", corpus)
+    return None
+
+
 def _run_method(
     method: str, model_ref: str, data: str, n: int, batch_size: int, corpus_path: str | None, overrides: dict
 ) -> dict:
@@ -85,7 +99,7 @@ def _run_method(
     from evaluation.metrics import counterfact_metrics, fluency, retention
 
     model, tok = load_model(model_ref)
-    reqs = [r for r in load_facts(data).accepted if r.target_true is not None][:n]
+    reqs = _cases(data, n)
     corpus = corpus_from_files([corpus_path]) if corpus_path else None  # None: the editor samples text from the model
     editor = make_editor(method, model, tok, overrides, corpus)
     t0 = time.perf_counter()
@@ -118,7 +132,7 @@ def _unedited(model_ref: str, data: str, n: int) -> dict:
     from evaluation.metrics import counterfact_metrics, fluency
 
     model, tok = load_model(model_ref)
-    reqs = [r for r in load_facts(data).accepted if r.target_true is not None][:n]
+    reqs = _cases(data, n)
     m = counterfact_metrics(model, tok, reqs)
     gen_prompts = [p for r in reqs for p in r.generation_prompts[:1]]
     return {
@@ -145,9 +159,7 @@ def bench_editors(
 
     if model_ref in KNOWN_MODELS:
         pull(model_ref)
-    corpus_path = str(corpus) if corpus and Path(corpus).is_file() else None
-    if corpus and not corpus_path:
-        log.warning("corpus %s not found; key statistics will use text sampled from the model", corpus)
+    corpus_path = _corpus_file(corpus)
     ctx = mp.get_context("spawn")
     results = {}
     # a fresh process per method: its peak memory is its own
@@ -194,7 +206,7 @@ def bench_stream(
 
     if model_ref in KNOWN_MODELS:
         pull(model_ref)
-    reqs = [r for r in load_facts(data).accepted if r.target_true is not None][:n]
+    reqs = _cases(data, n)
     with tempfile.TemporaryDirectory(prefix="kedit-bench-stream-") as tmp:
         root = Path(work_dir or tmp)
         root.mkdir(parents=True, exist_ok=True)
@@ -208,7 +220,7 @@ def bench_stream(
             batch_size=batch_size,
             gates=str(gates) if gates else None,
             tracking_uri=uri,
-            corpus=str(corpus) if corpus and Path(corpus).is_file() else None,
+            corpus=_corpus_file(corpus),
             overrides=overrides or {},
             work_dir=str(root / "work"),
         )
@@ -291,8 +303,9 @@ def bench_targets(
         pull(model_ref)
     model, tok = load_model(model_ref, device)
     dev = next(model.parameters()).device
-    reqs = [r for r in load_facts(data).accepted if r.target_true is not None][:n]
-    text = corpus_from_files([str(corpus)]) if corpus and Path(corpus).is_file() else None
+    reqs = _cases(data, n)
+    corpus_path = _corpus_file(corpus)
+    text = corpus_from_files([corpus_path]) if corpus_path else None
     editor = make_editor(method, model, tok, overrides, text)
     if not callable(getattr(editor, "compute_targets", None)):
         raise KeditError(f"{method!r} has no separate target phase (compute_targets); use a MEMIT-family method")

@@ -394,8 +394,9 @@ def bench_stream(model, data, n, batch_size, editor, gates, corpus, sets, thread
         "max_version_fraction",
         "max_rollback_s",
         "rollback_of_last_version_s",
+        "summary",
+        "final",
     )
-    keys += ("summary", "final")
     click.echo(json.dumps({k: result[k] for k in keys}, indent=2))
     _write_json(json_out, result)
 

@@ -698,6 +698,20 @@ def load_facts(path: str | Path, fmt: str = "auto", limit: int | None = None) ->
     return result
 
 
+FEED_SUFFIXES = (".jsonl", ".csv", ".json")
+PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload")  # still being written (write-then-rename)
+
+
+def is_feed_name(path: Path) -> bool:
+    return not path.name.startswith(".") and path.suffix in FEED_SUFFIXES and not path.name.endswith(PARTIAL_SUFFIXES)
+
+
+def list_feeds(feeds_dir: str | Path) -> list[str]:
+    """The feed files of a directory, by name (hidden and partial files excluded), sorted."""
+    d = Path(feeds_dir)
+    return sorted(str(p) for p in d.iterdir() if p.is_file() and is_feed_name(p)) if d.is_dir() else []
+
+
 def load_many(paths: Iterable[str | Path], fmt: str = "auto", unreadable: dict[str, str] | None = None) -> FactSet:
     """Load several files; an id already seen in an earlier file is quarantined, and
     supersession is resolved across all of them. With ``unreadable``, a file that cannot be read

@@ -141,12 +141,13 @@ def up(
     _write_state(state)
     deadline = time.monotonic() + timeout
     for s in servers:
-        while not _healthy(s.health):
+
+        def ready(s=s) -> bool:
             if not _alive(s.pid):
                 raise ServerError(f"{s.name} exited during start-up; see {s.log}")
-            if time.monotonic() > deadline:
-                raise ServerError(f"{s.name} did not answer {s.health} within {timeout:.0f} s; see {s.log}")
-            time.sleep(0.5)
+            return _healthy(s.health)
+
+        wait_for(ready, max(0.0, deadline - time.monotonic()), f"{s.name} at {s.health} (log {s.log})", interval=0.5)
     return servers
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .facts import list_feeds
 from .models import load_model, resolve
 from .paths import sha256_file
 from .stream import registered_name
@@ -54,7 +55,7 @@ def status_text(model_ref: str, tracking_uri: str | None = None, last: int = 10,
             )
     if feeds_dir is not None:
         ledger = tracker.feed_ledger(name)
-        files = [p for p in sorted(Path(feeds_dir).iterdir()) if p.is_file() and not p.name.startswith(".")]
+        files = [Path(f) for f in list_feeds(feeds_dir)]  # the same files the watcher would fire on
         pending = [p.name for p in files if sha256_file(p) not in ledger]
         lines.append(
             f"feeds in {feeds_dir}: {len(files)}, pending: {len(pending)}" + (f" ({', '.join(pending[:10])})" if pending else "")

@@ -35,7 +35,6 @@ def test_batched_and_per_request_targets_give_the_same_edits(setup):
     # the same optimization problem, solved jointly or request by request
     assert r["target_rel_diff_max"] < 1e-3
     assert r["batched"]["efficacy"] == r["per_request"]["efficacy"]
-    assert r["targets_speedup"] > 0
 
 
 def test_a_method_without_a_target_phase_is_refused(setup):

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.serve import FeedWatcher, is_feed_name
+from flows.serve import FeedWatcher
+from kedit.facts import is_feed_name
 from kedit.servers import free_port, group_members, stop_group, wait_for
 from kedit.tiny import CORPUS, GOOD, HARMFUL, train_tiny, write_gates, write_jsonl
 from kedit.tracking import Tracker
