@@ -49,6 +49,16 @@ def new_feeds(paths: list[str], model: str, tracking_uri: str | None) -> list[st
     return fresh
 
 
+def run_dir(work_dir: str | Path) -> Path:
+    """A work directory of this flow run's own: two feeds arriving in the same second run side by side
+    (the second waits for the model's lock) and must not share plan.json."""
+    import uuid
+
+    from prefect.runtime import flow_run
+
+    return Path(work_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{(flow_run.id or uuid.uuid4().hex)[:8]}"
+
+
 @flow(name="kedit-feeds")
 def process_feeds(
     model: str,
@@ -82,7 +92,7 @@ def process_feeds(
         corpus=corpus,
         overrides=overrides or {},
         device=device,
-        work_dir=str(Path(work_dir) / time.strftime("%Y%m%d-%H%M%S")),
+        work_dir=str(run_dir(work_dir)),
     )
     return stream(cfg)
 

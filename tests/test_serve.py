@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.serve import FeedWatcher
+from flows.serve import FeedWatcher, run_dir
 from kedit.facts import is_feed_name
 from kedit.servers import free_port, group_members, stop_group, wait_for
 from kedit.tiny import CORPUS, GOOD, HARMFUL, train_tiny, write_gates, write_jsonl
@@ -288,3 +288,9 @@ process_feeds.from_source(source={str(repo)!r}, entrypoint="flows/serve.py:proce
     finally:
         stop_group(worker.pid, grace=10)
         assert group_members(worker.pid) == []
+
+
+def test_flow_runs_started_in_the_same_second_get_their_own_work_dirs(tmp_path):
+    """Two feeds arriving together once shared a work dir named by the second, and one stream read the other's plan."""
+    dirs = {run_dir(tmp_path) for _ in range(5)}
+    assert len(dirs) == 5 and all(d.parent == tmp_path for d in dirs)
