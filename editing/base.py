@@ -12,9 +12,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from kedit.arch import ArchSpec, spec_for
-from kedit.errors import KeditError
-from kedit.facts import EditRequest
+from kedit.core.arch import ArchSpec, spec_for
+from kedit.core.errors import KeditError
+from kedit.core.facts import EditRequest
 
 from .delta import LowRank, Undo, WeightDelta
 from .hparams import from_dict, load_yaml, preset_path

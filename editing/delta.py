@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kedit.errors import KeditError
-from kedit.paths import sha256_file
+from kedit.core.errors import KeditError
+from kedit.core.paths import sha256_file
 
 FORMAT = "kedit-weight-delta/1"
 TENSORS = "delta.safetensors"

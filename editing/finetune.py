@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from evaluation.scoring import encode_pairs, model_device, pad_batch, pad_id_of
-from kedit.facts import EditRequest
+from kedit.core.facts import EditRequest
+from kedit.core.lm import encode_pairs, model_device, pad_batch, pad_id_of
 
 
 def tune(

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from kedit.errors import KeditError
+from kedit.core.errors import KeditError
 
 T = TypeVar("T")
 

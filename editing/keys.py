@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from evaluation.scoring import adds_bos, model_device, pad_batch, pad_id_of
-from kedit.arch import ArchSpec
-from kedit.facts import EditRequest
+from kedit.core.arch import ArchSpec
+from kedit.core.facts import EditRequest
+from kedit.core.lm import adds_bos, model_device, pad_batch, pad_id_of
 
 from .hooks import capture
 
@@ -86,7 +86,7 @@ def subject_keys(
 
 def context_templates(model: nn.Module, tokenizer, n: int = 5, length: int = 10) -> tuple[str, ...]:
     """``{}`` plus short greedy continuations of fixed seed words as prefixes (ROME's context templates)."""
-    from evaluation.metrics import greedy_generate
+    from kedit.core.lm import greedy_generate
 
     seeds = ["The", "Therefore", "Because", "I", "You", "It", "When", "In", "This", "A"][:n]
     gens = greedy_generate(model, tokenizer, seeds, max_new_tokens=length)

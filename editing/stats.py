@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from kedit.arch import ArchSpec
-from kedit.errors import KeditError
-from kedit.paths import kedit_home
+from kedit.core.arch import ArchSpec
+from kedit.core.errors import KeditError
+from kedit.core.paths import kedit_home
 
 from .hooks import capture, stop_after
 
@@ -71,7 +71,7 @@ def corpus_from_hub(name: str = "wikitext", config: str = "wikitext-103-raw-v1",
 
 def corpus_from_model(model: nn.Module, tokenizer, n: int = 64, length: int = 64) -> Corpus:
     """Text sampled from the model itself, for when no corpus is available; seeded, so repeatable."""
-    from evaluation.metrics import greedy_generate
+    from kedit.core.lm import greedy_generate
 
     seeds = ["The", "In", "A", "It", "When", "This", "After", "One", "He", "She", "We", "They", "There", "Many", "Some", "Most"]
     prompts = [seeds[i % len(seeds)] for i in range(n)]

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from evaluation.scoring import encode_pairs, logits_at, model_device, pad_batch, pad_id_of
-from kedit.arch import ArchSpec
-from kedit.facts import EditRequest
+from kedit.core.arch import ArchSpec
+from kedit.core.facts import EditRequest
+from kedit.core.lm import encode_pairs, logits_at, model_device, pad_batch, pad_id_of
 
 from .hooks import capture, edit_output, frozen, start_at_block
 from .keys import average_by_owner, fill, locate

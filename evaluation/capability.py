@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kedit.errors import KeditError
-from kedit.paths import project_data_dir
+from kedit.core.errors import KeditError
+from kedit.core.paths import project_data_dir
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,12 @@ from typing import Any
 import torch
 import yaml
 
-from kedit.errors import KeditError
-from kedit.facts import EditRequest, Fact
-from kedit.paths import project_data_dir
+from kedit.core.errors import KeditError
+from kedit.core.facts import EditRequest, Fact
+from kedit.core.lm import score_targets
+from kedit.core.paths import project_data_dir
 
 from .metrics import edit_success, knows, prompt_holds
-from .scoring import score_targets
 
 
 class GateConfigError(KeditError, ValueError):

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kedit.facts import EditRequest, Fact
-
-from .scoring import Scores, adds_bos, model_device, pad_batch, pad_id_of, score_targets
+from kedit.core.facts import EditRequest, Fact
+from kedit.core.lm import Scores, greedy_generate, score_targets
 
 # ----------------------------------------------------------------------------- CounterFact
 
@@ -218,31 +217,6 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float
     return sum(out) / len(out)
 
 
-@torch.inference_mode()
-def greedy_generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 40, batch_size: int = 32) -> list[str]:
-    """Greedy continuations, batched with left padding; returns only the generated text."""
-    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
-    enc = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    device = model_device(model)
-    pad = pad_id_of(tokenizer)
-    out: list[str] = [""] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(enc[i]))
-    for start in range(0, len(prompts), batch_size):
-        idx = order[start : start + batch_size]
-        input_ids, attn, _, _ = pad_batch([bos + enc[i] for i in idx], pad, "left", device)
-        gen = model.generate(
-            input_ids=input_ids,
-            attention_mask=attn,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-        )
-        texts = tokenizer.batch_decode(gen[:, input_ids.shape[1] :], skip_special_tokens=True)
-        for i, t in zip(idx, texts):
-            out[i] = t
-    return out
-
-
 def fluency(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 40, batch_size: int = 32) -> float:
     """Mean n-gram entropy of greedy generations; repetitive, degenerate text scores low."""
     if not prompts:
@@ -268,7 +242,6 @@ __all__ = [
     "drawdown",
     "edit_success",
     "fluency",
-    "greedy_generate",
     "knowledge_accuracy",
     "knows",
     "locality_agreement",

@@ -30,7 +30,7 @@ def limit_name(registered: str) -> str:
 def lock_kind() -> str:
     kind = os.environ.get("KEDIT_LOCK", "file")
     if kind not in ("file", "prefect"):
-        from kedit.errors import KeditError
+        from kedit.core.errors import KeditError
 
         raise KeditError(f"KEDIT_LOCK must be 'file' or 'prefect', not {kind!r}")
     return kind
@@ -72,7 +72,7 @@ def one_stream_per_model(registered: str) -> Iterator[None]:
         return
     from filelock import FileLock
 
-    from kedit.paths import kedit_home
+    from kedit.core.paths import kedit_home
 
     path = kedit_home() / "locks" / f"{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)

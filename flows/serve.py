@@ -21,7 +21,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from kedit.facts import is_feed_name, list_feeds
+from kedit.core.facts import is_feed_name, list_feeds
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,9 @@ FEED_EVENT = "kedit.feed.arrived"
 @task(name="new-feeds", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=1)
 def new_feeds(paths: list[str], model: str, tracking_uri: str | None) -> list[str]:
     """The feeds whose content hash is not in the model's ledger yet."""
-    from kedit.paths import sha256_file
-    from kedit.status import identify
-    from kedit.tracking import Tracker
+    from kedit.core.paths import sha256_file
+    from kedit.store.naming import identify
+    from kedit.store.tracking import Tracker
 
     name, _ = identify(model)
     ledger = Tracker(tracking_uri).feed_ledger(name)
@@ -74,7 +74,7 @@ def process_feeds(
     work_dir: str = "out/serve",
 ) -> dict:
     """Run the stream on one arrived feed, or on every new feed of a directory."""
-    from kedit.stream import StreamConfig
+    from kedit.pipeline.stream import StreamConfig
 
     from .stream import stream
 
@@ -122,7 +122,7 @@ class FeedWatcher(threading.Thread):
             self._stop.wait(self.interval)
 
     def scan(self, now: float | None = None) -> list[Path]:
-        from kedit.paths import sha256_file
+        from kedit.core.paths import sha256_file
 
         now = time.monotonic() if now is None else now
         fired = []

@@ -14,7 +14,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import transaction
 
-from kedit import stream as lib
+from kedit.pipeline import stream as lib
 
 from .locks import one_stream_per_model
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kedit.bench import bench_targets
-from kedit.errors import KeditError
-from kedit.tiny import CORPUS, train_tiny, write_jsonl
+from kedit.app.bench import bench_targets
+from kedit.core.errors import KeditError
+from kedit.core.tiny import CORPUS, train_tiny, write_jsonl
 
 EDITS = [
     {"id": "a", "subject": "alice", "prompt": "{} speaks", "target_new": "german", "target_true": "french"},

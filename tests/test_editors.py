@@ -12,8 +12,8 @@ from editing.hparams import HparamsError
 from editing.keys import subject_keys
 from editing.stats import Corpus, second_moments
 from editing.targets import TargetConfig, optimize_targets
-from evaluation.scoring import score_targets
-from kedit.facts import EditRequest
+from kedit.core.facts import EditRequest
+from kedit.core.lm import score_targets
 
 CORPUS = Corpus(
     "test",
@@ -200,7 +200,7 @@ def test_alphaedit_accumulates_keys_of_earlier_batches():
 def test_batched_target_vectors_equal_per_request_ones():
     tok = make_tokenizer()
     model = tiny_llama(len(tok), seed=0)
-    from kedit.arch import spec_for
+    from kedit.core.arch import spec_for
 
     spec = spec_for(model)
     path = spec.module_path("mlp_out", 1)
@@ -215,7 +215,7 @@ def test_batched_target_vectors_equal_per_request_ones():
 def test_a_request_that_stops_early_leaves_the_batch():
     tok = make_tokenizer()
     model = trained_scale_llama(len(tok))
-    from kedit.arch import spec_for
+    from kedit.core.arch import spec_for
 
     spec = spec_for(model)
     path = spec.module_path("mlp_out", 1)
@@ -242,7 +242,7 @@ def test_a_request_that_stops_early_leaves_the_batch():
 def test_layers_below_the_first_edited_block_are_not_run_during_optimization():
     tok = make_tokenizer()
     model = tiny_llama(len(tok))
-    from kedit.arch import spec_for
+    from kedit.core.arch import spec_for
 
     spec = spec_for(model)
     calls = []
@@ -257,7 +257,7 @@ def test_layers_below_the_first_edited_block_are_not_run_during_optimization():
 def test_statistics_cache_is_keyed_by_the_weights(tmp_path):
     tok = make_tokenizer()
     model = tiny_llama(len(tok))
-    from kedit.arch import spec_for
+    from kedit.core.arch import spec_for
 
     spec = spec_for(model)
     a = second_moments(model, tok, spec, [1, 2], CORPUS, 20, 16)
@@ -277,7 +277,7 @@ def test_statistics_cache_is_keyed_by_the_weights(tmp_path):
 def test_subject_keys_shape():
     tok = make_tokenizer()
     model = tiny_llama(len(tok))
-    from kedit.arch import spec_for
+    from kedit.core.arch import spec_for
 
     keys = subject_keys(model, tok, spec_for(model), [1, 3], REQUESTS, ("{}", "a city . {}"))
     assert keys[1].shape == (2, 64) and keys[3].shape == (2, 64)

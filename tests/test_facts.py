@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kedit.facts import FEED_FIELDS, EditRequest, FactFileError, load_facts, load_many
+from kedit.core.facts import FEED_FIELDS, EditRequest, FactFileError, load_facts, load_many
 
 SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -11,11 +11,11 @@ from prefect.testing.utilities import prefect_test_harness
 
 from editing import DeltaIntegrityError
 from flows.stream import stream
-from kedit import stream as lib
-from kedit.models import load_model
-from kedit.tiny import CORPUS, FTM, GOOD, HARMFUL, train_tiny, write_gates, write_jsonl
-from kedit.tracking import T_VERDICT, T_VERSION, Tracker
-from kedit.versions import export_version, rebuild, rollback_to
+from kedit.core.models import load_model
+from kedit.core.tiny import CORPUS, FTM, GOOD, HARMFUL, train_tiny, write_gates, write_jsonl
+from kedit.pipeline import stream as lib
+from kedit.store.tracking import T_VERDICT, T_VERSION, Tracker
+from kedit.store.versions import export_version, rebuild, rollback_to
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def test_rollback_moves_production_and_later_streams_continue_from_there(env, ch
     # the same operations from the command line
     from click.testing import CliRunner
 
-    from kedit.cli import cli
+    from kedit.app.cli import cli
 
     uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
     out = CliRunner().invoke(cli, ["status", "--model", str(checkpoint), "--tracking-uri", uri, "--feeds", str(tmp)])

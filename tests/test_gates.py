@@ -19,7 +19,7 @@ from evaluation.gates import (
     load_gates,
     regression,
 )
-from kedit.facts import EditRequest, Fact, Neighbor
+from kedit.core.facts import EditRequest, Fact, Neighbor
 
 
 def test_the_shipped_defaults_are_the_code_defaults():

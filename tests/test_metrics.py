@@ -12,7 +12,6 @@ from evaluation.metrics import (
     drawdown,
     edit_success,
     fluency,
-    greedy_generate,
     knowledge_accuracy,
     locality_agreement,
     ngram_entropy,
@@ -20,7 +19,8 @@ from evaluation.metrics import (
     retention,
     zsre_metrics,
 )
-from kedit.facts import EditRequest, Fact, Neighbor
+from kedit.core.facts import EditRequest, Fact, Neighbor
+from kedit.core.lm import greedy_generate
 
 
 @pytest.fixture

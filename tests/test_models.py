@@ -15,8 +15,8 @@ from transformers import (
     Qwen2Config,
 )
 
-from kedit.arch import SPECS, UnsupportedArchitecture, get_module, n_layers, spec_for
-from kedit.models import ModelError, _assemble_gguf, list_cached, load_model, resolve
+from kedit.core.arch import SPECS, UnsupportedArchitecture, get_module, n_layers, spec_for
+from kedit.core.models import ModelError, _assemble_gguf, list_cached, load_model, resolve
 
 SMALL = dict(vocab_size=64, num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4)
 CONFIGS = {

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import BigramLM, make_tokenizer, tiny_gpt2, tiny_llama
 
-from evaluation.scoring import encode_pairs, score_targets
+from kedit.core.lm import encode_pairs, score_targets
 
 PROMPTS = ["the capital of france is", "alice speaks", "the river flows through the country of", "bob"]
 TARGETS = ["paris", "french and english", "germany", "leads the company"]

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from flows.serve import FeedWatcher, run_dir
-from kedit.facts import is_feed_name
-from kedit.servers import free_port, group_members, stop_group, wait_for
-from kedit.tiny import CORPUS, GOOD, HARMFUL, train_tiny, write_gates, write_jsonl
-from kedit.tracking import Tracker
+from kedit.app.servers import free_port, group_members, stop_group, wait_for
+from kedit.core.facts import is_feed_name
+from kedit.core.tiny import CORPUS, GOOD, HARMFUL, train_tiny, write_gates, write_jsonl
+from kedit.store.tracking import Tracker
 
 KEDIT = [str(Path(sys.executable).parent / "kedit")]
 

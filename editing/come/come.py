@@ -20,7 +20,7 @@ import torch
 from editing.base import EditError, register
 from editing.memit.memit import MEMITFamily
 from editing.pmet.pmet import PMETFamily
-from kedit.facts import EditRequest
+from kedit.core.facts import EditRequest
 
 from .hparams import CoMEHyperParams
 

@@ -13,7 +13,7 @@ import torch
 from editing.base import Editor, register
 from editing.delta import Dense
 from editing.finetune import model_device, target_batch, tune
-from kedit.facts import EditRequest
+from kedit.core.facts import EditRequest
 
 from .hparams import FTLHyperParams
 

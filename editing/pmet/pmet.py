@@ -17,7 +17,7 @@ import torch
 from editing.base import register
 from editing.memit.memit import MEMITFamily
 from editing.targets import optimize_targets
-from kedit.facts import EditRequest
+from kedit.core.facts import EditRequest
 
 from .hparams import PMETHyperParams
 

@@ -18,7 +18,7 @@ from editing.base import Editor, linear_update, register
 from editing.keys import context_templates, subject_keys
 from editing.stats import Corpus, corpus_from_model, second_moments
 from editing.targets import TargetConfig, optimize_targets
-from kedit.facts import EditRequest
+from kedit.core.facts import EditRequest
 
 from .hparams import ROMEHyperParams
 

@@ -12,10 +12,9 @@ import torch
 from tqdm import tqdm
 
 from evaluation.metrics import counterfact_from_probs, counterfact_pairs
-from evaluation.scoring import score_targets
-
-from .facts import load_facts
-from .models import KNOWN_MODELS, load_model, pull
+from kedit.core.facts import load_facts
+from kedit.core.lm import score_targets
+from kedit.core.models import KNOWN_MODELS, load_model, pull
 
 log = logging.getLogger(__name__)
 
@@ -199,10 +198,9 @@ def bench_stream(
 
     from evaluation.metrics import counterfact_metrics, retention
     from flows.stream import stream
-
-    from .stream import StreamConfig
-    from .tracking import Tracker
-    from .versions import rebuild
+    from kedit.pipeline.stream import StreamConfig
+    from kedit.store.tracking import Tracker
+    from kedit.store.versions import rebuild
 
     if model_ref in KNOWN_MODELS:
         pull(model_ref)
@@ -233,7 +231,7 @@ def bench_stream(
         if summary["production"]:
             chain = rebuild(model, Tracker(uri), summary["registered_model"], summary["production"], None)
             # a rollback is Undo.restore of the touched tensors: time it on the last version's delta
-            from .versions import fetch
+            from kedit.store.versions import fetch
 
             last = fetch(Tracker(uri), chain.versions[-1], root / "last-version", None)
             undo = last.delta.apply(model)
@@ -295,9 +293,8 @@ def bench_targets(
     from editing import make_editor
     from editing.stats import corpus_from_files
     from evaluation.metrics import counterfact_metrics
-
-    from .errors import KeditError
-    from .versions import model_fingerprint
+    from kedit.core.errors import KeditError
+    from kedit.store.versions import model_fingerprint
 
     if model_ref in KNOWN_MODELS:
         pull(model_ref)

@@ -31,9 +31,9 @@ def _post(url: str, body: dict) -> list | dict:
 def bench_trigger(n_feeds: int = 10, timeout: float = 300.0) -> dict:
     from datetime import datetime
 
-    from .servers import free_port, stop_group, up, wait_for
-    from .tiny import CORPUS, FTM, train_tiny, write_gates, write_jsonl
-    from .tracking import Tracker
+    from kedit.app.servers import free_port, stop_group, up, wait_for
+    from kedit.core.tiny import CORPUS, FTM, train_tiny, write_gates, write_jsonl
+    from kedit.store.tracking import Tracker
 
     kedit = str(Path(sys.executable).parent / "kedit")
     with tempfile.TemporaryDirectory(prefix="kedit-bench-trigger-") as tmp:

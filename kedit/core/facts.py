@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import KeditError
+from kedit.core.errors import KeditError
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .arch import spec_for
-from .errors import KeditError
-from .paths import models_dir, sha256_file
+from kedit.core.arch import spec_for
+from kedit.core.errors import KeditError
+from kedit.core.paths import models_dir, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from editing.delta import DeltaIntegrityError, WeightDelta
-from kedit.facts import EditRequest
-from kedit.paths import sha256_file
-
-from .tracking import T_KIND, T_MANIFEST_SHA, Tracker, VersionInfo
+from kedit.core.facts import EditRequest
+from kedit.core.paths import sha256_file
+from kedit.store.tracking import T_KIND, T_MANIFEST_SHA, Tracker, VersionInfo
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ def models_dir() -> Path:
 
 def project_data_dir() -> Path:
     """The project's own data files (``data/`` at the repository root)."""
-    return Path(__file__).resolve().parents[1] / "data"
+    return Path(__file__).resolve().parents[2] / "data"
 
 
 def sha256_file(path: Path) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import KeditError
+from kedit.core.errors import KeditError
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import tempfile
 import time
 import uuid
@@ -27,12 +26,12 @@ from tqdm.auto import tqdm
 from editing import EditError, make_editor
 from evaluation.gates import Baselines, EditChecks, GateConfig, edit_checks, evaluate, load_gates
 from evaluation.metrics import build_retain_set, edit_success, knowledge_accuracy
-
-from .errors import KeditError
-from .facts import EditRequest, load_known_facts, load_many
-from .models import KNOWN_MODELS, load_model, resolve
-from .paths import sha256_file
-from .tracking import (
+from kedit.core.errors import KeditError
+from kedit.core.facts import EditRequest, load_known_facts, load_many
+from kedit.core.models import load_model, resolve
+from kedit.core.paths import sha256_file
+from kedit.store.naming import registered_name
+from kedit.store.tracking import (
     T_FINGERPRINT,
     T_KIND,
     T_MANIFEST_SHA,
@@ -42,7 +41,7 @@ from .tracking import (
     T_VERSION,
     Tracker,
 )
-from .versions import model_fingerprint, rebuild, write_version
+from kedit.store.versions import model_fingerprint, rebuild, write_version
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +179,6 @@ def session(session_id: str) -> StreamSession:
         return SESSIONS[session_id]
     except KeyError:
         raise StreamError(f"no stream session {session_id!r} in this process") from None
-
-
-def registered_name(model_ref: str, fingerprint: str) -> str:
-    if model_ref in KNOWN_MODELS:
-        return f"kedit-{model_ref}"
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model_ref.rstrip("/")).name).strip("-") or "model"
-    return f"kedit-{slug}-{fingerprint[:8]}"
 
 
 # ----------------------------------------------------------------------------- 2. open: base, baselines, production

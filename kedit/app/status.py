@@ -4,24 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .facts import list_feeds
-from .models import load_model, resolve
-from .paths import sha256_file
-from .stream import registered_name
-from .tracking import T_VERDICT, T_VERSION, Tracker
-from .versions import model_fingerprint
+from kedit.core.facts import list_feeds
+from kedit.core.paths import sha256_file
+from kedit.store.naming import identify
+from kedit.store.tracking import T_VERDICT, T_VERSION, Tracker
 
 BARS = " ▁▂▃▄▅▆▇█"
-
-
-def identify(model_ref: str) -> tuple[str, str]:
-    """(registered model name, base fingerprint) of a base model reference."""
-    path = resolve(model_ref)
-    try:
-        fp = model_fingerprint(path)
-    except ValueError:  # a hub id: hash the loaded weights
-        fp = model_fingerprint(None, load_model(model_ref, "cpu")[0])
-    return registered_name(model_ref, fp), fp
 
 
 def sparkline(values: list[float]) -> str:

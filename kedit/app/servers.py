@@ -19,9 +19,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import KeditError
-from .paths import kedit_home
-from .tracking import resolve_uri
+from kedit.core.errors import KeditError
+from kedit.core.paths import kedit_home
+from kedit.store.tracking import resolve_uri
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from .errors import KeditError
+from kedit.core.errors import KeditError
 
 
 class UnsupportedArchitecture(KeditError, ValueError):
