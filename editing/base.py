@@ -17,7 +17,7 @@ from kedit.core.errors import KeditError
 from kedit.core.facts import EditRequest
 
 from .delta import LowRank, Undo, WeightDelta
-from .hparams import from_dict, load_yaml, preset_path
+from .hparams import load_preset
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +53,8 @@ class Editor(ABC):
 
     @classmethod
     def preset(cls, model: nn.Module, overrides: dict[str, Any] | None = None):
-        """The preset for the model's family, with optional overrides (validated the same way)."""
-        path = preset_path(cls.method_dir, model.config.model_type)
-        hp = load_yaml(cls.hparams_cls, path)
-        if overrides:
-            data = {**hp.__dict__, **overrides}
-            hp = from_dict(cls.hparams_cls, data, f"{path} + overrides")
-        return hp
+        """The preset for the model's family, with optional dotted overrides (validated the same way)."""
+        return load_preset(cls.hparams_cls, cls.method_dir, model.config.model_type, overrides)
 
     # ------------------------------------------------------------------ public API
 

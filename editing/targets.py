@@ -24,20 +24,10 @@ from kedit.core.facts import EditRequest
 from kedit.core.lm import encode_pairs, logits_at, model_device, pad_batch, pad_id_of
 
 from .hooks import capture, edit_output, frozen, start_at_block
+from .hparams import TargetHparams
 from .keys import average_by_owner, fill, locate
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TargetConfig:
-    steps: int = 20
-    lr: float = 0.5
-    weight_decay: float = 0.5
-    kl_factor: float = 0.0625
-    clamp_norm: float = 4.0  # ‖δ‖ <= clamp_norm * ‖original output‖
-    stop_loss: float = 0.05
-    kl_prompt: str = "{} is a"
 
 
 @dataclass
@@ -89,7 +79,7 @@ def optimize_targets(
     templates: Sequence[str],
     paths: Sequence[str],
     first_block: int,
-    cfg: TargetConfig,
+    cfg: TargetHparams,
 ) -> Targets:
     """Jointly optimize one δ per request for each module in ``paths`` (all in blocks >= first_block).
 

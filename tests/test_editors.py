@@ -8,10 +8,10 @@ from conftest import make_tokenizer, tiny_gpt2, tiny_llama
 
 import editing
 from editing import EDITORS, DeltaIntegrityError, WeightDelta, get_editor
-from editing.hparams import HparamsError
+from editing.hparams import HparamsError, TargetHparams
 from editing.keys import subject_keys
 from editing.stats import Corpus, second_moments
-from editing.targets import TargetConfig, optimize_targets
+from editing.targets import optimize_targets
 from kedit.core.facts import EditRequest
 from kedit.core.lm import score_targets
 
@@ -31,20 +31,17 @@ CORPUS = Corpus(
 )
 
 # per editor: overrides that fit a 4-layer model
+TINY = {"statistics.samples": 40, "statistics.length": 16, "templates.count": 2, "templates.length": 3}
 OVERRIDES = {
     # a tiny model's MLP outputs are small: a larger norm bound lets δ at one MLP do the edit alone
-    "rome": dict(layer=1, clamp_norm=200.0, mom2_samples=40, mom2_length=16, n_templates=2, template_length=3),
-    "memit": dict(layers=(1, 2), mom2_samples=40, mom2_length=16, n_templates=2, template_length=3, mom2_weight=1.0),
-    "alphaedit": dict(
-        layers=(1, 2), l2=1e-6, mom2_samples=40, mom2_length=16, n_templates=2, template_length=3, nullspace_threshold=1e-3
-    ),
-    "pmet": dict(
-        layers=(1, 2), clamp_norm=200.0, mom2_samples=40, mom2_length=16, n_templates=2, template_length=3, mom2_weight=1.0
-    ),
-    "come-memit": dict(layers=(1, 2), mom2_samples=40, mom2_length=16, n_templates=2, template_length=3, mom2_weight=1.0),
-    "come-pmet": dict(layers=(1, 2), mom2_samples=40, mom2_length=16, n_templates=2, template_length=3, mom2_weight=1.0),
-    "ft-l": dict(layers=(1,), lr=0.01, norm_constraint=0.05),
-    "ft-m": dict(layers=(1,), lr=0.01),
+    "rome": {"layer": 1, "targets.clamp_norm": 200.0, **TINY},
+    "memit": {"layers": (1, 2), "solve.mom2_weight": 1.0, **TINY},
+    "alphaedit": {"layers": (1, 2), "solve.l2": 1e-6, "solve.nullspace_threshold": 1e-3, **TINY},
+    "pmet": {"layers": (1, 2), "targets.clamp_norm": 200.0, "solve.mom2_weight": 1.0, **TINY},
+    "come-memit": {"layers": (1, 2), "solve.mom2_weight": 1.0, **TINY},
+    "come-pmet": {"layers": (1, 2), "solve.mom2_weight": 1.0, **TINY},
+    "ft-l": {"layers": (1,), "lr": 0.01, "norm_constraint": 0.05},
+    "ft-m": {"layers": (1,), "lr": 0.01},
 }
 
 REQUESTS = [
@@ -168,9 +165,9 @@ def test_alphaedit_leaves_preserved_keys_unchanged():
     # a random tiny model's keys are small: put the threshold inside its spectrum
     threshold = float(evals.median())
     editor = get_editor("alphaedit")(
-        model, tok, editor.preset(model, OVERRIDES["alphaedit"] | {"nullspace_threshold": threshold}), CORPUS
+        model, tok, editor.preset(model, OVERRIDES["alphaedit"] | {"solve.nullspace_threshold": threshold}), CORPUS
     )
-    kept = evecs[:, evals >= editor.hparams.nullspace_threshold].float()  # (d_in, m) preserved directions
+    kept = evecs[:, evals >= editor.hparams.solve.nullspace_threshold].float()  # (d_in, m) preserved directions
     assert 0 < kept.shape[1] < cov.shape[0]
     k0 = kept @ torch.randn(kept.shape[1], 16)  # (d_in, 16) preserved keys
     k_edit = subject_keys(model, tok, editor.spec, [layer], REQUESTS, editor.templates())[layer].T  # (d_in, 2)
@@ -204,7 +201,7 @@ def test_batched_target_vectors_equal_per_request_ones():
 
     spec = spec_for(model)
     path = spec.module_path("mlp_out", 1)
-    cfg = TargetConfig(steps=8, lr=0.1)
+    cfg = TargetHparams(steps=8, lr=0.1)
     templates = ("{}", "the city . {}")
     joint = optimize_targets(model, tok, spec, REQUESTS, templates, [path], 1, cfg)
     for i, r in enumerate(REQUESTS):
@@ -221,7 +218,7 @@ def test_a_request_that_stops_early_leaves_the_batch():
     path = spec.module_path("mlp_out", 1)
     reqs = [*REQUESTS, EditRequest("c", "the river", "{} flows through", "the city of london", None)]
     # measured on this model: request "a" reaches this NLL after one step, the others never do
-    cfg = TargetConfig(steps=12, lr=0.5, stop_loss=3.6, clamp_norm=200.0)
+    cfg = TargetHparams(steps=12, lr=0.5, stop_loss=3.6, clamp_norm=200.0)
     templates = ("{}", "the city . {}")
     rows_seen = []
     h = model.model.layers[2].register_forward_hook(
@@ -248,7 +245,7 @@ def test_layers_below_the_first_edited_block_are_not_run_during_optimization():
     calls = []
     h = model.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
     optimize_targets(
-        model, tok, spec, REQUESTS, ("{}",), [spec.module_path("mlp_out", 2)], 2, TargetConfig(steps=5, stop_loss=0.0)
+        model, tok, spec, REQUESTS, ("{}",), [spec.module_path("mlp_out", 2)], 2, TargetHparams(steps=5, stop_loss=0.0)
     )
     h.remove()
     assert len(calls) == 1  # the single forward that caches the input of block 2
@@ -287,8 +284,15 @@ def test_presets_are_strict(tmp_path):
     model, tok, _ = build("memit")
     with pytest.raises(HparamsError, match="unknown key 'layerz'"):
         get_editor("memit").preset(model, {"layerz": [1]})
-    with pytest.raises(HparamsError, match="expected float"):
-        get_editor("memit").preset(model, {"mom2_weight": "big"})
+    with pytest.raises(HparamsError, match=r"solve\.mom2_weight: input should be a valid number, got 'big'"):
+        get_editor("memit").preset(model, {"solve.mom2_weight": "big"})
+    with pytest.raises(HparamsError, match="unknown key 'mom2_weight'"):  # the flat layout of before is refused
+        get_editor("memit").preset(model, {"mom2_weight": 1.0})
+    bad = tmp_path / "presets" / "llama.yaml"
+    bad.parent.mkdir()
+    bad.write_text("layers: [1]\ntargets:\n  stepz: 3\n")
+    with pytest.raises(HparamsError, match=r"llama\.yaml: targets\.stepz: unknown key"):
+        editing.hparams.load_preset(get_editor("memit").hparams_cls, tmp_path, "llama")
 
 
 def test_registry_refuses_duplicates():
@@ -299,7 +303,7 @@ def test_registry_refuses_duplicates():
 @pytest.mark.parametrize("name, base", [("come-memit", "memit"), ("come-pmet", "pmet")])
 def test_come_with_alpha_zero_equals_its_base_method(name, base):
     model_a, tok, come = build(name)
-    come = get_editor(name)(model_a, tok, come.preset(model_a, OVERRIDES[name] | {"alpha": 0.0}), CORPUS)
+    come = get_editor(name)(model_a, tok, come.preset(model_a, OVERRIDES[name] | {"unlearning.alpha": 0.0}), CORPUS)
     model_b, _, plain = build(base)
     plain = get_editor(base)(model_b, tok, plain.preset(model_b, OVERRIDES[name]), CORPUS)
     da, db = come.edit(REQUESTS), plain.edit(REQUESTS)

@@ -42,7 +42,7 @@ class AlphaEdit(MEMITFamily):
 
     def projectors(self) -> dict[int, torch.Tensor]:
         if self._projectors is None:
-            thr = self.hparams.nullspace_threshold
+            thr = self.hparams.solve.nullspace_threshold
             self._projectors = {layer: null_space_projector(c, thr) for layer, c in self.covariances().items()}
         return self._projectors
 
@@ -54,7 +54,7 @@ class AlphaEdit(MEMITFamily):
         k = keys.double()  # (n, d_in)
         cache = self.key_cache.get(layer)
         gram = k.T @ k + (cache.to(k.device).double() if cache is not None else 0)
-        a = p @ gram + self.hparams.l2 * torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
+        a = p @ gram + self.hparams.solve.l2 * torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
         x = torch.linalg.solve(a, p @ k.T)  # (d_in, n); Δ = R^T x^T
         return resid.T.float(), x.T.float()
 

@@ -1,20 +1,14 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from editing.hparams import LocateEditHparams
+from kedit.core.config import Seq, StrictConfig
 
 
-@dataclass(frozen=True)
-class AlphaEditHyperParams:
-    layers: tuple[int, ...]
+class NullSpaceSolve(StrictConfig):
     l2: float = 10.0  # ridge term of the projected solve
     nullspace_threshold: float = 0.02  # eigenvalues of E[k kᵀ] below this span the null space
-    steps: int = 20
-    lr: float = 0.5
-    weight_decay: float = 0.5
-    kl_factor: float = 0.0625
-    clamp_norm: float = 4.0
-    stop_loss: float = 0.05
-    n_templates: int = 5
-    template_length: int = 10
-    mom2_samples: int = 2000
-    mom2_length: int = 128
+
+
+class AlphaEditHyperParams(LocateEditHparams):
+    layers: Seq[int]
+    solve: NullSpaceSolve = NullSpaceSolve()

@@ -52,7 +52,7 @@ class _CoME:
         n = len(requests)
         old = [dataclasses.replace(r, target_new=r.target_true, target_true=None) for r in requests]
         both = self.optimize(list(requests) + old)[self.target_path()]  # (2n, d)
-        return conflict_free_target(both[:n], both[n:], self.hparams.alpha, self.hparams.top_p)
+        return conflict_free_target(both[:n], both[n:], self.hparams.unlearning.alpha, self.hparams.unlearning.top_p)
 
 
 @register

@@ -1,11 +1,7 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from editing.hparams import FineTuneHparams
 
 
-@dataclass(frozen=True)
-class FTLHyperParams:
-    layers: tuple[int, ...]  # blocks whose MLP output projection is tuned
-    steps: int = 25
-    lr: float = 5e-4
-    norm_constraint: float = 5e-4  # L∞ bound on each weight's change
+class FTLHyperParams(FineTuneHparams):
+    """Fine-tuning with the loss at the last prompt token, L∞-bounded (EasyEdit's FT-L)."""

@@ -1,11 +1,7 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from editing.hparams import FineTuneHparams
 
 
-@dataclass(frozen=True)
-class FTMHyperParams:
-    layers: tuple[int, ...]
-    steps: int = 25
-    lr: float = 5e-4
-    norm_constraint: float = -1.0  # L∞ bound; negative means unconstrained (EasyEdit's FT-M default)
+class FTMHyperParams(FineTuneHparams):
+    """Fine-tuning with the loss on the target tokens only (EasyEdit's FT-M); norm_constraint < 0: unconstrained."""

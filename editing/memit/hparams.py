@@ -1,19 +1,7 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from editing.hparams import MultiLayerHparams
 
 
-@dataclass(frozen=True)
-class MEMITHyperParams:
-    layers: tuple[int, ...]  # consecutive blocks; the target z is set at the last one
-    mom2_weight: float = 15000.0  # λ: weight of the preserved keys' covariance
-    steps: int = 20
-    lr: float = 0.5
-    weight_decay: float = 0.5
-    kl_factor: float = 0.0625
-    clamp_norm: float = 4.0
-    stop_loss: float = 0.05
-    n_templates: int = 5
-    template_length: int = 10
-    mom2_samples: int = 2000
-    mom2_length: int = 128
+class MEMITHyperParams(MultiLayerHparams):
+    """Consecutive blocks' MLP output projections; targets, templates, statistics and the covariance solve."""

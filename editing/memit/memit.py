@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from editing.base import Editor, linear_update, register
+from editing.hparams import TargetHparams
 from editing.keys import context_templates, read_at_subject, subject_keys
 from editing.stats import Corpus, corpus_from_model, second_moments
-from editing.targets import TargetConfig, optimize_targets
+from editing.targets import optimize_targets
 from kedit.core.facts import EditRequest
 
 from .hparams import MEMITHyperParams
@@ -35,7 +36,7 @@ class MEMITFamily(Editor):
     def templates(self) -> tuple[str, ...]:
         if self._templates is None:
             hp = self.hparams
-            self._templates = context_templates(self.model, self.tok, hp.n_templates, hp.template_length)
+            self._templates = context_templates(self.model, self.tok, hp.templates.count, hp.templates.length)
         return self._templates
 
     def covariances(self) -> dict[int, torch.Tensor]:
@@ -43,15 +44,15 @@ class MEMITFamily(Editor):
         if self._cov is None:
             hp = self.hparams
             corpus = self.corpus or corpus_from_model(self.model, self.tok)
-            self._cov = second_moments(self.model, self.tok, self.spec, hp.layers, corpus, hp.mom2_samples, hp.mom2_length)
+            stats = hp.statistics
+            self._cov = second_moments(self.model, self.tok, self.spec, hp.layers, corpus, stats.samples, stats.length)
         return self._cov
 
     def prepare(self) -> None:
         self.covariances()
 
-    def target_config(self) -> TargetConfig:
-        hp = self.hparams
-        return TargetConfig(hp.steps, hp.lr, hp.weight_decay, hp.kl_factor, hp.clamp_norm, hp.stop_loss)
+    def target_config(self) -> TargetHparams:
+        return self.hparams.targets
 
     def target_path(self) -> str:
         """Where the target z is set and measured: the last edited block's output."""
@@ -83,7 +84,7 @@ class MEMITFamily(Editor):
         """Factors (d_out, n), (n, d_in) of the layer's update. keys (n, d_in), resid (n, d_out)."""
         cov = self.covariances()[layer].to(keys.device).double()
         k = keys.double()
-        x = torch.linalg.solve(self.hparams.mom2_weight * cov + k.T @ k, k.T)  # (d_in, n)
+        x = torch.linalg.solve(self.hparams.solve.mom2_weight * cov + k.T @ k, k.T)  # (d_in, n)
         return resid.T.float(), x.T.float()
 
     def after_layer(self, layer: int, keys: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ import torch
 from editing.base import Editor, linear_update, register
 from editing.keys import context_templates, subject_keys
 from editing.stats import Corpus, corpus_from_model, second_moments
-from editing.targets import TargetConfig, optimize_targets
+from editing.targets import optimize_targets
 from kedit.core.facts import EditRequest
 
 from .hparams import ROMEHyperParams
@@ -38,7 +38,7 @@ class ROME(Editor):
     def templates(self) -> tuple[str, ...]:
         if self._templates is None:
             hp = self.hparams
-            self._templates = context_templates(self.model, self.tok, hp.n_templates, hp.template_length)
+            self._templates = context_templates(self.model, self.tok, hp.templates.count, hp.templates.length)
         return self._templates
 
     def inverse_covariance(self) -> torch.Tensor:
@@ -46,7 +46,8 @@ class ROME(Editor):
         if self._inv_cov is None:
             hp = self.hparams
             corpus = self.corpus or corpus_from_model(self.model, self.tok)
-            cov = second_moments(self.model, self.tok, self.spec, [hp.layer], corpus, hp.mom2_samples, hp.mom2_length)[hp.layer]
+            stats = hp.statistics
+            cov = second_moments(self.model, self.tok, self.spec, [hp.layer], corpus, stats.samples, stats.length)[hp.layer]
             self._inv_cov = torch.linalg.pinv(cov.double()).float()  # (d_in, d_in)
         return self._inv_cov
 
@@ -57,9 +58,10 @@ class ROME(Editor):
         hp = self.hparams
         inv_cov = self.inverse_covariance()
         path = self.spec.module_path("mlp_out", hp.layer)
-        cfg = TargetConfig(hp.steps, hp.lr, hp.weight_decay, hp.kl_factor, hp.clamp_norm, hp.stop_loss)
         # value: δ per request at the projection's output, all requests at once
-        deltas = optimize_targets(self.model, self.tok, self.spec, requests, self.templates(), [path], hp.layer, cfg).deltas[path]
+        deltas = optimize_targets(
+            self.model, self.tok, self.spec, requests, self.templates(), [path], hp.layer, hp.targets
+        ).deltas[path]
         module = self.module("mlp_out", hp.layer)
         for i, request in enumerate(requests):
             # key, re-read after the previous requests' updates

@@ -17,7 +17,7 @@ import logging
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from editing import EditError, make_editor
 from evaluation.gates import Baselines, EditChecks, GateConfig, edit_checks, evaluate, load_gates
 from evaluation.metrics import build_retain_set, edit_success, knowledge_accuracy
+from kedit.core.config import flatten
 from kedit.core.errors import KeditError
 from kedit.core.facts import EditRequest, load_known_facts, load_many
 from kedit.core.models import load_model, resolve
@@ -299,7 +300,7 @@ def start_stream(session_id: str, plan: Plan) -> list[list[str]]:
             "dtype": str(next(s.model.parameters()).dtype),
             "start_version": s.production or "base",
             "gates_file": s.gates.source,
-            **{f"hparams.{k}": v for k, v in asdict(s.editor.hparams).items()},
+            **{f"hparams.{k}": v for k, v in flatten(s.editor.hparams).items()},
             **{f"gates.{k}": v for k, v in s.gates.to_dict().items() if k != "source"},
             **{f"feed_sha256.{Path(p).name}": h for p, h in plan.feed_sha256.items()},
         },
@@ -389,7 +390,7 @@ def commit_version(session_id: str, report: dict) -> str:
                 "base_fingerprint": s.fingerprint,
                 "parent_version": a.parent_version,
                 "editor": s.cfg.editor,
-                "hparams": asdict(s.editor.hparams),
+                "hparams": s.editor.hparams.model_dump(mode="json"),
                 "n_edits": n_edits,
                 "stream_run_id": s.run_id,
             },
