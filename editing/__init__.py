@@ -10,7 +10,11 @@ from .memit.memit import MEMIT
 from .pmet.pmet import PMET
 from .rome.rome import ROME
 
+# what a stream edits with when no editor is named: the batch method measured best on the project's models
+DEFAULT_EDITOR = MEMIT.name
+
 __all__ = [
+    "DEFAULT_EDITOR",
     "EDITORS",
     "MEMIT",
     "PMET",

@@ -62,7 +62,7 @@ def run_dir(work_dir: str | Path) -> Path:
 @flow(name="kedit-feeds")
 def process_feeds(
     model: str,
-    editor: str = "memit",
+    editor: str | None = None,
     feeds_dir: str | None = None,
     feed: str | None = None,
     batch_size: int = 10,

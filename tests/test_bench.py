@@ -13,7 +13,14 @@ EDITS = [
     {"id": "b", "subject": "bob", "prompt": "{} speaks", "target_new": "french", "target_true": "german"},
     {"id": "c", "subject": "carol", "prompt": "the ceo is {} and she speaks", "target_new": "german", "target_true": "french"},
 ]
-MEMIT = {"layers": [1, 2], "mom2_weight": 10.0, "mom2_samples": 20, "mom2_length": 16, "n_templates": 1, "steps": 10}
+MEMIT = {
+    "layers": [1, 2],
+    "solve.mom2_weight": 10.0,
+    "statistics.samples": 20,
+    "statistics.length": 16,
+    "templates.count": 1,
+    "targets.steps": 10,
+}
 
 
 @pytest.fixture(scope="module")

@@ -70,9 +70,6 @@ def bench_metrics(model_ref: str, data: Path, n: int, batch_size: int = 32, sing
     }
 
 
-DEFAULT_CORPUS = Path("../shared/data/text/wikitext-2-raw.test.txt")
-
-
 def _cases(data: Path | str, n: int) -> list:
     """The first n CounterFact cases of a file that have an outdated answer (every protocol metric needs it)."""
     return [r for r in load_facts(data).accepted if r.target_true is not None][:n]
@@ -148,7 +145,7 @@ def bench_editors(
     methods: list[str],
     n: int,
     batch_size: int,
-    corpus: Path | None = DEFAULT_CORPUS,
+    corpus: Path | None = None,
     overrides: dict[str, dict] | None = None,
 ) -> dict:
     """N edits in successive batches per method, each on a fresh model in its own process;
@@ -185,9 +182,9 @@ def bench_stream(
     data: Path,
     n: int,
     batch_size: int,
-    editor: str = "memit",
+    editor: str | None = None,
     gates: Path | None = None,
-    corpus: Path | None = DEFAULT_CORPUS,
+    corpus: Path | None = None,
     work_dir: Path | None = None,
     overrides: dict | None = None,
 ) -> dict:
@@ -280,8 +277,8 @@ def bench_targets(
     data: Path,
     n: int,
     batch_size: int,
-    method: str = "memit",
-    corpus: Path | None = DEFAULT_CORPUS,
+    method: str | None = None,
+    corpus: Path | None = None,
     device: str | None = None,
     overrides: dict | None = None,
 ) -> dict:
@@ -290,12 +287,13 @@ def bench_targets(
 
     Everything but the target phase is shared, so efficacy must match; the model is reverted
     bit for bit between the two runs (checked by fingerprint)."""
-    from editing import make_editor
+    from editing import DEFAULT_EDITOR, make_editor
     from editing.stats import corpus_from_files
     from evaluation.metrics import counterfact_metrics
     from kedit.core.errors import KeditError
     from kedit.store.versions import model_fingerprint
 
+    method = method or DEFAULT_EDITOR
     if model_ref in KNOWN_MODELS:
         pull(model_ref)
     model, tok = load_model(model_ref, device)

@@ -9,7 +9,28 @@ from pathlib import Path
 
 import click
 
+from kedit.app.options import (
+    BATCH_SIZE,
+    DATA,
+    DEVICE,
+    EDIT_RUN,
+    EDITOR,
+    FORMAT,
+    GATES,
+    JSON_OUT,
+    MODEL,
+    SETS,
+    THREADS,
+    TRACKING_URI,
+    PathArg,
+    corpus_option,
+    editor_names,
+    sets_to_overrides,
+)
 from kedit.core.errors import KeditError
+from kedit.core.paths import default_corpus
+
+SHARED_CORPUS = "WikiText-2 from the shared data ($KEDIT_DATA or ../shared/data), else text sampled from the model"
 
 
 @click.group()
@@ -49,29 +70,37 @@ def models_list() -> None:
 
 
 @cli.command()
-@click.option("--model", default=None, help="Model name, checkpoint directory, GGUF file or hub id.")
-@click.option("--feed", type=click.Path(path_type=Path), default=None, help="Fact feed (default: the project's demo feed).")
-@click.option("--editor", default="memit", show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True)
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db).")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("out/demo"), show_default=True)
-@click.option("--gates", type=click.Path(path_type=Path), default=None, help="Gates YAML (default: data/gates/demo.yaml).")
+@MODEL
+@click.option("--feed", type=PathArg, default=None, help="Fact feed (default: the project's demo feed).")
+@EDITOR
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Edits per batch.")
+@TRACKING_URI
+@THREADS
+@click.option("--out", type=PathArg, default=Path("out/demo"), show_default=True)
+@click.option("--gates", type=PathArg, default=None, help="Gates YAML (default: data/gates/demo.yaml).")
 def demo(model, feed, editor, batch_size, tracking_uri, threads, out, gates) -> None:
     """Run a gated, tracked edit stream of real-world fact updates on the embedded default model."""
     from kedit.app.demo import run_demo
-    from kedit.core.models import DEFAULT_MODEL
 
     _threads(threads)
-    run_demo(model or DEFAULT_MODEL, feed, out, editor, batch_size, tracking_uri, gates=gates)
+    run_demo(model, feed, out, editor, batch_size, tracking_uri, gates=gates)
+
+
+@cli.command("editors")
+def editors_list() -> None:
+    """The registered editors and the model families they have presets for."""
+    import editing
+
+    for name, cls in sorted(editing.EDITORS.items()):
+        families = sorted(p.stem for p in (cls.method_dir / "presets").glob("*.yaml"))
+        default = " (default)" if name == editing.DEFAULT_EDITOR else ""
+        click.echo(f"{name:12} {cls.__module__.rsplit('.', 1)[0]}  presets: {', '.join(families)}{default}")
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--format", "fmt", default="auto", show_default=True, help="auto, feed, counterfact, counterfact-easyedit, zsre, mquake"
-)
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write quarantine.jsonl and superseded.jsonl here.")
+@click.argument("paths", nargs=-1, required=True, type=PathArg)
+@FORMAT
+@click.option("--out", type=PathArg, default=None, help="Write quarantine.jsonl and superseded.jsonl here.")
 def check(paths: tuple[Path, ...], fmt: str, out: Path | None) -> None:
     """Validate fact files: every record is accepted, quarantined (with reason) or superseded."""
     from kedit.core.facts import load_many
@@ -87,13 +116,13 @@ def check(paths: tuple[Path, ...], fmt: str, out: Path | None) -> None:
 
 
 @cli.command()
-@click.option("--model", required=True)
-@click.option("--data", "data", required=True, type=click.Path(path_type=Path))
-@click.option("--format", "fmt", default="auto", show_default=True)
+@MODEL
+@DATA
+@FORMAT
 @click.option("--protocol", type=click.Choice(["counterfact", "zsre"]), default="counterfact", show_default=True)
 @click.option("--n", type=int, default=None, help="Only the first N records.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Prompts per forward pass.")
+@JSON_OUT
 def score(model: str, data: Path, fmt: str, protocol: str, n: int | None, batch_size: int, json_out: Path | None) -> None:
     """Score a model on edit requests (no editing): efficacy, generalization, specificity."""
     from evaluation.metrics import counterfact_metrics, scores_table, zsre_metrics
@@ -108,48 +137,27 @@ def score(model: str, data: Path, fmt: str, protocol: str, n: int | None, batch_
     _write_json(json_out, result)
 
 
-def _overrides(sets: tuple[str, ...]) -> dict:
-    import yaml
-
-    out = {}
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected KEY=YAML_VALUE, got {item!r}", param_hint="--set")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
 @cli.command()
-@click.option("--feed", "feeds", multiple=True, required=True, type=click.Path(path_type=Path), help="Fact feed (repeatable).")
-@click.option("--model", default=None, help="Base model: known name, checkpoint directory, GGUF file or hub id.")
-@click.option("--editor", default="memit", show_default=True)
-@click.option("--batch-size", type=int, default=10, show_default=True)
-@click.option("--gates", type=click.Path(path_type=Path), default=None, help="Gates YAML (default: data/gates/default.yaml).")
-@click.option(
-    "--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)."
-)
-@click.option("--corpus", type=click.Path(path_type=Path), default=None, help="Text for key statistics (default: model samples).")
-@click.option("--set", "sets", multiple=True, help="Editor hparam override KEY=YAML_VALUE, e.g. mom2_samples=500.")
-@click.option("--format", "fmt", default="auto", show_default=True)
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
-@click.option("--work-dir", type=click.Path(path_type=Path), default=Path("out/stream"), show_default=True)
-def stream(feeds, model, editor, batch_size, gates, tracking_uri, corpus, sets, fmt, device, threads, work_dir) -> None:
+@click.option("--feed", "feeds", multiple=True, required=True, type=PathArg, help="Fact feed (repeatable).")
+@EDIT_RUN
+@corpus_option(None, "text sampled from the model")
+@FORMAT
+@THREADS
+@click.option("--work-dir", type=PathArg, default=Path("out/stream"), show_default=True)
+def stream(feeds, model, editor, batch_size, gates, tracking_uri, sets, device, corpus, fmt, threads, work_dir) -> None:
     """Apply fact feeds to a model as a gated, tracked stream of edit batches (a Prefect flow)."""
-    from kedit.core.models import DEFAULT_MODEL
     from kedit.pipeline.stream import StreamConfig
 
     _threads(threads)
     cfg = StreamConfig(
         feeds=tuple(str(f) for f in feeds),
-        model=model or DEFAULT_MODEL,
+        model=model,
         editor=editor,
         batch_size=batch_size,
         gates=str(gates) if gates else None,
         tracking_uri=tracking_uri,
         corpus=str(corpus) if corpus else None,
-        overrides=_overrides(sets),
+        overrides=sets_to_overrides(sets),
         device=device,
         work_dir=str(work_dir),
         fmt=fmt,
@@ -169,8 +177,8 @@ def _threads(n: int | None) -> None:
 
 
 @cli.command()
-@click.option("--model", default=None)
-@click.option("--tracking-uri", default=None)
+@MODEL
+@TRACKING_URI
 @click.option("--last", type=int, default=10, show_default=True, help="How many recent steps to show.")
 @click.option(
     "--feeds", "feeds_dir", type=click.Path(path_type=Path, file_okay=False), default=None, help="Show pending feeds here."
@@ -178,40 +186,38 @@ def _threads(n: int | None) -> None:
 def status(model, tracking_uri, last, feeds_dir) -> None:
     """The production version, the last steps with their verdicts, pending feeds, and the drawdown trend."""
     from kedit.app.status import status_text
-    from kedit.core.models import DEFAULT_MODEL
 
-    click.echo(status_text(model or DEFAULT_MODEL, tracking_uri, last, feeds_dir))
+    click.echo(status_text(model, tracking_uri, last, feeds_dir))
 
 
 @cli.command()
-@click.option("--model", default=None)
+@MODEL
 @click.option("--to", "version", required=True, help="Version to put back in production.")
-@click.option("--tracking-uri", default=None)
+@TRACKING_URI
 def rollback(model, version, tracking_uri) -> None:
     """Move the production alias back to VERSION (its delta chain verified); later streams continue from there."""
-    from kedit.core.models import DEFAULT_MODEL
     from kedit.store.naming import identify
     from kedit.store.tracking import Tracker
     from kedit.store.versions import rollback_to
 
-    name, fp = identify(model or DEFAULT_MODEL)
+    name, fp = identify(model)
     prev = rollback_to(Tracker(tracking_uri), name, version, fp)
     click.echo(f"{name}: production moved from v{prev} to v{version}")
 
 
 @cli.command()
-@click.option("--model", default=None)
+@MODEL
 @click.option("--version", "version", default=None, help="Version (default: production).")
-@click.option("--out", required=True, type=click.Path(path_type=Path))
-@click.option("--tracking-uri", default=None)
+@click.option("--out", required=True, type=PathArg)
+@TRACKING_URI
 def export(model, version, out, tracking_uri) -> None:
     """Write a plain transformers checkpoint of a version (base + verified delta chain)."""
-    from kedit.core.models import DEFAULT_MODEL, load_model
+    from kedit.core.models import load_model
     from kedit.store.naming import identify
     from kedit.store.tracking import Tracker
     from kedit.store.versions import export_version
 
-    ref = model or DEFAULT_MODEL
+    ref = model
     name, fp = identify(ref)
     tracker = Tracker(tracking_uri)
     if version is None:
@@ -224,37 +230,29 @@ def export(model, version, out, tracking_uri) -> None:
 
 
 @cli.command()
-@click.option("--feeds", "feeds_dir", required=True, type=click.Path(path_type=Path), help="Directory to watch for feed files.")
-@click.option("--model", default=None)
-@click.option("--editor", default="memit", show_default=True)
+@click.option("--feeds", "feeds_dir", required=True, type=PathArg, help="Directory to watch for feed files.")
+@EDIT_RUN
+@corpus_option(None, "text sampled from the model")
 @click.option("--cron", default=None, help='Cron schedule for recurring updates, e.g. "0 3 * * *".')
-@click.option("--batch-size", type=int, default=10, show_default=True)
-@click.option("--gates", type=click.Path(path_type=Path), default=None)
-@click.option("--tracking-uri", default=None)
-@click.option("--corpus", type=click.Path(path_type=Path), default=None)
-@click.option("--set", "sets", multiple=True, help="Editor hparam override KEY=YAML_VALUE.")
-@click.option("--device", default=None)
 @click.option("--name", "target", default=None, help="Deployment name prefix and event target (default: from the model).")
 @click.option("--limit", type=int, default=2, show_default=True, help="Flow runs executed at once by this server.")
 @click.option("--poll", type=float, default=1.0, show_default=True, help="Seconds between the runner's checks for new runs.")
-def serve(feeds_dir, model, editor, cron, batch_size, gates, tracking_uri, corpus, sets, device, target, limit, poll) -> None:
+def serve(feeds_dir, model, editor, batch_size, gates, tracking_uri, sets, device, corpus, cron, target, limit, poll) -> None:
     """Register the stream's deployments (feed events, optional cron) and run them; needs a Prefect server (kedit up)."""
     import os
     import re
 
-    from kedit.core.models import DEFAULT_MODEL
-
     os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", str(max(1, round(poll))))
     from flows.serve import serve as run
 
-    ref = model or DEFAULT_MODEL
+    ref = model
     target = target or re.sub(r"[^A-Za-z0-9_-]+", "-", Path(ref).name).strip("-")
     params = {
         "batch_size": batch_size,
         "gates": str(Path(gates).resolve()) if gates else None,
         "tracking_uri": _absolute_uri(tracking_uri),
         "corpus": str(Path(corpus).resolve()) if corpus else None,
-        "overrides": _overrides(sets),
+        "overrides": sets_to_overrides(sets),
         "device": device,
         "work_dir": str(Path("out/serve").resolve() / target),
     }
@@ -274,7 +272,7 @@ def _absolute_uri(uri: str | None) -> str:
 @cli.command()
 @click.option("--prefect-port", type=int, default=4200, show_default=True)
 @click.option("--mlflow-port", type=int, default=5000, show_default=True)
-@click.option("--tracking-uri", default=None, help="MLflow backend store (default: sqlite:///mlruns/mlflow.db).")
+@TRACKING_URI
 def up(prefect_port, mlflow_port, tracking_uri) -> None:
     """Start the Prefect server and the MLflow UI on 127.0.0.1 and wait until both answer."""
     from kedit.app.servers import up as start
@@ -298,14 +296,14 @@ def bench() -> None:
 
 
 @bench.command("metrics")
-@click.option("--model", default="smollm2-135m", show_default=True)
-@click.option("--data", "data", required=True, type=click.Path(path_type=Path))
+@MODEL
+@DATA
 @click.option("--n", type=int, default=200, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option(
     "--single-limit", type=int, default=None, help="Time one-at-a-time scoring on only this many pairs and extrapolate."
 )
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
+@JSON_OUT
 def bench_metrics(model: str, data: Path, n: int, batch_size: int, single_limit: int | None, json_out: Path | None) -> None:
     """Batched metric scoring against one prompt at a time, and the unedited model's figures."""
     from kedit.app.bench import bench_metrics as run
@@ -316,17 +314,20 @@ def bench_metrics(model: str, data: Path, n: int, batch_size: int, single_limit:
 
 
 @bench.command("editors")
-@click.option("--model", default="smollm2-135m", show_default=True)
-@click.option("--data", "data", required=True, type=click.Path(path_type=Path))
-@click.option("--methods", default="rome,memit,alphaedit,pmet,come-memit,come-pmet,ft-l,ft-m", show_default=True)
+@MODEL
+@DATA
+@click.option("--methods", default=None, help="Comma-separated editors (default: every registered editor).")
 @click.option("--n", type=int, default=20, show_default=True)
-@click.option("--batch-size", type=int, default=10, show_default=True)
+@BATCH_SIZE
 @click.option("--sequential/--no-sequential", default=True, show_default=True, help="Batches one after another on one model.")
+@corpus_option(default_corpus, SHARED_CORPUS)
 @click.option(
-    "--corpus", type=click.Path(path_type=Path), default=Path("../shared/data/text/wikitext-2-raw.test.txt"), show_default=True
+    "--set",
+    "sets",
+    multiple=True,
+    help="Preset override METHOD.KEY=YAML_VALUE with dotted keys, e.g. memit.statistics.samples=500.",
 )
-@click.option("--set", "sets", multiple=True, help="Preset override METHOD.KEY=YAML_VALUE, e.g. memit.mom2_samples=500.")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
+@JSON_OUT
 def bench_editors(model, data, methods, n, batch_size, sequential, corpus, sets, json_out) -> None:
     """N edits per method in successive batches; quality, speed and memory on the final model."""
     from evaluation.metrics import scores_table
@@ -335,57 +336,53 @@ def bench_editors(model, data, methods, n, batch_size, sequential, corpus, sets,
     if not sequential:
         raise click.UsageError("only --sequential is implemented: batches accumulate on one model, as in a stream")
     overrides: dict[str, dict] = {}
-    for key, value in _overrides(sets).items():
+    for key, value in sets_to_overrides(sets).items():
         method, _, field = key.partition(".")
         if not field:
             raise click.BadParameter(f"expected METHOD.KEY=VALUE, got {key!r}", param_hint="--set")
         overrides.setdefault(method, {})[field] = value
-    result = run(model, data, methods.split(","), n, batch_size, corpus, overrides)
+    result = run(model, data, methods.split(",") if methods else editor_names(), n, batch_size, corpus, overrides)
     click.echo(scores_table({"unedited": result["unedited"], **result["results"]}))
     _write_json(json_out, result)
 
 
 @bench.command("targets")
-@click.option("--model", default="smollm2-135m", show_default=True)
-@click.option("--data", "data", required=True, type=click.Path(path_type=Path))
-@click.option("--method", default="memit", show_default=True, help="A MEMIT-family editor.")
+@MODEL
+@DATA
+@EDITOR
 @click.option("--n", type=int, default=20, show_default=True)
-@click.option("--batch-size", type=int, default=10, show_default=True)
-@click.option("--device", default=None, help="torch device; default: CUDA when present, else CPU.")
-@click.option(
-    "--corpus", type=click.Path(path_type=Path), default=Path("../shared/data/text/wikitext-2-raw.test.txt"), show_default=True
-)
-@click.option("--set", "sets", multiple=True, help="Editor hparam override KEY=YAML_VALUE.")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
-def bench_targets(model, data, method, n, batch_size, device, corpus, sets, json_out) -> None:
+@BATCH_SIZE
+@DEVICE
+@corpus_option(default_corpus, SHARED_CORPUS)
+@SETS
+@JSON_OUT
+def bench_targets(model, data, editor, n, batch_size, device, corpus, sets, json_out) -> None:
     """Target vectors optimized jointly per batch against one request at a time, inside the same edits."""
     from kedit.app.bench import bench_targets as run
 
-    result = run(model, data, n, batch_size, method, corpus, device, _overrides(sets))
+    result = run(model, data, n, batch_size, editor, corpus, device, sets_to_overrides(sets))
     keys = ("batched", "per_request", "targets_speedup", "target_rel_diff_median", "target_rel_diff_max")
     click.echo(json.dumps({k: result[k] for k in keys}, indent=2))
     _write_json(json_out, result)
 
 
 @bench.command("stream")
-@click.option("--model", default="smollm2-135m", show_default=True)
-@click.option("--data", "data", required=True, type=click.Path(path_type=Path))
+@MODEL
+@DATA
 @click.option("--n", type=int, default=40, show_default=True)
-@click.option("--batch-size", type=int, default=10, show_default=True)
-@click.option("--editor", default="memit", show_default=True)
-@click.option("--gates", type=click.Path(path_type=Path), default=None)
-@click.option(
-    "--corpus", type=click.Path(path_type=Path), default=Path("../shared/data/text/wikitext-2-raw.test.txt"), show_default=True
-)
-@click.option("--set", "sets", multiple=True, help="Editor hparam override KEY=YAML_VALUE, e.g. mom2_samples=2000.")
-@click.option("--threads", type=int, default=None)
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
+@BATCH_SIZE
+@EDITOR
+@GATES
+@corpus_option(default_corpus, SHARED_CORPUS)
+@SETS
+@THREADS
+@JSON_OUT
 def bench_stream(model, data, n, batch_size, editor, gates, corpus, sets, threads, json_out) -> None:
     """The stream flow on N cases: time per step by phase, bytes per version, rollback time, final metrics."""
     from kedit.app.bench import bench_stream as run
 
     _threads(threads)
-    result = run(model, data, n, batch_size, editor, gates, corpus, overrides=_overrides(sets))
+    result = run(model, data, n, batch_size, editor, gates, corpus, overrides=sets_to_overrides(sets))
     keys = (
         "total_s",
         "orchestration_plus_tracking_fraction",
@@ -401,7 +398,7 @@ def bench_stream(model, data, n, batch_size, editor, gates, corpus, sets, thread
 
 @bench.command("trigger")
 @click.option("--feeds", "n_feeds", type=int, default=10, show_default=True)
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
+@JSON_OUT
 def bench_trigger(n_feeds, json_out) -> None:
     """Completed feed file -> flow start -> version in production, on the tiny model with real servers."""
     from kedit.app.bench_trigger import bench_trigger as run

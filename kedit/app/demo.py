@@ -10,22 +10,16 @@ from evaluation.metrics import scores_table
 from kedit.core.facts import load_facts
 from kedit.core.lm import score_targets
 from kedit.core.models import DEFAULT_MODEL, KNOWN_MODELS, load_model, pull
-from kedit.core.paths import project_data_dir
+from kedit.core.paths import default_corpus, project_data_dir
 
 log = logging.getLogger(__name__)
-
-
-def default_corpus() -> Path | None:
-    """WikiText-2 from the shared data beside the project when present; otherwise the editor samples text from the model."""
-    p = Path(__file__).resolve().parents[3] / "shared" / "data" / "text" / "wikitext-2-raw.test.txt"
-    return p if p.is_file() else None
 
 
 def run_demo(
     model_ref: str = DEFAULT_MODEL,
     feed: Path | None = None,
     out_dir: Path = Path("out/demo"),
-    editor: str = "memit",
+    editor: str | None = None,
     batch_size: int = 4,
     tracking_uri: str | None = None,
     corpus: Path | None = None,

@@ -28,3 +28,15 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+def shared_data_dir() -> Path:
+    """Public evaluation data: ``$KEDIT_DATA``, else ``../shared/data`` from the working directory
+    (the project's layout: the data sit beside the repository, which commands run from)."""
+    return Path(os.environ.get("KEDIT_DATA") or Path("..") / "shared" / "data")
+
+
+def default_corpus() -> Path | None:
+    """WikiText-2 from the shared data when present (text for key statistics); None: editors sample text from the model."""
+    p = shared_data_dir() / "text" / "wikitext-2-raw.test.txt"
+    return p if p.is_file() else None

@@ -23,7 +23,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from editing import EditError, make_editor
+from editing import DEFAULT_EDITOR, EditError, make_editor
 from evaluation.gates import Baselines, EditChecks, GateConfig, edit_checks, evaluate, load_gates
 from evaluation.metrics import build_retain_set, edit_success, knowledge_accuracy
 from kedit.core.config import flatten
@@ -55,7 +55,7 @@ class StreamError(KeditError):
 class StreamConfig:
     feeds: tuple[str, ...]
     model: str
-    editor: str = "memit"
+    editor: str | None = None  # None: the registry's default editor
     batch_size: int = 10
     gates: str | None = None  # YAML path; None: data/gates/default.yaml
     tracking_uri: str | None = None
@@ -66,6 +66,8 @@ class StreamConfig:
     fmt: str = "auto"
 
     def __post_init__(self):
+        if self.editor is None:
+            object.__setattr__(self, "editor", DEFAULT_EDITOR)
         if self.batch_size < 1:
             raise StreamError(f"batch size must be at least 1, got {self.batch_size}")
         if not self.feeds:

@@ -1,0 +1,127 @@
+"""Command-line options, defined once and shared by every command that takes them.
+
+Choices that come from a registry (editors, fact formats) are checked when the command line is
+parsed, not when this module is imported: the registries live below (``editing``, ``kedit.core.facts``)
+and importing ``editing`` loads torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+PathArg = click.Path(path_type=Path)
+
+
+def compose(*decorators: Callable) -> Callable:
+    """Several option decorators as one, applied in the order written."""
+
+    def apply(f: Callable) -> Callable:
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return apply
+
+
+class _Registered(click.ParamType):
+    """A name from a registry read at parse time; the error lists what is registered."""
+
+    def __init__(self, what: str, names: Callable[[], list[str]]):
+        self.name = what
+        self._names = names
+
+    def convert(self, value: Any, param, ctx) -> str:
+        names = self._names()
+        if value not in names:
+            self.fail(f"unknown {self.name} {value!r}; registered: {', '.join(names)}", param, ctx)
+        return value
+
+
+def editor_names() -> list[str]:
+    import editing
+
+    return sorted(editing.EDITORS)
+
+
+def default_editor() -> str:
+    import editing
+
+    return editing.DEFAULT_EDITOR
+
+
+def format_names() -> list[str]:
+    from kedit.core.facts import format_names as names
+
+    return list(names())
+
+
+def _editor_default(ctx, param, value: str | None) -> str:
+    return value or default_editor()
+
+
+def _model_default(ctx, param, value: str | None) -> str:
+    from kedit.core.models import DEFAULT_MODEL
+
+    return value or DEFAULT_MODEL
+
+
+def sets_to_overrides(sets: tuple[str, ...]) -> dict[str, Any]:
+    """``--set KEY=YAML_VALUE`` items as a mapping; values are read as YAML (numbers, lists, null)."""
+    import yaml
+
+    out = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=YAML_VALUE, got {item!r}", param_hint="--set")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def corpus_option(default: Callable[[], Path | None] | None, help_default: str) -> Callable:
+    """``--corpus``; a callable default is called when the command runs, not at import."""
+    return click.option(
+        "--corpus", type=PathArg, default=default, help=f"Text file for the key statistics (default: {help_default})."
+    )
+
+
+MODEL = click.option(
+    "--model",
+    default=None,
+    callback=_model_default,
+    help="Base model: known name (smollm2-135m, gemma3-270m), checkpoint directory, GGUF file or hub id (default: smollm2-135m).",
+)
+EDITOR = click.option(
+    "--editor",
+    type=_Registered("editor", editor_names),
+    default=None,
+    callback=_editor_default,
+    help="A registered editor (`kedit editors` lists them and marks the default).",
+)
+BATCH_SIZE = click.option("--batch-size", type=int, default=10, show_default=True, help="Edits per batch.")
+GATES = click.option("--gates", type=PathArg, default=None, help="Gates YAML (default: data/gates/default.yaml).")
+TRACKING_URI = click.option(
+    "--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)."
+)
+SETS = click.option(
+    "--set", "sets", multiple=True, help="Editor hparam override KEY=YAML_VALUE with dotted keys, e.g. statistics.samples=500."
+)
+FORMAT = click.option(
+    "--format",
+    "fmt",
+    type=_Registered("format", format_names),
+    default="auto",
+    show_default=True,
+    help="Fact file format: auto or a registered format (feed, counterfact, counterfact-easyedit, zsre, mquake).",
+)
+DEVICE = click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
+THREADS = click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
+JSON_OUT = click.option("--json", "json_out", type=PathArg, default=None, help="Write the result as JSON here.")
+DATA = click.option("--data", "data", required=True, type=PathArg, help="Evaluation data (CounterFact, zsRE, ...).")
+
+# the options of every command that runs edits on a model
+EDIT_RUN = compose(MODEL, EDITOR, BATCH_SIZE, GATES, TRACKING_URI, SETS, DEVICE)
