@@ -1,8 +1,9 @@
 """Serving the stream: a deployment on a cron schedule, one started by feed-arrival events, and the directory watcher.
 
 Feed arrival: a file in the watched directory is *complete* when its name does not start with
-``.`` and does not end in ``.tmp``/``.part`` (write-then-rename), and its size and mtime have
-not changed for ``settle`` seconds (for writers that cannot rename). The watcher then emits the
+``.`` and does not end in ``.tmp``/``.part``, and either it was renamed to that name
+(write-then-rename: complete at once) or its size and mtime have not changed for ``settle``
+seconds (for writers that cannot rename). The watcher then emits the
 Prefect event ``kedit.feed.arrived``; anything else can emit the same event through the Prefect
 server's events API. The event-triggered deployment runs ``kedit-feeds`` on that one feed; the
 cron deployment runs it on every feed of the directory. Either way the feed ledger (in the
@@ -100,54 +101,191 @@ def process_feeds(
 # ----------------------------------------------------------------------------- the watcher
 
 
-class FeedWatcher(threading.Thread):
-    """Polls a directory; calls ``on_feed(path, sha256)`` once per complete file content."""
+class FeedWatcher:
+    """Watches a directory and calls ``on_feed(path, sha256)`` once per complete file content.
 
-    def __init__(self, directory: Path, on_feed: Callable[[Path, str], None], interval: float = 0.5, settle: float = 1.0):
-        super().__init__(name="kedit-feed-watcher", daemon=True)
+    Filesystem events come from watchdog: inotify on Linux, or its polling observer (every
+    ``interval`` seconds) where inotify cannot be used or with ``polling``; ``kind`` says which, once started. A file
+    renamed into the directory (write-then-rename) is complete at once; a file created or written
+    in place is complete once its size and mtime have not changed for ``settle`` seconds, checked
+    by one timer thread when the last event on it is ``settle`` seconds old. ``scan`` applies the
+    settle rule to the whole directory (the files already there at start).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        on_feed: Callable[[Path, str], None],
+        interval: float = 0.5,
+        settle: float = 1.0,
+        polling: bool = False,
+    ):
         self.directory, self.on_feed, self.interval, self.settle = Path(directory), on_feed, interval, settle
+        self.polling = polling  # force the polling observer (network filesystems: inotify misses other hosts' writes)
+        self.kind: str | None = None  # "inotify" or "polling" once started
         self._seen: dict[Path, tuple[int, int, float]] = {}  # path -> (size, mtime_ns, unchanged since)
+        self._due: dict[Path, float] = {}  # path -> when to check it next
         self._done: set[tuple[Path, str]] = set()
+        self._lock = threading.Condition()
         self._stop = threading.Event()
+        self._observer: Any = None
+        self._timer: threading.Thread | None = None
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        self._observer, self.kind = self._observe()
+        self._timer = threading.Thread(target=self._check_due, name="kedit-feed-settle", daemon=True)
+        self._timer.start()
+        self.scan()
+        log.info("feed watcher on %s: %s", self.directory, self.kind)
 
     def stop(self) -> None:
         self._stop.set()
+        with self._lock:
+            self._lock.notify_all()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+        if self._timer is not None:
+            self._timer.join(timeout=5)
 
-    def run(self) -> None:
+    def _observe(self) -> tuple[Any, str]:
+        """inotify (watchdog's native observer) where it can be had, else watchdog's polling observer."""
+        from watchdog.observers import Observer
+        from watchdog.observers.polling import PollingObserver
+
+        if self.polling:
+            return self._started(PollingObserver(timeout=self.interval))
+        try:
+            return self._started(Observer(timeout=self.interval))
+        except OSError as e:  # no inotify here: instances or watches exhausted, or not supported
+            log.warning("feed watcher: no native file events (%s); polling every %.1f s", e, self.interval)
+        return self._started(PollingObserver(timeout=self.interval))
+
+    def _started(self, observer) -> tuple[Any, str]:
+        from watchdog.observers.polling import PollingObserver
+
+        observer.schedule(_feed_events(self), str(self.directory), recursive=False)
+        observer.start()
+        kind = "polling" if isinstance(observer, PollingObserver) else type(observer).__name__.removesuffix("Observer").lower()
+        return observer, kind
+
+    def _check_due(self) -> None:
+        """The timer: checks each file when its settle time is up; sleeps until the next one."""
         while not self._stop.is_set():
-            try:
-                self.scan()
-            except Exception:  # a watcher that dies silently is worse than one that logs and goes on
-                log.exception("feed watcher: scan failed")
-            self._stop.wait(self.interval)
+            with self._lock:
+                now = time.monotonic()
+                due = [p for p, t in self._due.items() if t <= now]
+                if not due:
+                    self._lock.wait(min(self._due.values()) - now if self._due else None)
+                    continue
+                for p in due:
+                    del self._due[p]
+            for p in due:
+                try:
+                    self.check(p)
+                except Exception:  # a watcher that dies silently is worse than one that logs and goes on
+                    log.exception("feed watcher: checking %s failed", p)
+
+    # -- the rules
+
+    def changed(self, path: Path, now: float | None = None) -> None:
+        """Created or written in place: check it once it has been stable for ``settle`` seconds."""
+        if is_feed_name(path):
+            self.check(path, now)
+
+    def arrived(self, path: Path) -> None:
+        """Renamed into the directory: the writer's sign that the file is complete."""
+        if is_feed_name(path) and path.is_file():
+            self._fire(path)
+
+    def gone(self, path: Path) -> None:
+        with self._lock:
+            self._seen.pop(path, None)
+            self._due.pop(path, None)
+
+    def check(self, path: Path, now: float | None = None) -> bool:
+        """Fire if size and mtime have not changed for ``settle`` seconds; otherwise check again when they may have."""
+        now = time.monotonic() if now is None else now
+        sig = _signature(path)
+        if sig is None:
+            self.gone(path)
+            return False
+        with self._lock:
+            old = self._seen.get(path)
+            if old is None or old[:2] != sig:
+                self._seen[path] = (*sig, now)
+                return self._schedule(path, now + self.settle)
+            if now - old[2] < self.settle:
+                return self._schedule(path, old[2] + self.settle)
+        return self._fire(path)
 
     def scan(self, now: float | None = None) -> list[Path]:
+        """The settle rule over every file of the directory; the files it fired on."""
+        present = [Path(p) for p in list_feeds(self.directory)]
+        fired = [p for p in present if self.check(p, now)]
+        with self._lock:
+            for gone in set(self._seen) - set(present):
+                self.gone(gone)
+        return fired
+
+    def _schedule(self, path: Path, at: float) -> bool:
+        with self._lock:
+            self._due[path] = at
+            self._lock.notify_all()
+        return False
+
+    def _fire(self, path: Path) -> bool:
+        """Call ``on_feed`` unless this content of this path was fired on before."""
         from kedit.core.paths import sha256_file
 
-        now = time.monotonic() if now is None else now
-        fired = []
-        present = set()
-        for p in self.directory.iterdir() if self.directory.is_dir() else []:
-            if not p.is_file() or not is_feed_name(p):
-                continue
-            present.add(p)
-            st = p.stat()
-            sig = (st.st_size, st.st_mtime_ns)
-            old = self._seen.get(p)
-            if old is None or old[:2] != sig:
-                self._seen[p] = (*sig, now)
-                continue
-            if now - old[2] < self.settle:
-                continue
-            sha = sha256_file(p)
-            if (p, sha) in self._done:
-                continue
-            self._done.add((p, sha))
-            fired.append(p)
-            self.on_feed(p, sha)
-        for gone in set(self._seen) - present:
-            del self._seen[gone]
-        return fired
+        try:
+            sha = sha256_file(path)
+        except FileNotFoundError:
+            self.gone(path)
+            return False
+        with self._lock:
+            self._due.pop(path, None)
+            if (path, sha) in self._done:
+                return False
+            self._done.add((path, sha))
+        try:
+            self.on_feed(path, sha)
+        except Exception:  # a watcher that dies silently is worse than one that logs and goes on
+            log.exception("feed watcher: on_feed(%s) failed", path)
+        return True
+
+
+def _signature(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _feed_events(watcher: FeedWatcher):
+    """A watchdog event handler that passes file events on to ``watcher``."""
+    from watchdog.events import FileSystemEventHandler
+
+    class FeedEvents(FileSystemEventHandler):
+        def on_created(self, event) -> None:
+            if not event.is_directory:
+                watcher.changed(Path(event.src_path))
+
+        on_modified = on_created
+
+        def on_moved(self, event) -> None:
+            if not event.is_directory:
+                watcher.gone(Path(event.src_path))
+                watcher.arrived(Path(event.dest_path))
+
+        def on_deleted(self, event) -> None:
+            if not event.is_directory:
+                watcher.gone(Path(event.src_path))
+
+    return FeedEvents()
 
 
 def emit_feed_event(target: str) -> Callable[[Path, str], None]:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from flows.serve import FeedWatcher, run_dir
 from kedit.app.servers import free_port, group_members, stop_group, wait_for
 from kedit.core.facts import is_feed_name
+from kedit.core.paths import sha256_file
 from kedit.core.tiny import CORPUS, GOOD, HARMFUL, train_tiny, write_gates, write_jsonl
 from kedit.store.tracking import Tracker
 
@@ -45,6 +47,73 @@ def test_watcher_fires_once_per_complete_content(tmp_path):
     assert [p.name for p in w.scan(now=7.5)] == ["c.jsonl"]
     assert len(fired) == 2 and fired[0][1] != fired[1][1]
     assert not is_feed_name(Path("x.jsonl.tmp")) and is_feed_name(Path("x.csv"))
+
+
+def started_watcher(tmp_path, settle: float = 0.6, polling: bool = False) -> tuple[FeedWatcher, list]:
+    fired: list = []
+
+    def on_feed(path: Path, sha: str) -> None:
+        fired.append((path.name, sha, time.monotonic()))
+
+    w = FeedWatcher(tmp_path, on_feed, interval=0.1, settle=settle, polling=polling)
+    w.start()
+    return w, fired
+
+
+def wait_until(cond, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+def test_watcher_fires_once_on_write_then_rename(tmp_path, polling):
+    w, fired = started_watcher(tmp_path, polling=polling)
+    try:
+        assert w.kind == ("polling" if polling else "inotify")
+        t0 = time.monotonic()
+        drop(tmp_path, "x.jsonl", GOOD[:2])
+        assert wait_until(lambda: fired), "the renamed feed never fired"
+        time.sleep(w.settle + 0.5)  # no second call for the same write (later events, the settle check)
+        assert [f[0] for f in fired] == ["x.jsonl"]
+        if not polling:
+            assert fired[0][2] - t0 < w.settle, "a renamed file is complete at once: no settle wait"
+    finally:
+        w.stop()
+
+
+def test_watcher_fires_on_a_growing_file_once_after_it_settles(tmp_path):
+    w, fired = started_watcher(tmp_path, settle=0.6)
+    try:
+        with (tmp_path / "grow.jsonl").open("w") as f:  # a writer that cannot rename: in place, in pieces
+            for r in GOOD:
+                f.write(json.dumps(r) + "\n")
+                f.flush()
+                time.sleep(0.3)
+                assert fired == [], "fired while the file was still being written"
+        last_write = time.monotonic()
+        assert wait_until(lambda: fired), "the settled file never fired"
+        assert fired[0][2] - last_write >= w.settle - 0.35  # the last write was <= 0.3 s before `last_write`
+        time.sleep(w.settle + 0.5)
+        assert len(fired) == 1
+        assert fired[0][1] == sha256_file(tmp_path / "grow.jsonl")  # the complete content
+    finally:
+        w.stop()
+
+
+def test_watcher_never_fires_on_hidden_or_partial_files(tmp_path):
+    w, fired = started_watcher(tmp_path, settle=0.3)
+    try:
+        for name in (".hidden.jsonl", "a.jsonl.tmp", "b.jsonl.part", ".c.jsonl.tmp"):
+            write_jsonl(tmp_path / name, GOOD[:1])
+        (tmp_path / "a.jsonl.tmp").rename(tmp_path / "a2.jsonl.part")  # renamed, but to another partial name
+        time.sleep(1.2)
+        assert fired == []
+    finally:
+        w.stop()
 
 
 # ----------------------------------------------------------------------------- servers and kedit serve
