@@ -11,12 +11,11 @@ Two ways of writing: ``rename`` (write ``.x.tmp``, rename it to ``x.jsonl``; the
 rename) and ``in_place`` (one write to ``x.jsonl``; the clock starts when the file is closed). Feeds
 are dropped one at a time, at a random phase against the polling interval.
 
-Run: ``python -m kedit.app.bench_watch --n 10 --json docs/bench_watch.json``.
+Run: ``kedit bench watch --n 10 --json docs/bench_watch.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import platform
@@ -136,23 +135,3 @@ def bench_watch(n: int = 10, settle: float = 1.0, interval: float = 0.5, timeout
         },
         "results": results,
     }
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m kedit.app.bench_watch", description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=10)
-    ap.add_argument("--settle", type=float, default=1.0)
-    ap.add_argument("--interval", type=float, default=0.5)
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = bench_watch(args.n, args.settle, args.interval)
-    text = json.dumps(result, indent=2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    print(json.dumps(result["summary"], indent=2))  # noqa: T201 - a command's output
-
-
-if __name__ == "__main__":
-    main()

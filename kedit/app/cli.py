@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -34,10 +33,12 @@ SHARED_CORPUS = "WikiText-2 from the shared data ($KEDIT_DATA or ../shared/data)
 
 
 @click.group()
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("-v", "--verbose", is_flag=True, help="Show everything: Prefect run states, HTTP requests, DEBUG lines.")
 def cli(verbose: bool) -> None:
     """kedit: continual knowledge editing for language models."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from kedit.app.quiet import configure_output
+
+    configure_output(verbose)
 
 
 @cli.group()
@@ -393,6 +394,20 @@ def bench_stream(model, data, n, batch_size, editor, gates, corpus, sets, thread
         "final",
     )
     click.echo(json.dumps({k: result[k] for k in keys}, indent=2))
+    _write_json(json_out, result)
+
+
+@bench.command("watch")
+@click.option("--n", type=int, default=10, show_default=True, help="Feeds per watcher and way of writing.")
+@click.option("--settle", type=float, default=1.0, show_default=True)
+@click.option("--interval", type=float, default=0.5, show_default=True)
+@JSON_OUT
+def bench_watch(n, settle, interval, json_out) -> None:
+    """The feed watcher alone: complete feed file -> on_feed, old polling loop vs watchdog (inotify, polling)."""
+    from kedit.app.bench_watch import bench_watch as run
+
+    result = run(n, settle, interval)
+    click.echo(json.dumps(result["summary"], indent=2))
     _write_json(json_out, result)
 
 
