@@ -1,5 +1,7 @@
 """LinearAdapter: a low-rank additive adapter around a Linear, y = W x + scale · B (A x).
 
+It may wrap another LinearAdapter (a later edit's adapter over an earlier one's): the outputs add up.
+
 Generic on purpose: any editor (or test) that wants a trainable side path at a projection installs one.
 """
 
@@ -21,11 +23,9 @@ class LinearAdapter(Installable):
 
     type_name: ClassVar[str] = "linear-adapter"
 
-    def __init__(self, original: nn.Linear, rank: int, scale: float = 1.0):
+    def __init__(self, original: nn.Module, rank: int, scale: float = 1.0):
         super().__init__()
-        if not isinstance(original, nn.Linear):
-            raise TypeError(f"LinearAdapter wraps an nn.Linear, not {type(original).__name__}")
-        w = original.weight  # (d_out, d_in)
+        w = _linear_weight(original)  # (d_out, d_in)
         self.original = original
         self.rank = int(rank)
         self.scale = float(scale)
@@ -42,3 +42,12 @@ class LinearAdapter(Installable):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (..., d_in) -> A x (..., rank) -> B A x (..., d_out)
         return self.original(x) + self.scale * F.linear(F.linear(x, self.A), self.B)
+
+
+def _linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of the Linear an adapter wraps, through earlier adapters (they stack additively)."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if isinstance(module, LinearAdapter):
+        return _linear_weight(module.original)
+    raise TypeError(f"LinearAdapter wraps an nn.Linear (or another LinearAdapter), not {type(module).__name__}")
