@@ -3,10 +3,10 @@
 from .alphaedit.alphaedit import AlphaEdit
 from .base import EDITORS, EditError, Editor, get_editor, make_editor, register
 from .come.come import CoMEMEMIT, CoMEPMET
-from .delta import DeltaIntegrityError, Dense, LowRank, Undo, WeightDelta
 from .ft_l.ft_l import FTL
 from .ft_m.ft_m import FTM
 from .memit.memit import MEMIT
+from .patches import DeltaIntegrityError, Dense, LinearAdapter, LowRank, ModulePatch, PatchSet, Undo, WeightDelta
 from .pmet.pmet import PMET
 from .rome.rome import ROME
 
@@ -28,7 +28,10 @@ __all__ = [
     "Editor",
     "FTL",
     "FTM",
+    "LinearAdapter",
     "LowRank",
+    "ModulePatch",
+    "PatchSet",
     "Undo",
     "WeightDelta",
     "get_editor",

@@ -16,8 +16,8 @@ from kedit.core.arch import ArchSpec, spec_for
 from kedit.core.errors import KeditError
 from kedit.core.facts import EditRequest
 
-from .delta import LowRank, Undo, WeightDelta
 from .hparams import load_preset
+from .patches import Installable, InstalledModule, LowRank, ModulePatch, PatchSet, Undo, WeightDelta, install, module_type
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +33,24 @@ class _Step:
 
 
 class Editor(ABC):
-    """Edits a batch of requests in place and returns the WeightDelta it applied.
+    """Edits a batch of requests in place and returns the PatchSet it applied.
 
-    Subclasses set ``name`` and ``hparams_cls`` and implement ``_edit``, which must change
-    weights only through ``self._apply`` (so the returned delta reproduces them exactly).
-    State that must survive between batches goes in ``state_dict`` / ``load_state_dict``.
+    Subclasses set ``name`` and ``hparams_cls`` and implement ``_edit``, which must change the
+    model only through ``self._apply`` (updates of existing parameters) and ``self._install``
+    (modules put at a path in place of the module there), so the returned patches reproduce the
+    edit exactly. State that must survive between batches goes in ``state_dict`` / ``load_state_dict``.
+
+    ``assets`` names inputs that are not weights (a text corpus for key statistics; later a trained
+    network): each is a keyword argument of ``__init__``, and ``make_editor`` passes only the ones
+    a class declares. What an editor derives from an asset and caches on disk is keyed by the
+    base model's weights it depends on (key statistics hash those tensors and the corpus, see
+    editing/stats.py), so a cache is never reused for another base.
     """
 
     name: ClassVar[str]
     hparams_cls: ClassVar[type]
     method_dir: ClassVar[Path]
+    assets: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module, tokenizer, hparams=None):
         self.model = model
@@ -58,24 +66,31 @@ class Editor(ABC):
 
     # ------------------------------------------------------------------ public API
 
-    def edit(self, requests: Sequence[EditRequest]) -> WeightDelta:
+    def edit(self, requests: Sequence[EditRequest]) -> PatchSet:
+        """Edit in place; returns the patches of this edit: its WeightDelta, then its ModulePatch, each if non-empty."""
         if not requests:
             raise EditError("no requests to edit")
         self.check(requests)
         state = self.state_dict()
-        self._pending = WeightDelta(meta={"editor": self.name, "request_ids": [r.id for r in requests]})
-        self._undo = Undo({})
+        meta = {"editor": self.name, "request_ids": [r.id for r in requests]}
+        self._pending = WeightDelta(meta=meta)
+        self._installed: list[tuple[str, Installable]] = []
+        self._undo = Undo()
         try:
             self._edit(list(requests))
+            # recorded after _edit: an installed module may be trained after its install
+            modules = ModulePatch([InstalledModule.snapshot(p, m) for p, m in self._installed], dict(meta))
         except BaseException:
             self._undo.restore(self.model)
             self.load_state_dict(state)
             raise
         self._history.append(_Step(self._undo, state))
-        return self._pending
+        # weights first: their names are the model's before this edit's installs (_apply refuses names inside them)
+        parts = [p for p in (self._pending, modules) if not p.is_empty()]
+        return PatchSet(parts, dict(meta))
 
     def revert(self) -> None:
-        """Undo the last edit: weights bit for bit, and the editor's state."""
+        """Undo the last edit: weights bit for bit, the very module objects its installs replaced, and the editor's state."""
         if not self._history:
             raise EditError("nothing to revert")
         step = self._history.pop()
@@ -110,12 +125,25 @@ class Editor(ABC):
         A parameter updated twice in one edit is reset and given the accumulated update in one
         addition, exactly as applying the stored delta to the base will do.
         """
+        inside = [p for p, _ in self._installed if name.startswith(p + ".")]
+        if inside:
+            # rebuilt, the delta applies before this edit's installs, when this name does not exist yet
+            raise EditError(f"{name} lies inside {inside[0]}, installed in this edit: set its value before _install")
         self._pending.add(name, update)
-        if name in self._undo.saved:
-            Undo({name: self._undo.saved[name]}).restore(self.model)
+        old = self._undo.first_snapshot(name)
+        if old is not None:
+            Undo.of_tensors({name: old}).restore(self.model)
             WeightDelta({name: self._pending.parts[name]}).apply(self.model)
         else:
-            self._undo.saved.update(WeightDelta({name: update}).apply(self.model).saved)
+            self._undo.extend(WeightDelta({name: update}).apply(self.model))
+
+    def _install(self, path: str, module: Installable) -> None:
+        """Put ``module`` (a registered installable type holding the module now at ``path`` as ``.original``)
+        at ``path`` and record it in the pending module patch; its tensors are recorded when ``_edit`` returns."""
+        if not isinstance(module, Installable) or module_type(module.type_name) is not type(module):
+            raise EditError(f"{path}: {type(module).__name__} is not a registered installable module type")
+        self._undo.extend(install(self.model, path, module))
+        self._installed.append((path, module))
 
     def module(self, kind: str, layer: int) -> nn.Module:
         return self.model.get_submodule(self.spec.module_path(kind, layer))
@@ -159,8 +187,30 @@ def get_editor(name: str) -> type[Editor]:
     return EDITORS[name]
 
 
-def make_editor(name: str, model: nn.Module, tokenizer, overrides: dict[str, Any] | None = None, corpus=None) -> Editor:
-    """Build a registered editor with its family preset (plus overrides); ``corpus`` goes to editors that take one."""
+def make_editor(
+    name: str,
+    model: nn.Module,
+    tokenizer,
+    overrides: dict[str, Any] | None = None,
+    corpus=None,
+    *,
+    assets: dict[str, Any] | None = None,
+) -> Editor:
+    """Build a registered editor with its family preset (plus overrides) and the assets its class declares.
+
+    ``assets`` maps asset names to values; names no registered editor declares raise, and the ones
+    this editor does not declare are left out (a stream passes its corpus whatever the editor).
+    ``corpus`` is shorthand for ``assets={"corpus": corpus}``, kept for existing callers.
+    """
     cls = get_editor(name)
-    kwargs = {"corpus": corpus} if "corpus" in cls.__init__.__code__.co_varnames else {}
+    given = dict(assets or {})
+    if corpus is not None:
+        if given.get("corpus") is not None:
+            raise EditError("corpus given twice: as an argument and in assets")
+        given["corpus"] = corpus
+    known = {a for c in EDITORS.values() for a in c.assets}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise EditError(f"unknown editor asset(s) {unknown}; editors declare: {sorted(known) or 'none'}")
+    kwargs = {k: v for k, v in given.items() if k in cls.assets}
     return cls(model, tokenizer, cls.preset(model, overrides or None), **kwargs)

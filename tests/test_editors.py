@@ -1,17 +1,21 @@
 """The contract every registered editor keeps, on a tiny model built here, plus each method's defining property."""
 
 import copy
+import json
 
 import pytest
 import torch
 from conftest import make_tokenizer, tiny_gpt2, tiny_llama
 
 import editing
-from editing import EDITORS, DeltaIntegrityError, WeightDelta, get_editor
+from editing import EDITORS, DeltaIntegrityError, LinearAdapter, PatchSet, WeightDelta, get_editor, make_editor
+from editing.base import EditError, Editor
+from editing.finetune import model_device, target_batch
 from editing.hparams import HparamsError, TargetHparams
 from editing.keys import subject_keys
 from editing.stats import Corpus, second_moments
 from editing.targets import optimize_targets
+from kedit.core.config import StrictConfig
 from kedit.core.facts import EditRequest
 from kedit.core.lm import score_targets
 
@@ -44,6 +48,58 @@ OVERRIDES = {
     "ft-m": {"layers": (1,), "lr": 0.01},
 }
 
+
+class AdapterHyperParams(StrictConfig):
+    layer: int = 1
+    rank: int = 2
+    steps: int = 10
+    lr: float = 0.05
+
+
+class AdapterEditor(Editor):
+    """A module-patch editor for the contract: trains a LinearAdapter installed at one MLP output projection.
+    Not registered: the contract builds it by class (see ``editor_class``)."""
+
+    name = "test-adapter"
+    hparams_cls = AdapterHyperParams
+
+    @classmethod
+    def preset(cls, model, overrides=None):
+        return AdapterHyperParams(**(overrides or {}))
+
+    def _edit(self, requests):
+        hp = self.hparams
+        path = self.spec.module_path("mlp_out", hp.layer)
+        adapter = LinearAdapter(self.model.get_submodule(path), hp.rank)
+        with torch.no_grad():  # B = 0: the adapter starts as the identity; A random so B gets a gradient
+            adapter.A.copy_(0.1 * torch.randn(adapter.A.shape, generator=torch.Generator().manual_seed(0)))
+        self._install(path, adapter)
+        ids, mask, pos, rows, cols, labels, _ = target_batch(self.tok, requests, model_device(self.model))
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in flags:
+            p.requires_grad_(p is adapter.A or p is adapter.B)
+        opt = torch.optim.Adam([adapter.A, adapter.B], lr=hp.lr)
+        try:
+            for _ in range(hp.steps):
+                opt.zero_grad()
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+                logp = torch.log_softmax(logits[rows, cols].float(), -1)  # (N, V) at target positions
+                (-logp.gather(-1, labels[:, None]).mean()).backward()
+                opt.step()
+        finally:
+            for p, f in flags:
+                p.requires_grad_(f)
+            adapter.A.grad = adapter.B.grad = None
+
+
+TEST_EDITORS = {AdapterEditor.name: AdapterEditor}
+CONTRACT = {**OVERRIDES, AdapterEditor.name: dict(layer=1, rank=2, steps=10, lr=0.05)}
+
+
+def editor_class(name):
+    return TEST_EDITORS.get(name) or get_editor(name)
+
+
 REQUESTS = [
     EditRequest("a", "france", "the capital of {} is", "rome", "paris"),
     EditRequest("b", "alice", "{} speaks", "german", "french"),
@@ -64,9 +120,9 @@ def trained_scale_llama(vocab_size, seed=0):
 def build(name, make=trained_scale_llama, seed=0):
     tok = make_tokenizer()
     model = make(len(tok), seed=seed)
-    cls = get_editor(name)
-    kwargs = {"corpus": CORPUS} if "corpus" in cls.__init__.__code__.co_varnames else {}
-    return model, tok, cls(model, tok, cls.preset(model, OVERRIDES[name]), **kwargs)
+    cls = editor_class(name)
+    kwargs = {"corpus": CORPUS} if "corpus" in cls.assets else {}
+    return model, tok, cls(model, tok, cls.preset(model, CONTRACT[name]), **kwargs)
 
 
 def snapshot(model):
@@ -84,26 +140,36 @@ def test_every_editor_has_a_contract_entry():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("name", sorted(OVERRIDES))
+@pytest.mark.parametrize("name", sorted(CONTRACT))
 def test_editor_contract(name, dtype, tmp_path):
     """bf16 stands for a GPU checkpoint: weights keep their dtype, the linear algebra runs in fp32,
-    and the delta and the revert stay exact in the weights' own dtype."""
+    and the patches and the revert stay exact in the weights' own dtype."""
     model, tok, editor = build(name, make=lambda v, seed: trained_scale_llama(v, seed).to(dtype))
     base = copy.deepcopy(model)
     before = snapshot(model)
+    modules_before = dict(model.named_modules())
     p0 = score_targets(model, tok, [r.text for r in REQUESTS], [r.target_new for r in REQUESTS]).mean_logprob
 
-    delta = editor.edit(REQUESTS)
+    patches = editor.edit(REQUESTS)
     p1 = score_targets(model, tok, [r.text for r in REQUESTS], [r.target_new for r in REQUESTS]).mean_logprob
     assert (p1 > p0).all(), f"{name}: target log-prob {p0.tolist()} -> {p1.tolist()}"
-    assert delta.parts and delta.meta["request_ids"] == ["a", "b"]
+    assert isinstance(patches, PatchSet) and len(patches) and patches.meta["request_ids"] == ["a", "b"]
+    assert all(p.meta["request_ids"] == ["a", "b"] for p in patches)
     edited = snapshot(model)
     assert all(v.dtype == dtype and torch.isfinite(v).all() for v in edited.values())
-    touched = {k for k in before if not torch.equal(before[k], edited[k])}
-    assert touched == set(delta.parts), "weights change only through the delta"
+    installed = patches.modules.describe()["paths"]
 
-    # the stored delta rebuilds the edited weights bit for bit from the base
-    WeightDelta.load(delta.save(tmp_path / "delta")).apply(base)
+    def inside(k):
+        return any(k.startswith(p + ".") for p in installed)
+
+    touched = {k for k in before if k not in edited or not torch.equal(before[k], edited[k])}
+    assert touched == set(patches.weights.parts) | {k for k in before if inside(k)}, "the model changes only through the patches"
+    assert all(inside(k) for k in set(edited) - set(before))
+    json.dumps(patches.describe())
+
+    # the stored patches rebuild the edited model bit for bit from the base
+    index = patches.save(tmp_path / "patches")
+    PatchSet.load(tmp_path / "patches", index).apply(base)
     assert_same_bits(snapshot(base), edited)
 
     # state round-trips into a fresh editor
@@ -114,15 +180,41 @@ def test_editor_contract(name, dtype, tmp_path):
     for k in state:
         assert torch.equal(fresh.state_dict()[k], state[k])
 
-    # revert restores weights bit for bit and the state before the edit
+    # revert restores weights bit for bit, the very module objects, and the state before the edit
     editor.revert()
     assert_same_bits(snapshot(model), before)
+    after = dict(model.named_modules())
+    assert after.keys() == modules_before.keys() and all(after[k] is modules_before[k] for k in after)
     assert editor.state_dict() == {} or all(v.abs().sum() == 0 for v in editor.state_dict().values())
+
+
+def test_make_editor_passes_declared_assets_only():
+    tok = make_tokenizer()
+    model = trained_scale_llama(len(tok))
+    assert make_editor("memit", model, tok, OVERRIDES["memit"], assets={"corpus": CORPUS}).corpus is CORPUS
+    assert make_editor("ft-m", model, tok, OVERRIDES["ft-m"], assets={"corpus": CORPUS}).name == "ft-m"  # not declared: left out
+    with pytest.raises(EditError, match="unknown editor asset"):
+        make_editor("memit", model, tok, OVERRIDES["memit"], assets={"hypernet": object()})
+
+
+def test_apply_inside_a_module_installed_in_the_same_edit_is_refused():
+    class Bad(AdapterEditor):
+        def _edit(self, requests):
+            path = self.spec.module_path("mlp_out", 1)
+            self._install(path, LinearAdapter(self.model.get_submodule(path), 2))
+            self._apply(f"{path}.B", editing.Dense(torch.ones(32, 2)))
+
+    tok = make_tokenizer()
+    model = trained_scale_llama(len(tok))
+    before = snapshot(model)
+    with pytest.raises(EditError, match="installed in this edit"):
+        Bad(model, tok, AdapterHyperParams()).edit(REQUESTS)
+    assert_same_bits(snapshot(model), before)
 
 
 def test_tampered_or_missing_delta_is_refused(tmp_path):
     model, tok, editor = build("memit")
-    d = editor.edit(REQUESTS[:1]).save(tmp_path / "d")
+    d = editor.edit(REQUESTS[:1]).weights.save(tmp_path / "d")
     blob = bytearray((d / "delta.safetensors").read_bytes())
     blob[-1] ^= 1
     (d / "delta.safetensors").write_bytes(bytes(blob))
@@ -135,7 +227,7 @@ def test_tampered_or_missing_delta_is_refused(tmp_path):
 
 def test_rome_update_is_rank_one():
     model, tok, editor = build("rome")
-    delta = editor.edit(REQUESTS[:1])
+    delta = editor.edit(REQUESTS[:1]).weights
     (upd,) = delta.parts.values()
     assert upd.rank == 1
     assert torch.linalg.matrix_rank(upd.dense()).item() == 1
@@ -143,7 +235,7 @@ def test_rome_update_is_rank_one():
 
 def test_rome_on_gpt2_conv1d_layout():
     model, tok, editor = build("rome", make=tiny_gpt2)
-    delta = editor.edit(REQUESTS[:1])
+    delta = editor.edit(REQUESTS[:1]).weights
     (name,) = delta.parts
     assert name == "transformer.h.1.mlp.c_proj.weight"
     assert delta.parts[name].dense().shape == model.get_parameter(name).shape
@@ -151,7 +243,7 @@ def test_rome_on_gpt2_conv1d_layout():
 
 def test_memit_update_rank_is_at_most_the_batch_size():
     model, tok, editor = build("memit")
-    delta = editor.edit(REQUESTS)
+    delta = editor.edit(REQUESTS).weights
     for upd in delta.parts.values():
         assert upd.rank == 2 and torch.linalg.matrix_rank(upd.dense()).item() <= 2
 
@@ -306,7 +398,7 @@ def test_come_with_alpha_zero_equals_its_base_method(name, base):
     come = get_editor(name)(model_a, tok, come.preset(model_a, OVERRIDES[name] | {"unlearning.alpha": 0.0}), CORPUS)
     model_b, _, plain = build(base)
     plain = get_editor(base)(model_b, tok, plain.preset(model_b, OVERRIDES[name]), CORPUS)
-    da, db = come.edit(REQUESTS), plain.edit(REQUESTS)
+    da, db = come.edit(REQUESTS).weights, plain.edit(REQUESTS).weights
     assert da.parts.keys() == db.parts.keys()
     for k in da.parts:
         assert torch.allclose(da.parts[k].dense(), db.parts[k].dense(), atol=1e-6, rtol=1e-4)

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from editing.base import Editor, register
-from editing.delta import Dense
 from editing.finetune import model_device, target_batch, tune
+from editing.patches import Dense
 from kedit.core.facts import EditRequest
 
 from .hparams import FTMHyperParams

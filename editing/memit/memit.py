@@ -27,6 +27,8 @@ from .hparams import MEMITHyperParams
 class MEMITFamily(Editor):
     """MEMIT's loop; subclasses change how the target is found or how a layer's update is solved."""
 
+    assets = ("corpus",)  # text for key statistics; None: sampled from the model
+
     def __init__(self, model, tokenizer, hparams=None, corpus: Corpus | None = None):
         super().__init__(model, tokenizer, hparams)
         self.corpus = corpus

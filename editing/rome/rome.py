@@ -28,6 +28,7 @@ class ROME(Editor):
     name = "rome"
     hparams_cls = ROMEHyperParams
     method_dir = Path(__file__).parent
+    assets = ("corpus",)  # text for key statistics; None: sampled from the model
 
     def __init__(self, model, tokenizer, hparams: ROMEHyperParams | None = None, corpus: Corpus | None = None):
         super().__init__(model, tokenizer, hparams)

@@ -97,7 +97,7 @@ def _run_method(
     model, tok = load_model(model_ref)
     reqs = _cases(data, n)
     corpus = corpus_from_files([corpus_path]) if corpus_path else None  # None: the editor samples text from the model
-    editor = make_editor(method, model, tok, overrides, corpus)
+    editor = make_editor(method, model, tok, overrides, assets={"corpus": corpus})
     t0 = time.perf_counter()
     editor.prepare()
     t_stats = time.perf_counter() - t0
@@ -227,11 +227,11 @@ def bench_stream(
         rollback_s = None
         if summary["production"]:
             chain = rebuild(model, Tracker(uri), summary["registered_model"], summary["production"], None)
-            # a rollback is Undo.restore of the touched tensors: time it on the last version's delta
+            # a rollback is Undo.restore of the touched tensors and modules: time it on the last version's patches
             from kedit.store.versions import fetch
 
             last = fetch(Tracker(uri), chain.versions[-1], root / "last-version", None)
-            undo = last.delta.apply(model)
+            undo = last.patches.apply(model)
             t1 = time.perf_counter()
             undo.restore(model)
             rollback_s = time.perf_counter() - t1
@@ -301,7 +301,7 @@ def bench_targets(
     reqs = _cases(data, n)
     corpus_path = _corpus_file(corpus)
     text = corpus_from_files([corpus_path]) if corpus_path else None
-    editor = make_editor(method, model, tok, overrides, text)
+    editor = make_editor(method, model, tok, overrides, assets={"corpus": text})
     if not callable(getattr(editor, "compute_targets", None)):
         raise KeditError(f"{method!r} has no separate target phase (compute_targets); use a MEMIT-family method")
     editor.prepare()

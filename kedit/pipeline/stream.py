@@ -139,7 +139,7 @@ class Attempt:
     run_id: str
     parent_version: str | None
     before: EditChecks
-    delta: Any = None  # the WeightDelta this attempt applied
+    delta: Any = None  # the PatchSet this attempt applied (what Editor.edit returned)
     seconds: dict[str, float] = field(default_factory=dict)
 
 

@@ -1,12 +1,15 @@
-"""Model versions as weight deltas over their parent, and rebuilding any version from the base.
+"""Model versions as patches over their parent, and rebuilding any version from the base.
 
 A version directory holds:
 
-- ``delta.safetensors`` + ``delta.json``: the batch's WeightDelta (its own sha256 inside);
+- the batch's patches, in order, each kind under its own file names (``delta.safetensors`` +
+  ``delta.json`` for a WeightDelta, ``modules.safetensors`` + ``modules.json`` for a ModulePatch),
+  each with its own sha256 inside;
 - ``state.safetensors``: the editor's state after the batch (e.g. AlphaEdit's key cache);
 - ``requests.jsonl``: the accepted edit requests (retention is checked against them later);
-- ``manifest.json``: parent version, base fingerprint, fact ids, editor, hparams and the
-  sha256 of every file above.
+- ``manifest.json``: parent version, base fingerprint, fact ids, editor, hparams, the sha256 of
+  every file above, and ``patches``: per patch in order, its kind, its files with their sha256
+  and its ``describe()`` summary. Version 1 manifests (a WeightDelta only) still read.
 
 The registry stores the manifest's own sha256 as a tag, so the chain of trust starts outside
 the artifact store: a tampered or missing file anywhere is refused before a weight is touched.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,14 +30,18 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from editing.delta import DeltaIntegrityError, WeightDelta
+from editing.patches import DeltaIntegrityError, Patch, PatchSet, WeightDelta
+from editing.patches.base import read_manifest, write_manifest
 from kedit.core.facts import EditRequest
 from kedit.core.paths import sha256_file
 from kedit.store.tracking import T_KIND, T_MANIFEST_SHA, Tracker, VersionInfo
 
 log = logging.getLogger(__name__)
 
-FORMAT = "kedit-version/1"
+FORMAT = "kedit-version/2"
+FORMATS = ("kedit-version/1", FORMAT)  # 1: a WeightDelta only, no ``patches`` list
+EXPORT_FORMAT = "kedit-export/1"
+EXPORT_MANIFEST = "kedit_version.json"
 MANIFEST = "manifest.json"
 STATE = "state.safetensors"
 REQUESTS = "requests.jsonl"
@@ -42,21 +50,24 @@ REQUESTS = "requests.jsonl"
 @dataclass
 class Version:
     manifest: dict[str, Any]
-    delta: WeightDelta
+    patches: PatchSet
     state: dict[str, torch.Tensor]
     requests: list[EditRequest]
 
 
 def write_version(
     directory: Path,
-    delta: WeightDelta,
+    patches: PatchSet | Patch,
     state: dict[str, Any],
     requests: list[EditRequest],
     info: dict[str, Any],
 ) -> str:
-    """Write a version directory; returns the manifest's sha256 (to be stored in the registry)."""
+    """Write a version directory; returns the manifest's sha256 (to be stored in the registry).
+
+    ``patches`` is what ``Editor.edit`` returned (a PatchSet), or a single patch such as a WeightDelta.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    delta.save(directory)
+    index = PatchSet.of(patches).save(directory)
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise TypeError(f"editor state must hold tensors only; not tensors: {bad}")
@@ -69,7 +80,12 @@ def write_version(
         **info,
         "fact_ids": [r.id for r in requests],
         "created": datetime.now(UTC).isoformat(),
-        "sha256": {name: sha256_file(directory / name) for name in ("delta.safetensors", "delta.json", STATE, REQUESTS)},
+        "patches": index,
+        "sha256": {
+            **{name: sha for entry in index for name, sha in entry["files"].items()},
+            STATE: sha256_file(directory / STATE),
+            REQUESTS: sha256_file(directory / REQUESTS),
+        },
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return sha256_file(directory / MANIFEST)
@@ -87,7 +103,7 @@ def read_version(directory: Path, manifest_sha: str | None, fingerprint: str | N
     if actual != manifest_sha:
         raise DeltaIntegrityError(f"{mpath}: sha256 {actual[:16]}… does not match the registry's {manifest_sha[:16]}…")
     manifest = json.loads(mpath.read_text())
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") not in FORMATS:
         raise DeltaIntegrityError(f"{mpath}: unknown format {manifest.get('format')!r}")
     if fingerprint and manifest.get("base_fingerprint") != fingerprint:
         raise DeltaIntegrityError(
@@ -99,11 +115,28 @@ def read_version(directory: Path, manifest_sha: str | None, fingerprint: str | N
             raise DeltaIntegrityError(f"{directory}: {name} is missing")
         if sha256_file(f) != want:
             raise DeltaIntegrityError(f"{f}: sha256 does not match the manifest")
-    delta = WeightDelta.load(directory)
+    index = _patch_index(manifest, mpath)
+    patches = PatchSet.load(directory, index)
     state = load_file(str(directory / STATE))
     lines = (directory / REQUESTS).read_text(encoding="utf-8").splitlines()
     requests = [EditRequest.from_dict(json.loads(line)) for line in lines if line.strip()]
-    return Version(manifest, delta, state, requests)
+    return Version(manifest, patches, state, requests)
+
+
+def _patch_index(manifest: dict[str, Any], mpath: Path) -> list[dict[str, Any]]:
+    """The manifest's patch list (a version 1 manifest implies one WeightDelta); every listed file must
+    carry the same hash in the manifest's ``sha256`` map, which was just verified."""
+    if manifest["format"] == "kedit-version/1":
+        index = [{"kind": WeightDelta.kind, "files": {f: manifest["sha256"].get(f) for f in WeightDelta.files}}]
+    else:
+        index = manifest.get("patches")
+        if not isinstance(index, list):
+            raise DeltaIntegrityError(f"{mpath}: no patch list")
+    for entry in index:
+        for name, sha in entry.get("files", {}).items():
+            if manifest["sha256"].get(name) != sha:
+                raise DeltaIntegrityError(f"{mpath}: patch file {name} is not covered by the manifest's sha256")
+    return index
 
 
 def fetch(tracker: Tracker, info: VersionInfo, dst: Path, fingerprint: str | None) -> Version:
@@ -118,17 +151,33 @@ class Chain:
     requests: list[EditRequest]  # every request applied along the chain, oldest first
 
 
-def rebuild(model, tracker: Tracker, name: str, version: str | None, fingerprint: str | None) -> Chain:
-    """Apply the deltas from the base up to ``version`` to ``model`` (which must hold the base weights).
-
-    Every version is fetched and verified before any weight changes, so a bad link leaves the model untouched.
-    """
+def _fetch_chain(tracker: Tracker, name: str, version: str | None, fingerprint: str | None):
+    """Every version from the base up to ``version``, fetched and verified (patches loaded in memory)."""
     infos = tracker.chain(name, version)
     with tempfile.TemporaryDirectory(prefix="kedit-chain-") as tmp:
         loaded = [fetch(tracker, info, Path(tmp) / info.version, fingerprint) for info in infos]
+    return infos, loaded
+
+
+def _apply_chain(model, name: str, infos: list[VersionInfo], loaded: list[Version]) -> None:
     for info, v in zip(infos, loaded):
-        log.info("applying %s v%s (%d facts)", name, info.version, len(v.requests))
-        v.delta.apply(model)
+        log.info("applying %s v%s (%d facts; %s)", name, info.version, len(v.requests), ", ".join(p.kind for p in v.patches))
+        v.patches.apply(model)
+
+
+def rebuild(model, tracker: Tracker, name: str, version: str | None, fingerprint: str | None) -> Chain:
+    """Apply the patches from the base up to ``version`` to ``model`` (which must hold the base weights):
+    weight deltas are added, module patches re-install their modules (built from the registry of
+    installable types, no editor needed).
+
+    Every version is fetched and verified before anything changes, so a bad link leaves the model untouched.
+    """
+    infos, loaded = _fetch_chain(tracker, name, version, fingerprint)
+    _apply_chain(model, name, infos, loaded)
+    return _chain(infos, loaded)
+
+
+def _chain(infos: list[VersionInfo], loaded: list[Version]) -> Chain:
     last = loaded[-1] if loaded else None
     return Chain(
         infos,
@@ -173,21 +222,96 @@ def rollback_to(tracker: Tracker, name: str, version: str, fingerprint: str | No
 
 
 def export_version(model, tokenizer, tracker: Tracker, name: str, version: str, fingerprint: str, out: Path) -> Path:
-    """Rebuild ``version`` on ``model`` (the base) and save a plain transformers checkpoint to ``out``."""
-    chain = rebuild(model, tracker, name, version, fingerprint)
+    """Rebuild ``version`` on ``model`` (the base) and write it to ``out``; ``kedit export`` calls this.
+
+    - A chain of weight deltas only: a plain transformers checkpoint (``from_pretrained`` loads it),
+      with ``kedit_version.json`` naming the version, its chain and fact ids.
+    - A chain with module patches cannot be a plain checkpoint (the installed modules are not
+      transformers layers), so ``out`` gets ``base/`` (the base checkpoint), ``patches/v<N>/`` (each
+      version's patches as stored) and ``kedit_version.json`` (format ``kedit-export/1``: the chain,
+      the base files' and every patch file's sha256). One log line says so; ``load_export(out)``
+      loads it back bit for bit.
+
+    Every version is verified before anything is written. Either way ``model`` ends holding the version.
+    """
+    infos, loaded = _fetch_chain(tracker, name, version, fingerprint)
+    chain = _chain(infos, loaded)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "kedit_version.json").write_text(
-        json.dumps(
-            {
-                "registered_model": name,
-                "version": version,
-                "base_fingerprint": fingerprint,
-                "chain": [v.version for v in chain.versions],
-                "fact_ids": [r.id for r in chain.requests],
-            },
-            indent=2,
-        )
-    )
+    info = {
+        "registered_model": name,
+        "version": version,
+        "base_fingerprint": fingerprint,
+        "chain": [v.version for v in chain.versions],
+        "fact_ids": [r.id for r in chain.requests],
+    }
+    if not any(p.kind != WeightDelta.kind for v in loaded for p in v.patches):
+        _apply_chain(model, name, infos, loaded)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / EXPORT_MANIFEST).write_text(json.dumps(info, indent=2))
+        return out
+    kinds = sorted({p.kind for v in loaded for p in v.patches})
+    log.warning(
+        "%s v%s holds module patches (%s): exported to %s as the base checkpoint plus kedit patches, "
+        "not a plain transformers checkpoint; load it with kedit.store.versions.load_export",
+        name, version, ", ".join(kinds), out,
+    )  # fmt: skip
+    _export_with_patches(model, tokenizer, infos, loaded, out, info)
+    _apply_chain(model, name, infos, loaded)
     return out
+
+
+def _export_with_patches(model, tokenizer, infos: list[VersionInfo], loaded: list[Version], out: Path, info: dict) -> None:
+    """``base/`` from the model before any patch, ``patches/v<N>/`` per version, and the manifest listing every hash."""
+    base = out / "base"
+    if base.exists():
+        shutil.rmtree(base)
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    versions = []
+    for vi, v in zip(infos, loaded):
+        rel = f"patches/v{vi.version}"
+        versions.append({"version": vi.version, "dir": rel, "patches": v.patches.save(out / rel)})
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    manifest = {
+        **info,
+        "format": EXPORT_FORMAT,
+        "base": {"dir": "base", "dtype": dtype, "sha256": _tree_hashes(base)},
+        "versions": versions,
+    }
+    write_manifest(out / EXPORT_MANIFEST, manifest)
+
+
+def _tree_hashes(root: Path) -> dict[str, str]:
+    return {str(f.relative_to(root)): sha256_file(f) for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+def load_export(directory: Path, device: str | None = "cpu", dtype: torch.dtype | None = None):
+    """Load what ``export_version`` wrote: ``(model, tokenizer, manifest)``.
+
+    A plain checkpoint loads as it is. A ``kedit-export/1`` directory is checked first (every base file
+    and every patch file against the manifest's sha256, no unlisted files in ``base/``), then the base
+    is loaded in the dtype it was saved in (unless ``dtype`` says otherwise) and each version's patches
+    are applied in order: the result equals the rebuilt version bit for bit.
+    """
+    from kedit.core.models import load_model
+
+    directory = Path(directory)
+    mpath = directory / EXPORT_MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        raise DeltaIntegrityError(f"{directory}: no readable {EXPORT_MANIFEST} ({e})") from None
+    if manifest.get("format") != EXPORT_FORMAT:
+        model, tok = load_model(str(directory), device, dtype)
+        return model, tok, manifest
+    manifest = read_manifest(mpath, EXPORT_FORMAT)
+    base = directory / manifest["base"]["dir"]
+    if _tree_hashes(base) != manifest["base"]["sha256"]:
+        raise DeltaIntegrityError(f"{base}: the base checkpoint's files do not match the export manifest")
+    sets = [PatchSet.load(directory / v["dir"], v["patches"]) for v in manifest["versions"]]
+    model, tok = load_model(str(base), device, dtype or getattr(torch, manifest["base"]["dtype"]))
+    for v, patches in zip(manifest["versions"], sets):
+        log.info("applying exported v%s (%s)", v["version"], ", ".join(p.kind for p in patches))
+        patches.apply(model)
+    return model, tok, manifest

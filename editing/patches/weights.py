@@ -1,34 +1,27 @@
-"""WeightDelta: what an edit changed, per parameter, as low-rank factors or a dense tensor.
+"""WeightDelta: a patch that adds to existing parameters, as low-rank factors or a dense tensor.
 
-Invariants:
-- an edit reaches the model only through ``WeightDelta.apply``, so applying the same deltas
-  in the same order to the same base (device, dtype) reproduces the edited weights bit for bit;
-- ``apply`` returns an ``Undo`` holding the touched tensors as they were, and ``Undo.restore``
-  puts them back bit for bit (subtracting the update would not: float addition does not invert);
-- a saved delta is a safetensors file plus a manifest with its sha256, checked before loading.
+On disk (format ``kedit-weight-delta/1``, unchanged since editing/delta.py): ``delta.safetensors``
+(fp32 factors) and ``delta.json`` with their sha256. Manifests written now also carry a hash of
+their own content; older ones without it still load (the version manifest vouches for them).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kedit.core.errors import KeditError
 from kedit.core.paths import sha256_file
+
+from .base import DeltaIntegrityError, Patch, Undo, check_file, read_manifest, register_patch_kind, write_manifest
 
 FORMAT = "kedit-weight-delta/1"
 TENSORS = "delta.safetensors"
 MANIFEST = "delta.json"
-
-
-class DeltaIntegrityError(KeditError):
-    """A stored delta is missing, tampered with, or does not fit the model."""
 
 
 @dataclass(frozen=True)
@@ -54,20 +47,14 @@ class Dense:
         return self.d.float()
 
 
+@register_patch_kind
 @dataclass
-class Undo:
-    """The touched parameters as they were before a delta was applied."""
+class WeightDelta(Patch):
+    """Per parameter name, an update added in fp32 and stored in the parameter's dtype."""
 
-    saved: dict[str, torch.Tensor]
+    kind: ClassVar[str] = "weight-delta"
+    files: ClassVar[tuple[str, ...]] = (TENSORS, MANIFEST)
 
-    def restore(self, model: nn.Module) -> None:
-        with torch.no_grad():
-            for name, old in self.saved.items():
-                model.get_parameter(name).copy_(old)
-
-
-@dataclass
-class WeightDelta:
     parts: dict[str, LowRank | Dense] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -84,16 +71,33 @@ class WeightDelta:
 
     def apply(self, model: nn.Module) -> Undo:
         """Add every update to its parameter (fp32 arithmetic, stored in the parameter's dtype)."""
-        saved = {}
-        with torch.no_grad():
-            for name, upd in self.parts.items():
-                p = _param(model, name)
-                d = upd.dense().to(p.device)
-                if d.shape != p.shape:
-                    raise DeltaIntegrityError(f"delta for {name} has shape {tuple(d.shape)}, parameter has {tuple(p.shape)}")
-                saved[name] = p.detach().clone()
-                p.copy_((p.float() + d).to(p.dtype))
-        return Undo(saved)
+        saved: dict[str, torch.Tensor] = {}
+        try:
+            with torch.no_grad():
+                for name, upd in self.parts.items():
+                    p = _param(model, name)
+                    d = upd.dense().to(p.device)
+                    if d.shape != p.shape:
+                        raise DeltaIntegrityError(f"delta for {name} has shape {tuple(d.shape)}, parameter has {tuple(p.shape)}")
+                    saved[name] = p.detach().clone()
+                    p.copy_((p.float() + d).to(p.dtype))
+        except BaseException:
+            Undo.of_tensors(saved).restore(model)  # a delta that does not fit leaves the model as it was
+            raise
+        return Undo.of_tensors(saved)
+
+    def is_empty(self) -> bool:
+        return not self.parts
+
+    def describe(self) -> dict[str, Any]:
+        params, size = {}, 0
+        for name, u in self.parts.items():
+            lowrank = isinstance(u, LowRank)
+            # u (rows, r) @ v (r, cols) covers a (rows, cols) parameter
+            shape = [u.u.shape[0], u.v.shape[1]] if lowrank else list(u.d.shape)
+            params[name] = {"form": "lowrank" if lowrank else "dense", "rank": u.rank if lowrank else None, "shape": shape}
+            size += 4 * (u.u.numel() + u.v.numel() if lowrank else u.d.numel())  # stored as fp32
+        return {"kind": self.kind, "parameters": params, "bytes": size}
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -119,26 +123,15 @@ class WeightDelta:
             },
             "meta": self.meta,
         }
-        (d / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        write_manifest(d / MANIFEST, manifest)
         return d
 
     @classmethod
     def load(cls, directory: str | Path) -> WeightDelta:
         """Load a saved delta after checking its hash; refuses anything that does not match."""
         d = Path(directory)
-        try:
-            manifest = json.loads((d / MANIFEST).read_text())
-        except FileNotFoundError:
-            raise DeltaIntegrityError(f"{d}: no {MANIFEST}") from None
-        except json.JSONDecodeError as e:
-            raise DeltaIntegrityError(f"{d / MANIFEST}: not valid JSON ({e})") from None
-        if manifest.get("format") != FORMAT:
-            raise DeltaIntegrityError(f"{d / MANIFEST}: unknown format {manifest.get('format')!r}")
-        if not (d / TENSORS).is_file():
-            raise DeltaIntegrityError(f"{d}: no {TENSORS}")
-        actual = sha256_file(d / TENSORS)
-        if actual != manifest.get("sha256"):
-            raise DeltaIntegrityError(f"{d / TENSORS}: sha256 {actual} does not match the manifest's {manifest.get('sha256')}")
+        manifest = read_manifest(d / MANIFEST, FORMAT, require_self_sha=False)
+        check_file(d / TENSORS, manifest.get("sha256"))
         tensors = load_file(str(d / TENSORS))
         parts: dict[str, LowRank | Dense] = {}
         for name, info in manifest["parts"].items():

@@ -1,0 +1,41 @@
+"""What an edit leaves behind, as patches of registered kinds (see base.py for the protocol)."""
+
+from .adapter import LinearAdapter
+from .base import (
+    PATCH_KINDS,
+    DeltaIntegrityError,
+    ModuleSwap,
+    Patch,
+    PatchIntegrityError,
+    TensorSnapshot,
+    Undo,
+    patch_kind,
+    register_patch_kind,
+)
+from .modules import MODULE_TYPES, Installable, InstalledModule, ModulePatch, install, module_type, register_module_type
+from .patchset import PatchSet
+from .weights import Dense, LowRank, WeightDelta
+
+__all__ = [
+    "MODULE_TYPES",
+    "PATCH_KINDS",
+    "DeltaIntegrityError",
+    "Dense",
+    "Installable",
+    "InstalledModule",
+    "LinearAdapter",
+    "LowRank",
+    "ModulePatch",
+    "ModuleSwap",
+    "Patch",
+    "PatchIntegrityError",
+    "PatchSet",
+    "TensorSnapshot",
+    "Undo",
+    "WeightDelta",
+    "install",
+    "module_type",
+    "patch_kind",
+    "register_module_type",
+    "register_patch_kind",
+]

@@ -1,0 +1,176 @@
+"""ModulePatch: modules installed at named paths in place of the modules they wrap, plus their tensors.
+
+An installable module holds the module it replaces as ``self.original`` (and usually calls it).
+To rebuild without the editor that made it, each installable type is registered by name with a
+``from_config(config, original)`` constructor and a JSON-able ``config()``; its tensors are its own
+state_dict minus the wrapped original's (which the base, or earlier patches, already provide).
+
+On disk (format ``kedit-module-patch/1``): ``modules.safetensors`` (tensors keyed
+``<index>::<name>``, in their own dtype) and ``modules.json`` (per module: path, type, config,
+tensor names; the tensors' sha256; a hash of the manifest's own content).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kedit.core.paths import sha256_file
+
+from .base import DeltaIntegrityError, ModuleSwap, Patch, Undo, check_file, read_manifest, register_patch_kind, write_manifest
+
+FORMAT = "kedit-module-patch/1"
+TENSORS = "modules.safetensors"
+MANIFEST = "modules.json"
+ORIGINAL = "original"
+
+
+class Installable(nn.Module):
+    """A module that takes the place of ``original`` at its path; subclasses register with ``register_module_type``."""
+
+    type_name: ClassVar[str]
+    original: nn.Module
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], original: nn.Module) -> Installable:
+        """A module of this type around ``original``, its own tensors allocated (values come from the patch)."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """What ``from_config`` needs besides the original, JSON-able."""
+        raise NotImplementedError
+
+    def own_state(self) -> dict[str, torch.Tensor]:
+        """The state_dict without the wrapped original's entries: what a patch must store."""
+        prefix = ORIGINAL + "."
+        return {k: v for k, v in self.state_dict(keep_vars=True).items() if not k.startswith(prefix)}
+
+
+MODULE_TYPES: dict[str, type[Installable]] = {}
+
+
+def register_module_type(cls: type[Installable]) -> type[Installable]:
+    if cls.type_name in MODULE_TYPES:
+        raise ValueError(f"module type {cls.type_name!r} is already registered ({MODULE_TYPES[cls.type_name].__module__})")
+    MODULE_TYPES[cls.type_name] = cls
+    return cls
+
+
+def module_type(name: str) -> type[Installable]:
+    if name not in MODULE_TYPES:
+        raise DeltaIntegrityError(f"unknown module type {name!r}; known: {', '.join(sorted(MODULE_TYPES))}")
+    return MODULE_TYPES[name]
+
+
+@dataclass
+class InstalledModule:
+    """One install: at ``path``, a ``type`` built from ``config`` around what was there, with these tensors."""
+
+    path: str
+    type: str
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    @classmethod
+    def snapshot(cls, path: str, module: Installable) -> InstalledModule:
+        """Copies, so training the live module later does not change what this edit recorded."""
+        tensors = {k: v.detach().clone() for k, v in module.own_state().items()}
+        return cls(path, module.type_name, module.config(), tensors)
+
+    def build(self, original: nn.Module) -> Installable:
+        module = module_type(self.type).from_config(self.config, original)
+        own = module.own_state()
+        if set(own) != set(self.tensors):
+            raise DeltaIntegrityError(f"{self.path}: {self.type} holds {sorted(own)}, the patch stores {sorted(self.tensors)}")
+        with torch.no_grad():
+            for k, t in own.items():
+                want = self.tensors[k]
+                if t.shape != want.shape or t.dtype != want.dtype:
+                    have, stored = f"{tuple(t.shape)} {t.dtype}", f"{tuple(want.shape)} {want.dtype}"
+                    raise DeltaIntegrityError(f"{self.path}.{k}: the module holds {have}, the patch stores {stored}")
+                t.copy_(want)
+        return module
+
+
+def install(model: nn.Module, path: str, module: Installable) -> Undo:
+    """Put ``module`` at ``path`` (it must wrap the module there now); the Undo puts the very same original back."""
+    original = _submodule(model, path)
+    if getattr(module, ORIGINAL, None) is not original:
+        raise DeltaIntegrityError(f"{path}: an installed module must hold the module it replaces as .{ORIGINAL}")
+    model.set_submodule(path, module)
+    return Undo([ModuleSwap(path, original)])
+
+
+@register_patch_kind
+@dataclass
+class ModulePatch(Patch):
+    """Installs, in order (a later one at the same path wraps the earlier one)."""
+
+    kind: ClassVar[str] = "module-patch"
+    files: ClassVar[tuple[str, ...]] = (TENSORS, MANIFEST)
+
+    modules: list[InstalledModule] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def apply(self, model: nn.Module) -> Undo:
+        """Build each module around what its path holds now and install it; all or nothing."""
+        undo = Undo()
+        try:
+            for m in self.modules:
+                module = m.build(_submodule(model, m.path))
+                undo.extend(install(model, m.path, module))
+        except BaseException:
+            undo.restore(model)
+            raise
+        return undo
+
+    def is_empty(self) -> bool:
+        return not self.modules
+
+    def describe(self) -> dict[str, Any]:
+        mods = [
+            {"path": m.path, "type": m.type, "config": m.config, "numel": sum(t.numel() for t in m.tensors.values())}
+            for m in self.modules
+        ]
+        size = sum(t.numel() * t.element_size() for m in self.modules for t in m.tensors.values())
+        return {"kind": self.kind, "paths": [m.path for m in self.modules], "modules": mods, "bytes": size}
+
+    def save(self, directory: str | Path) -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{i}::{k}": t.detach().cpu().contiguous() for i, m in enumerate(self.modules) for k, t in m.tensors.items()}
+        save_file(tensors, str(d / TENSORS))
+        entries = [{"path": m.path, "type": m.type, "config": m.config, "tensors": sorted(m.tensors)} for m in self.modules]
+        manifest = {"format": FORMAT, "sha256": sha256_file(d / TENSORS), "modules": entries, "meta": self.meta}
+        write_manifest(d / MANIFEST, manifest)
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ModulePatch:
+        """Checks the manifest and the tensors' sha256, and that every type is known, before building anything."""
+        d = Path(directory)
+        manifest = read_manifest(d / MANIFEST, FORMAT)
+        check_file(d / TENSORS, manifest.get("sha256"))
+        tensors = load_file(str(d / TENSORS))
+        modules = []
+        for i, e in enumerate(manifest["modules"]):
+            module_type(e["type"])
+            missing = [k for k in e["tensors"] if f"{i}::{k}" not in tensors]
+            if missing:
+                raise DeltaIntegrityError(f"{d / TENSORS}: no tensors {missing} for {e['path']}")
+            modules.append(InstalledModule(e["path"], e["type"], e["config"], {k: tensors[f"{i}::{k}"] for k in e["tensors"]}))
+        return cls(modules, manifest.get("meta", {}))
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module:
+    if not path:
+        raise DeltaIntegrityError("a module patch cannot replace the model itself")
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise DeltaIntegrityError(f"the model has no module {path!r}") from None
