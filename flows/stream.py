@@ -1,8 +1,9 @@
 """The continual-editing flow: validate → open → (model slot) restore production → per batch: edit, gate, commit or roll back.
 
-Tasks pass ids, paths, configs, metrics and gate reports (a typed ``GateReport``); the model stays in the process's StreamSession
-(``kedit.stream``). No task caches its result (``NO_CACHE``): an edit must run every time it is
-asked for, and never twice because of a retry: only tracking writes are retried.
+Tasks pass ids, paths, configs, metrics and gate reports (a typed ``GateReport``); the model
+stays in the process's StreamSession (``kedit.stream``). No task caches its result (``NO_CACHE``):
+an edit must run every time it is asked for, and never twice because of a retry: only tracking
+writes are retried.
 """
 
 from __future__ import annotations
