@@ -1,8 +1,9 @@
 """The continual-editing flow: validate → open → (model slot) restore production → per batch: edit, gate, commit or roll back.
 
-Tasks pass ids, paths, configs and metrics; the model stays in the process's StreamSession
-(``kedit.stream``). No task caches its result (``NO_CACHE``): an edit must run every time it is
-asked for, and never twice because of a retry: only tracking writes are retried.
+Tasks pass ids, paths, configs, metrics and gate reports (a typed ``GateReport``); the model
+stays in the process's StreamSession (``kedit.stream``). No task caches its result (``NO_CACHE``):
+an edit must run every time it is asked for, and never twice because of a retry: only tracking
+writes are retried.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import transaction
 
+from evaluation.gates import GateReport
 from kedit.pipeline import stream as lib
 
 from .locks import one_stream_per_model
@@ -53,17 +55,17 @@ def _revert(txn) -> None:
 
 
 @task(name="check-gates", **EDIT)
-def check_gates(session_id: str) -> dict:
+def check_gates(session_id: str) -> GateReport:
     return lib.check_gates(session_id)
 
 
 @task(name="commit-version", **EDIT)
-def commit_version(session_id: str, report: dict) -> str:
+def commit_version(session_id: str, report: GateReport) -> str:
     return lib.commit_version(session_id, report)
 
 
 @task(name="record-attempt", **TRACK)
-def record_attempt(session_id: str, report: dict, verdict: str, quarantine: bool) -> dict:
+def record_attempt(session_id: str, report: GateReport, verdict: str, quarantine: bool) -> dict:
     return lib.record_attempt(session_id, report, verdict, quarantine)
 
 
@@ -79,13 +81,13 @@ def attempt(session_id: str, ids: list[str], name: str, bisect: bool) -> None:
         txn.set("session_id", session_id)
         apply_edits(session_id, ids, name)
         report = check_gates(session_id)
-        if report["passed"]:
+        if report.passed:
             commit_version(session_id, report)
         else:
             txn.rollback()
-    isolate = not report["passed"] and bisect and len(ids) > 1
-    verdict = "accepted" if report["passed"] else "rolled_back"
-    record_attempt(session_id, report, verdict, quarantine=not report["passed"] and not isolate)
+    isolate = not report.passed and bisect and len(ids) > 1
+    verdict = "accepted" if report.passed else "rolled_back"
+    record_attempt(session_id, report, verdict, quarantine=not report.passed and not isolate)
     lib.note_wall(session_id, time.perf_counter() - t0)
     if isolate:
         half = len(ids) // 2

@@ -1,58 +1,122 @@
-"""Gates: strict configuration, and each gate's number computed by hand on a bigram model."""
+"""Gates: strict gate files, the registry, the suite's hooks, and each gate's number computed by hand on a bigram model."""
 
 from __future__ import annotations
 
-import dataclasses
+import json
+from typing import ClassVar
 
 import pytest
 import torch
+import yaml
 from conftest import BigramLM, make_tokenizer
 
+from evaluation.capability import CapabilityResult
 from evaluation.gates import (
-    Baselines,
-    GateConfig,
-    GateConfigError,
+    GATES,
+    ConfigError,
+    Gate,
+    GateReport,
+    Outcome,
+    Threshold,
+    at_most,
     default_gates_path,
     edit_checks,
-    evaluate,
-    gates_from_dict,
     load_gates,
+    register_gate,
     regression,
+    suite_from_mapping,
 )
+from evaluation.gates import capability as capability_gate
+from kedit.core.config import StrictConfig
 from kedit.core.facts import EditRequest, Fact, Neighbor
+from kedit.core.paths import project_data_dir
+
+EDITS = {"gate": "edits", "efficacy_min": 0.75, "generalization_min": 0.25, "specificity_max_drop": 0.3}
+RETENTION = {"gate": "retention", "min": 0.8}
+DRAWDOWN = {"gate": "drawdown", "base_max": 0.15, "step_max": 0.05, "retain_facts": None}
+CAPABILITY = {"gate": "capability", "tasks": ["kedit_mc"], "limit": 40, "max_regression": {"kedit_mc/acc": 0.1}}
 
 
-def test_the_shipped_defaults_are_the_code_defaults():
+def suite(*gates: dict, bisect: bool = True):
+    return suite_from_mapping({"gates": list(gates), "bisect": bisect})
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "gates.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- the files
+
+
+def test_the_shipped_files_keep_their_thresholds():
     shipped = load_gates(default_gates_path())
-    assert dataclasses.replace(shipped, source="") == dataclasses.replace(GateConfig(), source="")
+    assert shipped.names == ["edits", "retention", "drawdown", "capability"] and shipped.bisect
+    params = shipped.params()
+    assert params == {
+        "bisect": True,
+        "edits.efficacy_min": 0.75,
+        "edits.generalization_min": 0.25,
+        "edits.specificity_max_drop": 0.3,
+        "retention.min": 0.8,
+        "drawdown.base_max": 0.15,
+        "drawdown.step_max": 0.05,
+        "drawdown.retain_facts": None,
+        "capability.tasks": ["kedit_mc", "kedit_ppl"],
+        "capability.limit": 40,
+        "capability.max_regression.kedit_mc/acc": 0.1,
+        "capability.max_regression.kedit_ppl/word_perplexity": 0.05,
+    }
+    demo = load_gates(project_data_dir() / "gates" / "demo.yaml").params()
+    # the demo logs paraphrases and neighbours without enforcing them; everything else is the default
+    assert demo == {**params, "edits.generalization_min": None, "edits.specificity_max_drop": None}
 
 
 @pytest.mark.parametrize(
     "data, message",
     [
-        ({"efficacy_minimum": 0.9}, "unknown key 'efficacy_minimum'"),
-        ({"retention_min": "high"}, "retention_min: expected a non-negative number"),
-        ({"drawdown_max": -0.1}, "drawdown_max"),
-        ({"capability_tasks": "kedit_mc"}, "capability_tasks: expected a list"),
-        ({"capability_max_regression": {"acc": 0.1}}, "not 'task/metric'"),
-        ({"capability_max_regression": {"hellaswag/acc": 0.1}}, "'hellaswag' is not in capability_tasks"),
-        ({"capability_limit": 0}, "capability_limit"),
-        ({"bisect": "yes"}, "bisect: expected true or false"),
+        ({"efficacy_min": 0.9, "bisect": True}, r"efficacy_min\) are the old layout; list gates by name"),
+        ({"gates": [EDITS, {**DRAWDOWN, "base_maxx": 0.1}], "bisect": True}, r"gates\[1\]\.base_maxx: unknown key"),
+        ({"gates": [EDITS, {"gate": "capabilty"}], "bisect": True}, r"gates\[1\]: unknown gate 'capabilty' \(registered: "),
+        ({"gates": [{"efficacy_min": 0.5}], "bisect": True}, r"gates\[0\]: missing key 'gate'"),
+        ({"gates": [{**RETENTION, "min": "high"}], "bisect": True}, r"gates\[0\]\.min: "),
+        ({"gates": [{**DRAWDOWN, "base_max": -0.1}], "bisect": True}, r"gates\[0\]\.base_max: "),
+        (
+            {"gates": [{"gate": "drawdown", "base_max": 0.1, "retain_facts": None}], "bisect": True},
+            r"gates\[0\]\.step_max: missing",
+        ),
+        ({"gates": [{**CAPABILITY, "tasks": "kedit_mc"}], "bisect": True}, r"gates\[0\]\.tasks: "),
+        ({"gates": [{**CAPABILITY, "tasks": []}], "bisect": True}, r"gates\[0\]\.tasks: "),
+        ({"gates": [{**CAPABILITY, "max_regression": {"acc": 0.1}}], "bisect": True}, "not 'task/metric'"),
+        (
+            {"gates": [{**CAPABILITY, "max_regression": {"hellaswag/acc": 0.1}}], "bisect": True},
+            "'hellaswag', which is not in tasks",
+        ),
+        ({"gates": [{**CAPABILITY, "limit": 0}], "bisect": True}, r"gates\[0\]\.limit"),
+        ({"gates": [EDITS, EDITS], "bisect": True}, "listed twice"),
+        ({"gates": [EDITS], "bisect": "yes"}, "bisect: "),
+        ({"gates": [EDITS]}, "bisect: missing key"),
     ],
 )
 def test_bad_gate_files_name_the_file_and_the_key(tmp_path, data, message):
-    import yaml
-
-    path = tmp_path / "gates.yaml"
-    path.write_text(yaml.safe_dump(data))
-    with pytest.raises(GateConfigError, match=message) as err:
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError, match=message) as err:
         load_gates(path)
-    assert str(path) in str(err.value)
+    assert str(err.value).startswith(f"{path}: ")
 
 
-def test_null_disables_a_gate():
-    cfg = gates_from_dict({"efficacy_min": None, "capability_tasks": [], "capability_max_regression": {}})
-    assert cfg.efficacy_min is None and cfg.capability_tasks == ()
+def test_null_disables_a_threshold_and_a_left_out_gate_is_not_run():
+    tok = make_tokenizer()
+    model = bigram(tok, {"is": {"paris": 5.0}})  # the edit does not hold: efficacy 0
+    s = suite({**EDITS, "efficacy_min": None})
+    report = s.measure(model, tok, [REQ], [], s.before(model, tok, [REQ]))
+    assert report.metrics["efficacy"] == 0.0 and "efficacy" not in {c.gate for c in report.checks}
+    assert set(report.metrics) == {"efficacy", "generalization", "specificity", "specificity_drop"}  # no retention, drawdown
+    assert set(report.seconds) == {"edits"}
+
+
+# ----------------------------------------------------------------------------- the numbers, by hand
 
 
 def bigram(tok, favourites: dict[str, dict[str, float]]):
@@ -85,16 +149,20 @@ def test_edit_checks_by_hand():
     assert c.paraphrase_ok.tolist() == [True, False]  # "... is": rome wins; "... city": paris wins
     assert c.neighbor_ok.tolist() == [False, True]  # germany's "is" now prefers rome; alice keeps french
     assert (c.efficacy, c.generalization, c.specificity) == (1.0, 0.5, 0.5)
+    assert suite(EDITS).before(model, tok, [REQ]) == {"edits": c.specificity}  # before: the neighbours alone, same number
 
 
-def test_evaluate_reports_each_gate_against_its_threshold():
+def test_evaluate_reports_each_gate_against_its_threshold(tmp_path):
     tok = make_tokenizer()
     before_model = bigram(tok, {"is": {"paris": 5.0, "berlin": 6.0}, "speaks": {"french": 2.0}})
     after_model = bigram(tok, {"is": {"rome": 7.0, "berlin": 6.0, "paris": 5.0}, "speaks": {"french": 2.0}})
-    retain = [Fact("the capital of germany is", "berlin"), Fact("alice speaks", "french")]
-    before = edit_checks(before_model, tok, [REQ])
-    cfg = gates_from_dict({"capability_tasks": [], "capability_max_regression": {}, "generalization_min": 0.6})
-    report = evaluate(after_model, tok, cfg, [REQ], before, [], Baselines(retain, 1.0))
+    retain = tmp_path / "retain.jsonl"
+    facts = [Fact("the capital of germany is", "berlin"), Fact("alice speaks", "french")]
+    retain.write_text("".join(json.dumps({"prompt": f.prompt, "answer": f.answer}) + "\n" for f in facts))
+    s = suite({**EDITS, "generalization_min": 0.6}, RETENTION, {**DRAWDOWN, "retain_facts": str(retain)})
+    s.on_base(before_model, tok)  # the base model knows both facts: the retain set
+    before = s.before(before_model, tok, [REQ])
+    report = s.measure(after_model, tok, [REQ], [], before)
     m = report.metrics
     assert m["efficacy"] == 1.0
     assert m["specificity"] == 0.5 and m["specificity_drop"] == pytest.approx(0.5)  # germany flipped to rome
@@ -104,6 +172,11 @@ def test_evaluate_reports_each_gate_against_its_threshold():
     assert not report.passed and "drawdown_base=0.5" in report.reason()
     assert "retention" not in {c.gate for c in report.checks}  # nothing earlier to retain: no check, not a pass
     assert report.holding == ["r1"]
+    assert "drawdown_prev=0.5 (FAILED; limit 0.05 max over 2 known facts)" in report.reason()
+
+    s.on_accept(report)  # accepted anyway: the previous version now knows half, and losing nothing more passes
+    again = s.measure(after_model, tok, [REQ], [REQ], s.before(after_model, tok, [REQ]))
+    assert again.metrics["drawdown_prev"] == 0.0 and again.metrics["retention"] == 1.0
 
 
 def test_retention_counts_only_edits_that_held_before():
@@ -112,16 +185,106 @@ def test_retention_counts_only_edits_that_held_before():
     held = EditRequest("e1", "france", "the capital of {} is", "rome", "paris")  # holds now
     broken = EditRequest("e2", "bob", "{} speaks", "german", "french")  # does not hold now
     never = EditRequest("e3", "alice", "{} speaks", "german", "french")  # never took: tolerated in its batch
-    cfg = gates_from_dict({"capability_tasks": [], "capability_max_regression": {}, "retention_min": 0.9})
-    before = edit_checks(model, tok, [REQ])
-    report = evaluate(model, tok, cfg, [REQ], before, [held, broken, never], Baselines([], 1.0, {"e1", "e2"}))
+    s = suite(EDITS, {**RETENTION, "min": 0.9})
+    s.on_accept(GateReport([], {}, {}, ["e1", "e2"]))  # the previous version: e1 and e2 held there
+    before = s.before(model, tok, [REQ])
+    report = s.measure(model, tok, [REQ], [held, broken, never], before)
     assert report.metrics["retention"] == 0.5  # e1 still holds, e2 broke; e3 is not counted
     assert report.metrics["retention_all"] == pytest.approx(1 / 3)
     assert "retention" in {c.gate for c in report.failed}
     assert set(report.holding) == {"e1", "r1"}
+
+    s.on_production(model, tok, [held, broken, never])  # restored: what holds is measured on the model
+    assert s.measure(model, tok, [REQ], [held, broken, never], before).metrics["retention"] == 1.0
 
 
 def test_regression_direction():
     assert regression(0.5, 0.4, higher_is_better=True) == pytest.approx(0.2)
     assert regression(20.0, 22.0, higher_is_better=False) == pytest.approx(0.1)
     assert regression(20.0, 18.0, higher_is_better=False) < 0
+
+
+def test_capability_gate_regresses_against_the_base_and_moves_its_previous_values(monkeypatch):
+    values = iter([{"kedit_mc/acc": 0.5}, {"kedit_mc/acc": 0.4}, {"kedit_mc/acc": 0.45}])
+
+    class FakeSuite:  # lm-eval stands aside: the gate's arithmetic and names are what is tested here
+        def __init__(self, tasks, limit):
+            assert (tuple(tasks), limit) == (("kedit_mc",), 40)
+
+        def evaluate(self, model, tok):
+            return CapabilityResult(next(values), {"kedit_mc/acc": True}, {"kedit_mc": 40}, 0.0)
+
+    monkeypatch.setattr(capability_gate, "CapabilitySuite", FakeSuite)
+    s = suite(CAPABILITY)
+    s.on_base(None, None)  # base: 0.5
+    report = s.measure(None, None, [], [], s.before(None, None, []))  # 0.4: 20% worse than the base
+    assert report.metrics == {"cap/kedit_mc/acc": 0.4, "cap_regression_base/kedit_mc/acc": pytest.approx(0.2)} | {
+        "cap_regression_prev/kedit_mc/acc": pytest.approx(0.2)
+    }
+    assert [str(c) for c in report.failed] == ["capability:kedit_mc/acc=0.2 (FAILED; limit 0.1 max relative to base)"]
+    s.on_accept(report)
+    report = s.measure(None, None, [], [], {})  # 0.45: better than the previous version, still 10% under the base
+    assert report.metrics["cap_regression_prev/kedit_mc/acc"] == pytest.approx(-0.125)
+    assert report.metrics["cap_regression_base/kedit_mc/acc"] == pytest.approx(0.1) and report.passed
+
+
+# ----------------------------------------------------------------------------- adding a gate
+
+
+class ToyConfig(StrictConfig):
+    max_batch: Threshold
+
+
+class ToyGate(Gate):
+    """A gate on the batch size, recording the hooks it sees."""
+
+    name = "toy"
+    Config = ToyConfig
+    calls: ClassVar[list[str]] = []
+
+    def on_base(self, model, tok):
+        self.calls.append("on_base")
+
+    def on_production(self, model, tok, earlier):
+        self.calls.append("on_production")
+
+    def before(self, model, tok, batch):
+        self.calls.append("before")
+        return len(batch)
+
+    def measure(self, step, before):
+        self.calls.append("measure")
+        return Outcome({"toy_batch": float(before)}, [at_most("toy", float(len(step.batch)), self.cfg.max_batch)])
+
+    def on_accept(self, report):
+        self.calls.append(f"on_accept:{report.metrics['toy_batch']:g}")
+
+
+@pytest.fixture
+def toy_gate():
+    register_gate(ToyGate)
+    ToyGate.calls.clear()
+    yield ToyGate
+    GATES.pop("toy")
+
+
+def test_a_new_gate_is_one_class_and_one_entry_in_the_file(tmp_path, toy_gate):
+    tok = make_tokenizer()
+    model = bigram(tok, {"is": {"rome": 5.0}})
+    s = load_gates(write(tmp_path, {"gates": [{"gate": "toy", "max_batch": 1}, EDITS], "bisect": False}))
+    assert s.names == ["toy", "edits"] and not s.bisect and s.params()["toy.max_batch"] == 1
+    s.on_base(model, tok)
+    s.on_production(model, tok, [])
+    report = s.measure(model, tok, [REQ, REQ], [], s.before(model, tok, [REQ, REQ]))
+    assert report.metrics["toy_batch"] == 2.0 and list(report.seconds) == ["toy", "edits"]
+    assert [c.gate for c in report.failed] == ["toy"] and report.reason().startswith("toy=2 (FAILED; limit 1 max")
+    s.on_accept(report)
+    assert toy_gate.calls == ["on_base", "on_production", "before", "measure", "on_accept:2"]
+    with pytest.raises(ValueError, match="already registered"):
+        register_gate(ToyGate)
+
+
+def test_a_gate_not_registered_is_an_error_listing_the_registered_ones(tmp_path):
+    path = write(tmp_path, {"gates": [{"gate": "toy", "max_batch": 1}], "bisect": True})
+    with pytest.raises(ConfigError, match=r"unknown gate 'toy' \(registered: capability, drawdown, edits, retention\)"):
+        load_gates(path)

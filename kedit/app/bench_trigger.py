@@ -55,7 +55,10 @@ def bench_trigger(n_feeds: int = 10, timeout: float = 300.0) -> dict:
             (root / "corpus.txt").write_text("\n".join(CORPUS))
             # permissive gates: this measures the trigger path, not edit quality
             gates = write_gates(
-                root / "gates.yaml", efficacy_min=None, retention_min=None, drawdown_max=None, drawdown_step_max=None
+                root / "gates.yaml",
+                edits={"efficacy_min": None},
+                retention={"min": None},
+                drawdown={"base_max": None, "step_max": None},
             )
             feeds = root / "feeds"
             feeds.mkdir()

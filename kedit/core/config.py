@@ -34,15 +34,15 @@ class StrictConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-def _where(loc: tuple) -> str:
-    out = ""
+def _where(loc: tuple, at: str = "") -> str:
+    out = at
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "<root>"
 
 
-def _describe(err: dict, fields: str) -> str:
-    where = _where(err["loc"])
+def _describe(err: dict, fields: str, at: str = "") -> str:
+    where = _where(err["loc"], at)
     kind = err["type"]
     if kind == "extra_forbidden":
         return f"{where}: unknown key{fields}"
@@ -51,17 +51,20 @@ def _describe(err: dict, fields: str) -> str:
     return f"{where}: {err['msg'].lower()}, got {err.get('input')!r}"
 
 
-def from_mapping(cls: type[C], data: Any, source: str = "<dict>") -> C:
-    """Build ``cls`` from a mapping; every problem is reported with ``source`` and the dotted key."""
+def from_mapping(cls: type[C], data: Any, source: str = "<dict>", at: str = "") -> C:
+    """Build ``cls`` from a mapping; every problem is reported with ``source`` and the dotted key.
+
+    ``at`` is where the mapping sits in its file (``gates[2]``), for a section validated on its own."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+        where = f"{at}: " if at else ""
+        raise ConfigError(f"{source}: {where}expected a mapping for {cls.__name__}, got {type(data).__name__}")
     try:
         return cls.model_validate(dict(data))
     except ValidationError as e:
         errors = e.errors(include_url=False)
-        allowed = f" (allowed at the top: {', '.join(cls.model_fields)})"
-        first = _describe(errors[0], allowed if len(errors[0]["loc"]) == 1 else "")
-        more = f" (and {len(errors) - 1} more: {'; '.join(_describe(x, '') for x in errors[1:3])})" if len(errors) > 1 else ""
+        allowed = f" (allowed{'' if at else ' at the top'}: {', '.join(cls.model_fields)})"
+        first = _describe(errors[0], allowed if len(errors[0]["loc"]) == 1 else "", at)
+        more = f" (and {len(errors) - 1} more: {'; '.join(_describe(x, '', at) for x in errors[1:3])})" if len(errors) > 1 else ""
         raise ConfigError(f"{source}: {first}{more}") from None
 
 

@@ -130,20 +130,21 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def write_gates(path: Path, **overrides) -> Path:
+    """Gates for the tiny model (no lm-eval gate). ``overrides`` per gate name: a mapping merged into that
+    gate's section (``drawdown={"step_max": None}``), or None to leave the gate out; ``bisect=False``."""
     import yaml
 
     retain = write_jsonl(path.with_name("retain.jsonl"), [{"prompt": p, "answer": a} for p, a in KNOWN])
-    gates = {
-        "retain_facts": str(retain),
-        "efficacy_min": 0.5,
-        "generalization_min": None,
-        "specificity_max_drop": None,
-        "retention_min": 0.5,
-        "drawdown_max": 0.2,
-        "drawdown_step_max": 0.1,  # 8 known facts: losing one fails
-        "capability_tasks": [],
-        "capability_max_regression": {},
-        **overrides,
+    sections = {
+        "edits": {"efficacy_min": 0.5, "generalization_min": None, "specificity_max_drop": None},
+        "retention": {"min": 0.5},
+        "drawdown": {"base_max": 0.2, "step_max": 0.1, "retain_facts": str(retain)},  # 8 known facts: losing one fails
     }
-    path.write_text(yaml.safe_dump(gates))
+    bisect = overrides.pop("bisect", True)
+    for name, section in overrides.items():
+        if name not in sections:
+            raise TypeError(f"write_gates: no gate {name!r} here (have {', '.join(sections)}, bisect)")
+        sections[name] = None if section is None else {**sections[name], **section}
+    gates = {"gates": [{"gate": name, **section} for name, section in sections.items() if section is not None], "bisect": bisect}
+    path.write_text(yaml.safe_dump(gates, sort_keys=False))
     return path

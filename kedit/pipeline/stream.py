@@ -1,7 +1,7 @@
 """The continual-editing stream as library functions; ``flows/stream.py`` calls one per task.
 
-The model, its editor and the gates' baselines live in one process-level ``StreamSession``,
-looked up by id: tasks exchange ids, paths, configs and metrics, never the model.
+The model, its editor and the gate suite (with its baselines) live in one process-level ``StreamSession``,
+looked up by id: tasks exchange ids, paths, configs, metrics and gate reports, never the model.
 
 Every fact that enters ends in exactly one place: accepted (with the version that holds it),
 quarantined (invalid record, editor cannot take it, or it failed a gate: with the reason), or
@@ -17,18 +17,17 @@ import logging
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from editing import DEFAULT_EDITOR, EditError, make_editor
-from evaluation.gates import Baselines, EditChecks, GateConfig, edit_checks, evaluate, load_gates
-from evaluation.metrics import build_retain_set, edit_success, knowledge_accuracy
+from evaluation.gates import GateReport, GateSuite, load_gates
 from kedit.core.config import flatten
 from kedit.core.errors import KeditError
-from kedit.core.facts import EditRequest, load_known_facts, load_many
+from kedit.core.facts import EditRequest, load_many
 from kedit.core.models import load_model, resolve
 from kedit.core.paths import sha256_file
 from kedit.store.naming import registered_name
@@ -138,8 +137,8 @@ class Attempt:
     ids: list[str]
     run_id: str
     parent_version: str | None
-    before: EditChecks
-    delta: Any = None  # the PatchSet this attempt applied (what Editor.edit returned)
+    before: dict[str, Any]  # each gate's measurement just before the edit (GateSuite.before)
+    patches: Any = None  # the PatchSet this attempt applied (what Editor.edit returned)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -149,15 +148,13 @@ class StreamSession:
 
     id: str
     cfg: StreamConfig
-    gates: GateConfig
+    gates: GateSuite  # the gates file's gates and the baselines they keep
     tracker: Tracker
     registered: str
     fingerprint: str
     model: Any
     tok: Any
     editor: Any
-    baselines: Baselines
-    capability: Any
     requests: dict[str, EditRequest] = field(default_factory=dict)  # this stream's plan
     earlier: list[EditRequest] = field(default_factory=list)  # accepted along the production chain
     production: str | None = None
@@ -191,8 +188,6 @@ def open_session(cfg: StreamConfig) -> str:
     """Load the base model, measure the baselines on it, and build the editor (statistics from the base)."""
     import torch
 
-    from evaluation.capability import CapabilitySuite
-
     gates = load_gates(cfg.gates)
     path = resolve(cfg.model)
     model, tok = load_model(cfg.model, cfg.device)
@@ -201,16 +196,7 @@ def open_session(cfg: StreamConfig) -> str:
     name = registered_name(cfg.model, fp)
     tracker.ensure_registered(name, fp, cfg.model)
 
-    retain = build_retain_set(model, tok, load_known_facts(gates.retain_path()))
-    log.info("retain set: %d facts the base model knows (of %s)", len(retain), gates.retain_path())
-    capability = None
-    base_cap: dict[str, float] = {}
-    hib: dict[str, bool] = {}
-    if gates.capability_tasks:
-        capability = CapabilitySuite(gates.capability_tasks, limit=gates.capability_limit)
-        res = capability.evaluate(model, tok)
-        base_cap, hib = dict(res.values), dict(res.higher_is_better)
-        log.info("capability on the base model (%.1f s): %s", res.seconds, _fmt(base_cap))
+    gates.on_base(model, tok)
 
     corpus = None
     if cfg.corpus:
@@ -221,8 +207,7 @@ def open_session(cfg: StreamConfig) -> str:
     with torch.no_grad():
         editor.prepare()  # statistics of the *base* model, so they are cached once per base
     sid = uuid.uuid4().hex[:12]
-    baselines = Baselines(retain, 1.0, set(), base_cap, dict(base_cap), hib)
-    SESSIONS[sid] = StreamSession(sid, cfg, gates, tracker, name, fp, model, tok, editor, baselines, capability)
+    SESSIONS[sid] = StreamSession(sid, cfg, gates, tracker, name, fp, model, tok, editor)
     return sid
 
 
@@ -244,18 +229,10 @@ def restore_production(session_id: str) -> dict:
         else:
             log.warning("production was made by %s; %s starts with fresh state", chain.editor, s.cfg.editor)
     s.history = [_history_point(v.tags) for v in chain.versions]
-    if prod is not None:
-        s.baselines.retain_prev = _accuracy(s)
-        ok = edit_success(s.model, s.tok, s.earlier).tolist() if s.earlier else []
-        s.baselines.holding = {r.id for r, k in zip(s.earlier, ok) if k}
-        if s.capability is not None:
-            s.baselines.capability_prev = dict(s.capability.evaluate(s.model, s.tok).values)
+    if prod is not None:  # on the base model the baselines measured at open stand
+        s.gates.on_production(s.model, s.tok, s.earlier)
     log.info("production: %s (%d edits applied)", f"v{s.production}" if s.production else "the base model", s.n_edits)
     return {"production": s.production, "n_edits": s.n_edits, "chain": [v.version for v in chain.versions]}
-
-
-def _accuracy(s: StreamSession) -> float:
-    return knowledge_accuracy(s.model, s.tok, s.baselines.retain) if s.baselines.retain else float("nan")
 
 
 def _history_point(tags: dict[str, str]) -> dict:
@@ -303,7 +280,7 @@ def start_stream(session_id: str, plan: Plan) -> list[list[str]]:
             "start_version": s.production or "base",
             "gates_file": s.gates.source,
             **{f"hparams.{k}": v for k, v in flatten(s.editor.hparams).items()},
-            **{f"gates.{k}": v for k, v in s.gates.to_dict().items() if k != "source"},
+            **{f"gates.{k}": v for k, v in s.gates.params().items()},
             **{f"feed_sha256.{Path(p).name}": h for p, h in plan.feed_sha256.items()},
         },
     )
@@ -339,7 +316,7 @@ def apply_edits(session_id: str, ids: list[str], attempt: str) -> dict:
     t_track = time.perf_counter() - t0
     batch = [s.requests[i] for i in ids]
     t0 = time.perf_counter()
-    before = edit_checks(s.model, s.tok, batch)
+    before = s.gates.before(s.model, s.tok, batch)
     t_before = time.perf_counter() - t0
     t0 = time.perf_counter()
     delta = s.editor.edit(batch)
@@ -361,29 +338,29 @@ def revert_edits(session_id: str) -> float:
     return dt
 
 
-def check_gates(session_id: str) -> dict:
-    """Evaluate every gate on the edited model; returns the report as a dict."""
+def check_gates(session_id: str) -> GateReport:
+    """Evaluate every gate on the edited model."""
     s = session(session_id)
     a = s.attempt
     batch = [s.requests[i] for i in a.ids]
-    report = evaluate(s.model, s.tok, s.gates, batch, a.before, s.earlier, s.baselines, s.capability)
+    report = s.gates.measure(s.model, s.tok, batch, s.earlier, a.before)
     for k, v in report.seconds.items():
         a.seconds[f"gate:{k}"] = v
-    return report.to_dict()
+    return report
 
 
-def commit_version(session_id: str, report: dict) -> str:
+def commit_version(session_id: str, report: GateReport) -> str:
     """Store the delta as a new version of the registered model and move ``production`` to it."""
     s = session(session_id)
     a = s.attempt
     t0 = time.perf_counter()
     batch = [s.requests[i] for i in a.ids]
     n_edits = s.n_edits + len(batch)
-    m = report["metrics"]
+    m = report.metrics
     with tempfile.TemporaryDirectory(prefix="kedit-version-") as tmp:
         sha = write_version(
             Path(tmp),
-            a.delta,
+            a.patches,
             s.editor.state_dict(),
             batch,
             {
@@ -412,11 +389,7 @@ def commit_version(session_id: str, report: dict) -> str:
     s.production = version
     s.n_edits = n_edits
     s.earlier += batch
-    s.baselines.retain_prev = m.get("retain_accuracy", s.baselines.retain_prev)
-    s.baselines.holding = set(report.get("holding", []))
-    s.baselines.capability_prev = {k.removeprefix("cap/"): v for k, v in m.items() if k.startswith("cap/")} or (
-        s.baselines.capability_prev
-    )
+    s.gates.on_accept(report)
     for fid in a.ids:
         s.accepted[fid] = version
     s.history.append({"n_edits": n_edits, **{k: m[k] for k in ("drawdown_base", "drawdown_prev", "retention") if k in m}})
@@ -425,19 +398,19 @@ def commit_version(session_id: str, report: dict) -> str:
     return version
 
 
-def record_attempt(session_id: str, report: dict, verdict: str, quarantine: bool) -> dict:
+def record_attempt(session_id: str, report: GateReport, verdict: str, quarantine: bool) -> dict:
     """Log the attempt's metrics, report and verdict; for a rejected single fact (or with bisection off), quarantine it."""
     s = session(session_id)
     a = s.attempt
     t0 = time.perf_counter()
-    checks = "; ".join(f"{c['gate']}={c['value']:.4g} (limit {c['threshold']:.4g})" for c in report["checks"] if not c["passed"])
+    reason = report.reason()
     q = []
     if quarantine:
         for fid in a.ids:
-            q.append(_quarantine(s, fid, f"failed gates: {checks}", gate="gates", attempt=a, report=report))
-    metrics = report["metrics"]
+            q.append(_quarantine(s, fid, f"failed gates: {reason}", gate="gates", attempt=a, report=report))
+    metrics = report.metrics
     s.tracker.log_metrics(a.run_id, metrics, step=s.n_edits)
-    s.tracker.log_dict(a.run_id, report, "gate_report.json")
+    s.tracker.log_dict(a.run_id, report.to_dict(), "gate_report.json")
     s.tracker.log_dict(a.run_id, {"fact_ids": a.ids, "parent_version": a.parent_version}, "batch.json")
     s.tracker.log_dict(a.run_id, q, "quarantine.json")
     tags = {T_VERDICT: verdict, T_N_QUARANTINED: str(len(q))}
@@ -451,7 +424,7 @@ def record_attempt(session_id: str, report: dict, verdict: str, quarantine: bool
     s.steps.append({"attempt": a.name, "n": len(a.ids), "ids": list(a.ids), "verdict": verdict, **a.seconds})
     if quarantine:
         s.progress.update(len(a.ids))
-    log.info("%s (%d facts): %s%s", a.name, len(a.ids), verdict, "" if verdict == "accepted" else f" — {checks}")
+    log.info("%s (%d facts): %s%s", a.name, len(a.ids), verdict, "" if verdict == "accepted" else f" — {reason}")
     return {"verdict": verdict, "quarantined": len(q)}
 
 
@@ -462,14 +435,16 @@ def note_wall(session_id: str, seconds: float) -> None:
         s.steps[-1]["wall"] = seconds
 
 
-def _quarantine(s: StreamSession, fid: str, reason: str, gate: str, attempt: Attempt | None, report: dict | None = None) -> dict:
+def _quarantine(
+    s: StreamSession, fid: str, reason: str, gate: str, attempt: Attempt | None, report: GateReport | None = None
+) -> dict:
     rec = {
         "id": fid,
         "reason": reason,
         "gate": gate,
         "attempt": attempt.name if attempt else None,
         "parent_version": attempt.parent_version if attempt else s.production,
-        "failed": [c for c in (report or {}).get("checks", []) if not c["passed"]],
+        "failed": [asdict(c) for c in report.failed] if report else [],
         "request": s.requests[fid].to_dict(),
     }
     s.quarantined.append(rec)
@@ -570,7 +545,3 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def close_session(session_id: str) -> None:
     SESSIONS.pop(session_id, None)
-
-
-def _fmt(d: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.4g}" for k, v in d.items())

@@ -1,0 +1,150 @@
+"""What a gate is: a YAML section, baselines it keeps, a measurement on the edited model and its checks.
+
+The pipeline never calls a gate directly: a :class:`~evaluation.gates.suite.GateSuite` runs the hooks of
+every gate named in the gates file, in file order. The hooks, and when they run:
+
+- ``on_base(model, tok)``: once, on the base model, before any edit (drawdown's retain set, lm-eval base values);
+- ``on_production(model, tok, earlier)``: after a stream restores a production version other than the base
+  (the previous version's numbers: which earlier edits hold, its retain-set accuracy, its lm-eval values);
+- ``before(model, tok, batch)``: just before a batch is edited in (the neighbours' answers);
+- ``measure(step, before)``: on the edited model; returns the gate's metrics and checks;
+- ``on_accept(report)``: the batch became a version: move the previous-version baseline on from the report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any, ClassVar
+
+from pydantic import Field
+
+from kedit.core.config import StrictConfig
+from kedit.core.facts import EditRequest
+
+from .measures import EditChecks, edit_checks
+
+# A gate threshold in a YAML section: a non-negative finite number, or null to log the number without enforcing it.
+Threshold = Annotated[float, Field(ge=0, allow_inf_nan=False)] | None
+
+
+@dataclass(frozen=True)
+class Check:
+    gate: str
+    value: float
+    threshold: float
+    passed: bool
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.gate}={self.value:.4g} ({'ok' if self.passed else 'FAILED'}; limit {self.threshold:.4g}{self.detail})"
+
+
+@dataclass
+class GateReport:
+    """Every configured gate on one edited model; crosses the flow's task boundary as it is."""
+
+    checks: list[Check]
+    metrics: dict[str, float]
+    seconds: dict[str, float]  # gate name -> seconds
+    holding: list[str] = field(default_factory=list)  # ids of edits (earlier and this batch's) that hold on this model
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def reason(self) -> str:
+        return "; ".join(str(c) for c in self.failed) or "passed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "checks": [asdict(c) for c in self.checks],
+            "metrics": self.metrics,
+            "seconds": self.seconds,
+            "holding": self.holding,
+        }
+
+
+@dataclass
+class Outcome:
+    """One gate's share of a report; checks that are None (threshold disabled, nothing measured) are dropped."""
+
+    metrics: dict[str, float]
+    checks: list[Check | None] = field(default_factory=list)
+    holding: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.checks = [c for c in self.checks if c is not None]
+
+
+@dataclass
+class Step:
+    """The edited model and the batch, as every gate's ``measure`` sees them in one evaluation."""
+
+    model: Any
+    tok: Any
+    batch: Sequence[EditRequest]
+    earlier: Sequence[EditRequest]  # accepted along the production chain, before this batch
+    _edit_checks: EditChecks | None = field(default=None, repr=False)
+
+    def edit_checks(self) -> EditChecks:
+        """The batch's own checks, one batched scoring call per step whichever gate asks first
+        (the edits gate reads all of it, retention reads which of the batch's edits hold)."""
+        if self._edit_checks is None:
+            self._edit_checks = edit_checks(self.model, self.tok, self.batch)
+        return self._edit_checks
+
+
+class Gate:
+    """Base of every gate; a subclass sets ``name`` and ``Config`` and overrides the hooks it needs."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[StrictConfig]]  # its section of the gates file, without the ``gate`` key
+
+    def __init__(self, cfg: StrictConfig, source: str = "<dict>"):
+        self.cfg = cfg
+        self.source = source  # "data/gates/x.yaml: gates[2]", for errors that appear only when measuring
+
+    def on_base(self, model, tok) -> None:
+        pass
+
+    def on_production(self, model, tok, earlier: Sequence[EditRequest]) -> None:
+        pass
+
+    def before(self, model, tok, batch: Sequence[EditRequest]) -> Any:
+        return None
+
+    def measure(self, step: Step, before: Any) -> Outcome:
+        raise NotImplementedError
+
+    def on_accept(self, report: GateReport) -> None:
+        pass
+
+
+GATES: dict[str, type[Gate]] = {}
+
+
+def register_gate(cls: type[Gate]) -> type[Gate]:
+    """Class decorator: make a gate available by its ``name`` in gates files."""
+    if cls.name in GATES:
+        raise ValueError(f"gate {cls.name!r} is already registered ({GATES[cls.name].__module__})")
+    GATES[cls.name] = cls
+    return cls
+
+
+def at_least(gate: str, value: float, minimum: float | None, detail: str = "") -> Check | None:
+    if minimum is None or math.isnan(value):
+        return None  # disabled, or nothing to measure (e.g. no paraphrases in the batch)
+    return Check(gate, value, minimum, value >= minimum - 1e-9, f" min{detail}")
+
+
+def at_most(gate: str, value: float, maximum: float | None, detail: str = "") -> Check | None:
+    if maximum is None or math.isnan(value):
+        return None
+    return Check(gate, value, maximum, value <= maximum + 1e-9, f" max{detail}")

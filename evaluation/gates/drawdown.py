@@ -1,0 +1,64 @@
+"""Knowledge drawdown: facts the base model knew (the retain set), lost against the base and the previous version."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from kedit.core.config import StrictConfig
+from kedit.core.facts import EditRequest, Fact, load_known_facts
+from kedit.core.paths import project_data_dir
+
+from ..metrics import build_retain_set, knowledge_accuracy, knows
+from .base import Gate, GateReport, Outcome, Step, Threshold, at_most, register_gate
+from .measures import mean
+
+log = logging.getLogger(__name__)
+
+
+class DrawdownConfig(StrictConfig):
+    base_max: Threshold  # fraction of the retain set lost against the base model
+    step_max: Threshold  # relative loss against the previous accepted version
+    retain_facts: str | None  # candidate facts (JSONL); null: the project's data/retain_facts.jsonl
+
+
+@register_gate
+class DrawdownGate(Gate):
+    name = "drawdown"
+    Config = DrawdownConfig
+    cfg: DrawdownConfig
+
+    def __init__(self, cfg: DrawdownConfig, source: str = "<dict>"):
+        super().__init__(cfg, source)
+        self.retain: list[Fact] = []  # facts the base model knows
+        self.prev = 1.0  # accuracy on them of the previous accepted version (the base knows them all)
+
+    def retain_path(self) -> Path:
+        return Path(self.cfg.retain_facts) if self.cfg.retain_facts else project_data_dir() / "retain_facts.jsonl"
+
+    def on_base(self, model, tok) -> None:
+        self.retain = build_retain_set(model, tok, load_known_facts(self.retain_path()))
+        log.info("retain set: %d facts the base model knows (of %s)", len(self.retain), self.retain_path())
+
+    def on_production(self, model, tok, earlier: Sequence[EditRequest]) -> None:
+        self.prev = knowledge_accuracy(model, tok, self.retain) if self.retain else float("nan")
+
+    def measure(self, step: Step, before: None) -> Outcome:
+        n = len(self.retain)
+        acc = mean(knows(step.model, step.tok, self.retain)) if self.retain else float("nan")
+        metrics = {
+            "retain_accuracy": acc,
+            "drawdown_base": 1.0 - acc if self.retain else float("nan"),  # the base model knows all of them
+            "drawdown_prev": (self.prev - acc) / self.prev if self.prev > 0 else float("nan"),
+        }
+        return Outcome(
+            metrics,
+            [
+                at_most("drawdown_base", metrics["drawdown_base"], self.cfg.base_max, f" over {n} known facts"),
+                at_most("drawdown_prev", metrics["drawdown_prev"], self.cfg.step_max, f" over {n} known facts"),
+            ],
+        )
+
+    def on_accept(self, report: GateReport) -> None:
+        self.prev = report.metrics.get("retain_accuracy", self.prev)

@@ -1,0 +1,125 @@
+"""The gates file and the suite built from it: every listed gate's hooks, in file order, into one report."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kedit.core.config import ConfigError, Seq, StrictConfig, flatten, from_mapping, read_yaml
+from kedit.core.facts import EditRequest
+from kedit.core.paths import project_data_dir
+
+from .base import GATES, Check, Gate, GateReport, Step
+
+log = logging.getLogger(__name__)
+
+# keys of the flat layout used before gates were listed by name: recognised only to point to the new one
+_FLAT_KEYS = {
+    "efficacy_min",
+    "generalization_min",
+    "specificity_max_drop",
+    "retention_min",
+    "drawdown_max",
+    "drawdown_step_max",
+    "retain_facts",
+    "capability_tasks",
+    "capability_limit",
+    "capability_max_regression",
+}
+
+
+class GatesFile(StrictConfig):
+    """The top of a gates file; each entry of ``gates`` is validated by its own gate's section class."""
+
+    gates: Seq[dict[str, Any]]  # in the order they run; a gate left out is not run
+    bisect: bool  # retry a failing batch's halves until the facts that fail are isolated
+
+
+def default_gates_path() -> Path:
+    return project_data_dir() / "gates" / "default.yaml"
+
+
+def load_gates(path: str | Path | None = None) -> GateSuite:
+    """Read a gates file strictly: unknown gates, unknown keys and wrong types name the file and the key."""
+    path = Path(path) if path else default_gates_path()
+    return suite_from_mapping(read_yaml(path) or {}, str(path))
+
+
+def suite_from_mapping(data: Any, source: str = "<dict>") -> GateSuite:
+    if isinstance(data, Mapping) and "gates" not in data and _FLAT_KEYS & set(data):
+        raise ConfigError(
+            f"{source}: flat gate keys ({', '.join(sorted(_FLAT_KEYS & set(data)))}) are the old layout; "
+            "list gates by name instead: `gates: [{gate: edits, efficacy_min: 0.75, ...}, {gate: drawdown, ...}]` "
+            "and `bisect: true` (see data/gates/default.yaml)"
+        )
+    top = from_mapping(GatesFile, data, source)
+    gates = [_build(entry, i, source) for i, entry in enumerate(top.gates)]
+    names = [g.name for g in gates]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"{source}: gates[{i}]: gate {name!r} is listed twice (its metrics would collide)")
+    return GateSuite(gates, top.bisect, source)
+
+
+def _build(entry: dict[str, Any], i: int, source: str) -> Gate:
+    section = dict(entry)
+    name = section.pop("gate", None)
+    if name not in GATES:
+        what = f"unknown gate {name!r}" if name is not None else "missing key 'gate'"
+        raise ConfigError(f"{source}: gates[{i}]: {what} (registered: {', '.join(sorted(GATES))})")
+    cls = GATES[name]
+    return cls(from_mapping(cls.Config, section, source, at=f"gates[{i}]"), f"{source}: gates[{i}]")
+
+
+class GateSuite:
+    """The gates of one file, with the baselines they keep; one per stream."""
+
+    def __init__(self, gates: Sequence[Gate], bisect: bool, source: str = "<dict>"):
+        self.gates = list(gates)
+        self.bisect = bisect
+        self.source = source
+
+    @property
+    def names(self) -> list[str]:
+        return [g.name for g in self.gates]
+
+    def params(self) -> dict[str, Any]:
+        """Dotted settings for run parameters: ``edits.efficacy_min``, ``capability.max_regression.kedit_mc/acc``, bisect."""
+        return {"bisect": self.bisect, **{f"{g.name}.{k}": v for g in self.gates for k, v in flatten(g.cfg).items()}}
+
+    def on_base(self, model, tok) -> None:
+        for g in self.gates:
+            g.on_base(model, tok)
+
+    def on_production(self, model, tok, earlier: Sequence[EditRequest]) -> None:
+        for g in self.gates:
+            g.on_production(model, tok, earlier)
+
+    def before(self, model, tok, batch: Sequence[EditRequest]) -> dict[str, Any]:
+        """Each gate's measurement just before the edit, by gate name; hand it back to ``measure``."""
+        return {g.name: g.before(model, tok, batch) for g in self.gates}
+
+    def measure(
+        self, model, tok, batch: Sequence[EditRequest], earlier: Sequence[EditRequest], before: Mapping[str, Any]
+    ) -> GateReport:
+        """Every gate on the current (edited) model, timed per gate."""
+        step = Step(model, tok, batch, earlier)
+        checks: list[Check] = []
+        metrics: dict[str, float] = {}
+        seconds: dict[str, float] = {}
+        holding: list[str] = []
+        for g in self.gates:
+            t = time.perf_counter()
+            out = g.measure(step, before.get(g.name))
+            seconds[g.name] = time.perf_counter() - t
+            checks += out.checks
+            metrics |= out.metrics
+            holding += out.holding
+        return GateReport(checks, metrics, seconds, holding)
+
+    def on_accept(self, report: GateReport) -> None:
+        for g in self.gates:
+            g.on_accept(report)
