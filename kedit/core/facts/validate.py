@@ -11,10 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from kedit.core.facts.schema import (
@@ -40,9 +50,12 @@ def excerpt(raw: Any) -> str:
     return s[:RAW_EXCERPT_CHARS]
 
 
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
 def has_surrogates(s: str) -> bool:
     # undecodable bytes survive decoding as lone surrogates (errors="surrogateescape")
-    return any("\udc80" <= ch <= "\udcff" for ch in s)
+    return _SURROGATE.search(s) is not None
 
 
 def normalize(s: str) -> str:
@@ -212,12 +225,11 @@ def _fail(reason: str, field: str | None = None) -> PydanticCustomError:
 
 
 def _checked(limit: int):
-    def check(v: str) -> str:
+    def check(v: str) -> str:  # text_problem, inlined: this runs for every string of every record
         if not v.strip():
             raise _fail("missing or empty")
-        problem = text_problem(v, limit)
-        if problem:
-            raise _fail(problem)
+        if _SURROGATE.search(v) is not None or "\x00" in v or len(v) > limit:
+            raise _fail(text_problem(v, limit))
         return v
 
     return AfterValidator(check)
@@ -287,9 +299,9 @@ class FeedRecord(BaseModel):
     target_true: OptTarget = None
     timestamp: Annotated[datetime | None, BeforeValidator(_timestamp_before)] = None
     id: OptId = None
-    paraphrase_prompts: TextList = []
-    neighborhood: Annotated[list[NeighborModel], BeforeValidator(_neighbors_before)] = []
-    generation_prompts: TextList = []
+    paraphrase_prompts: TextList = Field(default_factory=list)
+    neighborhood: Annotated[list[NeighborModel], BeforeValidator(_neighbors_before)] = Field(default_factory=list)
+    generation_prompts: TextList = Field(default_factory=list)
     source: OptText = None
 
     @field_validator("prompt")
