@@ -5,7 +5,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kedit.core.facts import FEED_FIELDS, EditRequest, FactFileError, load_facts, load_many
+from kedit.app.bench_facts import bench_facts
+from kedit.core.facts import (
+    FEED_FIELDS,
+    EditRequest,
+    FactFileError,
+    FieldError,
+    format_names,
+    load_facts,
+    load_many,
+    register_format,
+    sniff_format,
+    unregister_format,
+)
+from kedit.core.facts.validate import validate_by_hand, validate_with_model
 
 SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -247,3 +260,135 @@ def test_an_id_seen_in_an_earlier_feed_is_quarantined_where_it_repeats(tmp_path)
     (q,) = fs.quarantined
     assert (q.file, q.line, q.field) == (str(b), 2, "id") and f"first at {a}:1" in q.reason
     assert next(r for r in fs.accepted if r.id == "x").subject == "Twitter"  # the first one is kept
+
+
+# ---------------------------------------------------------------- the format registry
+
+
+def test_the_format_registry_refuses_a_name_taken():
+    for name in ("feed", "counterfact", "auto"):
+        with pytest.raises(ValueError, match="already registered"):
+            register_format(name, lambda rec, index: [rec])
+    assert format_names()[0] == "auto" and {"feed", "counterfact", "counterfact-easyedit", "zsre", "mquake"} <= set(
+        format_names()
+    )
+
+
+def _toy_convert(rec, index):
+    """A toy format, as one module would declare it: ``{"toy": subject, "q": prompt, "a": answer}``."""
+    if set(rec) != {"toy", "q", "a"}:
+        raise FieldError("<record>", "expected exactly toy, q, a")
+    return [{"id": f"toy-{index}", "subject": rec["toy"], "prompt": rec["q"], "target_new": rec["a"]}]
+
+
+@pytest.fixture
+def toy_format():
+    register_format("toy", _toy_convert, lambda rec: isinstance(rec, dict) and "toy" in rec)
+    yield "toy"
+    unregister_format("toy")
+
+
+def test_a_registered_format_is_sniffed_and_loaded(tmp_path, toy_format):
+    p = write_jsonl(
+        tmp_path / "toy.jsonl", [{"toy": "Rome", "q": "{} is in", "a": "France"}, {"toy": "Oslo", "q": "?", "a": "b"}]
+    )
+    assert sniff_format({"toy": "Rome"}) == "toy" and sniff_format(GOOD) == "feed"
+    assert "toy" in format_names()
+    for fmt in ("auto", "toy"):
+        fs = load_facts(p, fmt=fmt)
+        assert [r.id for r in fs.accepted] == ["toy-0"] and fs.accepted[0].text == "Rome is in"
+        assert [(q.line, q.field) for q in fs.quarantined] == [(2, "prompt")] and fs.accounted
+
+
+def test_an_unregistered_format_is_gone(tmp_path):
+    register_format("toy2", _toy_convert, lambda rec: isinstance(rec, dict) and "toy" in rec)
+    unregister_format("toy2")
+    assert "toy2" not in format_names() and sniff_format({"toy": "x"}) == "feed"
+    with pytest.raises(FactFileError, match="unknown format 'toy2'"):
+        load_facts(write_jsonl(tmp_path / "f.jsonl", [GOOD]), fmt="toy2")
+
+
+# ---------------------------------------------------------------- pydantic errors -> field names
+
+NB = {"prompt": "YouTube is owned by", "answer": "Google"}
+
+
+@pytest.mark.parametrize(
+    "record, field, reason",
+    [
+        (dict(GOOD, neighborhood=[NB, NB, dict(NB, answer=" ")]), "neighborhood[2].answer", "missing or empty"),
+        (dict(GOOD, neighborhood=[NB, dict(NB, prompt=3)]), "neighborhood[1].prompt", "expected a string, got int"),
+        (dict(GOOD, neighborhood=[NB, NB, NB, {"prompt": "a", "answer": "b", "x": 1}]), "neighborhood[3]", "exactly"),
+        (dict(GOOD, neighborhood=[NB, "YouTube"]), "neighborhood[1]", "exactly 'prompt' and 'answer'"),
+        (dict(GOOD, neighborhood=[NB] * 65), "neighborhood", "oversized: 65 items"),
+        (dict(GOOD, neighborhood={"prompt": "a"}), "neighborhood", "got dict"),
+        (dict(GOOD, generation_prompts=["ok", "ok", None]), "generation_prompts[2]", "missing or empty"),
+        (dict(GOOD, paraphrase_prompts=["a\x00"]), "paraphrase_prompts[0]", "NUL"),
+        (dict(GOOD, target_true="x" * 300), "target_true", "oversized: 300 characters (limit 200)"),
+        (dict(GOOD, target_new="\udcff"), "target_new", "invalid UTF-8"),
+        (dict(GOOD, id=True), "id", "expected a string, got bool"),
+        (dict(GOOD, timestamp=20240101), "timestamp", "expected an ISO 8601 string, got int"),
+        ({"prompt": "{} is", "target_new": "b"}, "subject", "missing or empty"),
+        (dict(GOOD, zz=1, aa=2), "zz", "unknown field"),  # the first unknown one, as written
+        # several problems: the one the checks meet first (subject, prompt, targets, timestamp, id, lists, source)
+        (dict(GOOD, prompt="The owner is", target_new=7, timestamp="x"), "prompt", "not in prompt"),
+        (dict(GOOD, target_new="Twitter, Inc.", timestamp="x"), "target_new", "equal to target_true"),
+        (dict(GOOD, source=5, paraphrase_prompts=[1]), "paraphrase_prompts[0]", "expected a string"),
+    ],
+)
+def test_pydantic_error_locations_become_field_names(tmp_path, record, field, reason):
+    p = tmp_path / "feed.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [dict(GOOD, id="ok"), record]), encoding="utf-8")  # \udcff escaped
+    fs = load_facts(p)
+    (q,) = fs.quarantined
+    assert (q.file, q.line, q.field) == (str(p), 2, field) and reason in q.reason
+    for validate in (validate_with_model, validate_by_hand):
+        with pytest.raises(FieldError) as e:
+            validate(record, "")
+        assert (e.value.field, e.value.reason) == (q.field, q.reason)
+
+
+canonical_record = st.fixed_dictionaries(
+    {},
+    optional={name: st.one_of(hostile_text, st.none(), st.integers(), st.lists(hostile_text, max_size=3)) for name in FEED_FIELDS}
+    | {
+        "neighborhood": st.lists(
+            st.one_of(
+                st.dictionaries(st.sampled_from(["prompt", "answer", "x"]), st.one_of(hostile_text, st.none(), st.integers())),
+                hostile_text,
+            ),
+            max_size=4,
+        ),
+        "timestamp": st.sampled_from(["2024-01-01", "2024-01-01T10:00:00+02:00", "x", 3, None, ""]),
+        "colour": st.just("red"),
+    },
+)
+
+
+@SETTINGS
+@given(record=st.one_of(feed_record, st.builds(lambda extra: {**GOOD, **extra}, canonical_record)))
+def test_the_pydantic_model_and_the_hand_written_checks_agree(record):
+    def outcome(validate):
+        try:
+            return validate(record, "origin")
+        except FieldError as e:
+            return (e.field, e.reason)
+
+    assert outcome(validate_with_model) == outcome(validate_by_hand)
+
+
+@pytest.mark.parametrize("path", ["counterfact/counterfact_500.rome.json", "zsre/zsre_eval_1037.json", "mquake/MQuAKE-hard.json"])
+def test_research_formats_load_the_same_with_either_validator(path):
+    if not (SHARED / path).exists():
+        pytest.skip("../shared/data not present")
+    new, old = load_facts(SHARED / path), load_facts(SHARED / path, validate=validate_by_hand)
+    assert new.accepted == old.accepted and new.quarantined == old.quarantined and new.superseded == old.superseded
+
+
+def test_bench_facts_old_and_new_agree(tmp_path):
+    out = bench_facts(2000, tmp_path / "bench.json", repeats=1)
+    assert json.loads((tmp_path / "bench.json").read_text()) == out
+    assert out["same_accepted_ids"] and out["same_quarantine_triples"] and out["same_quarantine_reasons"]
+    assert out["same_superseded"] and out["accounted"]
+    assert out["n_accepted"] > 1500 and out["n_quarantined"] > 100 and out["n_superseded"] > 0
+    assert {"neighborhood[2].answer", "neighborhood[1]", "colour", "<record>"} <= set(out["quarantined_by_field"])

@@ -1,0 +1,78 @@
+"""Edit requests: one schema, strict loaders for research data sets and fact feeds.
+
+Every record that enters a loader ends in exactly one of three lists: ``accepted``,
+``quarantined`` (with file, line, field and reason) or ``superseded`` (by a later update
+of the same subject and prompt). ``FactSet.n_records`` counts what entered, so the
+accounting can be checked.
+
+One module per job:
+
+- ``schema``: the dataclasses (``EditRequest``, ``Fact``, ``Neighbor``, ``Rejection``,
+  ``Superseded``, ``FactSet``), the errors, the size limits and ``FEED_FIELDS``;
+- ``validate``: a raw canonical dict -> a valid ``EditRequest`` or a ``FieldError`` naming the
+  field (a strict pydantic model, ``FeedRecord``; the hand-written checks it replaced are kept
+  as ``validate_by_hand``, the baseline of ``kedit.app.bench_facts``);
+- ``formats``: one module per research format plus ``feed``, and their registry. A new format is
+  one new module in ``formats/`` plus one line in the registrations of ``formats/__init__.py``;
+- ``readers``: JSONL, JSON array and CSV readers, chosen by file suffix (``READERS``);
+- ``load``: ``load_facts``, ``load_many``, ``resolve_superseded``, ``load_known_facts``;
+- ``feeds``: feed file naming (``is_feed_name``, ``list_feeds``).
+
+Importing defines things only: no file is read until a loader is called.
+"""
+
+from kedit.core.facts.feeds import FEED_SUFFIXES, PARTIAL_SUFFIXES, is_feed_name, list_feeds
+from kedit.core.facts.formats import Format, format_names, get_format, register_format, sniff_format, unregister_format
+from kedit.core.facts.load import load_facts, load_known_facts, load_many, resolve_superseded
+from kedit.core.facts.schema import (
+    FEED_FIELDS,
+    MAX_ID_CHARS,
+    MAX_LIST_ITEMS,
+    MAX_RECORD_BYTES,
+    MAX_TARGET_CHARS,
+    MAX_TEXT_CHARS,
+    RAW_EXCERPT_CHARS,
+    EditRequest,
+    Fact,
+    FactFileError,
+    FactSet,
+    FieldError,
+    Neighbor,
+    Rejection,
+    Superseded,
+)
+from kedit.core.facts.validate import FeedRecord, validate_record
+
+__all__ = [
+    "FEED_FIELDS",
+    "FEED_SUFFIXES",
+    "MAX_ID_CHARS",
+    "MAX_LIST_ITEMS",
+    "MAX_RECORD_BYTES",
+    "MAX_TARGET_CHARS",
+    "MAX_TEXT_CHARS",
+    "PARTIAL_SUFFIXES",
+    "RAW_EXCERPT_CHARS",
+    "EditRequest",
+    "Fact",
+    "FactFileError",
+    "FactSet",
+    "FeedRecord",
+    "FieldError",
+    "Format",
+    "Neighbor",
+    "Rejection",
+    "Superseded",
+    "format_names",
+    "get_format",
+    "is_feed_name",
+    "list_feeds",
+    "load_facts",
+    "load_known_facts",
+    "load_many",
+    "register_format",
+    "resolve_superseded",
+    "sniff_format",
+    "unregister_format",
+    "validate_record",
+]

@@ -1,0 +1,388 @@
+"""Turning a raw canonical (feed-schema) dict into a valid ``EditRequest``, or a ``FieldError`` naming the field.
+
+Two validators give the same answer on every record (``tests/test_facts.py`` and
+``kedit.app.bench_facts`` check it): ``validate_with_model``, a strict pydantic model (the one
+``load_facts`` uses, ``validate_record``), and ``validate_by_hand``, the hand-written checks it
+replaced, kept as the baseline of the benchmark. The helpers at the top are also used by the
+format converters and by ``load_known_facts``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from kedit.core.facts.schema import (
+    FEED_FIELDS,
+    MAX_ID_CHARS,
+    MAX_LIST_ITEMS,
+    MAX_TARGET_CHARS,
+    MAX_TEXT_CHARS,
+    RAW_EXCERPT_CHARS,
+    EditRequest,
+    FieldError,
+    Neighbor,
+)
+
+UNKNOWN_FIELD = f"unknown field (allowed: {', '.join(FEED_FIELDS)})"
+NEIGHBOR_SHAPE = "expected an object with exactly 'prompt' and 'answer'"
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def excerpt(raw: Any) -> str:
+    s = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
+    return s[:RAW_EXCERPT_CHARS]
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def has_surrogates(s: str) -> bool:
+    # undecodable bytes survive decoding as lone surrogates (errors="surrogateescape")
+    return _SURROGATE.search(s) is not None
+
+
+def normalize(s: str) -> str:
+    return " ".join(s.split()).casefold()
+
+
+def derived_id(subject: str, prompt: str, target_new: str, ts: datetime | None) -> str:
+    h = hashlib.sha256("\x1f".join([subject, prompt, target_new, str(ts)]).encode("utf-8", "surrogatepass"))
+    return "fact-" + h.hexdigest()[:12]
+
+
+def text_problem(v: str, limit: int) -> str | None:
+    """Why a string is not acceptable as a text field, or None (the string is already known to be a str)."""
+    if has_surrogates(v):
+        return "invalid UTF-8"
+    if "\x00" in v:
+        return "contains a NUL character"
+    if len(v) > limit:
+        return f"oversized: {len(v)} characters (limit {limit})"
+    return None
+
+
+def text(d: dict, name: str, *, required: bool = True, limit: int = MAX_TEXT_CHARS) -> str | None:
+    v = d.get(name)
+    if v is None or (isinstance(v, str) and not v.strip()):
+        if required:
+            raise FieldError(name, "missing or empty")
+        return None
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and name == "id":
+        v = str(v)
+    if not isinstance(v, str):
+        raise FieldError(name, f"expected a string, got {type(v).__name__}")
+    problem = text_problem(v, limit)
+    if problem:
+        raise FieldError(name, problem)
+    return v
+
+
+def require_keys(d: Any, allowed: set[str], where: str = "") -> dict:
+    if not isinstance(d, dict):
+        raise FieldError(where or "<record>", f"expected a JSON object, got {type(d).__name__}")
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise FieldError(f"{where}.{unknown[0]}" if where else unknown[0], "unknown field")
+    return d
+
+
+def str_of(v: Any, name: str) -> Any:
+    """CounterFact targets are ``{"str": ..., "id": ...}``; take the string."""
+    if isinstance(v, dict):
+        if "str" not in v:
+            raise FieldError(name, "expected an object with a 'str' key")
+        return v["str"]
+    return v
+
+
+def parse_timestamp(v: Any) -> datetime | None:
+    """``None`` or ``""`` -> None; an ISO 8601 string -> an aware datetime (UTC when no zone); else FieldError."""
+    if v is None or v == "":
+        return None
+    if not isinstance(v, str):
+        raise FieldError("timestamp", f"expected an ISO 8601 string, got {type(v).__name__}")
+    try:
+        ts = datetime.fromisoformat(v.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise FieldError("timestamp", f"not an ISO 8601 date-time: {v[:40]!r}") from None
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def list_problem(v: Any, what: str) -> str | None:
+    if not isinstance(v, list):
+        return f"expected a list of {what}, got {type(v).__name__}"
+    if len(v) > MAX_LIST_ITEMS:
+        return f"oversized: {len(v)} items (limit {MAX_LIST_ITEMS})"
+    return None
+
+
+# ----------------------------------------------------------------------------- by hand (the benchmark's baseline)
+
+
+def _text_list(d: dict, name: str) -> tuple[str, ...]:
+    v = d.get(name)
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        v = [v]
+    problem = list_problem(v, "strings")
+    if problem:
+        raise FieldError(name, problem)
+    out = []
+    for i, item in enumerate(v):
+        try:
+            out.append(text({name: item}, name))
+        except FieldError as e:
+            raise FieldError(f"{name}[{i}]", e.reason) from None
+    return tuple(out)
+
+
+def _neighbors(d: dict, name: str = "neighborhood") -> tuple[Neighbor, ...]:
+    v = d.get(name)
+    if v is None:
+        return ()
+    problem = list_problem(v, "{prompt, answer} objects")
+    if problem:
+        raise FieldError(name, problem)
+    out = []
+    for i, item in enumerate(v):
+        if not isinstance(item, dict) or set(item) != {"prompt", "answer"}:
+            raise FieldError(f"{name}[{i}]", NEIGHBOR_SHAPE)
+        try:
+            out.append(Neighbor(text(item, "prompt"), text(item, "answer")))
+        except FieldError as e:
+            raise FieldError(f"{name}[{i}].{e.field}", e.reason) from None
+    return tuple(out)
+
+
+def _placeholder(subject: str, prompt: str) -> str:
+    """The prompt with ``{}`` where the subject goes; raises the prompt's FieldError."""
+    if prompt.count("{}") > 1:
+        raise FieldError("prompt", "has more than one '{}' placeholder")
+    if "{}" not in prompt:
+        if subject not in prompt:
+            raise FieldError("prompt", f"subject {subject!r} not in prompt (and no '{{}}' placeholder)")
+        prompt = prompt.replace(subject, "{}", 1)
+    return prompt
+
+
+def _same_target(target_new: str, target_true: str | None) -> None:
+    if target_true is not None and normalize(target_new) == normalize(target_true):
+        raise FieldError("target_new", f"equal to target_true ({target_true!r}): nothing to edit")
+
+
+def validate_by_hand(d: dict, origin: str = "") -> EditRequest:
+    """Validate a dict in the canonical (feed) schema; raises ``FieldError`` naming the field."""
+    unknown = [k for k in d if k not in FEED_FIELDS]
+    if unknown:
+        raise FieldError(str(unknown[0]), UNKNOWN_FIELD)
+    subject = text(d, "subject")
+    prompt = _placeholder(subject, text(d, "prompt"))
+    target_new = text(d, "target_new", limit=MAX_TARGET_CHARS)
+    target_true = text(d, "target_true", required=False, limit=MAX_TARGET_CHARS)
+    _same_target(target_new, target_true)
+    ts = parse_timestamp(d.get("timestamp"))
+    rid = text(d, "id", required=False, limit=MAX_ID_CHARS) or derived_id(subject, prompt, target_new, ts)
+    return EditRequest(
+        id=rid,
+        subject=subject,
+        prompt=prompt,
+        target_new=target_new,
+        target_true=target_true,
+        paraphrase_prompts=_text_list(d, "paraphrase_prompts"),
+        neighborhood=_neighbors(d),
+        generation_prompts=_text_list(d, "generation_prompts"),
+        source=text(d, "source", required=False) or origin,
+        timestamp=ts,
+    )
+
+
+# ----------------------------------------------------------------------------- pydantic
+# Strict types and extra="forbid" come from pydantic; the content checks are the helpers above,
+# raised as custom errors whose message is today's reason. A check that belongs to another field
+# than the one it runs in (target_new equal to target_true) names it in the error's context.
+
+
+def _fail(reason: str, field: str | None = None) -> PydanticCustomError:
+    return PydanticCustomError("kedit", "{reason}", {"reason": reason, "field": field} if field else {"reason": reason})
+
+
+def _checked(limit: int):
+    def check(v: str) -> str:  # text_problem, inlined: this runs for every string of every record
+        if not v.strip():
+            raise _fail("missing or empty")
+        if _SURROGATE.search(v) is not None or "\x00" in v or len(v) > limit:
+            raise _fail(text_problem(v, limit))
+        return v
+
+    return AfterValidator(check)
+
+
+def _blank_is_none(v: Any) -> Any:
+    return None if isinstance(v, str) and not v.strip() else v
+
+
+def _id_before(v: Any) -> Any:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v)
+    return _blank_is_none(v)
+
+
+def _list_before(v: Any) -> Any:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        v = [v]
+    problem = list_problem(v, "strings")
+    if problem:
+        raise _fail(problem)
+    return v
+
+
+def _neighbors_before(v: Any) -> Any:
+    if v is None:
+        return []
+    problem = list_problem(v, "{prompt, answer} objects")
+    if problem:
+        raise _fail(problem)
+    return v
+
+
+def _timestamp_before(v: Any) -> Any:
+    try:
+        return parse_timestamp(v)
+    except FieldError as e:
+        raise _fail(e.reason) from None
+
+
+Text = Annotated[str, _checked(MAX_TEXT_CHARS)]
+Target = Annotated[str, _checked(MAX_TARGET_CHARS)]
+OptText = Annotated[Text | None, BeforeValidator(_blank_is_none)]
+OptTarget = Annotated[Target | None, BeforeValidator(_blank_is_none)]
+OptId = Annotated[Annotated[str, _checked(MAX_ID_CHARS)] | None, BeforeValidator(_id_before)]
+TextList = Annotated[list[Text], BeforeValidator(_list_before)]
+
+
+class NeighborModel(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    prompt: Text
+    answer: Text
+
+
+class FeedRecord(BaseModel):
+    """One record of the canonical schema. Fields are declared in the order the checks report:
+    the first error (after unknown fields) is the one a record is quarantined for."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    subject: Text
+    prompt: Text
+    target_new: Target
+    target_true: OptTarget = None
+    timestamp: Annotated[datetime | None, BeforeValidator(_timestamp_before)] = None
+    id: OptId = None
+    paraphrase_prompts: TextList = Field(default_factory=list)
+    neighborhood: Annotated[list[NeighborModel], BeforeValidator(_neighbors_before)] = Field(default_factory=list)
+    generation_prompts: TextList = Field(default_factory=list)
+    source: OptText = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _subject_in_prompt(cls, prompt: str, info: ValidationInfo) -> str:
+        subject = info.data.get("subject")
+        if subject is None:  # the subject's own error is reported first
+            return prompt
+        try:
+            return _placeholder(subject, prompt)
+        except FieldError as e:
+            raise _fail(e.reason) from None
+
+    @field_validator("target_true")
+    @classmethod
+    def _something_to_edit(cls, target_true: str | None, info: ValidationInfo) -> str | None:
+        target_new = info.data.get("target_new")
+        if target_new is not None:
+            try:
+                _same_target(target_new, target_true)
+            except FieldError as e:
+                raise _fail(e.reason, e.field) from None
+        return target_true
+
+
+_ORDER = {name: i for i, name in enumerate(FeedRecord.model_fields)}
+_NEIGHBOR_ORDER = {"prompt": 0, "answer": 1}
+_SHAPE_ERRORS = {"missing", "extra_forbidden", "model_type", "dict_type", "model_attributes_type"}
+
+
+def _field_error(err: dict) -> tuple[tuple, FieldError]:
+    """One pydantic error as (sort key, FieldError with today's field name and reason)."""
+    loc, kind, ctx, value = err["loc"], err["type"], err.get("ctx") or {}, err.get("input")
+    name = str(loc[0]) if loc else "<record>"
+    if kind == "extra_forbidden" and len(loc) == 1:
+        return (-1,), FieldError(name, UNKNOWN_FIELD)
+    rank = _ORDER.get(name, len(_ORDER))
+    index = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else -1
+    if index >= 0:
+        name = f"{name}[{index}]"
+        if len(loc) > 2:  # inside a neighbour
+            if kind in _SHAPE_ERRORS:
+                return (rank, index, -1), FieldError(name, NEIGHBOR_SHAPE)
+            name = f"{name}.{loc[2]}"
+            index_key = (rank, index, _NEIGHBOR_ORDER.get(str(loc[2]), 2))
+        elif kind in _SHAPE_ERRORS:  # a neighbour that is not an object
+            return (rank, index, -1), FieldError(name, NEIGHBOR_SHAPE)
+        else:
+            index_key = (rank, index)
+    else:
+        index_key = (rank, -1)
+    if kind == "kedit":
+        return index_key, FieldError(ctx.get("field") or name, ctx["reason"])
+    if kind == "missing" or value is None:
+        return index_key, FieldError(name, "missing or empty")
+    return index_key, FieldError(name, f"expected a string, got {type(value).__name__}")
+
+
+def field_error_of(e: ValidationError) -> FieldError:
+    """The error a record is quarantined for: the first one in the order the checks run."""
+    return min((_field_error(err) for err in e.errors(include_url=False)), key=lambda p: p[0])[1]
+
+
+def validate_with_model(d: dict, origin: str = "") -> EditRequest:
+    """Validate a dict in the canonical (feed) schema with ``FeedRecord``; raises ``FieldError`` naming the field."""
+    try:
+        m = FeedRecord.model_validate(d)
+    except ValidationError as e:
+        raise field_error_of(e) from None
+    return EditRequest(
+        id=m.id or derived_id(m.subject, m.prompt, m.target_new, m.timestamp),
+        subject=m.subject,
+        prompt=m.prompt,
+        target_new=m.target_new,
+        target_true=m.target_true,
+        paraphrase_prompts=tuple(m.paraphrase_prompts),
+        neighborhood=tuple(Neighbor(n.prompt, n.answer) for n in m.neighborhood),
+        generation_prompts=tuple(m.generation_prompts),
+        source=m.source or origin,
+        timestamp=m.timestamp,
+    )
+
+
+validate_record = validate_with_model
