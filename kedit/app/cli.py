@@ -397,6 +397,18 @@ def bench_stream(model, data, n, batch_size, editor, gates, corpus, sets, thread
     _write_json(json_out, result)
 
 
+@bench.command("facts")
+@click.option("--lines", type=int, default=100_000, show_default=True, help="Records in the synthetic feed.")
+@click.option("--repeats", type=int, default=5, show_default=True, help="Alternating runs per validator; the best counts.")
+@JSON_OUT
+def bench_facts(lines, repeats, json_out) -> None:
+    """Loading a feed: the hand-written validator against the pydantic model, same input, same outcome checked."""
+    from kedit.app.bench_facts import bench_facts as run
+
+    result = run(lines, json_out, repeats)
+    click.echo(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict | list)}, indent=2))
+
+
 @bench.command("watch")
 @click.option("--n", type=int, default=10, show_default=True, help="Feeds per watcher and way of writing.")
 @click.option("--settle", type=float, default=1.0, show_default=True)
