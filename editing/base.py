@@ -70,7 +70,7 @@ class Editor(ABC):
         """Edit in place; returns the patches of this edit: its WeightDelta, then its ModulePatch, each if non-empty."""
         if not requests:
             raise EditError("no requests to edit")
-        self.check(requests)
+        self.require_supported(requests)
         state = self.state_dict()
         meta = {"editor": self.name, "request_ids": [r.id for r in requests]}
         self._pending = WeightDelta(meta=meta)
@@ -104,7 +104,7 @@ class Editor(ABC):
     def prepare(self) -> None:  # noqa: B027 - optional hook
         """Compute what is expensive and reused across batches (key statistics) ahead of the first edit."""
 
-    def check(self, requests: Sequence[EditRequest]) -> None:  # noqa: B027 - optional hook
+    def require_supported(self, requests: Sequence[EditRequest]) -> None:  # noqa: B027 - optional hook
         """Reject requests this method cannot handle, with a clear message."""
 
     def state_dict(self) -> dict[str, Any]:

@@ -75,7 +75,7 @@ def process_feeds(
     work_dir: str = "out/serve",
 ) -> dict:
     """Run the stream on one arrived feed, or on every new feed of a directory."""
-    from kedit.pipeline.stream import StreamConfig
+    from kedit.pipeline.config import StreamConfig
 
     from .stream import stream
 
@@ -184,7 +184,7 @@ class FeedWatcher:
                     del self._due[p]
             for p in due:
                 try:
-                    self.check(p)
+                    self.fire_if_complete(p)
                 except Exception:  # a watcher that dies silently is worse than one that logs and goes on
                     log.exception("feed watcher: checking %s failed", p)
 
@@ -193,7 +193,7 @@ class FeedWatcher:
     def changed(self, path: Path, now: float | None = None) -> None:
         """Created or written in place: check it once it has been stable for ``settle`` seconds."""
         if is_feed_name(path):
-            self.check(path, now)
+            self.fire_if_complete(path, now)
 
     def arrived(self, path: Path) -> None:
         """Renamed into the directory: the writer's sign that the file is complete."""
@@ -205,7 +205,7 @@ class FeedWatcher:
             self._seen.pop(path, None)
             self._due.pop(path, None)
 
-    def check(self, path: Path, now: float | None = None) -> bool:
+    def fire_if_complete(self, path: Path, now: float | None = None) -> bool:
         """Fire if size and mtime have not changed for ``settle`` seconds; otherwise check again when they may have."""
         now = time.monotonic() if now is None else now
         sig = _signature(path)
@@ -224,7 +224,7 @@ class FeedWatcher:
     def scan(self, now: float | None = None) -> list[Path]:
         """The settle rule over every file of the directory; the files it fired on."""
         present = [Path(p) for p in list_feeds(self.directory)]
-        fired = [p for p in present if self.check(p, now)]
+        fired = [p for p in present if self.fire_if_complete(p, now)]
         with self._lock:
             for gone in set(self._seen) - set(present):
                 self.gone(gone)

@@ -13,7 +13,8 @@ from editing import DeltaIntegrityError
 from flows.stream import stream
 from kedit.core.models import load_model
 from kedit.core.tiny import CORPUS, FTM, GOOD, HARMFUL, train_tiny, write_gates, write_jsonl
-from kedit.pipeline import stream as lib
+from kedit.pipeline import session as sessions
+from kedit.pipeline.config import StreamConfig
 from kedit.store.tracking import T_VERDICT, T_VERSION, Tracker
 from kedit.store.versions import export_version, rebuild, rollback_to
 
@@ -33,13 +34,18 @@ def checkpoint(tmp_path_factory) -> Path:
 def env(tmp_path, checkpoint, monkeypatch, prefect_server):
     monkeypatch.setenv("KEDIT_HOME", str(tmp_path / "home"))
     (tmp_path / "corpus.txt").write_text("\n".join(CORPUS))
-    kept: list[lib.StreamSession] = []
-    # keep the closed session's in-memory model so the test can compare it with a rebuilt one
-    monkeypatch.setattr(lib, "close_session", lambda sid: kept.append(lib.SESSIONS.pop(sid)))
+    kept: list[sessions.Session] = []
+    close = sessions.close_session
 
-    def config(records, batch_size=5, store="mlruns", **gates) -> lib.StreamConfig:
+    def keep(session_id: str) -> None:  # keep the closed session's model so the test can compare it with a rebuilt one
+        kept.append(sessions.get_session(session_id))
+        close(session_id)
+
+    monkeypatch.setattr(sessions, "close_session", keep)
+
+    def config(records, batch_size=5, store="mlruns", **gates) -> StreamConfig:
         feed = write_jsonl(tmp_path / f"feed-{len(kept)}-{len(records)}.jsonl", records)
-        return lib.StreamConfig(
+        return StreamConfig(
             feeds=(str(feed),),
             model=str(checkpoint),
             editor="ft-m",

@@ -20,7 +20,7 @@ from evaluation.gates import (
     Threshold,
     at_most,
     default_gates_path,
-    edit_checks,
+    edit_outcomes,
     load_gates,
     register_gate,
     regression,
@@ -111,7 +111,7 @@ def test_null_disables_a_threshold_and_a_left_out_gate_is_not_run():
     model = bigram(tok, {"is": {"paris": 5.0}})  # the edit does not hold: efficacy 0
     s = suite({**EDITS, "efficacy_min": None})
     report = s.measure(model, tok, [REQ], [], s.before(model, tok, [REQ]))
-    assert report.metrics["efficacy"] == 0.0 and "efficacy" not in {c.gate for c in report.checks}
+    assert report.metrics["efficacy"] == 0.0 and "efficacy" not in {c.gate for c in report.results}
     assert set(report.metrics) == {"efficacy", "generalization", "specificity", "specificity_drop"}  # no retention, drawdown
     assert set(report.seconds) == {"edits"}
 
@@ -144,7 +144,7 @@ def test_edit_checks_by_hand():
     tok = make_tokenizer()
     # after "is": rome > berlin > paris; after "city": paris > rome; after "speaks": french > rome
     model = bigram(tok, {"is": {"rome": 5.0, "berlin": 3.0, "paris": 1.0}, "city": {"paris": 4.0}, "speaks": {"french": 2.0}})
-    c = edit_checks(model, tok, [REQ])
+    c = edit_outcomes(model, tok, [REQ])
     assert c.rewrite_ok.tolist() == [True]  # P(rome | is) > P(paris | is)
     assert c.paraphrase_ok.tolist() == [True, False]  # "... is": rome wins; "... city": paris wins
     assert c.neighbor_ok.tolist() == [False, True]  # germany's "is" now prefers rome; alice keeps french
@@ -170,7 +170,7 @@ def test_evaluate_reports_each_gate_against_its_threshold(tmp_path):
     failed = {c.gate for c in report.failed}
     assert failed == {"generalization", "specificity_drop", "drawdown_base", "drawdown_prev"}
     assert not report.passed and "drawdown_base=0.5" in report.reason()
-    assert "retention" not in {c.gate for c in report.checks}  # nothing earlier to retain: no check, not a pass
+    assert "retention" not in {c.gate for c in report.results}  # nothing earlier to retain: no check, not a pass
     assert report.holding == ["r1"]
     assert "drawdown_prev=0.5 (FAILED; limit 0.05 max over 2 known facts)" in report.reason()
 

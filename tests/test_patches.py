@@ -23,7 +23,7 @@ from editing.patches import (
     register_patch_kind,
 )
 from kedit.store.tracking import T_MANIFEST_SHA, T_PARENT_VERSION, Tracker
-from kedit.store.versions import export_version, load_export, model_fingerprint, rebuild, write_version
+from kedit.store.versions import export_version, load_export, load_model_or_export, model_fingerprint, rebuild, write_version
 
 PATH = "model.layers.1.mlp.down_proj"  # a Linear (64 -> 32) in the tiny Llama
 
@@ -229,6 +229,8 @@ def test_a_chain_with_module_patches_rebuilds_and_exports_bit_for_bit(store, tmp
     assert info["chain"] == ["1", "2", "3"]
     assert_same_bits(snapshot(exported), want)
     assert torch.equal(logits(exported, tok), y)
+    via_ref, _ = load_model_or_export(str(out), "cpu")  # how `kedit score --model DIR` opens it
+    assert torch.equal(logits(via_ref, tok), y)
 
     # the export is checked before anything is built
     f = out / "patches" / "v2" / "modules.safetensors"

@@ -17,7 +17,7 @@ from kedit.app.quiet import OwnInfo, output_env, set_defaults
 from kedit.core.tiny import CORPUS, GOOD, train_tiny, write_gates, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
-VERDICT = re.compile(r"INFO kedit\.pipeline\.stream: batch-000 \(1 facts\): accepted")
+VERDICT = re.compile(r"INFO kedit\.pipeline\.attempt: batch-000 \(1 facts\): accepted")
 
 # configure_output first, as the CLI's group callback does; then the stream flow on the tiny model,
 # or (verbose: only Prefect's own lines are looked at) a one-task flow, which starts faster
@@ -29,7 +29,7 @@ DRIVER = textwrap.dedent(
     configure_output(verbose=sys.argv[1] == "-v")
     if sys.argv[2] == "stream":
         from flows.stream import stream
-        from kedit.pipeline.stream import StreamConfig
+        from kedit.pipeline.config import StreamConfig
 
         summary = stream(StreamConfig(**json.loads(sys.argv[3])))
         print("accepted:", summary["accepted"])
@@ -61,7 +61,7 @@ def test_console_filter_keeps_kedits_info_and_anyones_warnings():
     def rec(name: str, level: int) -> logging.LogRecord:
         return logging.LogRecord(name, level, __file__, 1, "m", None, None)
 
-    assert f.filter(rec("kedit.pipeline.stream", logging.INFO)) and f.filter(rec("flows.locks", logging.INFO))
+    assert f.filter(rec("kedit.pipeline.attempt", logging.INFO)) and f.filter(rec("flows.locks", logging.INFO))
     assert not f.filter(rec("httpx", logging.INFO)) and not f.filter(rec("prefect.task_runs", logging.INFO))
     assert not f.filter(rec("keditor", logging.INFO))
     assert f.filter(rec("prefect.flow_runs", logging.ERROR))

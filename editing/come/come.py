@@ -39,7 +39,7 @@ def conflict_free_target(delta: torch.Tensor, outdated: torch.Tensor, alpha: flo
 class _CoME:
     """Mixin: replaces the base method's target with the conflict-free one."""
 
-    def check(self, requests):
+    def require_supported(self, requests):
         missing = [r.id for r in requests if r.target_true is None]
         if missing:
             raise EditError(

@@ -1,4 +1,4 @@
-"""Gates: the checks a batch of edits must pass before it becomes a version.
+"""Gates: the thresholds a batch of edits must pass before it becomes a version.
 
 A gates file (``data/gates/default.yaml``) lists gates by name with their thresholds; ``null`` for a
 threshold logs the number without enforcing it, and a gate left out of the file is not run. Each gate
@@ -18,15 +18,15 @@ here, and an entry in the gates file.
 from kedit.core.config import ConfigError
 
 from . import capability, drawdown, edits, retention  # noqa: F401  (registers the gates)
-from .base import GATES, Check, Gate, GateReport, Outcome, Step, Threshold, at_least, at_most, register_gate
-from .measures import EditChecks, edit_checks, neighbours_keep, regression
+from .base import GATES, Gate, GateReport, GateResult, Outcome, Step, Threshold, at_least, at_most, register_gate
+from .measures import EditOutcomes, edit_outcomes, neighbours_keep, regression
 from .suite import GatesFile, GateSuite, default_gates_path, load_gates, suite_from_mapping
 
 __all__ = [
     "GATES",
-    "Check",
+    "GateResult",
     "ConfigError",
-    "EditChecks",
+    "EditOutcomes",
     "Gate",
     "GateReport",
     "GateSuite",
@@ -37,7 +37,7 @@ __all__ = [
     "at_least",
     "at_most",
     "default_gates_path",
-    "edit_checks",
+    "edit_outcomes",
     "load_gates",
     "neighbours_keep",
     "register_gate",

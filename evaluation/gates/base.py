@@ -1,4 +1,4 @@
-"""What a gate is: a YAML section, baselines it keeps, a measurement on the edited model and its checks.
+"""What a gate is: a YAML section, baselines it keeps, a measurement on the edited model and its thresholded results.
 
 The pipeline never calls a gate directly: a :class:`~evaluation.gates.suite.GateSuite` runs the hooks of
 every gate named in the gates file, in file order. The hooks, and when they run:
@@ -7,7 +7,7 @@ every gate named in the gates file, in file order. The hooks, and when they run:
 - ``on_production(model, tok, earlier)``: after a stream restores a production version other than the base
   (the previous version's numbers: which earlier edits hold, its retain-set accuracy, its lm-eval values);
 - ``before(model, tok, batch)``: just before a batch is edited in (the neighbours' answers);
-- ``measure(step, before)``: on the edited model; returns the gate's metrics and checks;
+- ``measure(step, before)``: on the edited model; returns the gate's metrics and results;
 - ``on_accept(report)``: the batch became a version: move the previous-version baseline on from the report.
 """
 
@@ -23,14 +23,14 @@ from pydantic import Field
 from kedit.core.config import StrictConfig
 from kedit.core.facts import EditRequest
 
-from .measures import EditChecks, edit_checks
+from .measures import EditOutcomes, edit_outcomes
 
 # A gate threshold in a YAML section: a non-negative finite number, or null to log the number without enforcing it.
 Threshold = Annotated[float, Field(ge=0, allow_inf_nan=False)] | None
 
 
 @dataclass(frozen=True)
-class Check:
+class GateResult:
     gate: str
     value: float
     threshold: float
@@ -45,18 +45,18 @@ class Check:
 class GateReport:
     """Every configured gate on one edited model; crosses the flow's task boundary as it is."""
 
-    checks: list[Check]
+    results: list[GateResult]
     metrics: dict[str, float]
     seconds: dict[str, float]  # gate name -> seconds
     holding: list[str] = field(default_factory=list)  # ids of edits (earlier and this batch's) that hold on this model
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        return all(c.passed for c in self.results)
 
     @property
-    def failed(self) -> list[Check]:
-        return [c for c in self.checks if not c.passed]
+    def failed(self) -> list[GateResult]:
+        return [c for c in self.results if not c.passed]
 
     def reason(self) -> str:
         return "; ".join(str(c) for c in self.failed) or "passed"
@@ -64,7 +64,7 @@ class GateReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
-            "checks": [asdict(c) for c in self.checks],
+            "results": [asdict(c) for c in self.results],
             "metrics": self.metrics,
             "seconds": self.seconds,
             "holding": self.holding,
@@ -73,14 +73,14 @@ class GateReport:
 
 @dataclass
 class Outcome:
-    """One gate's share of a report; checks that are None (threshold disabled, nothing measured) are dropped."""
+    """One gate's share of a report; results that are None (threshold disabled, nothing measured) are dropped."""
 
     metrics: dict[str, float]
-    checks: list[Check | None] = field(default_factory=list)
+    results: list[GateResult | None] = field(default_factory=list)
     holding: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        self.checks = [c for c in self.checks if c is not None]
+        self.results = [c for c in self.results if c is not None]
 
 
 @dataclass
@@ -91,14 +91,14 @@ class Step:
     tok: Any
     batch: Sequence[EditRequest]
     earlier: Sequence[EditRequest]  # accepted along the production chain, before this batch
-    _edit_checks: EditChecks | None = field(default=None, repr=False)
+    _edit_outcomes: EditOutcomes | None = field(default=None, repr=False)
 
-    def edit_checks(self) -> EditChecks:
-        """The batch's own checks, one batched scoring call per step whichever gate asks first
+    def edit_outcomes(self) -> EditOutcomes:
+        """The batch's own edit outcomes, one batched scoring call per step whichever gate asks first
         (the edits gate reads all of it, retention reads which of the batch's edits hold)."""
-        if self._edit_checks is None:
-            self._edit_checks = edit_checks(self.model, self.tok, self.batch)
-        return self._edit_checks
+        if self._edit_outcomes is None:
+            self._edit_outcomes = edit_outcomes(self.model, self.tok, self.batch)
+        return self._edit_outcomes
 
 
 class Gate:
@@ -138,13 +138,13 @@ def register_gate(cls: type[Gate]) -> type[Gate]:
     return cls
 
 
-def at_least(gate: str, value: float, minimum: float | None, detail: str = "") -> Check | None:
+def at_least(gate: str, value: float, minimum: float | None, detail: str = "") -> GateResult | None:
     if minimum is None or math.isnan(value):
         return None  # disabled, or nothing to measure (e.g. no paraphrases in the batch)
-    return Check(gate, value, minimum, value >= minimum - 1e-9, f" min{detail}")
+    return GateResult(gate, value, minimum, value >= minimum - 1e-9, f" min{detail}")
 
 
-def at_most(gate: str, value: float, maximum: float | None, detail: str = "") -> Check | None:
+def at_most(gate: str, value: float, maximum: float | None, detail: str = "") -> GateResult | None:
     if maximum is None or math.isnan(value):
         return None
-    return Check(gate, value, maximum, value <= maximum + 1e-9, f" max{detail}")
+    return GateResult(gate, value, maximum, value <= maximum + 1e-9, f" max{detail}")

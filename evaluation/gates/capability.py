@@ -57,12 +57,12 @@ class CapabilityGate(Gate):
             metrics[f"cap/{key}"] = value
             metrics[f"cap_regression_base/{key}"] = regression(self.base.get(key, float("nan")), value, hib)
             metrics[f"cap_regression_prev/{key}"] = regression(self.prev.get(key, float("nan")), value, hib)
-        checks = []
+        results = []
         for key, limit in self.cfg.max_regression.items():
             if key not in result.values:
                 raise ConfigError(f"{self.source}.max_regression: metric {key!r} not produced; have {sorted(result.values)}")
-            checks.append(at_most(f"capability:{key}", metrics[f"cap_regression_base/{key}"], limit, " relative to base"))
-        return Outcome(metrics, checks)
+            results.append(at_most(f"capability:{key}", metrics[f"cap_regression_base/{key}"], limit, " relative to base"))
+        return Outcome(metrics, results)
 
     def on_accept(self, report: GateReport) -> None:
         values = {k.removeprefix("cap/"): v for k, v in report.metrics.items() if k.startswith("cap/")}

@@ -19,7 +19,7 @@ class EditsConfig(StrictConfig):
 
 @register_gate
 class EditsGate(Gate):
-    """Three thresholds read from one batched scoring call on the edited model (``Step.edit_checks``)."""
+    """Three thresholds read from one batched scoring call on the edited model (``Step.edit_outcomes``)."""
 
     name = "edits"
     Config = EditsConfig
@@ -30,7 +30,7 @@ class EditsGate(Gate):
         return mean(neighbours_keep(model, tok, batch))
 
     def measure(self, step: Step, before: float) -> Outcome:
-        now = step.edit_checks()
+        now = step.edit_outcomes()
         drop = before - now.specificity
         metrics = {
             "efficacy": now.efficacy,

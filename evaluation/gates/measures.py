@@ -1,4 +1,4 @@
-"""Measurements that more than one gate reads: the batch's own edit checks, and the relative regression."""
+"""Measurements that more than one gate reads: the batch's own edit outcomes, and the relative regression."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from ..metrics import prompt_holds
 
 
 @dataclass(frozen=True)
-class EditChecks:
+class EditOutcomes:
     """Per-request outcomes on one model: does each edit hold on its prompt and paraphrases,
     and do its neighbours keep their own answer (over ``target_new``)?"""
 
@@ -40,7 +40,7 @@ def mean(x: torch.Tensor) -> float:
     return float(x.float().mean()) if x.numel() else float("nan")
 
 
-def edit_checks(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 64) -> EditChecks:
+def edit_outcomes(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 64) -> EditOutcomes:
     """Whether each edit holds on its prompt and paraphrases (``prompt_holds``), and whether its neighbours
     still prefer their own answer over ``target_new``."""
     rewrite = [(r.text, r) for r in requests]
@@ -49,14 +49,14 @@ def edit_checks(model, tokenizer, requests: Sequence[EditRequest], batch_size: i
     ok = prompt_holds(
         model, tokenizer, [p for p, _ in pairs], [r.target_new for _, r in pairs], [r.target_true for _, r in pairs], batch_size
     )
-    return EditChecks(ok[: len(rewrite)], ok[len(rewrite) :], neighbours_keep(model, tokenizer, requests, batch_size))
+    return EditOutcomes(ok[: len(rewrite)], ok[len(rewrite) :], neighbours_keep(model, tokenizer, requests, batch_size))
 
 
 def neighbours_keep(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 64) -> torch.Tensor:
     """Per neighbourhood prompt of the batch, whether it prefers its own answer over the edit's ``target_new``.
 
     A scoring call of its own (not batched with the rewrites), so that measuring only the neighbours before an
-    edit gives exactly the numbers ``edit_checks`` gives."""
+    edit gives exactly the numbers ``edit_outcomes`` gives."""
     nb = [(n.prompt, n.answer, r.target_new) for r in requests for n in r.neighborhood]
     if not nb:
         return torch.zeros(0, dtype=torch.bool)

@@ -40,7 +40,7 @@ class RetentionGate(Gate):
         held = torch.tensor([r.id in self.holding for r in earlier], dtype=torch.bool)
         metrics = {"retention": mean(ok[held]), "retention_all": mean(ok)}
         check = at_least("retention", metrics["retention"], self.cfg.min, f" over {int(held.sum())} earlier edits that held")
-        batch_ok = step.edit_checks().rewrite_ok.tolist()
+        batch_ok = step.edit_outcomes().rewrite_ok.tolist()
         holding = [r.id for r, k in zip(earlier, ok.tolist()) if k] + [r.id for r, k in zip(step.batch, batch_ok) if k]
         return Outcome(metrics, [check], holding)
 

@@ -12,7 +12,7 @@ from kedit.core.config import ConfigError, Seq, StrictConfig, flatten, from_mapp
 from kedit.core.facts import EditRequest
 from kedit.core.paths import project_data_dir
 
-from .base import GATES, Check, Gate, GateReport, Step
+from .base import GATES, Gate, GateReport, GateResult, Step
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class GateSuite:
     ) -> GateReport:
         """Every gate on the current (edited) model, timed per gate."""
         step = Step(model, tok, batch, earlier)
-        checks: list[Check] = []
+        results: list[GateResult] = []
         metrics: dict[str, float] = {}
         seconds: dict[str, float] = {}
         holding: list[str] = []
@@ -115,10 +115,10 @@ class GateSuite:
             t = time.perf_counter()
             out = g.measure(step, before.get(g.name))
             seconds[g.name] = time.perf_counter() - t
-            checks += out.checks
+            results += out.results
             metrics |= out.metrics
             holding += out.holding
-        return GateReport(checks, metrics, seconds, holding)
+        return GateReport(results, metrics, seconds, holding)
 
     def on_accept(self, report: GateReport) -> None:
         for g in self.gates:

@@ -195,7 +195,7 @@ def bench_stream(
 
     from evaluation.metrics import counterfact_metrics, retention
     from flows.stream import stream
-    from kedit.pipeline.stream import StreamConfig
+    from kedit.pipeline.config import StreamConfig
     from kedit.store.tracking import Tracker
     from kedit.store.versions import rebuild
 

@@ -128,10 +128,10 @@ def score(model: str, data: Path, fmt: str, protocol: str, n: int | None, batch_
     """Score a model on edit requests (no editing): efficacy, generalization, specificity."""
     from evaluation.metrics import counterfact_metrics, scores_table, zsre_metrics
     from kedit.core.facts import load_facts
-    from kedit.core.models import load_model
+    from kedit.store.versions import load_model_or_export
 
     reqs = load_facts(data, fmt, limit=n).accepted
-    m, tok = load_model(model)
+    m, tok = load_model_or_export(model)
     fn = counterfact_metrics if protocol == "counterfact" else zsre_metrics
     result = fn(m, tok, reqs, batch_size)
     click.echo(scores_table({model: result}))
@@ -147,7 +147,7 @@ def score(model: str, data: Path, fmt: str, protocol: str, n: int | None, batch_
 @click.option("--work-dir", type=PathArg, default=Path("out/stream"), show_default=True)
 def stream(feeds, model, editor, batch_size, gates, tracking_uri, sets, device, corpus, fmt, threads, work_dir) -> None:
     """Apply fact feeds to a model as a gated, tracked stream of edit batches (a Prefect flow)."""
-    from kedit.pipeline.stream import StreamConfig
+    from kedit.pipeline.config import StreamConfig
 
     _threads(threads)
     cfg = StreamConfig(

@@ -27,7 +27,7 @@ def run_demo(
 ) -> dict:
     """Validate the demo feed, show what the unedited model believes, then run the gated stream and show the result."""
     from flows.stream import stream
-    from kedit.pipeline.stream import StreamConfig
+    from kedit.pipeline.config import StreamConfig
     from kedit.store.tracking import resolve_uri
 
     data = project_data_dir()

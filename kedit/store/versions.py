@@ -315,3 +315,14 @@ def load_export(directory: Path, device: str | None = "cpu", dtype: torch.dtype 
         log.info("applying exported v%s (%s)", v["version"], ", ".join(p.kind for p in patches))
         patches.apply(model)
     return model, tok, manifest
+
+
+def load_model_or_export(ref: str, device: str | None = None):
+    """``(model, tokenizer)`` of a model reference, where a directory written by ``kedit export`` loads
+    with its patches (verified), and anything else as ``kedit.core.models.load_model`` loads it."""
+    from kedit.core.models import load_model
+
+    if (Path(ref) / EXPORT_MANIFEST).is_file():
+        model, tok, _ = load_export(Path(ref), device)
+        return model, tok
+    return load_model(ref, device)

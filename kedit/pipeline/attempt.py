@@ -1,0 +1,170 @@
+"""Step 5 of a stream, per batch: edit, gate, then commit a version or revert; record the attempt."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from editing import PatchSet
+from evaluation.gates import GateReport
+from kedit.store.tracking import T_KIND, T_MANIFEST_SHA, T_N_QUARANTINED, T_PARENT_VERSION, T_VERDICT, T_VERSION
+from kedit.store.versions import write_version
+
+from .report import plot_drawdown
+from .session import HISTORY_KEYS, Session, get_session, quarantine_fact
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Attempt:
+    """One batch (or a bisected half of one) tried on the current production version."""
+
+    name: str
+    ids: list[str]
+    run_id: str
+    parent_version: str | None
+    before: dict[str, Any]  # each gate's measurement just before the edit (GateSuite.before)
+    patches: PatchSet | None = None  # what Editor.edit returned
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _batch(session: Session, ids: list[str]) -> list:
+    return [session.requests[i] for i in ids]
+
+
+def apply_edits(session_id: str, ids: list[str], name: str) -> dict:
+    """Let the gates measure what they need before the edit, then edit the model in place; returns timings."""
+    session = get_session(session_id)
+    t0 = time.perf_counter()
+    run_id = session.tracker.start_run(
+        session.registered,
+        name,
+        {T_KIND: "attempt", T_PARENT_VERSION: session.production or "", T_VERDICT: "running", "kedit.n_facts": str(len(ids))},
+        parent_run_id=session.run_id,
+    )
+    seconds = {"tracking": time.perf_counter() - t0}
+    batch = _batch(session, ids)
+    t0 = time.perf_counter()
+    before = session.gates.before(session.model, session.tokenizer, batch)
+    seconds["gate:before"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    patches = session.editor.edit(batch)
+    seconds["edit"] = time.perf_counter() - t0
+    session.attempt = Attempt(name, list(ids), run_id, session.production, before, patches, seconds)
+    return {"edit_s": seconds["edit"], "n": len(ids)}
+
+
+def revert_edits(session_id: str) -> float:
+    """Undo the current attempt's edit: weights, installed modules and editor state bit for bit. Returns seconds."""
+    session = get_session(session_id)
+    t0 = time.perf_counter()
+    session.editor.revert()
+    elapsed = time.perf_counter() - t0
+    if session.attempt is not None:
+        session.attempt.seconds["rollback"] = elapsed
+    return elapsed
+
+
+def gate_edits(session_id: str) -> GateReport:
+    """Every gate of the suite on the edited model."""
+    session = get_session(session_id)
+    attempt = session.attempt
+    batch = _batch(session, attempt.ids)
+    report = session.gates.measure(session.model, session.tokenizer, batch, session.earlier, attempt.before)
+    for gate, seconds in report.seconds.items():
+        attempt.seconds[f"gate:{gate}"] = seconds
+    return report
+
+
+def commit_version(session_id: str, report: GateReport) -> str:
+    """Store the attempt's patches as a new version of the registered model and move ``production`` to it."""
+    session = get_session(session_id)
+    attempt = session.attempt
+    t0 = time.perf_counter()
+    batch = _batch(session, attempt.ids)
+    n_edits = session.n_edits + len(batch)
+    history = {k: report.metrics[k] for k in HISTORY_KEYS if k in report.metrics}
+    with tempfile.TemporaryDirectory(prefix="kedit-version-") as tmp:
+        sha = write_version(
+            Path(tmp),
+            attempt.patches,
+            session.editor.state_dict(),
+            batch,
+            {
+                "registered_model": session.registered,
+                "base_model": session.cfg.model,
+                "base_fingerprint": session.fingerprint,
+                "parent_version": attempt.parent_version,
+                "editor": session.cfg.editor,
+                "hparams": session.editor.hparams.model_dump(mode="json"),
+                "n_edits": n_edits,
+                "stream_run_id": session.run_id,
+            },
+        )
+        tags = {
+            T_PARENT_VERSION: attempt.parent_version or "",
+            T_MANIFEST_SHA: sha,
+            "kedit.n_edits": str(n_edits),
+            "kedit.editor": session.cfg.editor,
+            **{f"kedit.{k}": f"{v:.6g}" for k, v in history.items()},
+        }
+        version = session.tracker.register_version(session.registered, attempt.run_id, Path(tmp), tags)
+        attempt.seconds["version_bytes"] = sum(f.stat().st_size for f in Path(tmp).iterdir())
+    session.tracker.set_production(session.registered, version)
+    # from here on the version is in production: only bookkeeping follows
+    session.editor.commit()
+    session.production = version
+    session.n_edits = n_edits
+    session.earlier += batch
+    session.gates.on_accept(report)
+    for fid in attempt.ids:
+        session.accepted[fid] = version
+    session.history.append({"n_edits": n_edits, **history})
+    attempt.seconds["tracking"] += time.perf_counter() - t0
+    session.progress.update(len(attempt.ids))
+    return version
+
+
+def record_attempt(session_id: str, report: GateReport, verdict: str, quarantine: bool) -> dict:
+    """Log the attempt's metrics, report and verdict; for a rejected single fact (or with bisection off), quarantine it."""
+    session = get_session(session_id)
+    attempt = session.attempt
+    tracker = session.tracker
+    t0 = time.perf_counter()
+    reason = report.reason()
+    quarantined = []
+    if quarantine:
+        for fid in attempt.ids:
+            quarantined.append(quarantine_fact(session, fid, f"failed gates: {reason}", "gates", attempt, report))
+    tracker.log_metrics(attempt.run_id, report.metrics, step=session.n_edits)
+    tracker.log_dict(attempt.run_id, report.to_dict(), "gate_report.json")
+    tracker.log_dict(attempt.run_id, {"fact_ids": attempt.ids, "parent_version": attempt.parent_version}, "batch.json")
+    tracker.log_dict(attempt.run_id, quarantined, "quarantine.json")
+    tags = {T_VERDICT: verdict, T_N_QUARANTINED: str(len(quarantined))}
+    if verdict == "accepted":
+        tags[T_VERSION] = session.production
+        totals = {"n_edits": session.n_edits, "facts_accepted": len(session.accepted)}
+        tracker.log_metrics(session.run_id, {**report.metrics, **totals}, step=session.n_edits)
+        plot_drawdown(session)
+    tracker.set_tags(attempt.run_id, tags)
+    tracker.end_run(attempt.run_id)
+    attempt.seconds["tracking"] += time.perf_counter() - t0
+    session.steps.append({"attempt": attempt.name, "n": len(attempt.ids), "ids": list(attempt.ids), "verdict": verdict})
+    session.steps[-1].update(attempt.seconds)
+    if quarantine:
+        session.progress.update(len(attempt.ids))
+    detail = "" if verdict == "accepted" else f" — {reason}"
+    log.info("%s (%d facts): %s%s", attempt.name, len(attempt.ids), verdict, detail)
+    return {"verdict": verdict, "quarantined": len(quarantined)}
+
+
+def note_wall(session_id: str, seconds: float) -> None:
+    """The flow's wall time for the last attempt (edit to recorded verdict), for the orchestration overhead."""
+    session = get_session(session_id)
+    if session.steps:
+        session.steps[-1]["wall"] = seconds

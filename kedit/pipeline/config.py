@@ -1,0 +1,37 @@
+"""What a stream is asked to do: the feeds, the base model, the editor, the gates, where to track."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kedit.core.errors import KeditError
+
+
+class StreamError(KeditError):
+    pass
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    feeds: tuple[str, ...]
+    model: str
+    editor: str | None = None  # None: the registry's default editor (editing.DEFAULT_EDITOR)
+    batch_size: int = 10
+    gates: str | None = None  # YAML path; None: data/gates/default.yaml
+    tracking_uri: str | None = None
+    corpus: str | None = None  # text files for key statistics; None: text sampled from the model
+    overrides: dict[str, Any] = field(default_factory=dict)  # editor hparams, dotted keys
+    device: str | None = None
+    work_dir: str = "out/stream"
+    fmt: str = "auto"
+
+    def __post_init__(self):
+        if self.editor is None:
+            from editing import DEFAULT_EDITOR
+
+            object.__setattr__(self, "editor", DEFAULT_EDITOR)
+        if self.batch_size < 1:
+            raise StreamError(f"batch size must be at least 1, got {self.batch_size}")
+        if not self.feeds:
+            raise StreamError("no fact feeds given")

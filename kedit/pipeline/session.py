@@ -1,0 +1,256 @@
+"""Steps 2-4 of a stream: open a session on the base model, restore production, start tracking.
+
+A session holds what a stream keeps in memory between its Prefect tasks: the model, its editor,
+the gate suite with its baselines, the tracker and the stream's bookkeeping. Tasks exchange the
+session's id, never the model (Prefect would hash and serialize task arguments), so sessions are
+looked up in this process's table; ``open_session`` returns what the flow needs to know as an
+``Opened`` record, so the flow never reaches into the session.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from editing import EditError, Editor, make_editor
+from evaluation.gates import GateReport, GateSuite, load_gates
+from kedit.core.config import flatten
+from kedit.core.facts import EditRequest
+from kedit.core.models import load_model, resolve
+from kedit.store.naming import registered_name
+from kedit.store.tracking import T_FINGERPRINT, T_KIND, T_N_QUARANTINED, T_PARENT_VERSION, T_VERDICT, Tracker
+from kedit.store.versions import model_fingerprint, rebuild
+
+from .config import StreamConfig, StreamError
+from .plan import Plan, read_plan
+
+if TYPE_CHECKING:
+    from torch import nn
+    from tqdm import tqdm
+
+    from .attempt import Attempt
+
+log = logging.getLogger(__name__)
+
+# the history points kept per accepted version: what the drawdown plot and `kedit status` show
+HISTORY_KEYS = ("drawdown_base", "drawdown_prev", "retention")
+
+
+@dataclass
+class Session:
+    """Everything one stream keeps in memory between tasks, in this process."""
+
+    id: str
+    cfg: StreamConfig
+    gates: GateSuite  # the gates file's gates and the baselines they keep
+    tracker: Tracker
+    registered: str  # the registered model's name in the store
+    fingerprint: str  # of the base weights
+    model: nn.Module
+    tokenizer: Any
+    editor: Editor
+    requests: dict[str, EditRequest] = field(default_factory=dict)  # this stream's plan
+    earlier: list[EditRequest] = field(default_factory=list)  # accepted along the production chain
+    production: str | None = None
+    chain: list[str] = field(default_factory=list)  # versions from the base up to production
+    n_edits: int = 0
+    run_id: str | None = None
+    accepted: dict[str, str] = field(default_factory=dict)  # fact id -> version (this stream)
+    quarantined: list[dict] = field(default_factory=list)  # this stream's gate/editor quarantine
+    skipped: dict[str, str] = field(default_factory=dict)  # fact id -> why (done before this stream)
+    history: list[dict] = field(default_factory=list)  # per accepted version: n_edits and HISTORY_KEYS
+    steps: list[dict] = field(default_factory=list)  # timings per attempt
+    attempt: Attempt | None = None
+    progress: tqdm | None = None
+    ledger: dict[str, dict] = field(default_factory=dict)  # feed sha256 -> entry, as the stream started
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What the flow needs of an open session: its id, the model lock's name, whether to bisect."""
+
+    session_id: str
+    registered: str
+    bisect: bool
+
+
+_SESSIONS: dict[str, Session] = {}  # this process's open sessions; the flow closes its own
+
+
+def get_session(session_id: str) -> Session:
+    try:
+        return _SESSIONS[session_id]
+    except KeyError:
+        raise StreamError(f"no stream session {session_id!r} in this process") from None
+
+
+def close_session(session_id: str) -> None:
+    _SESSIONS.pop(session_id, None)
+
+
+# ----------------------------------------------------------------------------- open: base, baselines, editor
+
+
+def open_session(cfg: StreamConfig) -> Opened:
+    """Load the base model, measure the gates' baselines on it, and build the editor (statistics from the base)."""
+    import torch
+
+    gates = load_gates(cfg.gates)
+    model, tokenizer = load_model(cfg.model, cfg.device)
+    fingerprint = model_fingerprint(resolve(cfg.model), model)
+    tracker = Tracker(cfg.tracking_uri)
+    registered = registered_name(cfg.model, fingerprint)
+    tracker.ensure_registered(registered, fingerprint, cfg.model)
+
+    gates.on_base(model, tokenizer)
+    editor = make_editor(cfg.editor, model, tokenizer, cfg.overrides, assets=_assets(cfg))
+    with torch.no_grad():
+        editor.prepare()  # statistics of the *base* model, so they are cached once per base
+    session_id = uuid.uuid4().hex[:12]
+    _SESSIONS[session_id] = Session(session_id, cfg, gates, tracker, registered, fingerprint, model, tokenizer, editor)
+    return Opened(session_id, registered, gates.bisect)
+
+
+def _assets(cfg: StreamConfig) -> dict[str, Any]:
+    """The editor's named inputs besides weights; an editor takes only those it declares."""
+    if not cfg.corpus:
+        return {}
+    from editing.stats import corpus_from_files
+
+    return {"corpus": corpus_from_files([cfg.corpus])}
+
+
+# ----------------------------------------------------------------------------- restore production
+
+
+def restore_production(session_id: str) -> dict:
+    """Rebuild the production version from the base and its patch chain; load the editor's state."""
+    session = get_session(session_id)
+    closed = session.tracker.close_interrupted(session.registered)
+    if closed:
+        log.warning("%d run(s) of an interrupted stream marked KILLED", closed)
+    prod = session.tracker.production(session.registered)
+    chain = rebuild(session.model, session.tracker, session.registered, prod.version if prod else None, session.fingerprint)
+    session.production = prod.version if prod else None
+    session.chain = [v.version for v in chain.versions]
+    session.earlier = chain.requests
+    session.n_edits = len(chain.requests)
+    if chain.state or chain.editor:
+        if chain.editor == session.cfg.editor:
+            session.editor.load_state_dict(chain.state)
+        else:
+            log.warning("production was made by %s; %s starts with fresh state", chain.editor, session.cfg.editor)
+    session.history = [history_point(v.tags) for v in chain.versions]
+    if prod is not None:  # on the base model the baselines measured at open stand
+        session.gates.on_production(session.model, session.tokenizer, session.earlier)
+    where = f"v{session.production}" if session.production else "the base model"
+    log.info("production: %s (%d edits applied)", where, session.n_edits)
+    return {"production": session.production, "n_edits": session.n_edits, "chain": session.chain}
+
+
+def history_point(tags: dict[str, str]) -> dict:
+    return {k: float(tags[f"kedit.{k}"]) for k in ("n_edits", *HISTORY_KEYS) if f"kedit.{k}" in tags}
+
+
+# ----------------------------------------------------------------------------- start: skip what is done, open the run
+
+
+def start_stream(session_id: str, plan: Plan) -> list[list[str]]:
+    """Open the stream's parent run, skip what the chain already holds, quarantine what the editor refuses; returns batches."""
+    session = get_session(session_id)
+    session.requests = read_plan(plan)
+    pending = _not_done(session, plan)
+    session.run_id = session.tracker.start_run(
+        session.registered,
+        f"stream-{time.strftime('%Y%m%d-%H%M%S')}",
+        {T_KIND: "stream", T_PARENT_VERSION: session.production or "", T_FINGERPRINT: session.fingerprint},
+    )
+    session.tracker.log_params(session.run_id, _run_params(session, plan))
+    session.tracker.log_artifacts(session.run_id, Path(plan.path).parent, "feeds")
+    pending = [fid for fid in pending if _editor_takes(session, fid)]
+    if session.skipped:
+        log.info("%d fact(s) skipped: already applied or quarantined on this chain", len(session.skipped))
+    from tqdm.auto import tqdm
+
+    session.progress = tqdm(total=len(pending), desc=f"stream {session.registered}", unit="fact")
+    size = session.cfg.batch_size
+    return [pending[i : i + size] for i in range(0, len(pending), size)]
+
+
+def _not_done(session: Session, plan: Plan) -> list[str]:
+    """The plan's facts that neither an earlier stream (same feed, same chain) nor the chain itself settled."""
+    done = {r.id for r in session.earlier}
+    quarantined_before = session.tracker.quarantined(session.registered, session.chain)
+    session.ledger = session.tracker.feed_ledger(session.registered)
+    seen_feeds = {f for f, sha in plan.feed_sha256.items() if sha in session.ledger}
+    for feed in seen_feeds:
+        log.info("feed %s (sha256 %s…) was processed before: skipped", feed, plan.feed_sha256[feed][:12])
+    pending = []
+    for fid in plan.fact_ids:
+        if plan.fact_feed.get(fid) in seen_feeds:
+            session.skipped[fid] = "feed already processed"
+        elif fid in done:
+            session.skipped[fid] = "already applied"
+        elif fid in quarantined_before:
+            session.skipped[fid] = f"quarantined earlier: {quarantined_before[fid].get('reason', '')}"
+        else:
+            pending.append(fid)
+    return pending
+
+
+def _run_params(session: Session, plan: Plan) -> dict[str, Any]:
+    param = next(session.model.parameters())
+    return {
+        "model": session.cfg.model,
+        "editor": session.cfg.editor,
+        "batch_size": session.cfg.batch_size,
+        "device": str(param.device),
+        "dtype": str(param.dtype),
+        "start_version": session.production or "base",
+        "gates_file": session.gates.source,
+        **{f"hparams.{k}": v for k, v in flatten(session.editor.hparams).items()},
+        **{f"gates.{k}": v for k, v in session.gates.params().items()},
+        **{f"feed_sha256.{Path(p).name}": h for p, h in plan.feed_sha256.items()},
+    }
+
+
+def _editor_takes(session: Session, fid: str) -> bool:
+    try:
+        session.editor.require_supported([session.requests[fid]])
+    except EditError as e:
+        quarantine_fact(session, fid, f"editor {session.cfg.editor} refuses it: {e}", gate="editor", attempt=None)
+        return False
+    return True
+
+
+def quarantine_fact(
+    session: Session, fid: str, reason: str, gate: str, attempt: Attempt | None, report: GateReport | None = None
+) -> dict:
+    """Record a fact as quarantined by this stream; one refused before any attempt gets its own run,
+    so that a resumed stream on the same chain skips it too."""
+    record = {
+        "id": fid,
+        "reason": reason,
+        "gate": gate,
+        "attempt": attempt.name if attempt else None,
+        "parent_version": attempt.parent_version if attempt else session.production,
+        "failed": [asdict(c) for c in report.failed] if report else [],
+        "request": session.requests[fid].to_dict(),
+    }
+    session.quarantined.append(record)
+    if attempt is None:
+        tracker = session.tracker
+        run = tracker.start_run(
+            session.registered,
+            f"refused-{fid}",
+            {T_KIND: "attempt", T_PARENT_VERSION: session.production or ""},
+            parent_run_id=session.run_id,
+        )
+        tracker.log_dict(run, [record], "quarantine.json")
+        tracker.set_tags(run, {T_VERDICT: "refused", T_N_QUARANTINED: "1"})
+        tracker.end_run(run)
+    return record
