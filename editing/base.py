@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from kedit.core import registry
 from kedit.core.arch import ArchSpec, spec_for
 from kedit.core.errors import KeditError
 from kedit.core.facts import EditRequest
@@ -175,16 +176,11 @@ EDITORS: dict[str, type[Editor]] = {}
 
 
 def register(cls: type[Editor]) -> type[Editor]:
-    if cls.name in EDITORS:
-        raise ValueError(f"editor {cls.name!r} is already registered ({EDITORS[cls.name].__module__})")
-    EDITORS[cls.name] = cls
-    return cls
+    return registry.add(EDITORS, cls.name, cls, "editor")
 
 
 def get_editor(name: str) -> type[Editor]:
-    if name not in EDITORS:
-        raise EditError(f"unknown editor {name!r}; available: {', '.join(sorted(EDITORS))}")
-    return EDITORS[name]
+    return registry.lookup(EDITORS, name, "editor", EditError)
 
 
 def make_editor(
@@ -192,7 +188,6 @@ def make_editor(
     model: nn.Module,
     tokenizer,
     overrides: dict[str, Any] | None = None,
-    corpus=None,
     *,
     assets: dict[str, Any] | None = None,
 ) -> Editor:
@@ -200,14 +195,9 @@ def make_editor(
 
     ``assets`` maps asset names to values; names no registered editor declares raise, and the ones
     this editor does not declare are left out (a stream passes its corpus whatever the editor).
-    ``corpus`` is shorthand for ``assets={"corpus": corpus}``, kept for existing callers.
     """
     cls = get_editor(name)
     given = dict(assets or {})
-    if corpus is not None:
-        if given.get("corpus") is not None:
-            raise EditError("corpus given twice: as an argument and in assets")
-        given["corpus"] = corpus
     known = {a for c in EDITORS.values() for a in c.assets}
     unknown = sorted(set(given) - known)
     if unknown:

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from kedit.core import registry
 from kedit.core.errors import KeditError
 from kedit.core.paths import sha256_file
 
@@ -130,16 +131,11 @@ PATCH_KINDS: dict[str, type[Patch]] = {}
 
 
 def register_patch_kind(cls: type[Patch]) -> type[Patch]:
-    if cls.kind in PATCH_KINDS:
-        raise ValueError(f"patch kind {cls.kind!r} is already registered ({PATCH_KINDS[cls.kind].__module__})")
-    PATCH_KINDS[cls.kind] = cls
-    return cls
+    return registry.add(PATCH_KINDS, cls.kind, cls, "patch kind")
 
 
 def patch_kind(kind: str) -> type[Patch]:
-    if kind not in PATCH_KINDS:
-        raise DeltaIntegrityError(f"unknown patch kind {kind!r}; known: {', '.join(sorted(PATCH_KINDS))}")
-    return PATCH_KINDS[kind]
+    return registry.lookup(PATCH_KINDS, kind, "patch kind", DeltaIntegrityError)
 
 
 # ---------------------------------------------------------------------- manifests

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kedit.core import registry
 from kedit.core.paths import sha256_file
 
 from .base import DeltaIntegrityError, ModuleSwap, Patch, Undo, check_file, read_manifest, register_patch_kind, write_manifest
@@ -55,16 +56,11 @@ MODULE_TYPES: dict[str, type[Installable]] = {}
 
 
 def register_module_type(cls: type[Installable]) -> type[Installable]:
-    if cls.type_name in MODULE_TYPES:
-        raise ValueError(f"module type {cls.type_name!r} is already registered ({MODULE_TYPES[cls.type_name].__module__})")
-    MODULE_TYPES[cls.type_name] = cls
-    return cls
+    return registry.add(MODULE_TYPES, cls.type_name, cls, "module type")
 
 
 def module_type(name: str) -> type[Installable]:
-    if name not in MODULE_TYPES:
-        raise DeltaIntegrityError(f"unknown module type {name!r}; known: {', '.join(sorted(MODULE_TYPES))}")
-    return MODULE_TYPES[name]
+    return registry.lookup(MODULE_TYPES, name, "module type", DeltaIntegrityError)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import Field
 
+from kedit.core import registry
 from kedit.core.config import StrictConfig
 from kedit.core.facts import EditRequest
 
@@ -132,10 +133,7 @@ GATES: dict[str, type[Gate]] = {}
 
 def register_gate(cls: type[Gate]) -> type[Gate]:
     """Class decorator: make a gate available by its ``name`` in gates files."""
-    if cls.name in GATES:
-        raise ValueError(f"gate {cls.name!r} is already registered ({GATES[cls.name].__module__})")
-    GATES[cls.name] = cls
-    return cls
+    return registry.add(GATES, cls.name, cls, "gate")
 
 
 def at_least(gate: str, value: float, minimum: float | None, detail: str = "") -> GateResult | None:
