@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from kedit.core.errors import KeditError
 from kedit.core.paths import project_data_dir
@@ -132,7 +133,7 @@ class CapabilitySuite:
         model.eval()
         start = time.perf_counter()
         try:
-            with _quiet_lm_eval():
+            with _quiet_lm_eval(), _no_progress_bars():
                 for task in self._loaded["tasks"].values():
                     # fewshot sampling draws from a per-task RNG; reseed so every call sees the same contexts
                     task.set_fewshot_seed(seed=FEWSHOT_SEED)
@@ -238,6 +239,29 @@ def _quiet_lm_eval(level: int = logging.WARNING) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(old)
+
+
+# lm-eval modules that draw progress bars with their own ``tqdm`` name
+_LM_EVAL_BARS = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """lm-eval draws a progress bar per task and request type at every gate step; the stream's own
+    progress bar is the one users watch, so lm-eval's bars are created disabled meanwhile."""
+    import importlib
+
+    from tqdm import tqdm
+
+    def quiet(*args, **kwargs):  # lm-eval passes disable= itself: override it, not default it
+        return tqdm(*args, **{**kwargs, "disable": True})
+
+    with contextlib.ExitStack() as stack:
+        for name in _LM_EVAL_BARS:
+            module = importlib.import_module(name)
+            if getattr(module, "tqdm", None) is tqdm:
+                stack.enter_context(mock.patch.object(module, "tqdm", quiet))
+        yield
 
 
 @contextlib.contextmanager

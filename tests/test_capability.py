@@ -79,6 +79,16 @@ def test_repeated_evaluate_rebuilds_requests_and_repeats_values(model, btok):
     assert len(instances) == 12 and all(len(i.resps) == 1 for i in instances)
 
 
+def test_lm_eval_draws_no_progress_bars_of_its_own(model, btok, capsys):
+    suite = CapabilitySuite(["kedit_mc", "kedit_ppl"], limit=2, batch_size=8)
+    suite.evaluate(model, btok)
+    err = capsys.readouterr().err
+    assert "Running loglikelihood requests" not in err and "it/s]" not in err, err[-500:]
+    from lm_eval.api import task
+
+    assert not task.tqdm(range(1)).disable  # lm-eval's own tqdm is put back afterwards
+
+
 def test_in_place_edit_is_seen_without_rebuilding(model, btok):
     suite = CapabilitySuite(["kedit_ppl"], limit=2, batch_size=8)
     before = suite.evaluate(model, btok).values
