@@ -13,7 +13,8 @@ By default:
   Completed()" per task), here and in the flow runs ``kedit serve`` starts; unless the user set
   ``PREFECT_LOGGING_LEVEL``;
 - MLflow, httpx, httpcore, alembic and urllib3 log warnings and errors only (no line per HTTP request);
-- the console shows INFO lines from kedit's own packages (feeds, verdicts, production, locks) and
+- the console shows INFO lines from the pipeline, store, application and flows (feeds, verdicts,
+  production, locks) and
   WARNING and above from anyone.
 
 With ``-v``: DEBUG from everything, Prefect's and the libraries' own levels.
@@ -29,7 +30,9 @@ from collections.abc import MutableMapping
 log = logging.getLogger(__name__)
 
 FORMAT = "%(levelname)s %(name)s: %(message)s"
-OWN_PACKAGES = ("kedit", "flows", "editing", "evaluation")
+# INFO from the pipeline, store, application and flows (feeds, verdicts, versions); editors and metrics
+# log their internals (target losses, capability timings) at INFO, shown with -v
+OWN_PACKAGES = ("kedit", "flows")
 NOISY_LOGGERS = ("httpx", "httpcore", "mlflow", "alembic", "urllib3")
 
 
