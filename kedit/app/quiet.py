@@ -14,8 +14,7 @@ By default:
   ``PREFECT_LOGGING_LEVEL``;
 - MLflow, httpx, httpcore, alembic and urllib3 log warnings and errors only (no line per HTTP request);
 - the console shows INFO lines from the pipeline, store, application and flows (feeds, verdicts,
-  production, locks) and
-  WARNING and above from anyone.
+  production, locks) and WARNING and above from anyone.
 
 With ``-v``: DEBUG from everything, Prefect's and the libraries' own levels.
 """
