@@ -6,7 +6,7 @@ from .come.come import CoMEMEMIT, CoMEPMET
 from .ft_l.ft_l import FTL
 from .ft_m.ft_m import FTM
 from .memit.memit import MEMIT
-from .patches import DeltaIntegrityError, Dense, LinearAdapter, LowRank, ModulePatch, PatchSet, Undo, WeightDelta
+from .patches import Dense, LinearAdapter, LowRank, ModulePatch, PatchIntegrityError, PatchSet, Undo, WeightDelta
 from .pmet.pmet import PMET
 from .rome.rome import ROME
 
@@ -22,7 +22,7 @@ __all__ = [
     "CoMEPMET",
     "ROME",
     "AlphaEdit",
-    "DeltaIntegrityError",
+    "PatchIntegrityError",
     "Dense",
     "EditError",
     "Editor",

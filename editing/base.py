@@ -164,12 +164,6 @@ def linear_update(module: nn.Module, out_factor: torch.Tensor, in_factor: torch.
     return LowRank(in_factor.T.contiguous().to(w.device), out_factor.T.contiguous().to(w.device))
 
 
-def weight_as_out_in(module: nn.Module) -> torch.Tensor:
-    """The module's weight as (d_out, d_in) fp32."""
-    w = module.weight.detach().float()
-    return w if isinstance(module, nn.Linear) else w.T
-
-
 # ---------------------------------------------------------------------- registry
 
 EDITORS: dict[str, type[Editor]] = {}

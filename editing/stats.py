@@ -58,17 +58,6 @@ def corpus_from_files(paths: Iterable[str | Path]) -> Corpus:
     return Corpus(",".join(p.name for p in paths), tuple(texts))
 
 
-def corpus_from_hub(name: str = "wikitext", config: str = "wikitext-103-raw-v1", split: str = "train") -> Corpus:
-    """WikiText through ``datasets`` (needs the hub); use ``corpus_from_files`` offline."""
-    from datasets import load_dataset
-
-    try:
-        ds = load_dataset(name, config, split=split)
-    except Exception as e:  # the hub's errors vary by version; all mean "not reachable"
-        raise KeditError(f"could not load {name}/{config} from the hub ({type(e).__name__}); pass local text files") from None
-    return Corpus(f"{name}/{config}/{split}", tuple(t for t in ds["text"] if t.strip()))
-
-
 def corpus_from_model(model: nn.Module, tokenizer, n: int = 64, length: int = 64) -> Corpus:
     """Text sampled from the model itself, for when no corpus is available; seeded, so repeatable."""
     from kedit.core.lm import greedy_generate

@@ -24,7 +24,7 @@ from kedit.core.facts import EditRequest
 from kedit.core.lm import encode_pairs, logits_at, model_device, pad_batch, pad_id_of
 
 from .hooks import capture, edit_output, frozen, start_at_block
-from .hparams import TargetHparams
+from .hparams import TargetHyperParams
 from .keys import average_by_owner, fill, locate
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def optimize_targets(
     templates: Sequence[str],
     paths: Sequence[str],
     first_block: int,
-    cfg: TargetHparams,
+    cfg: TargetHyperParams,
 ) -> Targets:
     """Jointly optimize one δ per request for each module in ``paths`` (all in blocks >= first_block).
 

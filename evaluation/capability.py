@@ -68,11 +68,6 @@ class CapabilitySuite:
         self._lm = None
         self._lm_for: tuple[Any, Any] | None = None  # (model, tokenizer) the wrapper was built for
 
-    @property
-    def task_names(self) -> list[str]:
-        """Leaf task names as lm-eval reports them."""
-        return list(self._loaded["tasks"])
-
     # ------------------------------------------------------------------ building tasks
 
     def _load(self, specs: Sequence[str]) -> dict:
@@ -146,11 +141,6 @@ class CapabilitySuite:
         n_docs = {t: int(n["effective"]) for t, n in out.get("n-samples", {}).items()}
         log.info("capability in %.1f s: %s", seconds, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
         return CapabilityResult(values=values, higher_is_better=hib, n_docs=n_docs, seconds=seconds)
-
-    def release(self) -> None:
-        """Drop the lm-eval wrapper and with it the reference to the last model evaluated."""
-        self._lm = None
-        self._lm_for = None
 
     def _wrapper(self, model, tokenizer):
         """One HFLM per (model, tokenizer) object: it holds the model by reference, so in-place edits show."""

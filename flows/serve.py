@@ -1,7 +1,8 @@
 """Serving the stream: a deployment on a cron schedule, one started by feed-arrival events, and the directory watcher.
 
-Feed arrival: a file in the watched directory is *complete* when its name does not start with
-``.`` and does not end in ``.tmp``/``.part``, and either it was renamed to that name
+Feed arrival: a feed file (``.jsonl``, ``.csv``, ``.json``) in the watched directory is *complete* when
+its name does not start with ``.`` and does not end in a partial suffix (``.tmp``, ``.part``, ``.partial``,
+``.crdownload``: ``kedit.core.facts.is_feed_name``), and either it was renamed to that name
 (write-then-rename: complete at once) or its size and mtime have not changed for ``settle``
 seconds (for writers that cannot rename). The watcher then emits the
 Prefect event ``kedit.feed.arrived``; anything else can emit the same event through the Prefect

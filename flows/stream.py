@@ -2,8 +2,8 @@
 
 Each task calls one library function of ``kedit.pipeline`` and passes ids, paths, configs, metrics
 and typed gate reports; the model stays in the pipeline's session. No task caches its result
-(``NO_CACHE``): an edit must run every time it is asked for, and never twice because of a retry:
-only tracking writes are retried.
+(``NO_CACHE``): an edit must run every time it is asked for, and never twice because of a retry;
+only ``finish``, whose writes are safe to repeat (files rewritten, ledger keyed by feed hash), is retried.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def restore_production(session_id: str) -> dict:
     return session.restore_production(session_id)
 
 
-@task(name="start-tracking", **TRACK)
+@task(name="start-tracking", **EDIT)  # it also fills the session's skip and quarantine lists: never twice
 def start_tracking(session_id: str, plan: Plan) -> list[list[str]]:
     return session.start_stream(session_id, plan)
 
@@ -67,7 +67,7 @@ def commit_version(session_id: str, gate_report: GateReport) -> str:
     return attempts.commit_version(session_id, gate_report)
 
 
-@task(name="record-attempt", **TRACK)
+@task(name="record-attempt", **EDIT)  # it also quarantines facts in the session: never twice
 def record_attempt(session_id: str, gate_report: GateReport, verdict: str, quarantine: bool) -> dict:
     return attempts.record_attempt(session_id, gate_report, verdict, quarantine)
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from kedit.core.tiny import WORDS, make_tokenizer, tiny_llama  # noqa: F401 - re-exported for the tests
+from kedit.app.tiny import WORDS, make_tokenizer, tiny_llama  # noqa: F401 - re-exported for the tests
 
 
 def tiny_gpt2(vocab_size: int, seed: int = 0, layers: int = 4) -> GPT2LMHeadModel:

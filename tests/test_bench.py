@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kedit.app.bench import bench_targets
+from kedit.app.tiny import CORPUS, train_tiny, write_jsonl
 from kedit.core.errors import KeditError
-from kedit.core.tiny import CORPUS, train_tiny, write_jsonl
 
 EDITS = [
     {"id": "a", "subject": "alice", "prompt": "{} speaks", "target_new": "german", "target_true": "french"},

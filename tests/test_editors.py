@@ -8,14 +8,14 @@ import torch
 from conftest import make_tokenizer, tiny_gpt2, tiny_llama
 
 import editing
-from editing import EDITORS, DeltaIntegrityError, LinearAdapter, PatchSet, WeightDelta, get_editor, make_editor
+from editing import EDITORS, LinearAdapter, PatchIntegrityError, PatchSet, WeightDelta, get_editor, make_editor
 from editing.base import EditError, Editor
 from editing.finetune import model_device, target_batch
-from editing.hparams import HparamsError, TargetHparams
+from editing.hparams import TargetHyperParams
 from editing.keys import subject_keys
 from editing.stats import Corpus, second_moments
 from editing.targets import optimize_targets
-from kedit.core.config import StrictConfig
+from kedit.core.config import ConfigError, StrictConfig
 from kedit.core.facts import EditRequest
 from kedit.core.lm import score_targets
 
@@ -218,10 +218,10 @@ def test_tampered_or_missing_delta_is_refused(tmp_path):
     blob = bytearray((d / "delta.safetensors").read_bytes())
     blob[-1] ^= 1
     (d / "delta.safetensors").write_bytes(bytes(blob))
-    with pytest.raises(DeltaIntegrityError, match="does not match"):
+    with pytest.raises(PatchIntegrityError, match="does not match"):
         WeightDelta.load(d)
     (d / "delta.safetensors").unlink()
-    with pytest.raises(DeltaIntegrityError, match="no delta.safetensors"):
+    with pytest.raises(PatchIntegrityError, match="no delta.safetensors"):
         WeightDelta.load(d)
 
 
@@ -293,7 +293,7 @@ def test_batched_target_vectors_equal_per_request_ones():
 
     spec = spec_for(model)
     path = spec.module_path("mlp_out", 1)
-    cfg = TargetHparams(steps=8, lr=0.1)
+    cfg = TargetHyperParams(steps=8, lr=0.1)
     templates = ("{}", "the city . {}")
     joint = optimize_targets(model, tok, spec, REQUESTS, templates, [path], 1, cfg)
     for i, r in enumerate(REQUESTS):
@@ -310,7 +310,7 @@ def test_a_request_that_stops_early_leaves_the_batch():
     path = spec.module_path("mlp_out", 1)
     reqs = [*REQUESTS, EditRequest("c", "the river", "{} flows through", "the city of london", None)]
     # measured on this model: request "a" reaches this NLL after one step, the others never do
-    cfg = TargetHparams(steps=12, lr=0.5, stop_loss=3.6, clamp_norm=200.0)
+    cfg = TargetHyperParams(steps=12, lr=0.5, stop_loss=3.6, clamp_norm=200.0)
     templates = ("{}", "the city . {}")
     rows_seen = []
     h = model.model.layers[2].register_forward_hook(
@@ -337,7 +337,7 @@ def test_layers_below_the_first_edited_block_are_not_run_during_optimization():
     calls = []
     h = model.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
     optimize_targets(
-        model, tok, spec, REQUESTS, ("{}",), [spec.module_path("mlp_out", 2)], 2, TargetHparams(steps=5, stop_loss=0.0)
+        model, tok, spec, REQUESTS, ("{}",), [spec.module_path("mlp_out", 2)], 2, TargetHyperParams(steps=5, stop_loss=0.0)
     )
     h.remove()
     assert len(calls) == 1  # the single forward that caches the input of block 2
@@ -374,16 +374,16 @@ def test_subject_keys_shape():
 
 def test_presets_are_strict(tmp_path):
     model, tok, _ = build("memit")
-    with pytest.raises(HparamsError, match="unknown key 'layerz'"):
+    with pytest.raises(ConfigError, match="unknown key 'layerz'"):
         get_editor("memit").preset(model, {"layerz": [1]})
-    with pytest.raises(HparamsError, match=r"solve\.mom2_weight: input should be a valid number, got 'big'"):
+    with pytest.raises(ConfigError, match=r"solve\.mom2_weight: input should be a valid number, got 'big'"):
         get_editor("memit").preset(model, {"solve.mom2_weight": "big"})
-    with pytest.raises(HparamsError, match="unknown key 'mom2_weight'"):  # the flat layout of before is refused
+    with pytest.raises(ConfigError, match="unknown key 'mom2_weight'"):  # the flat layout of before is refused
         get_editor("memit").preset(model, {"mom2_weight": 1.0})
     bad = tmp_path / "presets" / "llama.yaml"
     bad.parent.mkdir()
     bad.write_text("layers: [1]\ntargets:\n  stepz: 3\n")
-    with pytest.raises(HparamsError, match=r"llama\.yaml: targets\.stepz: unknown key"):
+    with pytest.raises(ConfigError, match=r"llama\.yaml: targets\.stepz: unknown key"):
         editing.hparams.load_preset(get_editor("memit").hparams_cls, tmp_path, "llama")
 
 

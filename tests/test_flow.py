@@ -9,10 +9,10 @@ import pytest
 import torch
 from prefect.testing.utilities import prefect_test_harness
 
-from editing import DeltaIntegrityError
+from editing import PatchIntegrityError
 from flows.stream import stream
+from kedit.app.tiny import CORPUS, FTM, GOOD, HARMFUL, train_tiny, write_gates, write_jsonl
 from kedit.core.models import load_model
-from kedit.core.tiny import CORPUS, FTM, GOOD, HARMFUL, train_tiny, write_gates, write_jsonl
 from kedit.pipeline import session as sessions
 from kedit.pipeline.config import StreamConfig
 from kedit.store.tracking import T_VERDICT, T_VERSION, Tracker
@@ -128,15 +128,15 @@ def test_tampered_or_missing_delta_is_refused(env, checkpoint):
 
     base = fresh_base(checkpoint)
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    with pytest.raises(DeltaIntegrityError, match="sha256"):
+    with pytest.raises(PatchIntegrityError, match="sha256"):
         rebuild(base, tracker, name, summary["production"], kept[0].fingerprint)
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items()), "nothing applied from a bad chain"
 
     delta_file.unlink()
-    with pytest.raises(DeltaIntegrityError, match="missing"):
+    with pytest.raises(PatchIntegrityError, match="missing"):
         rebuild(base, tracker, name, summary["production"], kept[0].fingerprint)
     # a stream cannot continue from a broken production chain either
-    with pytest.raises(DeltaIntegrityError):
+    with pytest.raises(PatchIntegrityError):
         stream(config(GOOD[2:], batch_size=1))
 
 

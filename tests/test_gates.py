@@ -140,16 +140,16 @@ REQ = EditRequest(
 )
 
 
-def test_edit_checks_by_hand():
+def test_edit_outcomes_by_hand():
     tok = make_tokenizer()
     # after "is": rome > berlin > paris; after "city": paris > rome; after "speaks": french > rome
     model = bigram(tok, {"is": {"rome": 5.0, "berlin": 3.0, "paris": 1.0}, "city": {"paris": 4.0}, "speaks": {"french": 2.0}})
-    c = edit_outcomes(model, tok, [REQ])
-    assert c.rewrite_ok.tolist() == [True]  # P(rome | is) > P(paris | is)
-    assert c.paraphrase_ok.tolist() == [True, False]  # "... is": rome wins; "... city": paris wins
-    assert c.neighbor_ok.tolist() == [False, True]  # germany's "is" now prefers rome; alice keeps french
-    assert (c.efficacy, c.generalization, c.specificity) == (1.0, 0.5, 0.5)
-    assert suite(EDITS).before(model, tok, [REQ]) == {"edits": c.specificity}  # before: the neighbours alone, same number
+    outcomes = edit_outcomes(model, tok, [REQ])
+    assert outcomes.rewrite_ok.tolist() == [True]  # P(rome | is) > P(paris | is)
+    assert outcomes.paraphrase_ok.tolist() == [True, False]  # "... is": rome wins; "... city": paris wins
+    assert outcomes.neighbor_ok.tolist() == [False, True]  # germany's "is" now prefers rome; alice keeps french
+    assert (outcomes.efficacy, outcomes.generalization, outcomes.specificity) == (1.0, 0.5, 0.5)
+    assert suite(EDITS).before(model, tok, [REQ]) == {"edits": outcomes.specificity}  # before: the neighbours alone, same number
 
 
 def test_evaluate_reports_each_gate_against_its_threshold(tmp_path):
@@ -163,10 +163,10 @@ def test_evaluate_reports_each_gate_against_its_threshold(tmp_path):
     s.on_base(before_model, tok)  # the base model knows both facts: the retain set
     before = s.before(before_model, tok, [REQ])
     report = s.measure(after_model, tok, [REQ], [], before)
-    m = report.metrics
-    assert m["efficacy"] == 1.0
-    assert m["specificity"] == 0.5 and m["specificity_drop"] == pytest.approx(0.5)  # germany flipped to rome
-    assert m["retain_accuracy"] == 0.5 and m["drawdown_base"] == 0.5 and m["drawdown_prev"] == 0.5
+    metrics = report.metrics
+    assert metrics["efficacy"] == 1.0
+    assert metrics["specificity"] == 0.5 and metrics["specificity_drop"] == pytest.approx(0.5)  # germany flipped to rome
+    assert metrics["retain_accuracy"] == 0.5 and metrics["drawdown_base"] == 0.5 and metrics["drawdown_prev"] == 0.5
     failed = {c.gate for c in report.failed}
     assert failed == {"generalization", "specificity_drop", "drawdown_base", "drawdown_prev"}
     assert not report.passed and "drawdown_base=0.5" in report.reason()

@@ -12,11 +12,11 @@ from conftest import make_tokenizer, tiny_llama
 
 from editing.patches import (
     PATCH_KINDS,
-    DeltaIntegrityError,
     InstalledModule,
     LinearAdapter,
     LowRank,
     ModulePatch,
+    PatchIntegrityError,
     PatchSet,
     WeightDelta,
     register_module_type,
@@ -105,7 +105,7 @@ def test_tampered_or_missing_module_patch_is_refused(tmp_path):
     blob = bytearray(good_tensors)
     blob[-1] ^= 1
     (d / "modules.safetensors").write_bytes(bytes(blob))
-    with pytest.raises(DeltaIntegrityError, match="does not match"):
+    with pytest.raises(PatchIntegrityError, match="does not match"):
         ModulePatch.load(d)
     (d / "modules.safetensors").write_bytes(good_tensors)
 
@@ -115,13 +115,13 @@ def test_tampered_or_missing_module_patch_is_refused(tmp_path):
     blob[at] ^= 0x03  # "1" -> "2"
     (d / "modules.json").write_bytes(bytes(blob))
     assert json.loads(blob)["modules"][0]["path"] == "model.layers.2.mlp.down_proj"
-    with pytest.raises(DeltaIntegrityError, match="own sha256"):
+    with pytest.raises(PatchIntegrityError, match="own sha256"):
         ModulePatch.load(d)
     (d / "modules.json").write_bytes(good_manifest)
     ModulePatch.load(d)  # intact again
 
     (d / "modules.safetensors").unlink()
-    with pytest.raises(DeltaIntegrityError, match="no modules.safetensors"):
+    with pytest.raises(PatchIntegrityError, match="no modules.safetensors"):
         ModulePatch.load(d)
 
 
@@ -152,7 +152,7 @@ def test_a_patch_set_that_fails_half_way_leaves_the_model_as_it_was():
     m, _ = model()
     before, original = snapshot(m), m.get_submodule(PATH)
     bad = ModulePatch([InstalledModule("model.layers.9.mlp.down_proj", "linear-adapter", {"rank": 1, "scale": 1.0}, {})])
-    with pytest.raises(DeltaIntegrityError, match="no module"):
+    with pytest.raises(PatchIntegrityError, match="no module"):
         PatchSet([weight_delta(m, f"{PATH}.weight"), bad]).apply(m)
     assert m.get_submodule(PATH) is original
     assert_same_bits(snapshot(m), before)
@@ -237,7 +237,7 @@ def test_a_chain_with_module_patches_rebuilds_and_exports_bit_for_bit(store, tmp
     blob = bytearray(f.read_bytes())
     blob[-1] ^= 1
     f.write_bytes(bytes(blob))
-    with pytest.raises(DeltaIntegrityError, match="does not match"):
+    with pytest.raises(PatchIntegrityError, match="does not match"):
         load_export(out)
 
 
@@ -250,7 +250,7 @@ def test_a_tampered_module_patch_in_the_chain_is_refused_before_anything_changes
     f.write_bytes(bytes(blob))
     base, _ = model()
     before, objs = snapshot(base), dict(base.named_modules())
-    with pytest.raises(DeltaIntegrityError, match="sha256"):
+    with pytest.raises(PatchIntegrityError, match="sha256"):
         rebuild(base, store, name, v, fp)
     assert_same_bits(snapshot(base), before)
     assert all(base.get_submodule(k) is o for k, o in objs.items() if k)

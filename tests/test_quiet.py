@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kedit.app.quiet import OwnInfo, output_env, set_defaults
-from kedit.core.tiny import CORPUS, GOOD, train_tiny, write_gates, write_jsonl
+from kedit.app.tiny import CORPUS, GOOD, train_tiny, write_gates, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 VERDICT = re.compile(r"INFO kedit\.pipeline\.attempt: batch-000 \(1 facts\): accepted")

@@ -13,9 +13,9 @@ import pytest
 
 from flows.serve import FeedWatcher, run_dir
 from kedit.app.servers import free_port, group_members, stop_group, wait_for
+from kedit.app.tiny import CORPUS, GOOD, HARMFUL, train_tiny, write_gates, write_jsonl
 from kedit.core.facts import is_feed_name
 from kedit.core.paths import sha256_file
-from kedit.core.tiny import CORPUS, GOOD, HARMFUL, train_tiny, write_gates, write_jsonl
 from kedit.store.tracking import Tracker
 
 KEDIT = [str(Path(sys.executable).parent / "kedit")]

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from editing.hparams import LocateEditHparams
+from editing.hparams import LocateEditHyperParams
 from kedit.core.config import Seq, StrictConfig
 
 
@@ -9,6 +9,6 @@ class NullSpaceSolve(StrictConfig):
     nullspace_threshold: float = 0.02  # eigenvalues of E[k kᵀ] below this span the null space
 
 
-class AlphaEditHyperParams(LocateEditHparams):
+class AlphaEditHyperParams(LocateEditHyperParams):
     layers: Seq[int]
     solve: NullSpaceSolve = NullSpaceSolve()

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from editing.hparams import MultiLayerHparams
+from editing.hparams import MultiLayerHyperParams
 from kedit.core.config import StrictConfig
 
 
@@ -9,5 +9,5 @@ class Unlearning(StrictConfig):
     top_p: float = 0.2  # fraction of coordinates (most affected) the removal applies to
 
 
-class CoMEHyperParams(MultiLayerHparams):
+class CoMEHyperParams(MultiLayerHyperParams):
     unlearning: Unlearning = Unlearning()

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from editing.hparams import MultiLayerHparams
+from editing.hparams import MultiLayerHyperParams
 
 
-class MEMITHyperParams(MultiLayerHparams):
+class MEMITHyperParams(MultiLayerHyperParams):
     """Consecutive blocks' MLP output projections; targets, templates, statistics and the covariance solve."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from editing.base import Editor, linear_update, register
-from editing.hparams import TargetHparams
+from editing.hparams import TargetHyperParams
 from editing.keys import context_templates, read_at_subject, subject_keys
 from editing.stats import Corpus, corpus_from_model, second_moments
 from editing.targets import optimize_targets
@@ -53,7 +53,7 @@ class MEMITFamily(Editor):
     def prepare(self) -> None:
         self.covariances()
 
-    def target_config(self) -> TargetHparams:
+    def target_config(self) -> TargetHyperParams:
         return self.hparams.targets
 
     def target_path(self) -> str:

@@ -3,7 +3,6 @@
 from .adapter import LinearAdapter
 from .base import (
     PATCH_KINDS,
-    DeltaIntegrityError,
     ModuleSwap,
     Patch,
     PatchIntegrityError,
@@ -19,7 +18,7 @@ from .weights import Dense, LowRank, WeightDelta
 __all__ = [
     "MODULE_TYPES",
     "PATCH_KINDS",
-    "DeltaIntegrityError",
+    "PatchIntegrityError",
     "Dense",
     "Installable",
     "InstalledModule",
@@ -28,7 +27,6 @@ __all__ = [
     "ModulePatch",
     "ModuleSwap",
     "Patch",
-    "PatchIntegrityError",
     "PatchSet",
     "TensorSnapshot",
     "Undo",

@@ -30,11 +30,8 @@ from kedit.core.paths import sha256_file
 SELF_SHA = "manifest_sha256"
 
 
-class DeltaIntegrityError(KeditError):
+class PatchIntegrityError(KeditError):
     """A stored patch is missing, tampered with, or does not fit the model."""
-
-
-PatchIntegrityError = DeltaIntegrityError
 
 
 # ---------------------------------------------------------------------- undo
@@ -89,16 +86,6 @@ class Undo:
                 return step.saved[name]
         return None
 
-    @property
-    def saved(self) -> dict[str, torch.Tensor]:
-        """Every snapshotted parameter, earliest snapshot kept."""
-        out: dict[str, torch.Tensor] = {}
-        for step in self.steps:
-            if isinstance(step, TensorSnapshot):
-                for k, v in step.saved.items():
-                    out.setdefault(k, v)
-        return out
-
 
 # ---------------------------------------------------------------------- the protocol
 
@@ -135,7 +122,7 @@ def register_patch_kind(cls: type[Patch]) -> type[Patch]:
 
 
 def patch_kind(kind: str) -> type[Patch]:
-    return registry.lookup(PATCH_KINDS, kind, "patch kind", DeltaIntegrityError)
+    return registry.lookup(PATCH_KINDS, kind, "patch kind", PatchIntegrityError)
 
 
 # ---------------------------------------------------------------------- manifests
@@ -156,20 +143,20 @@ def read_manifest(path: Path, fmt: str, require_self_sha: bool = True) -> dict[s
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise DeltaIntegrityError(f"{path.parent}: no {path.name}") from None
+        raise PatchIntegrityError(f"{path.parent}: no {path.name}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DeltaIntegrityError(f"{path}: not valid JSON ({e})") from None
+        raise PatchIntegrityError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != fmt:
-        raise DeltaIntegrityError(f"{path}: unknown format {manifest.get('format') if isinstance(manifest, dict) else None!r}")
+        raise PatchIntegrityError(f"{path}: unknown format {manifest.get('format') if isinstance(manifest, dict) else None!r}")
     if SELF_SHA in manifest or require_self_sha:
         if manifest.get(SELF_SHA) != _digest(manifest):
-            raise DeltaIntegrityError(f"{path}: its content does not match its own sha256 (changed after it was written)")
+            raise PatchIntegrityError(f"{path}: its content does not match its own sha256 (changed after it was written)")
     return manifest
 
 
 def check_file(path: Path, want: str | None) -> None:
     if not path.is_file():
-        raise DeltaIntegrityError(f"{path.parent}: no {path.name}")
+        raise PatchIntegrityError(f"{path.parent}: no {path.name}")
     actual = sha256_file(path)
     if actual != want:
-        raise DeltaIntegrityError(f"{path}: sha256 {actual} does not match the manifest's {want}")
+        raise PatchIntegrityError(f"{path}: sha256 {actual} does not match the manifest's {want}")

@@ -23,7 +23,7 @@ from torch import nn
 from kedit.core import registry
 from kedit.core.paths import sha256_file
 
-from .base import DeltaIntegrityError, ModuleSwap, Patch, Undo, check_file, read_manifest, register_patch_kind, write_manifest
+from .base import ModuleSwap, Patch, PatchIntegrityError, Undo, check_file, read_manifest, register_patch_kind, write_manifest
 
 FORMAT = "kedit-module-patch/1"
 TENSORS = "modules.safetensors"
@@ -60,7 +60,7 @@ def register_module_type(cls: type[Installable]) -> type[Installable]:
 
 
 def module_type(name: str) -> type[Installable]:
-    return registry.lookup(MODULE_TYPES, name, "module type", DeltaIntegrityError)
+    return registry.lookup(MODULE_TYPES, name, "module type", PatchIntegrityError)
 
 
 @dataclass
@@ -82,14 +82,16 @@ class InstalledModule:
         module = module_type(self.type).from_config(self.config, original)
         own = module.own_state()
         if set(own) != set(self.tensors):
-            raise DeltaIntegrityError(f"{self.path}: {self.type} holds {sorted(own)}, the patch stores {sorted(self.tensors)}")
+            raise PatchIntegrityError(f"{self.path}: {self.type} holds {sorted(own)}, the patch stores {sorted(self.tensors)}")
         with torch.no_grad():
             for k, t in own.items():
                 want = self.tensors[k]
-                if t.shape != want.shape or t.dtype != want.dtype:
-                    have, stored = f"{tuple(t.shape)} {t.dtype}", f"{tuple(want.shape)} {want.dtype}"
-                    raise DeltaIntegrityError(f"{self.path}.{k}: the module holds {have}, the patch stores {stored}")
-                t.copy_(want)
+                if t.shape != want.shape:
+                    have, stored = tuple(t.shape), tuple(want.shape)
+                    raise PatchIntegrityError(f"{self.path}.{k}: the module holds {have}, the patch stores {stored}")
+                # in the module's dtype, as a WeightDelta lands in its parameter's: a chain made in bf16 on a GPU
+                # rebuilds on an fp32 CPU base (and bit for bit wherever the dtypes match)
+                t.copy_(want.to(t.dtype))
         return module
 
 
@@ -97,7 +99,7 @@ def install(model: nn.Module, path: str, module: Installable) -> Undo:
     """Put ``module`` at ``path`` (it must wrap the module there now); the Undo puts the very same original back."""
     original = _submodule(model, path)
     if getattr(module, ORIGINAL, None) is not original:
-        raise DeltaIntegrityError(f"{path}: an installed module must hold the module it replaces as .{ORIGINAL}")
+        raise PatchIntegrityError(f"{path}: an installed module must hold the module it replaces as .{ORIGINAL}")
     model.set_submodule(path, module)
     return Undo([ModuleSwap(path, original)])
 
@@ -158,15 +160,15 @@ class ModulePatch(Patch):
             module_type(e["type"])
             missing = [k for k in e["tensors"] if f"{i}::{k}" not in tensors]
             if missing:
-                raise DeltaIntegrityError(f"{d / TENSORS}: no tensors {missing} for {e['path']}")
+                raise PatchIntegrityError(f"{d / TENSORS}: no tensors {missing} for {e['path']}")
             modules.append(InstalledModule(e["path"], e["type"], e["config"], {k: tensors[f"{i}::{k}"] for k in e["tensors"]}))
         return cls(modules, manifest.get("meta", {}))
 
 
 def _submodule(model: nn.Module, path: str) -> nn.Module:
     if not path:
-        raise DeltaIntegrityError("a module patch cannot replace the model itself")
+        raise PatchIntegrityError("a module patch cannot replace the model itself")
     try:
         return model.get_submodule(path)
     except AttributeError:
-        raise DeltaIntegrityError(f"the model has no module {path!r}") from None
+        raise PatchIntegrityError(f"the model has no module {path!r}") from None

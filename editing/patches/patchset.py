@@ -17,7 +17,7 @@ from torch import nn
 
 from kedit.core.paths import sha256_file
 
-from .base import DeltaIntegrityError, Patch, Undo, check_file, patch_kind
+from .base import Patch, PatchIntegrityError, Undo, check_file, patch_kind
 from .modules import ModulePatch
 from .weights import WeightDelta
 
@@ -89,7 +89,7 @@ class PatchSet:
         for entry in index:
             kind = patch_kind(entry.get("kind", ""))
             if set(entry.get("files", {})) != set(kind.files):
-                raise DeltaIntegrityError(f"{d}: a {kind.kind} part lists files {sorted(entry.get('files', {}))}")
+                raise PatchIntegrityError(f"{d}: a {kind.kind} part lists files {sorted(entry.get('files', {}))}")
             for name, want in entry["files"].items():
                 check_file(d / name, want)
             kinds.append(kind)

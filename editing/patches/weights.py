@@ -1,6 +1,6 @@
 """WeightDelta: a patch that adds to existing parameters, as low-rank factors or a dense tensor.
 
-On disk (format ``kedit-weight-delta/1``, unchanged since editing/delta.py): ``delta.safetensors``
+On disk (format ``kedit-weight-delta/1``, the format versions written before patch sets still hold): ``delta.safetensors``
 (fp32 factors) and ``delta.json`` with their sha256. Manifests written now also carry a hash of
 their own content; older ones without it still load (the version manifest vouches for them).
 """
@@ -17,7 +17,7 @@ from torch import nn
 
 from kedit.core.paths import sha256_file
 
-from .base import DeltaIntegrityError, Patch, Undo, check_file, read_manifest, register_patch_kind, write_manifest
+from .base import Patch, PatchIntegrityError, Undo, check_file, read_manifest, register_patch_kind, write_manifest
 
 FORMAT = "kedit-weight-delta/1"
 TENSORS = "delta.safetensors"
@@ -78,7 +78,7 @@ class WeightDelta(Patch):
                     p = _param(model, name)
                     d = upd.dense().to(p.device)
                     if d.shape != p.shape:
-                        raise DeltaIntegrityError(f"delta for {name} has shape {tuple(d.shape)}, parameter has {tuple(p.shape)}")
+                        raise PatchIntegrityError(f"delta for {name} has shape {tuple(d.shape)}, parameter has {tuple(p.shape)}")
                     saved[name] = p.detach().clone()
                     p.copy_((p.float() + d).to(p.dtype))
         except BaseException:
@@ -146,4 +146,4 @@ def _param(model: nn.Module, name: str) -> nn.Parameter:
     try:
         return model.get_parameter(name)
     except AttributeError:
-        raise DeltaIntegrityError(f"the model has no parameter {name!r}") from None
+        raise PatchIntegrityError(f"the model has no parameter {name!r}") from None

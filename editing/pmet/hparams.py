@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from editing.hparams import MultiLayerHparams
+from editing.hparams import MultiLayerHyperParams
 
 
-class PMETHyperParams(MultiLayerHparams):
+class PMETHyperParams(MultiLayerHyperParams):
     """Consecutive blocks' MLP output projections; targets, templates, statistics and the covariance solve."""

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from editing.hparams import LocateEditHparams
+from editing.hparams import LocateEditHyperParams
 
 
-class ROMEHyperParams(LocateEditHparams):
+class ROMEHyperParams(LocateEditHyperParams):
     layer: int  # the block whose MLP output projection is edited

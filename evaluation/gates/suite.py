@@ -67,7 +67,7 @@ def suite_from_mapping(data: Any, source: str = "<dict>") -> GateSuite:
 def _build(entry: dict[str, Any], i: int, source: str) -> Gate:
     section = dict(entry)
     name = section.pop("gate", None)
-    if name not in GATES:
+    if not isinstance(name, str) or name not in GATES:
         what = f"unknown gate {name!r}" if name is not None else "missing key 'gate'"
         raise ConfigError(f"{source}: gates[{i}]: {what} (registered: {', '.join(sorted(GATES))})")
     cls = GATES[name]

@@ -107,14 +107,14 @@ def _run_method(
         editor.edit(b)
         editor.commit()
     t_edit = time.perf_counter() - t0
-    m = counterfact_metrics(model, tok, reqs)
+    scores = counterfact_metrics(model, tok, reqs)
     earlier = [r for b in batches[:-1] for r in b]
     gen_prompts = [p for r in reqs for p in r.generation_prompts[:1]]
     return {
-        "efficacy": m["efficacy"],
-        "generalization": m["generalization"],
-        "specificity": m["specificity"],
-        "retention": retention(model, tok, earlier) if earlier else m["efficacy"],
+        "efficacy": scores["efficacy"],
+        "generalization": scores["generalization"],
+        "specificity": scores["specificity"],
+        "retention": retention(model, tok, earlier) if earlier else scores["efficacy"],
         "fluency": fluency(model, tok, gen_prompts) if gen_prompts else float("nan"),
         "seconds_per_edit": t_edit / max(len(reqs), 1),
         "statistics_s": t_stats,
@@ -129,12 +129,12 @@ def _unedited(model_ref: str, data: str, n: int) -> dict:
 
     model, tok = load_model(model_ref)
     reqs = _cases(data, n)
-    m = counterfact_metrics(model, tok, reqs)
+    scores = counterfact_metrics(model, tok, reqs)
     gen_prompts = [p for r in reqs for p in r.generation_prompts[:1]]
     return {
-        "efficacy": m["efficacy"],
-        "generalization": m["generalization"],
-        "specificity": m["specificity"],
+        "efficacy": scores["efficacy"],
+        "generalization": scores["generalization"],
+        "specificity": scores["specificity"],
         "fluency": fluency(model, tok, gen_prompts) if gen_prompts else float("nan"),
     }
 
@@ -338,14 +338,14 @@ def bench_targets(
             editor.edit(b)
         _sync(dev)
         edit_s = time.perf_counter() - t0
-        m = counterfact_metrics(model, tok, reqs)
+        scores = counterfact_metrics(model, tok, reqs)
         runs[mode] = {
             "targets_s": clock[0],
             "edit_s": edit_s,
             "targets_s_per_edit": clock[0] / len(reqs),
-            "efficacy": m["efficacy"],
-            "generalization": m["generalization"],
-            "specificity": m["specificity"],
+            "efficacy": scores["efficacy"],
+            "generalization": scores["generalization"],
+            "specificity": scores["specificity"],
             "peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
         }
         for _ in batches:

@@ -1,7 +1,7 @@
 """``kedit bench trigger``: from a completed feed file to the flow starting, and to its version in production.
 
 A real stack on 127.0.0.1: a Prefect server (``kedit up``), ``kedit serve`` watching a directory, the
-tiny trained model of ``kedit.tiny`` and a SQLite MLflow store. Feeds are dropped one at a time
+tiny trained model of ``kedit.app.tiny`` and a SQLite MLflow store. Feeds are dropped one at a time
 (write-then-rename); for each, the flow run's start time comes from the Prefect API and the
 version's arrival from polling the registry.
 """
@@ -32,7 +32,7 @@ def bench_trigger(n_feeds: int = 10, timeout: float = 300.0) -> dict:
     from datetime import datetime
 
     from kedit.app.servers import free_port, stop_group, up, wait_for
-    from kedit.core.tiny import CORPUS, FTM, train_tiny, write_gates, write_jsonl
+    from kedit.app.tiny import CORPUS, FTM, train_tiny, write_gates, write_jsonl
     from kedit.store.tracking import Tracker
 
     kedit = str(Path(sys.executable).parent / "kedit")

@@ -212,7 +212,8 @@ def rollback(model, version, tracking_uri) -> None:
 @click.option("--out", required=True, type=PathArg)
 @TRACKING_URI
 def export(model, version, out, tracking_uri) -> None:
-    """Write a plain transformers checkpoint of a version (base + verified delta chain)."""
+    """Write a version (base + verified patch chain): a plain transformers checkpoint when the chain holds only
+    weight deltas; with installed modules, the base checkpoint plus the patches, which `kedit score --model DIR` loads."""
     from kedit.core.models import load_model
     from kedit.store.naming import identify
     from kedit.store.tracking import Tracker
@@ -342,7 +343,11 @@ def bench_editors(model, data, methods, n, batch_size, sequential, corpus, sets,
         if not field:
             raise click.BadParameter(f"expected METHOD.KEY=VALUE, got {key!r}", param_hint="--set")
         overrides.setdefault(method, {})[field] = value
-    result = run(model, data, methods.split(",") if methods else editor_names(), n, batch_size, corpus, overrides)
+    chosen = methods.split(",") if methods else editor_names()
+    stray = sorted(set(overrides) - set(chosen))
+    if stray:
+        raise click.BadParameter(f"overrides for {', '.join(stray)}, which is not among the methods run", param_hint="--set")
+    result = run(model, data, chosen, n, batch_size, corpus, overrides)
     click.echo(scores_table({"unedited": result["unedited"], **result["results"]}))
     _write_json(json_out, result)
 

@@ -78,7 +78,10 @@ def sets_to_overrides(sets: tuple[str, ...]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"expected KEY=YAML_VALUE, got {item!r}", param_hint="--set")
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise click.BadParameter(f"{item!r}: the value is not YAML ({str(e).splitlines()[0]})", param_hint="--set") from None
     return out
 
 
@@ -108,7 +111,10 @@ TRACKING_URI = click.option(
     "--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)."
 )
 SETS = click.option(
-    "--set", "sets", multiple=True, help="Editor hparam override KEY=YAML_VALUE with dotted keys, e.g. statistics.samples=500."
+    "--set",
+    "sets",
+    multiple=True,
+    help="Editor hparam override KEY=YAML_VALUE with dotted keys, e.g. statistics.samples=500 (floats as 1.0e3).",
 )
 FORMAT = click.option(
     "--format",
@@ -116,7 +122,7 @@ FORMAT = click.option(
     type=_Registered("format", format_names),
     default="auto",
     show_default=True,
-    help="Fact file format: auto or a registered format (feed, counterfact, counterfact-easyedit, zsre, mquake).",
+    help="Fact file format: auto (sniffed per record) or a registered format name.",
 )
 DEVICE = click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 THREADS = click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")

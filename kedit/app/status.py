@@ -7,7 +7,7 @@ from pathlib import Path
 from kedit.core.facts import list_feeds
 from kedit.core.paths import sha256_file
 from kedit.store.naming import identify
-from kedit.store.tracking import T_VERDICT, T_VERSION, Tracker
+from kedit.store.tracking import T_N_EDITS, T_N_FACTS, T_VERDICT, T_VERSION, Tracker, metric_tag
 
 BARS = " ▁▂▃▄▅▆▇█"
 
@@ -29,17 +29,18 @@ def status_text(model_ref: str, tracking_uri: str | None = None, last: int = 10,
         chain = []
     else:
         chain = tracker.chain(name, prod.version)
-        lines.append(f"production: v{prod.version}, {prod.tags.get('kedit.n_edits', '?')} edits over {len(chain)} versions")
+        lines.append(f"production: v{prod.version}, {prod.tags.get(T_N_EDITS, '?')} edits over {len(chain)} versions")
     attempts = tracker.runs(name, "attempt", max_results=last)
     if attempts:
         lines.append(f"last {len(attempts)} steps (newest first):")
         for run in attempts:
-            t = run.data.tags
-            m = run.data.metrics
+            tags = run.data.tags
+            metrics = run.data.metrics
+            version = ("v" + tags[T_VERSION]) if tags.get(T_VERSION) else ""
             lines.append(
-                f"  {run.info.run_name:<20} {t.get(T_VERDICT, '?'):<12} "
-                f"{('v' + t[T_VERSION]) if t.get(T_VERSION) else '':<5} facts={t.get('kedit.n_facts', '?'):<3} "
-                f"efficacy={m.get('efficacy', float('nan')):.2f} drawdown={m.get('drawdown_base', float('nan')):.3f}"
+                f"  {run.info.run_name:<20} {tags.get(T_VERDICT, '?'):<12} "
+                f"{version:<5} facts={tags.get(T_N_FACTS, '?'):<3} "
+                f"efficacy={metrics.get('efficacy', float('nan')):.2f} drawdown={metrics.get('drawdown_base', float('nan')):.3f}"
             )
     if feeds_dir is not None:
         ledger = tracker.feed_ledger(name)
@@ -48,7 +49,7 @@ def status_text(model_ref: str, tracking_uri: str | None = None, last: int = 10,
         lines.append(
             f"feeds in {feeds_dir}: {len(files)}, pending: {len(pending)}" + (f" ({', '.join(pending[:10])})" if pending else "")
         )
-    dd = [float(v.tags["kedit.drawdown_base"]) for v in chain if "kedit.drawdown_base" in v.tags]
+    dd = [float(v.tags[metric_tag("drawdown_base")]) for v in chain if metric_tag("drawdown_base") in v.tags]
     if dd:
         lines.append(f"drawdown vs base over versions: {sparkline(dd)}  first {dd[0]:.3f} → last {dd[-1]:.3f}")
     return "\n".join(lines)

@@ -98,8 +98,15 @@ def with_overrides(cfg: C, overrides: Mapping[str, Any], source: str = "<overrid
             node = node[part]
         if leaf not in node:
             raise ConfigError(f"{source}: unknown key {key!r} for {type(cfg).__name__} (keys: {', '.join(flatten(cfg))})")
-        node[leaf] = value
+        node[leaf] = _merged(node[leaf], value)
     return from_mapping(type(cfg), data, source)
+
+
+def _merged(old: Any, new: Any) -> Any:
+    """A section given whole keeps the keys it does not name (``targets={steps: 5}`` changes steps only)."""
+    if isinstance(old, dict) and isinstance(new, Mapping):
+        return {**old, **{k: _merged(old.get(k), v) for k, v in new.items()}}
+    return new
 
 
 def flatten(cfg: StrictConfig) -> dict[str, Any]:

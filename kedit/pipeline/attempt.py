@@ -11,7 +11,18 @@ from typing import Any
 
 from editing import PatchSet
 from evaluation.gates import GateReport
-from kedit.store.tracking import T_KIND, T_MANIFEST_SHA, T_N_QUARANTINED, T_PARENT_VERSION, T_VERDICT, T_VERSION
+from kedit.store.tracking import (
+    T_EDITOR,
+    T_KIND,
+    T_MANIFEST_SHA,
+    T_N_EDITS,
+    T_N_FACTS,
+    T_N_QUARANTINED,
+    T_PARENT_VERSION,
+    T_VERDICT,
+    T_VERSION,
+    metric_tag,
+)
 from kedit.store.versions import write_version
 
 from .report import plot_drawdown
@@ -44,7 +55,7 @@ def apply_edits(session_id: str, ids: list[str], name: str) -> dict:
     run_id = session.tracker.start_run(
         session.registered,
         name,
-        {T_KIND: "attempt", T_PARENT_VERSION: session.production or "", T_VERDICT: "running", "kedit.n_facts": str(len(ids))},
+        {T_KIND: "attempt", T_PARENT_VERSION: session.production or "", T_VERDICT: "running", T_N_FACTS: str(len(ids))},
         parent_run_id=session.run_id,
     )
     seconds = {"tracking": time.perf_counter() - t0}
@@ -109,9 +120,9 @@ def commit_version(session_id: str, report: GateReport) -> str:
         tags = {
             T_PARENT_VERSION: attempt.parent_version or "",
             T_MANIFEST_SHA: sha,
-            "kedit.n_edits": str(n_edits),
-            "kedit.editor": session.cfg.editor,
-            **{f"kedit.{k}": f"{v:.6g}" for k, v in history.items()},
+            T_N_EDITS: str(n_edits),
+            T_EDITOR: session.cfg.editor,
+            **{metric_tag(k): f"{v:.6g}" for k, v in history.items()},
         }
         version = session.tracker.register_version(session.registered, attempt.run_id, Path(tmp), tags)
         attempt.seconds["version_bytes"] = sum(f.stat().st_size for f in Path(tmp).iterdir())

@@ -22,7 +22,16 @@ from kedit.core.config import flatten
 from kedit.core.facts import EditRequest
 from kedit.core.models import load_model, resolve
 from kedit.store.naming import registered_name
-from kedit.store.tracking import T_FINGERPRINT, T_KIND, T_N_QUARANTINED, T_PARENT_VERSION, T_VERDICT, Tracker
+from kedit.store.tracking import (
+    T_FINGERPRINT,
+    T_KIND,
+    T_N_EDITS,
+    T_N_QUARANTINED,
+    T_PARENT_VERSION,
+    T_VERDICT,
+    Tracker,
+    metric_tag,
+)
 from kedit.store.versions import model_fingerprint, rebuild
 
 from .config import StreamConfig, StreamError
@@ -153,7 +162,8 @@ def restore_production(session_id: str) -> dict:
 
 
 def history_point(tags: dict[str, str]) -> dict:
-    return {k: float(tags[f"kedit.{k}"]) for k in ("n_edits", *HISTORY_KEYS) if f"kedit.{k}" in tags}
+    point = {k: float(tags[metric_tag(k)]) for k in HISTORY_KEYS if metric_tag(k) in tags}
+    return {"n_edits": float(tags[T_N_EDITS]), **point} if T_N_EDITS in tags else point
 
 
 # ----------------------------------------------------------------------------- start: skip what is done, open the run

@@ -3,7 +3,7 @@
 Layout: one experiment per registered model (``kedit/<model>``), one parent run per stream,
 one nested run per batch attempt (bisection included). Metrics use the model's global edit
 count as the step, so every curve in the UI is "over edits". Each accepted batch becomes a
-version of the registered model whose artifact is a directory (delta, editor state, manifest);
+version of the registered model whose artifact is a directory (patch set, editor state, manifest);
 the alias ``production`` names the version in service.
 """
 
@@ -39,6 +39,14 @@ T_BASE = "kedit.base_model"
 T_N_QUARANTINED = "kedit.n_quarantined"
 T_FEED_SHA = "kedit.feed_sha256"
 T_FEED_STATUS = "kedit.feed_status"  # processed | invalid
+T_N_FACTS = "kedit.n_facts"  # facts in an attempt
+T_N_EDITS = "kedit.n_edits"  # edits the version holds, from the base
+T_EDITOR = "kedit.editor"
+
+
+def metric_tag(metric: str) -> str:
+    """The version tag that keeps one of its gate metrics (drawdown, retention) for `kedit status` and plots."""
+    return f"kedit.{metric}"
 
 
 class TrackingError(KeditError):

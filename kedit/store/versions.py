@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from editing.patches import DeltaIntegrityError, Patch, PatchSet, WeightDelta
+from editing.patches import Patch, PatchIntegrityError, PatchSet, WeightDelta
 from editing.patches.base import read_manifest, write_manifest
 from kedit.core.facts import EditRequest
 from kedit.core.paths import sha256_file
@@ -42,6 +42,7 @@ FORMAT = "kedit-version/2"
 FORMATS = ("kedit-version/1", FORMAT)  # 1: a WeightDelta only, no ``patches`` list
 EXPORT_FORMAT = "kedit-export/1"
 EXPORT_MANIFEST = "kedit_version.json"
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 MANIFEST = "manifest.json"
 STATE = "state.safetensors"
 REQUESTS = "requests.jsonl"
@@ -92,29 +93,29 @@ def write_version(
 
 
 def read_version(directory: Path, manifest_sha: str | None, fingerprint: str | None = None) -> Version:
-    """Load a version directory after checking every hash; raises DeltaIntegrityError on any mismatch."""
+    """Load a version directory after checking every hash; raises PatchIntegrityError on any mismatch."""
     directory = Path(directory)
     mpath = directory / MANIFEST
     if not mpath.is_file():
-        raise DeltaIntegrityError(f"{directory}: no {MANIFEST}")
+        raise PatchIntegrityError(f"{directory}: no {MANIFEST}")
     if not manifest_sha:
-        raise DeltaIntegrityError(f"{directory}: the registry holds no manifest hash for this version; refusing to apply it")
+        raise PatchIntegrityError(f"{directory}: the registry holds no manifest hash for this version; refusing to apply it")
     actual = sha256_file(mpath)
     if actual != manifest_sha:
-        raise DeltaIntegrityError(f"{mpath}: sha256 {actual[:16]}… does not match the registry's {manifest_sha[:16]}…")
+        raise PatchIntegrityError(f"{mpath}: sha256 {actual[:16]}… does not match the registry's {manifest_sha[:16]}…")
     manifest = json.loads(mpath.read_text())
     if manifest.get("format") not in FORMATS:
-        raise DeltaIntegrityError(f"{mpath}: unknown format {manifest.get('format')!r}")
+        raise PatchIntegrityError(f"{mpath}: unknown format {manifest.get('format')!r}")
     if fingerprint and manifest.get("base_fingerprint") != fingerprint:
-        raise DeltaIntegrityError(
+        raise PatchIntegrityError(
             f"{mpath}: made for base weights {str(manifest.get('base_fingerprint'))[:12]}, not {fingerprint[:12]}"
         )
     for name, want in manifest["sha256"].items():
         f = directory / name
         if not f.is_file():
-            raise DeltaIntegrityError(f"{directory}: {name} is missing")
+            raise PatchIntegrityError(f"{directory}: {name} is missing")
         if sha256_file(f) != want:
-            raise DeltaIntegrityError(f"{f}: sha256 does not match the manifest")
+            raise PatchIntegrityError(f"{f}: sha256 does not match the manifest")
     index = _patch_index(manifest, mpath)
     patches = PatchSet.load(directory, index)
     state = load_file(str(directory / STATE))
@@ -131,11 +132,11 @@ def _patch_index(manifest: dict[str, Any], mpath: Path) -> list[dict[str, Any]]:
     else:
         index = manifest.get("patches")
         if not isinstance(index, list):
-            raise DeltaIntegrityError(f"{mpath}: no patch list")
+            raise PatchIntegrityError(f"{mpath}: no patch list")
     for entry in index:
         for name, sha in entry.get("files", {}).items():
             if manifest["sha256"].get(name) != sha:
-                raise DeltaIntegrityError(f"{mpath}: patch file {name} is not covered by the manifest's sha256")
+                raise PatchIntegrityError(f"{mpath}: patch file {name} is not covered by the manifest's sha256")
     return index
 
 
@@ -301,20 +302,31 @@ def load_export(directory: Path, device: str | None = "cpu", dtype: torch.dtype 
     try:
         manifest = json.loads(mpath.read_text())
     except (FileNotFoundError, json.JSONDecodeError) as e:
-        raise DeltaIntegrityError(f"{directory}: no readable {EXPORT_MANIFEST} ({e})") from None
+        raise PatchIntegrityError(f"{directory}: no readable {EXPORT_MANIFEST} ({e})") from None
     if manifest.get("format") != EXPORT_FORMAT:
         model, tok = load_model(str(directory), device, dtype)
         return model, tok, manifest
     manifest = read_manifest(mpath, EXPORT_FORMAT)
-    base = directory / manifest["base"]["dir"]
+    base = _inside(directory, manifest["base"]["dir"])
     if _tree_hashes(base) != manifest["base"]["sha256"]:
-        raise DeltaIntegrityError(f"{base}: the base checkpoint's files do not match the export manifest")
-    sets = [PatchSet.load(directory / v["dir"], v["patches"]) for v in manifest["versions"]]
-    model, tok = load_model(str(base), device, dtype or getattr(torch, manifest["base"]["dtype"]))
+        raise PatchIntegrityError(f"{base}: the base checkpoint's files do not match the export manifest")
+    sets = [PatchSet.load(_inside(directory, v["dir"]), v["patches"]) for v in manifest["versions"]]
+    saved_dtype = manifest["base"]["dtype"]
+    if saved_dtype not in EXPORT_DTYPES:
+        raise PatchIntegrityError(f"{mpath}: base dtype {saved_dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
+    model, tok = load_model(str(base), device, dtype or getattr(torch, saved_dtype))
     for v, patches in zip(manifest["versions"], sets):
         log.info("applying exported v%s (%s)", v["version"], ", ".join(p.kind for p in patches))
         patches.apply(model)
     return model, tok, manifest
+
+
+def _inside(directory: Path, relative: str) -> Path:
+    """A path the manifest names, refused unless it stays inside the export directory."""
+    path = (directory / relative).resolve()
+    if not path.is_relative_to(directory.resolve()):
+        raise PatchIntegrityError(f"{directory / EXPORT_MANIFEST}: {relative!r} points outside the export")
+    return path
 
 
 def load_model_or_export(ref: str, device: str | None = None):
