@@ -21,7 +21,8 @@ from kedit.core.lm import Scores, greedy_generate, score_targets
 # ----------------------------------------------------------------------------- CounterFact
 
 
-def _mean(x: torch.Tensor) -> float:
+def mean(x: torch.Tensor) -> float:
+    """Mean of a bool or float tensor; NaN for an empty one (nothing was measured)."""
     return float(x.float().mean()) if x.numel() else float("nan")
 
 
@@ -80,12 +81,12 @@ def counterfact_from_probs(pairs: CounterFactPairs, s: torch.Tensor) -> dict[str
     p_new, p_true = s[:n_e], s[n_e : 2 * n_e]
     nb_own, nb_edit = s[2 * n_e : 2 * n_e + n_n], s[2 * n_e + n_n :]
     return {
-        "efficacy": _mean(p_new[:k] > p_true[:k]),
-        "efficacy_magnitude": _mean(p_new[:k] - p_true[:k]),
-        "generalization": _mean(p_new[k:] > p_true[k:]),
-        "generalization_magnitude": _mean(p_new[k:] - p_true[k:]),
-        "specificity": _mean(nb_own > nb_edit),
-        "specificity_magnitude": _mean(nb_own - nb_edit),
+        "efficacy": mean(p_new[:k] > p_true[:k]),
+        "efficacy_magnitude": mean(p_new[:k] - p_true[:k]),
+        "generalization": mean(p_new[k:] > p_true[k:]),
+        "generalization_magnitude": mean(p_new[k:] - p_true[k:]),
+        "specificity": mean(nb_own > nb_edit),
+        "specificity_magnitude": mean(nb_own - nb_edit),
         "n_requests": float(pairs.n_requests),
     }
 
@@ -104,9 +105,9 @@ def zsre_metrics(model: nn.Module, tokenizer, requests: Sequence[EditRequest], b
     acc = score_targets(model, tokenizer, prompts, targets, batch_size).token_accuracy
     k, m = len(rw), len(rw) + len(pp)
     return {
-        "efficacy": _mean(acc[:k]),
-        "generalization": _mean(acc[k:m]),
-        "locality": _mean(acc[m:]),
+        "efficacy": mean(acc[:k]),
+        "generalization": mean(acc[k:m]),
+        "locality": mean(acc[m:]),
         "n_requests": float(len(requests)),
     }
 
@@ -172,7 +173,7 @@ def edit_success(model: nn.Module, tokenizer, requests: Sequence[EditRequest], b
 
 def retention(model: nn.Module, tokenizer, earlier: Sequence[EditRequest], batch_size: int = 64) -> float:
     """Fraction of earlier accepted edits that still hold on the current model."""
-    return _mean(edit_success(model, tokenizer, earlier, batch_size)) if earlier else float("nan")
+    return mean(edit_success(model, tokenizer, earlier, batch_size)) if earlier else float("nan")
 
 
 # ----------------------------------------------------------------------------- knowledge drawdown
@@ -190,7 +191,7 @@ def build_retain_set(model: nn.Module, tokenizer, candidates: Sequence[Fact], ba
 
 
 def knowledge_accuracy(model: nn.Module, tokenizer, facts: Sequence[Fact], batch_size: int = 64) -> float:
-    return _mean(knows(model, tokenizer, facts, batch_size)) if facts else float("nan")
+    return mean(knows(model, tokenizer, facts, batch_size)) if facts else float("nan")
 
 
 def drawdown(reference_accuracy: float, accuracy: float) -> float:
@@ -245,6 +246,7 @@ __all__ = [
     "knowledge_accuracy",
     "knows",
     "locality_agreement",
+    "mean",
     "ngram_entropy",
     "reference_predictions",
     "retention",

@@ -18,7 +18,7 @@ from kedit.core.facts import (
     sniff_format,
     unregister_format,
 )
-from kedit.core.facts.validate import validate_by_hand, validate_with_model
+from kedit.core.facts.validate import validate_by_hand, validate_record
 
 SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -342,7 +342,7 @@ def test_pydantic_error_locations_become_field_names(tmp_path, record, field, re
     fs = load_facts(p)
     (q,) = fs.quarantined
     assert (q.file, q.line, q.field) == (str(p), 2, field) and reason in q.reason
-    for validate in (validate_with_model, validate_by_hand):
+    for validate in (validate_record, validate_by_hand):
         with pytest.raises(FieldError) as e:
             validate(record, "")
         assert (e.value.field, e.value.reason) == (q.field, q.reason)
@@ -374,7 +374,7 @@ def test_the_pydantic_model_and_the_hand_written_checks_agree(record):
         except FieldError as e:
             return (e.field, e.reason)
 
-    assert outcome(validate_with_model) == outcome(validate_by_hand)
+    assert outcome(validate_record) == outcome(validate_by_hand)
 
 
 @pytest.mark.parametrize("path", ["counterfact/counterfact_500.rome.json", "zsre/zsre_eval_1037.json", "mquake/MQuAKE-hard.json"])

@@ -23,7 +23,15 @@ from editing.patches import (
     register_patch_kind,
 )
 from kedit.store.tracking import T_MANIFEST_SHA, T_PARENT_VERSION, Tracker
-from kedit.store.versions import export_version, load_export, load_model_or_export, model_fingerprint, rebuild, write_version
+from kedit.store.versions import (
+    export_version,
+    load_export,
+    load_model_or_export,
+    model_fingerprint,
+    read_version,
+    rebuild,
+    write_version,
+)
 
 PATH = "model.layers.1.mlp.down_proj"  # a Linear (64 -> 32) in the tiny Llama
 
@@ -260,7 +268,7 @@ def test_a_weight_only_version_keeps_the_delta_files_and_reads_as_before(store, 
     m, _ = model()
     fp = model_fingerprint(None, m)
     store.ensure_registered("w", fp, "tiny")
-    v = add_version(store, "w", None, weight_delta(m, f"{PATH}.weight"), fp, tmp_path / "work")
+    v = add_version(store, "w", None, PatchSet([weight_delta(m, f"{PATH}.weight")]), fp, tmp_path / "work")
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [
         "delta.json",
         "delta.safetensors",
@@ -273,3 +281,22 @@ def test_a_weight_only_version_keeps_the_delta_files_and_reads_as_before(store, 
     want, _ = model()
     weight_delta(want, f"{PATH}.weight").apply(want)
     assert_same_bits(snapshot(base), snapshot(want))
+
+
+@pytest.mark.parametrize("name", ["requests.jsonl", "state.safetensors", "delta.safetensors"])
+def test_a_changed_or_missing_file_of_a_version_is_refused(tmp_path, name):
+    """Every file the version manifest lists is checked once: the patch files by the patch set, the rest by the version."""
+    m, _ = model()
+    work = tmp_path / "v"
+    info = {"registered_model": "w", "base_fingerprint": "fp", "parent_version": None, "editor": "test"}
+    sha = write_version(work, PatchSet([weight_delta(m, f"{PATH}.weight")]), {}, [], info)
+    assert read_version(work, sha).patches.get(WeightDelta) is not None
+    f = work / name
+    blob = bytearray(f.read_bytes()) or bytearray(b"\n")
+    blob[-1] ^= 1
+    f.write_bytes(bytes(blob))
+    with pytest.raises(PatchIntegrityError, match="sha256"):
+        read_version(work, sha)
+    f.unlink()
+    with pytest.raises(PatchIntegrityError, match="missing"):
+        read_version(work, sha)

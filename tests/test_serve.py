@@ -227,14 +227,23 @@ def stack(tmp_path_factory):
             assert group_members(pgid) == [], f"processes left in group {pgid}"
 
 
-def api(stack, method: str, path: str, body: dict | None = None):
+def api(stack, method: str, path: str, body: dict | None = None, attempts: int = 5):
+    """One call to the Prefect server's REST API; a 503 (the server busy on a loaded machine, seen once
+    in a full run) is retried a few times, any other error is the test's."""
+    import time
+    import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(
-        stack["api"] + path, data=json.dumps(body or {}).encode(), method=method, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read() or b"null")
+    data = json.dumps(body or {}).encode()
+    for attempt in range(attempts):
+        req = urllib.request.Request(stack["api"] + path, data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            if e.code != 503 or attempt == attempts - 1:
+                raise
+        time.sleep(1.0 + attempt)
 
 
 def deployments(stack) -> dict[str, dict]:

@@ -16,11 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kedit.core import registry
@@ -78,6 +81,17 @@ class Undo:
     def restore(self, model: nn.Module) -> None:
         for step in reversed(self.steps):
             step.restore(model)
+
+    @classmethod
+    @contextmanager
+    def all_or_nothing(cls, model: nn.Module) -> Iterator[Undo]:
+        """Collect the steps of several changes; if one of them raises, the ones made are undone first."""
+        undo = cls()
+        try:
+            yield undo
+        except BaseException:
+            undo.restore(model)
+            raise
 
     def first_snapshot(self, name: str) -> torch.Tensor | None:
         """The parameter as it was before the earliest step that touched it."""
@@ -154,9 +168,25 @@ def read_manifest(path: Path, fmt: str, require_self_sha: bool = True) -> dict[s
     return manifest
 
 
+def save_tensors(directory: Path, tensors_name: str, manifest_name: str, manifest: dict[str, Any], tensors) -> None:
+    """A kind's two files: the tensors (safetensors) and its manifest, which records their sha256."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / tensors_name))
+    write_manifest(directory / manifest_name, {**manifest, "sha256": sha256_file(directory / tensors_name)})
+
+
+def load_tensors(
+    directory: Path, tensors_name: str, manifest_name: str, fmt: str, require_self_sha: bool = True
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The manifest and the tensors ``save_tensors`` wrote, both checked before the tensors are read."""
+    manifest = read_manifest(directory / manifest_name, fmt, require_self_sha)
+    check_file(directory / tensors_name, manifest.get("sha256"))
+    return manifest, load_file(str(directory / tensors_name))
+
+
 def check_file(path: Path, want: str | None) -> None:
     if not path.is_file():
-        raise PatchIntegrityError(f"{path.parent}: no {path.name}")
+        raise PatchIntegrityError(f"{path.parent}: no {path.name} (the file is missing)")
     actual = sha256_file(path)
     if actual != want:
         raise PatchIntegrityError(f"{path}: sha256 {actual} does not match the manifest's {want}")

@@ -17,13 +17,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kedit.core import registry
-from kedit.core.paths import sha256_file
 
-from .base import ModuleSwap, Patch, PatchIntegrityError, Undo, check_file, read_manifest, register_patch_kind, write_manifest
+from .base import ModuleSwap, Patch, PatchIntegrityError, Undo, load_tensors, register_patch_kind, save_tensors
 
 FORMAT = "kedit-module-patch/1"
 TENSORS = "modules.safetensors"
@@ -117,14 +115,9 @@ class ModulePatch(Patch):
 
     def apply(self, model: nn.Module) -> Undo:
         """Build each module around what its path holds now and install it; all or nothing."""
-        undo = Undo()
-        try:
+        with Undo.all_or_nothing(model) as undo:
             for m in self.modules:
-                module = m.build(_submodule(model, m.path))
-                undo.extend(install(model, m.path, module))
-        except BaseException:
-            undo.restore(model)
-            raise
+                undo.extend(install(model, m.path, m.build(_submodule(model, m.path))))
         return undo
 
     def is_empty(self) -> bool:
@@ -139,22 +132,16 @@ class ModulePatch(Patch):
         return {"kind": self.kind, "paths": [m.path for m in self.modules], "modules": mods, "bytes": size}
 
     def save(self, directory: str | Path) -> Path:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
         tensors = {f"{i}::{k}": t.detach().cpu().contiguous() for i, m in enumerate(self.modules) for k, t in m.tensors.items()}
-        save_file(tensors, str(d / TENSORS))
         entries = [{"path": m.path, "type": m.type, "config": m.config, "tensors": sorted(m.tensors)} for m in self.modules]
-        manifest = {"format": FORMAT, "sha256": sha256_file(d / TENSORS), "modules": entries, "meta": self.meta}
-        write_manifest(d / MANIFEST, manifest)
-        return d
+        save_tensors(Path(directory), TENSORS, MANIFEST, {"format": FORMAT, "modules": entries, "meta": self.meta}, tensors)
+        return Path(directory)
 
     @classmethod
     def load(cls, directory: str | Path) -> ModulePatch:
         """Checks the manifest and the tensors' sha256, and that every type is known, before building anything."""
         d = Path(directory)
-        manifest = read_manifest(d / MANIFEST, FORMAT)
-        check_file(d / TENSORS, manifest.get("sha256"))
-        tensors = load_file(str(d / TENSORS))
+        manifest, tensors = load_tensors(d, TENSORS, MANIFEST, FORMAT)
         modules = []
         for i, e in enumerate(manifest["modules"]):
             module_type(e["type"])

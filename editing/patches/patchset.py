@@ -34,11 +34,6 @@ class PatchSet:
         if len(set(kinds)) != len(kinds):
             raise ValueError(f"a patch set holds one part per kind, got {kinds}")
 
-    @classmethod
-    def of(cls, patches: Patch | PatchSet) -> PatchSet:
-        """A set from a single patch (what weight-only code used to pass around), or the set itself."""
-        return patches if isinstance(patches, PatchSet) else cls([patches], dict(patches.meta))
-
     def __iter__(self) -> Iterator[Patch]:
         return iter(self.parts)
 
@@ -60,13 +55,9 @@ class PatchSet:
 
     def apply(self, model: nn.Module) -> Undo:
         """Apply every part in order; if one fails, the parts already applied are undone."""
-        undo = Undo()
-        try:
+        with Undo.all_or_nothing(model) as undo:
             for p in self.parts:
                 undo.extend(p.apply(model))
-        except BaseException:
-            undo.restore(model)
-            raise
         return undo
 
     def describe(self) -> list[dict[str, Any]]:

@@ -12,12 +12,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kedit.core.paths import sha256_file
-
-from .base import Patch, PatchIntegrityError, Undo, check_file, read_manifest, register_patch_kind, write_manifest
+from .base import Patch, PatchIntegrityError, Undo, load_tensors, register_patch_kind, save_tensors
 
 FORMAT = "kedit-weight-delta/1"
 TENSORS = "delta.safetensors"
@@ -111,28 +108,17 @@ class WeightDelta(Patch):
 
     def save(self, directory: str | Path) -> Path:
         """Write ``delta.safetensors`` and ``delta.json`` (with the tensors' sha256)."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        save_file(self._tensors(), str(d / TENSORS))
-        manifest = {
-            "format": FORMAT,
-            "sha256": sha256_file(d / TENSORS),
-            "parts": {
-                name: {"kind": "lowrank" if isinstance(u, LowRank) else "dense", "rank": getattr(u, "rank", None)}
-                for name, u in self.parts.items()
-            },
-            "meta": self.meta,
+        parts = {
+            name: {"kind": "lowrank" if isinstance(u, LowRank) else "dense", "rank": getattr(u, "rank", None)}
+            for name, u in self.parts.items()
         }
-        write_manifest(d / MANIFEST, manifest)
-        return d
+        save_tensors(Path(directory), TENSORS, MANIFEST, {"format": FORMAT, "parts": parts, "meta": self.meta}, self._tensors())
+        return Path(directory)
 
     @classmethod
     def load(cls, directory: str | Path) -> WeightDelta:
         """Load a saved delta after checking its hash; refuses anything that does not match."""
-        d = Path(directory)
-        manifest = read_manifest(d / MANIFEST, FORMAT, require_self_sha=False)
-        check_file(d / TENSORS, manifest.get("sha256"))
-        tensors = load_file(str(d / TENSORS))
+        manifest, tensors = load_tensors(Path(directory), TENSORS, MANIFEST, FORMAT, require_self_sha=False)
         parts: dict[str, LowRank | Dense] = {}
         for name, info in manifest["parts"].items():
             if info["kind"] == "lowrank":

@@ -10,9 +10,8 @@ from kedit.core.config import StrictConfig
 from kedit.core.facts import EditRequest, Fact, load_known_facts
 from kedit.core.paths import project_data_dir
 
-from ..metrics import build_retain_set, knowledge_accuracy, knows
+from ..metrics import build_retain_set, drawdown, knowledge_accuracy
 from .base import Gate, GateReport, Outcome, Step, Threshold, at_most, register_gate
-from .measures import mean
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +41,15 @@ class DrawdownGate(Gate):
         log.info("retain set: %d facts the base model knows (of %s)", len(self.retain), self.retain_path())
 
     def on_production(self, model, tok, earlier: Sequence[EditRequest]) -> None:
-        self.prev = knowledge_accuracy(model, tok, self.retain) if self.retain else float("nan")
+        self.prev = knowledge_accuracy(model, tok, self.retain)
 
     def measure(self, step: Step, before: None) -> Outcome:
         n = len(self.retain)
-        acc = mean(knows(step.model, step.tok, self.retain)) if self.retain else float("nan")
+        acc = knowledge_accuracy(step.model, step.tok, self.retain)  # NaN without a retain set
         metrics = {
             "retain_accuracy": acc,
-            "drawdown_base": 1.0 - acc if self.retain else float("nan"),  # the base model knows all of them
-            "drawdown_prev": (self.prev - acc) / self.prev if self.prev > 0 else float("nan"),
+            "drawdown_base": drawdown(1.0, acc),  # the base model knows all of them
+            "drawdown_prev": drawdown(self.prev, acc),
         }
         return Outcome(
             metrics,

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from kedit.core.config import StrictConfig
 from kedit.core.facts import EditRequest
 
+from ..metrics import mean
 from .base import Gate, Outcome, Step, Threshold, at_least, at_most, register_gate
-from .measures import mean, neighbours_keep
+from .measures import neighbours_keep
 
 
 class EditsConfig(StrictConfig):

@@ -11,7 +11,7 @@ import torch
 from kedit.core.facts import EditRequest
 from kedit.core.lm import score_targets
 
-from ..metrics import prompt_holds
+from ..metrics import mean, prompt_holds
 
 
 @dataclass(frozen=True)
@@ -34,10 +34,6 @@ class EditOutcomes:
     @property
     def specificity(self) -> float:
         return mean(self.neighbor_ok)
-
-
-def mean(x: torch.Tensor) -> float:
-    return float(x.float().mean()) if x.numel() else float("nan")
 
 
 def edit_outcomes(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 64) -> EditOutcomes:

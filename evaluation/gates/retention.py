@@ -9,9 +9,8 @@ import torch
 from kedit.core.config import StrictConfig
 from kedit.core.facts import EditRequest
 
-from ..metrics import edit_success
+from ..metrics import edit_success, mean
 from .base import Gate, GateReport, Outcome, Step, Threshold, at_least, register_gate
-from .measures import mean
 
 
 class RetentionConfig(StrictConfig):

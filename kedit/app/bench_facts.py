@@ -22,7 +22,7 @@ from typing import Any
 import pydantic
 
 from kedit.core.facts import FactSet, load_facts
-from kedit.core.facts.validate import validate_by_hand, validate_with_model
+from kedit.core.facts.validate import validate_by_hand, validate_record
 
 SUBJECTS = ["Twitter", "Paris", "Marie Curie", "The Eiffel Tower", "Python", "Mount Everest", "Nokia", "Lionel Messi"]
 PROMPTS = ["{} is owned by", "{} is located in", "The capital associated with {} is", "{} was founded by", "{} plays for"]
@@ -112,7 +112,7 @@ def bench_facts(n_lines: int = 100_000, json_out: str | Path | None = None, repe
         cpu: dict[str, list[float]] = {"old": [], "new": []}
         results: dict[str, FactSet] = {}
         for _ in range(repeats):
-            for name, validate in (("old", validate_by_hand), ("new", validate_with_model)):
+            for name, validate in (("old", validate_by_hand), ("new", validate_record)):
                 t0, c0 = time.perf_counter(), time.process_time()
                 results[name] = load_facts(feed, validate=validate)
                 times[name].append(time.perf_counter() - t0)

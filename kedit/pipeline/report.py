@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from kedit.store.tracking import T_VERDICT, T_VERSION
 
 from .config import StreamError
 from .plan import Plan
-
-if TYPE_CHECKING:
-    from .session import Session
+from .session import Session, get_session
 
 
 def plot_drawdown(session: Session) -> None:
@@ -71,8 +68,6 @@ def summarize(session: Session, plan: Plan) -> dict:
 
 def finish_stream(session_id: str, plan: Plan) -> dict:
     """Account for every fact, write the lists, record each new feed in the ledger and close the stream's run."""
-    from .session import get_session
-
     session = get_session(session_id)
     tracker = session.tracker
     if session.progress is not None:

@@ -20,8 +20,8 @@ from editing import EditError, Editor, make_editor
 from evaluation.gates import GateReport, GateSuite, load_gates
 from kedit.core.config import flatten
 from kedit.core.facts import EditRequest
-from kedit.core.models import load_model, resolve
-from kedit.store.naming import registered_name
+from kedit.core.models import load_model
+from kedit.store.naming import identify
 from kedit.store.tracking import (
     T_FINGERPRINT,
     T_KIND,
@@ -32,7 +32,7 @@ from kedit.store.tracking import (
     Tracker,
     metric_tag,
 )
-from kedit.store.versions import model_fingerprint, rebuild
+from kedit.store.versions import rebuild
 
 from .config import StreamConfig, StreamError
 from .plan import Plan, read_plan
@@ -110,9 +110,8 @@ def open_session(cfg: StreamConfig) -> Opened:
 
     gates = load_gates(cfg.gates)
     model, tokenizer = load_model(cfg.model, cfg.device)
-    fingerprint = model_fingerprint(resolve(cfg.model), model)
+    registered, fingerprint = identify(cfg.model, model)
     tracker = Tracker(cfg.tracking_uri)
-    registered = registered_name(cfg.model, fingerprint)
     tracker.ensure_registered(registered, fingerprint, cfg.model)
 
     gates.on_base(model, tokenizer)

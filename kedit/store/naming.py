@@ -17,11 +17,12 @@ def registered_name(model_ref: str, fingerprint: str) -> str:
     return f"kedit-{slug}-{fingerprint[:8]}"
 
 
-def identify(model_ref: str) -> tuple[str, str]:
-    """(registered model name, base fingerprint) of a base model reference."""
+def identify(model_ref: str, model=None) -> tuple[str, str]:
+    """(registered model name, base fingerprint) of a base model reference; ``model``, when loaded
+    already, is hashed where the reference has no weight files (a hub id) instead of loading it again."""
     path = resolve(model_ref)
     try:
-        fp = model_fingerprint(path)
-    except ValueError:  # a hub id: hash the loaded weights
+        fp = model_fingerprint(path, model)
+    except ValueError:  # a hub id and no model at hand: hash the loaded weights
         fp = model_fingerprint(None, load_model(model_ref, "cpu")[0])
     return registered_name(model_ref, fp), fp

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from editing.patches import Patch, PatchIntegrityError, PatchSet, WeightDelta
-from editing.patches.base import read_manifest, write_manifest
+from editing.patches import PatchIntegrityError, PatchSet, WeightDelta
+from editing.patches.base import check_file, read_manifest, write_manifest
 from kedit.core.facts import EditRequest
 from kedit.core.paths import sha256_file
 from kedit.store.tracking import T_KIND, T_MANIFEST_SHA, Tracker, VersionInfo
@@ -58,17 +58,17 @@ class Version:
 
 def write_version(
     directory: Path,
-    patches: PatchSet | Patch,
+    patches: PatchSet,
     state: dict[str, Any],
     requests: list[EditRequest],
     info: dict[str, Any],
 ) -> str:
     """Write a version directory; returns the manifest's sha256 (to be stored in the registry).
 
-    ``patches`` is what ``Editor.edit`` returned (a PatchSet), or a single patch such as a WeightDelta.
+    ``patches`` is what ``Editor.edit`` returned.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    index = PatchSet.of(patches).save(directory)
+    index = patches.save(directory)
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise TypeError(f"editor state must hold tensors only; not tensors: {bad}")
@@ -110,13 +110,11 @@ def read_version(directory: Path, manifest_sha: str | None, fingerprint: str | N
         raise PatchIntegrityError(
             f"{mpath}: made for base weights {str(manifest.get('base_fingerprint'))[:12]}, not {fingerprint[:12]}"
         )
-    for name, want in manifest["sha256"].items():
-        f = directory / name
-        if not f.is_file():
-            raise PatchIntegrityError(f"{directory}: {name} is missing")
-        if sha256_file(f) != want:
-            raise PatchIntegrityError(f"{f}: sha256 does not match the manifest")
     index = _patch_index(manifest, mpath)
+    patch_files = {name for entry in index for name in entry.get("files", {})}
+    for name, want in manifest["sha256"].items():
+        if name not in patch_files:  # the patch files: PatchSet.load checks them against the same hashes
+            check_file(directory / name, want)
     patches = PatchSet.load(directory, index)
     state = load_file(str(directory / STATE))
     lines = (directory / REQUESTS).read_text(encoding="utf-8").splitlines()
@@ -307,13 +305,13 @@ def load_export(directory: Path, device: str | None = "cpu", dtype: torch.dtype 
         model, tok = load_model(str(directory), device, dtype)
         return model, tok, manifest
     manifest = read_manifest(mpath, EXPORT_FORMAT)
+    saved_dtype = manifest["base"]["dtype"]
+    if saved_dtype not in EXPORT_DTYPES:
+        raise PatchIntegrityError(f"{mpath}: base dtype {saved_dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
     base = _inside(directory, manifest["base"]["dir"])
     if _tree_hashes(base) != manifest["base"]["sha256"]:
         raise PatchIntegrityError(f"{base}: the base checkpoint's files do not match the export manifest")
     sets = [PatchSet.load(_inside(directory, v["dir"]), v["patches"]) for v in manifest["versions"]]
-    saved_dtype = manifest["base"]["dtype"]
-    if saved_dtype not in EXPORT_DTYPES:
-        raise PatchIntegrityError(f"{mpath}: base dtype {saved_dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
     model, tok = load_model(str(base), device, dtype or getattr(torch, saved_dtype))
     for v, patches in zip(manifest["versions"], sets):
         log.info("applying exported v%s (%s)", v["version"], ", ".join(p.kind for p in patches))

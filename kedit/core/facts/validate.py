@@ -1,8 +1,8 @@
 """Turning a raw canonical (feed-schema) dict into a valid ``EditRequest``, or a ``FieldError`` naming the field.
 
 Two validators give the same answer on every record (``tests/test_facts.py`` and
-``kedit.app.bench_facts`` check it): ``validate_with_model``, a strict pydantic model (the one
-``load_facts`` uses, ``validate_record``), and ``validate_by_hand``, the hand-written checks it
+``kedit.app.bench_facts`` check it): ``validate_record``, a strict pydantic model (the one
+``load_facts`` uses), and ``validate_by_hand``, the hand-written checks it
 replaced, kept as the baseline of the benchmark. The helpers at the top are also used by the
 format converters and by ``load_known_facts``.
 """
@@ -365,7 +365,7 @@ def field_error_of(e: ValidationError) -> FieldError:
     return min((_field_error(err) for err in e.errors(include_url=False)), key=lambda p: p[0])[1]
 
 
-def validate_with_model(d: dict, origin: str = "") -> EditRequest:
+def validate_record(d: dict, origin: str = "") -> EditRequest:
     """Validate a dict in the canonical (feed) schema with ``FeedRecord``; raises ``FieldError`` naming the field."""
     try:
         m = FeedRecord.model_validate(d)
@@ -383,6 +383,3 @@ def validate_with_model(d: dict, origin: str = "") -> EditRequest:
         source=m.source or origin,
         timestamp=m.timestamp,
     )
-
-
-validate_record = validate_with_model

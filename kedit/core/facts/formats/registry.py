@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from kedit.core import registry
+
 Convert = Callable[[Any, int], list[dict]]
 Recognise = Callable[[Any], bool]
 
@@ -27,13 +29,11 @@ _FORMATS: dict[str, Format] = {}
 
 def register_format(name: str, convert: Convert, recognise: Recognise | None = None, *, fallback: bool = False) -> Format:
     """Add a format; sniffing tries the formats in registration order. A name already taken raises ``ValueError``."""
-    if name == "auto" or name in _FORMATS:
-        raise ValueError(f"format {name!r} is already registered")
+    if name == "auto":
+        raise ValueError("format 'auto' is already registered: the name is reserved for sniffing")
     if fallback and any(f.fallback for f in _FORMATS.values()):
         raise ValueError(f"format {name!r}: a fallback format is already registered")
-    fmt = Format(name, convert, recognise, fallback)
-    _FORMATS[name] = fmt
-    return fmt
+    return registry.add(_FORMATS, name, Format(name, convert, recognise, fallback), "format")
 
 
 def unregister_format(name: str) -> None:
