@@ -1,6 +1,6 @@
 """The continual-editing flow: validate → open → (model lock) restore production → per batch: edit, gate, commit or roll back.
 
-Each task calls one library function of ``kedit.pipeline`` and passes ids, paths, configs, metrics
+Each task calls one library function of ``kedit.pipeline`` and passes fact keys, paths, configs, metrics
 and typed gate reports; the model stays in the pipeline's session. No task caches its result
 (``NO_CACHE``): an edit must run every time it is asked for, and never twice because of a retry;
 only ``finish``, whose writes are safe to repeat (files rewritten, ledger keyed by feed hash), is retried.
@@ -48,8 +48,8 @@ def start_tracking(session_id: str, plan: Plan) -> list[list[str]]:
 
 
 @task(name="apply-edits", **EDIT)
-def apply_edits(session_id: str, ids: list[str], name: str) -> dict:
-    return attempts.apply_edits(session_id, ids, name)
+def apply_edits(session_id: str, keys: list[str], name: str) -> dict:
+    return attempts.apply_edits(session_id, keys, name)
 
 
 @apply_edits.on_rollback
@@ -77,25 +77,25 @@ def finish(session_id: str, plan: Plan) -> dict:
     return report.finish_stream(session_id, plan)
 
 
-def attempt(session_id: str, ids: list[str], name: str, bisect: bool) -> None:
+def attempt(session_id: str, keys: list[str], name: str, bisect: bool) -> None:
     """One transaction: edit, gate, then commit a version or roll back; a failing batch is bisected."""
     t0 = time.perf_counter()
     with transaction() as txn:
         txn.set("session_id", session_id)
-        apply_edits(session_id, ids, name)
+        apply_edits(session_id, keys, name)
         gate_report = gate_edits(session_id)
         if gate_report.passed:
             commit_version(session_id, gate_report)
         else:
             txn.rollback()
-    isolate = not gate_report.passed and bisect and len(ids) > 1
+    isolate = not gate_report.passed and bisect and len(keys) > 1
     verdict = "accepted" if gate_report.passed else "rolled_back"
     record_attempt(session_id, gate_report, verdict, quarantine=not gate_report.passed and not isolate)
     attempts.note_wall(session_id, time.perf_counter() - t0)
     if isolate:
-        half = len(ids) // 2
-        attempt(session_id, ids[:half], f"{name}.1", bisect)
-        attempt(session_id, ids[half:], f"{name}.2", bisect)
+        half = len(keys) // 2
+        attempt(session_id, keys[:half], f"{name}.1", bisect)
+        attempt(session_id, keys[half:], f"{name}.2", bisect)
 
 
 @flow(name="kedit-stream", log_prints=False)
@@ -106,8 +106,8 @@ def stream(cfg: StreamConfig) -> dict:
         with one_stream_per_model(opened.registered):
             restore_production(opened.session_id)
             batches = start_tracking(opened.session_id, plan)
-            for i, ids in enumerate(batches):
-                attempt(opened.session_id, ids, f"batch-{i:03d}", opened.bisect)
+            for i, keys in enumerate(batches):
+                attempt(opened.session_id, keys, f"batch-{i:03d}", opened.bisect)
             return finish(opened.session_id, plan)
     finally:
         session.close_session(opened.session_id)

@@ -229,8 +229,11 @@ def test_jsonl_loader_never_crashes_and_never_loses_a_record(tmp_path, records, 
     assert fs.n_records == sum(1 for line in lines if line.strip())
 
 
+one_line_text = hostile_text.filter(lambda t: "\n" not in t and "\r" not in t)
+
+
 @SETTINGS
-@given(rows=st.lists(st.lists(hostile_text, min_size=0, max_size=6), max_size=10))
+@given(rows=st.lists(st.lists(one_line_text, min_size=0, max_size=6), max_size=10))
 def test_csv_loader_never_crashes_and_never_loses_a_record(tmp_path, rows):
     p = tmp_path / "h.csv"
     with p.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:
@@ -243,6 +246,31 @@ def test_csv_loader_never_crashes_and_never_loses_a_record(tmp_path, rows):
 
 
 @SETTINGS
+@given(rows=st.lists(st.lists(hostile_text, min_size=1, max_size=6), max_size=10))
+def test_csv_every_physical_line_is_one_outcome_even_when_fields_hold_newlines(tmp_path, rows):
+    p = tmp_path / "h.csv"
+    with p.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["subject", "prompt", "target_new", "target_true", "id"])
+        w.writerows(rows)
+    fs = load_facts(p)
+    lines = p.read_bytes().split(b"\n")[1:]
+    assert fs.accounted
+    assert fs.n_records == len(lines) - sum(1 for line in lines if _holds_nothing(line))
+
+
+def _holds_nothing(line: bytes) -> bool:
+    """The one kind of line a CSV feed may skip: empty, or well-formed cells that are all blank."""
+    if not line.strip():
+        return True
+    try:
+        (row,) = csv.reader([line.decode("utf-8")], strict=True)
+    except (UnicodeDecodeError, csv.Error, ValueError):
+        return False
+    return all(not c.strip() for c in row)
+
+
+@SETTINGS
 @given(blob=st.binary(max_size=300))
 def test_any_bytes_as_a_json_array_file(tmp_path, blob):
     p = tmp_path / "h.json"
@@ -250,16 +278,21 @@ def test_any_bytes_as_a_json_array_file(tmp_path, blob):
     assert load_facts(p).accounted
 
 
-def test_an_id_seen_in_an_earlier_feed_is_quarantined_where_it_repeats(tmp_path):
+def test_ids_are_unique_per_feed_and_facts_are_told_apart_by_content(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [dict(GOOD, id="x")])
     b = write_jsonl(
         tmp_path / "b.jsonl", [dict(GOOD, id="y", subject="Y", prompt="{} is"), dict(GOOD, id="x", subject="Z", prompt="{} is")]
     )
     fs = load_many([a, b])
-    assert sorted(r.id for r in fs.accepted) == ["x", "y"] and fs.accounted
-    (q,) = fs.quarantined
-    assert (q.file, q.line, q.field) == (str(b), 2, "id") and f"first at {a}:1" in q.reason
-    assert next(r for r in fs.accepted if r.id == "x").subject == "Twitter"  # the first one is kept
+    # a producer may number every feed from 1: the second "x" is another fact, not a duplicate
+    assert sorted(r.id for r in fs.accepted) == ["x", "x", "y"] and fs.accounted and not fs.quarantined
+    assert sorted(r.subject for r in fs.accepted if r.id == "x") == ["Twitter", "Z"]
+    assert len({r.key for r in fs.accepted}) == 3
+    assert fs.origins[next(r.key for r in fs.accepted if r.subject == "Z")] == (str(b), 2)
+    # within one feed an id is still unique
+    c = write_jsonl(tmp_path / "c.jsonl", [dict(GOOD, id="x"), dict(GOOD, id="x", subject="Z", prompt="{} is")])
+    (q,) = load_facts(c).quarantined
+    assert (q.line, q.field) == (2, "id") and "first at line 1" in q.reason
 
 
 # ---------------------------------------------------------------- the format registry

@@ -12,6 +12,7 @@ from prefect.testing.utilities import prefect_test_harness
 from editing import PatchIntegrityError
 from flows.stream import stream
 from kedit.app.tiny import CORPUS, FTM, GOOD, HARMFUL, train_tiny, write_gates, write_jsonl
+from kedit.core.facts import EditRequest
 from kedit.core.models import load_model
 from kedit.pipeline import session as sessions
 from kedit.pipeline.config import StreamConfig
@@ -61,6 +62,10 @@ def env(tmp_path, checkpoint, monkeypatch, prefect_server):
     return tmp_path, config, kept
 
 
+def key(record: dict) -> str:
+    return EditRequest.from_dict(record).key
+
+
 def fresh_base(checkpoint):
     return load_model(str(checkpoint), "cpu")[0]
 
@@ -82,7 +87,7 @@ def test_harmful_edit_is_isolated_the_rest_accepted_and_tracked(env, checkpoint)
     assert [r["id"] for r in q] == ["harmful"]
     assert {c["gate"] for c in q[0]["failed"]} & {"drawdown_prev", "drawdown_base"}
     accepted = json.loads((tmp / "work" / "accepted.json").read_text())
-    assert sorted(accepted) == sorted(r["id"] for r in GOOD)
+    assert sorted(accepted) == sorted(key(r) for r in GOOD)
 
     tracker = Tracker(f"sqlite:///{tmp}/mlruns/mlflow.db")
     name = summary["registered_model"]
@@ -160,11 +165,11 @@ def test_crash_mid_stream_resumes_without_loss_or_double(env, checkpoint, monkey
     summary = stream(cfg)
     tracker = Tracker(cfg.tracking_uri)
     name = summary["registered_model"]
-    applied = [r.id for r in rebuild(fresh_base(checkpoint), tracker, name, summary["production"], None).requests]
+    applied = [r.key for r in rebuild(fresh_base(checkpoint), tracker, name, summary["production"], None).requests]
     assert len(applied) == len(set(applied)), "no fact applied twice"
     assert summary["skipped"] >= 3  # two versions and the quarantined harmful fact survived the crash
     quarantined = set(tracker.quarantined(name, [v.version for v in tracker.chain(name, summary["production"])]))
-    assert set(applied) | quarantined == {r["id"] for r in GOOD + [HARMFUL]} and not set(applied) & quarantined
+    assert set(applied) | quarantined == {key(r) for r in GOOD + [HARMFUL]} and not set(applied) & quarantined
     interrupted = [r for r in tracker.runs(name, "attempt") if r.data.tags.get(T_VERDICT) == "interrupted"]
     assert interrupted and all(r.info.status == "KILLED" for r in interrupted)
     orphan = [
@@ -175,7 +180,7 @@ def test_crash_mid_stream_resumes_without_loss_or_double(env, checkpoint, monkey
     # the resumed stream ends exactly where an uninterrupted one does: same facts, same weights
     reference = stream(config(GOOD + [HARMFUL], batch_size=1, store="reference"))
     ref_tracker = Tracker(f"sqlite:///{tmp}/reference/mlflow.db")
-    ref_applied = [r.id for r in rebuild(fresh_base(checkpoint), ref_tracker, name, reference["production"], None).requests]
+    ref_applied = [r.key for r in rebuild(fresh_base(checkpoint), ref_tracker, name, reference["production"], None).requests]
     assert applied == ref_applied
     assert_same_weights(kept[-1].model, kept[-2].model)
 
@@ -253,8 +258,8 @@ def test_kill_9_mid_stream_then_resume(env, checkpoint):
 
     summary = stream(cfg)  # the dead stream's lock died with it
     name = summary["registered_model"]
-    applied = [r.id for r in rebuild(fresh_base(checkpoint), tracker, name, summary["production"], None).requests]
+    applied = [r.key for r in rebuild(fresh_base(checkpoint), tracker, name, summary["production"], None).requests]
     quarantined = set(tracker.quarantined(name, [v.version for v in tracker.chain(name, summary["production"])]))
     assert len(applied) == len(set(applied)), "no fact applied twice"
-    assert set(applied) | quarantined == {r["id"] for r in GOOD + [HARMFUL]} and not set(applied) & quarantined
+    assert set(applied) | quarantined == {key(r) for r in GOOD + [HARMFUL]} and not set(applied) & quarantined
     assert summary["skipped"] >= 2

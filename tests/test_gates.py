@@ -171,7 +171,7 @@ def test_evaluate_reports_each_gate_against_its_threshold(tmp_path):
     assert failed == {"generalization", "specificity_drop", "drawdown_base", "drawdown_prev"}
     assert not report.passed and "drawdown_base=0.5" in report.reason()
     assert "retention" not in {c.gate for c in report.results}  # nothing earlier to retain: no check, not a pass
-    assert report.holding == ["r1"]
+    assert report.holding == [REQ.key]
     assert "drawdown_prev=0.5 (FAILED; limit 0.05 max over 2 known facts)" in report.reason()
 
     s.on_accept(report)  # accepted anyway: the previous version now knows half, and losing nothing more passes
@@ -186,13 +186,13 @@ def test_retention_counts_only_edits_that_held_before():
     broken = EditRequest("e2", "bob", "{} speaks", "german", "french")  # does not hold now
     never = EditRequest("e3", "alice", "{} speaks", "german", "french")  # never took: tolerated in its batch
     s = suite(EDITS, {**RETENTION, "min": 0.9})
-    s.on_accept(GateReport([], {}, {}, ["e1", "e2"]))  # the previous version: e1 and e2 held there
+    s.on_accept(GateReport([], {}, {}, [held.key, broken.key]))  # the previous version: e1 and e2 held there
     before = s.before(model, tok, [REQ])
     report = s.measure(model, tok, [REQ], [held, broken, never], before)
     assert report.metrics["retention"] == 0.5  # e1 still holds, e2 broke; e3 is not counted
     assert report.metrics["retention_all"] == pytest.approx(1 / 3)
     assert "retention" in {c.gate for c in report.failed}
-    assert set(report.holding) == {"e1", "r1"}
+    assert set(report.holding) == {held.key, REQ.key}
 
     s.on_production(model, tok, [held, broken, never])  # restored: what holds is measured on the model
     assert s.measure(model, tok, [REQ], [held, broken, never], before).metrics["retention"] == 1.0

@@ -49,7 +49,7 @@ class GateReport:
     results: list[GateResult]
     metrics: dict[str, float]
     seconds: dict[str, float]  # gate name -> seconds
-    holding: list[str] = field(default_factory=list)  # ids of edits (earlier and this batch's) that hold on this model
+    holding: list[str] = field(default_factory=list)  # keys of edits (earlier and this batch's) that hold on this model
 
     @property
     def passed(self) -> bool:

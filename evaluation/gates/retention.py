@@ -31,16 +31,16 @@ class RetentionGate(Gate):
 
     def on_production(self, model, tok, earlier: Sequence[EditRequest]) -> None:
         ok = edit_success(model, tok, earlier).tolist() if earlier else []
-        self.holding = {r.id for r, k in zip(earlier, ok) if k}
+        self.holding = {r.key for r, k in zip(earlier, ok) if k}
 
     def measure(self, step: Step, before: None) -> Outcome:
         earlier = step.earlier
         ok = edit_success(step.model, step.tok, earlier) if earlier else torch.zeros(0, dtype=torch.bool)
-        held = torch.tensor([r.id in self.holding for r in earlier], dtype=torch.bool)
+        held = torch.tensor([r.key in self.holding for r in earlier], dtype=torch.bool)
         metrics = {"retention": mean(ok[held]), "retention_all": mean(ok)}
         check = at_least("retention", metrics["retention"], self.cfg.min, f" over {int(held.sum())} earlier edits that held")
         batch_ok = step.edit_outcomes().rewrite_ok.tolist()
-        holding = [r.id for r, k in zip(earlier, ok.tolist()) if k] + [r.id for r, k in zip(step.batch, batch_ok) if k]
+        holding = [r.key for r, k in zip(earlier, ok.tolist()) if k] + [r.key for r, k in zip(step.batch, batch_ok) if k]
         return Outcome(metrics, [check], holding)
 
     def on_accept(self, report: GateReport) -> None:

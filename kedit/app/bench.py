@@ -242,8 +242,8 @@ def bench_stream(
         s["orchestration_s"] = max(0.0, s.get("wall", inside) - inside)
         if "version_bytes" in s:
             s["version_fraction_of_checkpoint"] = s["version_bytes"] / full_bytes
-    accepted_ids = {fid for s in steps if s["verdict"] == "accepted" for fid in s.get("ids", [])}
-    final_reqs = [r for r in reqs if r.id in accepted_ids]
+    accepted_keys = {key for s in steps if s["verdict"] == "accepted" for key in s.get("keys", [])}
+    final_reqs = [r for r in reqs if r.key in accepted_keys]
     final = counterfact_metrics(model, tok, reqs) | {"retention_of_accepted": retention(model, tok, final_reqs)}
     walls = sum(s.get("wall", 0.0) for s in steps)
     overhead = sum(s["orchestration_s"] + s.get("tracking", 0.0) for s in steps)

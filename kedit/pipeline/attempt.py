@@ -26,7 +26,7 @@ from kedit.store.tracking import (
 from kedit.store.versions import write_version
 
 from .report import plot_drawdown
-from .session import HISTORY_KEYS, Session, get_session, quarantine_fact
+from .session import HISTORY_KEYS, Session, get_session, quarantine_record
 
 log = logging.getLogger(__name__)
 
@@ -36,38 +36,39 @@ class Attempt:
     """One batch (or a bisected half of one) tried on the current production version."""
 
     name: str
-    ids: list[str]
+    keys: list[str]  # the facts (EditRequest.key) of this batch
     run_id: str
     parent_version: str | None
     before: dict[str, Any]  # each gate's measurement just before the edit (GateSuite.before)
     patches: PatchSet | None = None  # what Editor.edit returned
     seconds: dict[str, float] = field(default_factory=dict)
+    recorded: dict | None = None  # what record_attempt returned, once it has
 
 
-def _batch(session: Session, ids: list[str]) -> list:
-    return [session.requests[i] for i in ids]
+def _batch(session: Session, keys: list[str]) -> list:
+    return [session.requests[k] for k in keys]
 
 
-def apply_edits(session_id: str, ids: list[str], name: str) -> dict:
+def apply_edits(session_id: str, keys: list[str], name: str) -> dict:
     """Let the gates measure what they need before the edit, then edit the model in place; returns timings."""
     session = get_session(session_id)
     t0 = time.perf_counter()
     run_id = session.tracker.start_run(
         session.registered,
         name,
-        {T_KIND: "attempt", T_PARENT_VERSION: session.production or "", T_VERDICT: "running", T_N_FACTS: str(len(ids))},
+        {T_KIND: "attempt", T_PARENT_VERSION: session.production or "", T_VERDICT: "running", T_N_FACTS: str(len(keys))},
         parent_run_id=session.run_id,
     )
     seconds = {"tracking": time.perf_counter() - t0}
-    batch = _batch(session, ids)
+    batch = _batch(session, keys)
     t0 = time.perf_counter()
     before = session.gates.before(session.model, session.tokenizer, batch)
     seconds["gate:before"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     patches = session.editor.edit(batch)
     seconds["edit"] = time.perf_counter() - t0
-    session.attempt = Attempt(name, list(ids), run_id, session.production, before, patches, seconds)
-    return {"edit_s": seconds["edit"], "n": len(ids)}
+    session.attempt = Attempt(name, list(keys), run_id, session.production, before, patches, seconds)
+    return {"edit_s": seconds["edit"], "n": len(keys)}
 
 
 def revert_edits(session_id: str) -> float:
@@ -85,7 +86,7 @@ def gate_edits(session_id: str) -> GateReport:
     """Every gate of the suite on the edited model."""
     session = get_session(session_id)
     attempt = session.attempt
-    batch = _batch(session, attempt.ids)
+    batch = _batch(session, attempt.keys)
     report = session.gates.measure(session.model, session.tokenizer, batch, session.earlier, attempt.before)
     for gate, seconds in report.seconds.items():
         attempt.seconds[f"gate:{gate}"] = seconds
@@ -97,7 +98,7 @@ def commit_version(session_id: str, report: GateReport) -> str:
     session = get_session(session_id)
     attempt = session.attempt
     t0 = time.perf_counter()
-    batch = _batch(session, attempt.ids)
+    batch = _batch(session, attempt.keys)
     n_edits = session.n_edits + len(batch)
     history = {k: report.metrics[k] for k in HISTORY_KEYS if k in report.metrics}
     with tempfile.TemporaryDirectory(prefix="kedit-version-") as tmp:
@@ -133,11 +134,11 @@ def commit_version(session_id: str, report: GateReport) -> str:
     session.n_edits = n_edits
     session.earlier += batch
     session.gates.on_accept(report)
-    for fid in attempt.ids:
-        session.accepted[fid] = version
+    for key in attempt.keys:
+        session.accepted[key] = version
     session.history.append({"n_edits": n_edits, **history})
     attempt.seconds["tracking"] += time.perf_counter() - t0
-    session.progress.update(len(attempt.ids))
+    session.progress.update(len(attempt.keys))
     return version
 
 
@@ -147,14 +148,16 @@ def record_attempt(session_id: str, report: GateReport, verdict: str, quarantine
     attempt = session.attempt
     tracker = session.tracker
     t0 = time.perf_counter()
+    if attempt.recorded is not None:  # a retried task: the attempt's run is written and closed already
+        return attempt.recorded
     reason = report.reason()
     quarantined = []
     if quarantine:
-        for fid in attempt.ids:
-            quarantined.append(quarantine_fact(session, fid, f"failed gates: {reason}", "gates", attempt, report))
+        quarantined = [quarantine_record(session, k, f"failed gates: {reason}", "gates", attempt, report) for k in attempt.keys]
     tracker.log_metrics(attempt.run_id, report.metrics, step=session.n_edits)
     tracker.log_dict(attempt.run_id, report.to_dict(), "gate_report.json")
-    tracker.log_dict(attempt.run_id, {"fact_ids": attempt.ids, "parent_version": attempt.parent_version}, "batch.json")
+    batch = {"fact_keys": attempt.keys, "fact_ids": [r.id for r in _batch(session, attempt.keys)]}
+    tracker.log_dict(attempt.run_id, {**batch, "parent_version": attempt.parent_version}, "batch.json")
     tracker.log_dict(attempt.run_id, quarantined, "quarantine.json")
     tags = {T_VERDICT: verdict, T_N_QUARANTINED: str(len(quarantined))}
     if verdict == "accepted":
@@ -164,14 +167,16 @@ def record_attempt(session_id: str, report: GateReport, verdict: str, quarantine
         plot_drawdown(session)
     tracker.set_tags(attempt.run_id, tags)
     tracker.end_run(attempt.run_id)
+    session.quarantined += quarantined  # only now: a failure above leaves the session as it was
     attempt.seconds["tracking"] += time.perf_counter() - t0
-    session.steps.append({"attempt": attempt.name, "n": len(attempt.ids), "ids": list(attempt.ids), "verdict": verdict})
+    session.steps.append({"attempt": attempt.name, "n": len(attempt.keys), "keys": list(attempt.keys), "verdict": verdict})
     session.steps[-1].update(attempt.seconds)
     if quarantine:
-        session.progress.update(len(attempt.ids))
+        session.progress.update(len(attempt.keys))
     detail = "" if verdict == "accepted" else f" — {reason}"
-    log.info("%s (%d facts): %s%s", attempt.name, len(attempt.ids), verdict, detail)
-    return {"verdict": verdict, "quarantined": len(quarantined)}
+    log.info("%s (%d facts): %s%s", attempt.name, len(attempt.keys), verdict, detail)
+    attempt.recorded = {"verdict": verdict, "quarantined": len(quarantined)}
+    return attempt.recorded
 
 
 def note_wall(session_id: str, seconds: float) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kedit.core.errors import KeditError
+from kedit.core.facts import Limits
 
 
 class StreamError(KeditError):
@@ -25,6 +26,7 @@ class StreamConfig:
     device: str | None = None
     work_dir: str = "out/stream"
     fmt: str = "auto"
+    limits: Limits = field(default_factory=Limits)  # on what the feeds may hold
 
     def __post_init__(self):
         if self.editor is None:

@@ -18,12 +18,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Plan:
     path: str  # plan.json: the ordered, validated requests
-    fact_ids: list[str]
+    fact_keys: list[str]  # EditRequest.key of each accepted request, in order
     n_records: int
     n_invalid: int
     n_superseded: int
     feed_sha256: dict[str, str]
-    fact_feed: dict[str, str]  # fact id -> the feed it came from
+    fact_feed: dict[str, str]  # fact key -> the feed it came from
     feeds: dict[str, dict]  # feed -> {records, accepted, quarantined, superseded, error}
 
 
@@ -33,16 +33,16 @@ def make_plan(cfg: StreamConfig, work_dir: Path) -> Plan:
     A feed that cannot be read at all (missing, unknown format) is reported as invalid, and the others still run.
     """
     unreadable: dict[str, str] = {}
-    facts = load_many([Path(p) for p in cfg.feeds], cfg.fmt, unreadable)
+    facts = load_many([Path(p) for p in cfg.feeds], cfg.fmt, unreadable, cfg.limits)
     for path, reason in unreadable.items():
         log.error("feed %s is invalid: %s", path, reason)
     feeds = {p: {"records": 0, "accepted": 0, "quarantined": 0, "superseded": 0, "error": e} for p, e in unreadable.items()}
     readable = [Path(p) for p in cfg.feeds if str(Path(p)) not in unreadable]
     work_dir.mkdir(parents=True, exist_ok=True)
-    facts.write_quarantine(work_dir)
+    facts.write_quarantine(work_dir, cfg.limits.quarantine_rows)
     (work_dir / "plan.json").write_text(json.dumps([r.to_dict() for r in facts.accepted], ensure_ascii=False))
     log.info("feeds: %s", facts.summary())
-    fact_feed = {r.id: facts.origins[r.id][0] for r in facts.accepted}
+    fact_feed = {r.key: facts.origins[r.key][0] for r in facts.accepted}
     for path in readable:
         feed = str(path)
         counts = {
@@ -53,7 +53,7 @@ def make_plan(cfg: StreamConfig, work_dir: Path) -> Plan:
         feeds[feed] = {"records": sum(counts.values()), **counts, "error": None}
     return Plan(
         str(work_dir / "plan.json"),
-        [r.id for r in facts.accepted],
+        [r.key for r in facts.accepted],
         facts.n_records,
         len(facts.quarantined),
         len(facts.superseded),
@@ -64,4 +64,5 @@ def make_plan(cfg: StreamConfig, work_dir: Path) -> Plan:
 
 
 def read_plan(plan: Plan) -> dict[str, EditRequest]:
-    return {d["id"]: EditRequest.from_dict(d) for d in json.loads(Path(plan.path).read_text())}
+    requests = (EditRequest.from_dict(d) for d in json.loads(Path(plan.path).read_text()))
+    return {r.key: r for r in requests}

@@ -60,7 +60,7 @@ def summarize(session: Session, plan: Plan) -> dict:
         "steps": session.steps,
         "run_id": session.run_id,
     }
-    unaccounted = set(plan.fact_ids) - set(session.accepted) - {q["id"] for q in quarantined} - set(session.skipped)
+    unaccounted = set(plan.fact_keys) - set(session.accepted) - {q["key"] for q in quarantined} - set(session.skipped)
     if unaccounted:
         raise StreamError(f"{len(unaccounted)} fact(s) ended nowhere: {sorted(unaccounted)[:5]}")
     return summary
@@ -98,7 +98,7 @@ def _record_feeds(session: Session, plan: Plan, work: Path) -> None:
         unusable = counts["records"] and not counts["accepted"] + counts["superseded"]
         status = "invalid" if counts["error"] or unusable else "processed"
         quarantine = [q for q in invalid_records if q.get("file") == feed]
-        quarantine += [q for q in session.quarantined if plan.fact_feed.get(q["id"]) == feed]
+        quarantine += [q for q in session.quarantined if plan.fact_feed.get(q["key"]) == feed]
         totals = {k: v for k, v in counts.items() if k != "error"}
         session.tracker.record_feed(session.registered, session.run_id, feed, sha, status, totals, quarantine)
 

@@ -10,6 +10,7 @@ looked up in this process's table; ``open_session`` returns what the flow needs 
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -62,15 +63,16 @@ class Session:
     model: nn.Module
     tokenizer: Any
     editor: Editor
-    requests: dict[str, EditRequest] = field(default_factory=dict)  # this stream's plan
+    requests: dict[str, EditRequest] = field(default_factory=dict)  # this stream's plan, by EditRequest.key
     earlier: list[EditRequest] = field(default_factory=list)  # accepted along the production chain
     production: str | None = None
     chain: list[str] = field(default_factory=list)  # versions from the base up to production
     n_edits: int = 0
     run_id: str | None = None
-    accepted: dict[str, str] = field(default_factory=dict)  # fact id -> version (this stream)
+    accepted: dict[str, str] = field(default_factory=dict)  # fact key -> version (this stream)
     quarantined: list[dict] = field(default_factory=list)  # this stream's gate/editor quarantine
-    skipped: dict[str, str] = field(default_factory=dict)  # fact id -> why (done before this stream)
+    skipped: dict[str, str] = field(default_factory=dict)  # fact key -> why (done before this stream)
+    batches: list[list[str]] | None = None  # what start_stream returned (a repeated call returns it again)
     history: list[dict] = field(default_factory=list)  # per accepted version: n_edits and HISTORY_KEYS
     steps: list[dict] = field(default_factory=list)  # timings per attempt
     attempt: Attempt | None = None
@@ -171,6 +173,8 @@ def history_point(tags: dict[str, str]) -> dict:
 def start_stream(session_id: str, plan: Plan) -> list[list[str]]:
     """Open the stream's parent run, skip what the chain already holds, quarantine what the editor refuses; returns batches."""
     session = get_session(session_id)
+    if session.batches is not None:  # started already (a retried task): one parent run, one skip list
+        return session.batches
     session.requests = read_plan(plan)
     pending = _not_done(session, plan)
     session.run_id = session.tracker.start_run(
@@ -180,34 +184,37 @@ def start_stream(session_id: str, plan: Plan) -> list[list[str]]:
     )
     session.tracker.log_params(session.run_id, _run_params(session, plan))
     session.tracker.log_artifacts(session.run_id, Path(plan.path).parent, "feeds")
-    pending = [fid for fid in pending if _editor_takes(session, fid)]
+    pending = [key for key in pending if _editor_takes(session, key)]
     if session.skipped:
         log.info("%d fact(s) skipped: already applied or quarantined on this chain", len(session.skipped))
     from tqdm.auto import tqdm
 
     session.progress = tqdm(total=len(pending), desc=f"stream {session.registered}", unit="fact")
     size = session.cfg.batch_size
-    return [pending[i : i + size] for i in range(0, len(pending), size)]
+    session.batches = [pending[i : i + size] for i in range(0, len(pending), size)]
+    return session.batches
 
 
 def _not_done(session: Session, plan: Plan) -> list[str]:
-    """The plan's facts that neither an earlier stream (same feed, same chain) nor the chain itself settled."""
-    done = {r.id for r in session.earlier}
+    """The plan's facts that neither an earlier stream (same feed, same chain) nor the chain itself settled.
+
+    A fact is known by its content (``EditRequest.key``), not by the producer's id: ids repeat across feeds."""
+    done = {r.key for r in session.earlier}
     quarantined_before = session.tracker.quarantined(session.registered, session.chain)
     session.ledger = session.tracker.feed_ledger(session.registered)
     seen_feeds = {f for f, sha in plan.feed_sha256.items() if sha in session.ledger}
     for feed in seen_feeds:
         log.info("feed %s (sha256 %s…) was processed before: skipped", feed, plan.feed_sha256[feed][:12])
     pending = []
-    for fid in plan.fact_ids:
-        if plan.fact_feed.get(fid) in seen_feeds:
-            session.skipped[fid] = "feed already processed"
-        elif fid in done:
-            session.skipped[fid] = "already applied"
-        elif fid in quarantined_before:
-            session.skipped[fid] = f"quarantined earlier: {quarantined_before[fid].get('reason', '')}"
+    for key in plan.fact_keys:
+        if plan.fact_feed.get(key) in seen_feeds:
+            session.skipped[key] = "feed already processed"
+        elif key in done:
+            session.skipped[key] = "already applied"
+        elif key in quarantined_before:
+            session.skipped[key] = f"quarantined earlier: {quarantined_before[key].get('reason', '')}"
         else:
-            pending.append(fid)
+            pending.append(key)
     return pending
 
 
@@ -223,43 +230,69 @@ def _run_params(session: Session, plan: Plan) -> dict[str, Any]:
         "gates_file": session.gates.source,
         **{f"hparams.{k}": v for k, v in flatten(session.editor.hparams).items()},
         **{f"gates.{k}": v for k, v in session.gates.params().items()},
-        **{f"feed_sha256.{Path(p).name}": h for p, h in plan.feed_sha256.items()},
+        **feed_params(plan.feed_sha256),
     }
 
 
-def _editor_takes(session: Session, fid: str) -> bool:
+def feed_params(feed_sha256: dict[str, str]) -> dict[str, str]:
+    """``feed_sha256.<name>`` run parameters; MLflow allows only letters, digits, ``_-. /`` in keys, so a
+    feed named ``feed(1).jsonl`` becomes ``feed_1_.jsonl`` (with a counter should two names meet)."""
+    out: dict[str, str] = {}
+    for path, sha in feed_sha256.items():
+        base = "feed_sha256." + re.sub(r"[^A-Za-z0-9_.\- ]", "_", Path(path).name)
+        key, n = base, 1
+        while key in out:
+            n += 1
+            key = f"{base}.{n}"
+        out[key] = sha
+    return out
+
+
+def _editor_takes(session: Session, key: str) -> bool:
     try:
-        session.editor.require_supported([session.requests[fid]])
+        session.editor.require_supported([session.requests[key]])
     except EditError as e:
-        quarantine_fact(session, fid, f"editor {session.cfg.editor} refuses it: {e}", gate="editor", attempt=None)
+        quarantine_fact(session, key, f"editor {session.cfg.editor} refuses it: {e}", gate="editor")
         return False
     return True
 
 
-def quarantine_fact(
-    session: Session, fid: str, reason: str, gate: str, attempt: Attempt | None, report: GateReport | None = None
+def quarantine_record(
+    session: Session, key: str, reason: str, gate: str, attempt: Attempt | None, report: GateReport | None = None
 ) -> dict:
-    """Record a fact as quarantined by this stream; one refused before any attempt gets its own run,
-    so that a resumed stream on the same chain skips it too."""
-    record = {
-        "id": fid,
+    """What the store keeps of a fact this stream quarantines: its key (the identity on the chain), the
+    producer's id, why, and the request itself."""
+    request = session.requests[key]
+    return {
+        "key": key,
+        "id": request.id,
         "reason": reason,
         "gate": gate,
         "attempt": attempt.name if attempt else None,
         "parent_version": attempt.parent_version if attempt else session.production,
         "failed": [asdict(c) for c in report.failed] if report else [],
-        "request": session.requests[fid].to_dict(),
+        "request": request.to_dict(),
     }
+
+
+def quarantine_fact(session: Session, key: str, reason: str, gate: str) -> dict:
+    """Quarantine a fact refused before any attempt: it gets its own run, so that a resumed stream on the
+    same chain skips it too. The session lists it only once the run is written."""
+    record = quarantine_record(session, key, reason, gate, None)
+    tracker = session.tracker
+    run = tracker.start_run(
+        session.registered,
+        f"refused-{request_label(session.requests[key])}",
+        {T_KIND: "attempt", T_PARENT_VERSION: session.production or ""},
+        parent_run_id=session.run_id,
+    )
+    tracker.log_dict(run, [record], "quarantine.json")
+    tracker.set_tags(run, {T_VERDICT: "refused", T_N_QUARANTINED: "1"})
+    tracker.end_run(run)
     session.quarantined.append(record)
-    if attempt is None:
-        tracker = session.tracker
-        run = tracker.start_run(
-            session.registered,
-            f"refused-{fid}",
-            {T_KIND: "attempt", T_PARENT_VERSION: session.production or ""},
-            parent_run_id=session.run_id,
-        )
-        tracker.log_dict(run, [record], "quarantine.json")
-        tracker.set_tags(run, {T_VERDICT: "refused", T_N_QUARANTINED: "1"})
-        tracker.end_run(run)
     return record
+
+
+def request_label(request: EditRequest) -> str:
+    """A short printable name for run names: the producer's id, cut, without control characters."""
+    return re.sub(r"[^\w.\-]", "_", request.id)[:60]

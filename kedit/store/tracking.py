@@ -246,7 +246,8 @@ class Tracker:
     # ------------------------------------------------------------------ the fact ledger
 
     def quarantined(self, name: str, chain_versions: Iterable[str]) -> dict[str, dict]:
-        """Facts quarantined by attempts made on top of a version of the chain (or on the base): id -> record."""
+        """Facts quarantined by attempts made on top of a version of the chain (or on the base): key -> record
+        (records written before facts had keys are listed by their id)."""
         allowed = {"", *chain_versions}
         out: dict[str, dict] = {}
         runs = self.runs(name, "attempt", extra=f"tags.`{T_N_QUARANTINED}` != '0'")
@@ -258,7 +259,7 @@ class Tracker:
             except Exception:
                 continue  # the attempt died before writing it: its facts are simply retried
             for rec in json.loads(Path(text).read_text()):
-                out[rec["id"]] = rec
+                out[rec.get("key") or rec["id"]] = rec
         return out
 
     # ------------------------------------------------------------------ the feed ledger

@@ -8,9 +8,10 @@ accounting can be checked.
 One module per job:
 
 - ``schema``: the dataclasses (``EditRequest``, ``Fact``, ``Neighbor``, ``Rejection``,
-  ``Superseded``, ``FactSet``), the errors, the size limits and ``FEED_FIELDS``;
+  ``Superseded``, ``FactSet``), the errors and ``FEED_FIELDS``;
+- ``limits``: ``Limits``, every size limit on input in one place, with a CLI override;
 - ``validate``: a raw canonical dict -> a valid ``EditRequest`` or a ``FieldError`` naming the
-  field (a strict pydantic model, ``FeedRecord``; the hand-written checks it replaced are kept
+  field (a strict pydantic model, ``feed_record_model(limits)``; the hand-written checks it replaced are kept
   as ``validate_by_hand``, the baseline of ``kedit.app.bench_facts``);
 - ``formats``: one module per research format plus ``feed``, and their registry. A new format is
   one new module in ``formats/`` plus one line in the registrations of ``formats/__init__.py``;
@@ -23,15 +24,10 @@ Importing defines things only: no file is read until a loader is called.
 
 from kedit.core.facts.feeds import FEED_SUFFIXES, PARTIAL_SUFFIXES, is_feed_name, list_feeds
 from kedit.core.facts.formats import Format, format_names, get_format, register_format, sniff_format, unregister_format
+from kedit.core.facts.limits import Limits, parse_limits
 from kedit.core.facts.load import load_facts, load_known_facts, load_many, resolve_superseded
 from kedit.core.facts.schema import (
     FEED_FIELDS,
-    MAX_ID_CHARS,
-    MAX_LIST_ITEMS,
-    MAX_RECORD_BYTES,
-    MAX_TARGET_CHARS,
-    MAX_TEXT_CHARS,
-    RAW_EXCERPT_CHARS,
     EditRequest,
     Fact,
     FactFileError,
@@ -41,28 +37,23 @@ from kedit.core.facts.schema import (
     Rejection,
     Superseded,
 )
-from kedit.core.facts.validate import FeedRecord, validate_record
+from kedit.core.facts.validate import feed_record_model, validate_record
 
 __all__ = [
     "FEED_FIELDS",
     "FEED_SUFFIXES",
-    "MAX_ID_CHARS",
-    "MAX_LIST_ITEMS",
-    "MAX_RECORD_BYTES",
-    "MAX_TARGET_CHARS",
-    "MAX_TEXT_CHARS",
     "PARTIAL_SUFFIXES",
-    "RAW_EXCERPT_CHARS",
     "EditRequest",
     "Fact",
     "FactFileError",
     "FactSet",
-    "FeedRecord",
     "FieldError",
+    "Limits",
     "Format",
     "Neighbor",
     "Rejection",
     "Superseded",
+    "feed_record_model",
     "format_names",
     "get_format",
     "is_feed_name",
@@ -70,6 +61,7 @@ __all__ = [
     "load_facts",
     "load_known_facts",
     "load_many",
+    "parse_limits",
     "register_format",
     "resolve_superseded",
     "sniff_format",

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
+import stat
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
 from kedit.core.facts.formats import format_names, get_format, sniff_format
+from kedit.core.facts.limits import Limits
 from kedit.core.facts.readers import reader_for
 from kedit.core.facts.schema import (
-    MAX_TARGET_CHARS,
-    RAW_EXCERPT_CHARS,
     EditRequest,
     Fact,
     FactFileError,
@@ -20,42 +20,73 @@ from kedit.core.facts.schema import (
     Rejection,
     Superseded,
 )
-from kedit.core.facts.validate import excerpt, normalize, text, validate_record
+from kedit.core.facts.validate import DEFAULT_LIMITS, excerpt, normalize, text, validate_record
 
 log = logging.getLogger("kedit.core.facts")
 
-Validator = Callable[[dict, str], EditRequest]
+Validator = Callable[..., EditRequest]  # (record, origin, limits) -> EditRequest, or FieldError
 
 
-def load_facts(path: str | Path, fmt: str = "auto", limit: int | None = None, *, validate: Validator | None = None) -> FactSet:
+def read_fact_file(path: Path, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """A fact file's bytes, or ``FactFileError`` saying why it cannot be one: missing, not a regular file
+    (a directory, a FIFO that would block, a device), unreadable, or over ``limits.file_bytes``.
+    The size is checked before reading, and the read stops past the limit (a file may grow meanwhile)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise FactFileError(f"{path}: no such file") from None
+    except OSError as e:
+        raise FactFileError(f"{path}: cannot read: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise FactFileError(f"{path}: is a directory, expected a fact file")
+    if not stat.S_ISREG(st.st_mode):
+        raise FactFileError(f"{path}: not a regular file (a FIFO, socket or device is never read)")
+    if st.st_size > limits.file_bytes:
+        raise FactFileError(f"{path}: {st.st_size} bytes, over the file_bytes limit of {limits.file_bytes}")
+    try:
+        with path.open("rb") as f:
+            data = f.read(limits.file_bytes + 1)
+    except OSError as e:
+        raise FactFileError(f"{path}: cannot read: {e.strerror or e}") from None
+    if len(data) > limits.file_bytes:
+        raise FactFileError(f"{path}: grew past the file_bytes limit of {limits.file_bytes} while being read")
+    return data
+
+
+def load_facts(
+    path: str | Path,
+    fmt: str = "auto",
+    limit: int | None = None,
+    *,
+    validate: Validator | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> FactSet:
     """Load one file of edit requests; invalid records are quarantined, superseded ones recorded.
 
     ``limit`` stops after that many raw records (for benchmarks on a prefix of a data set).
     ``validate`` replaces the canonical-record validator (the benchmark passes the hand-written one).
+    A file over ``limits.records`` raw records is refused whole (``FactFileError``).
     """
     path = Path(path)
     validate = validate or validate_record
     chosen = None if fmt == "auto" else get_format(fmt)
     if fmt != "auto" and chosen is None:
         raise FactFileError(f"{path}: unknown format {fmt!r}; known: {', '.join(format_names())}")
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise FactFileError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise FactFileError(f"{path}: is a directory, expected a fact file") from None
+    data = read_fact_file(path, limits)
     result = FactSet()
     candidates: list[tuple[EditRequest, int]] = []
     seen_ids: dict[str, int] = {}
     convert = chosen.convert if chosen else None
     name = str(path)
-    for index, raw in enumerate(reader_for(path, data)(data)):
+    for index, raw in enumerate(reader_for(path, data)(data, limits)):
         if limit is not None and index >= limit:
             break
+        if index >= limits.records:
+            raise FactFileError(f"{path}: more than {limits.records} records (the records limit): refused whole")
         if raw.error is not None:
             result.n_records += 1
             result.quarantined.append(
-                Rejection(name, raw.line, raw.error.field, raw.error.reason, raw=raw.text[:RAW_EXCERPT_CHARS])
+                Rejection(name, raw.line, raw.error.field, raw.error.reason, raw=raw.text[: limits.excerpt_chars])
             )
             continue
         if convert is None:
@@ -66,57 +97,49 @@ def load_facts(path: str | Path, fmt: str = "auto", limit: int | None = None, *,
             dicts = convert(raw.record, index)
         except FieldError as e:
             result.n_records += 1
-            result.quarantined.append(Rejection(name, raw.line, e.field, e.reason, raw=excerpt(raw.text)))
+            result.quarantined.append(Rejection(name, raw.line, e.field, e.reason, raw=excerpt(raw.text, limits)))
             continue
         for d in dicts:
             result.n_records += 1
             rid = d.get("id") if isinstance(d.get("id"), str) else None
             try:
-                req = validate(d, name)
+                req = validate(d, name, limits)
             except FieldError as e:
-                result.quarantined.append(Rejection(name, raw.line, e.field, e.reason, rid, excerpt(raw.text)))
+                result.quarantined.append(Rejection(name, raw.line, e.field, e.reason, rid, excerpt(raw.text, limits)))
                 continue
             if req.id in seen_ids:
-                result.quarantined.append(
-                    Rejection(
-                        name,
-                        raw.line,
-                        "id",
-                        f"duplicate id {req.id!r} (first at line {seen_ids[req.id]})",
-                        req.id,
-                        excerpt(raw.text),
-                    )
-                )
+                reason = f"duplicate id {req.id!r} (first at line {seen_ids[req.id]})"
+                result.quarantined.append(Rejection(name, raw.line, "id", reason, req.id, excerpt(raw.text, limits)))
                 continue
             seen_ids[req.id] = raw.line
             candidates.append((req, raw.line))
-    result.origins = {req.id: (name, line) for req, line in candidates}
+    result.origins = {req.key: (name, line) for req, line in candidates}
     result.accepted, superseded = resolve_superseded([req for req, _ in candidates])
-    result.superseded = [Superseded(r, by, *result.origins[r.id]) for r, by in superseded]
+    result.superseded = [Superseded(r, by, *result.origins[r.key]) for r, by in superseded]
     log.info("%s: %s", path, result.summary())
     return result
 
 
-def load_many(paths: Iterable[str | Path], fmt: str = "auto", unreadable: dict[str, str] | None = None) -> FactSet:
-    """Load several files; an id already seen in an earlier file is quarantined, and
-    supersession is resolved across all of them. With ``unreadable``, a file that cannot be read
-    at all is recorded there (path -> reason) and skipped instead of raising."""
+def load_many(
+    paths: Iterable[str | Path], fmt: str = "auto", unreadable: dict[str, str] | None = None, limits: Limits = DEFAULT_LIMITS
+) -> FactSet:
+    """Load several files and resolve supersession across all of them. Ids need only be unique within
+    a feed (``EditRequest.key`` identifies a fact across feeds). With ``unreadable``, a file that
+    cannot be read at all is recorded there (path -> reason), and in the result's ``refused``, and
+    skipped instead of raising."""
     total = FactSet()
     for p in paths:
         try:
-            part = load_facts(p, fmt)
+            part = load_facts(p, fmt, limits=limits)
         except FactFileError as e:
             if unreadable is None:
                 raise
             unreadable[str(p)] = str(e)
+            total.refused[str(p)] = str(e)
             continue
-        for r in [r for r in part.accepted if r.id in total.origins]:
-            (f, line), (first_f, first_line) = part.origins.pop(r.id), total.origins[r.id]
-            part.quarantined.append(Rejection(f, line, "id", f"duplicate id {r.id!r} (first at {first_f}:{first_line})", r.id))
-        part.accepted = [r for r in part.accepted if r.id in part.origins]
         total.extend(part)
     total.accepted, superseded = resolve_superseded(total.accepted)
-    total.superseded += [Superseded(r, by, *total.origins[r.id]) for r, by in superseded]
+    total.superseded += [Superseded(r, by, *total.origins[r.key]) for r, by in superseded]
     return total
 
 
@@ -146,12 +169,9 @@ def load_known_facts(path: str | Path) -> list[Fact]:
     """Facts for the drawdown retain set: JSONL ``{prompt, answer}`` or ROME's knowns JSON
     (``{prompt, attribute, ...}``). Any invalid record is an error naming file, line and field."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise FactFileError(f"{path}: {e.strerror or e}") from None
+    data = read_fact_file(path)
     out = []
-    for raw in reader_for(path, data)(data):
+    for raw in reader_for(path, data)(data, DEFAULT_LIMITS):
         where = f"{path}:{raw.line}"
         if raw.error is not None:
             raise FactFileError(f"{where}: field {raw.error.field!r}: {raw.error.reason}")
@@ -160,7 +180,7 @@ def load_known_facts(path: str | Path) -> list[Fact]:
             raise FactFileError(f"{where}: expected a JSON object")
         answer_key = "answer" if "answer" in rec else "attribute"
         try:
-            out.append(Fact(text(rec, "prompt"), text(rec, answer_key, limit=MAX_TARGET_CHARS)))
+            out.append(Fact(text(rec, "prompt"), text(rec, answer_key, limit=DEFAULT_LIMITS.target_chars)))
         except FieldError as e:
             raise FactFileError(f"{where}: field {e.field!r}: {e.reason}") from None
     return out

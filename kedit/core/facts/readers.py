@@ -1,14 +1,14 @@
 """File readers: bytes -> raw records with their line numbers, chosen by file suffix.
 
-A reader yields ``Raw(line, record | None, error | None, text)``; a record with an error is
-quarantined whole. ``READERS`` maps a suffix to its reader; a file with another suffix is read
+A reader takes the file's bytes and the ``Limits`` and yields ``Raw(line, record | None, error | None,
+text)``; a record with an error is quarantined whole. A leading UTF-8 byte-order mark is dropped.
+``READERS`` maps a suffix to its reader; a file with another suffix is read
 as a JSON array when it starts with ``[``, else as JSONL.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kedit.core.facts.schema import FEED_FIELDS, MAX_RECORD_BYTES, RAW_EXCERPT_CHARS, FieldError
+from kedit.core.facts.limits import Limits
+from kedit.core.facts.schema import FEED_FIELDS, FieldError
 from kedit.core.facts.validate import has_surrogates
+
+BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -28,20 +31,32 @@ class Raw:
     text: str = ""
 
 
-Reader = Callable[[bytes], Iterator[Raw]]
+Reader = Callable[[bytes, Limits], Iterator[Raw]]
 
 
-def read_jsonl(data: bytes) -> Iterator[Raw]:
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+def _lines(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) per physical line, without the UTF-8 byte-order mark or a trailing CR."""
+    for lineno, raw in enumerate(data.removeprefix(BOM).split(b"\n"), start=1):
+        yield lineno, raw.removesuffix(b"\r")
+
+
+def _decoded(lineno: int, raw: bytes, limits: Limits) -> str | Raw:
+    """The line as text, or the Raw rejection saying why it is not a record."""
+    if len(raw) > limits.record_bytes:
+        return Raw(lineno, error=FieldError("<record>", f"oversized record: {len(raw)} bytes (limit {limits.record_bytes})"))
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Raw(lineno, error=FieldError("<record>", f"invalid UTF-8 at byte {e.start}"), text=repr(raw[:200]))
+
+
+def read_jsonl(data: bytes, limits: Limits) -> Iterator[Raw]:
+    for lineno, raw in _lines(data):
         if not raw.strip():
             continue
-        if len(raw) > MAX_RECORD_BYTES:
-            yield Raw(lineno, error=FieldError("<record>", f"oversized record: {len(raw)} bytes"))
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield Raw(lineno, error=FieldError("<record>", f"invalid UTF-8 at byte {e.start}"), text=repr(raw[:200]))
+        text = _decoded(lineno, raw, limits)
+        if isinstance(text, Raw):
+            yield text
             continue
         try:
             yield Raw(lineno, record=json.loads(text), text=text)
@@ -52,8 +67,8 @@ def read_jsonl(data: bytes) -> Iterator[Raw]:
 _WS = re.compile(r"\s*")
 
 
-def read_json_array(data: bytes) -> Iterator[Raw]:
-    text = data.decode("utf-8", errors="surrogateescape")
+def read_json_array(data: bytes, limits: Limits) -> Iterator[Raw]:
+    text = data.removeprefix(BOM).decode("utf-8", errors="surrogateescape")
     dec = json.JSONDecoder()
     ws = _WS
     i = ws.match(text).end()
@@ -79,8 +94,8 @@ def read_json_array(data: bytes) -> Iterator[Raw]:
             return
         chunk = text[start:end]
         if has_surrogates(chunk):
-            yield Raw(line_at(start), error=FieldError("<record>", "invalid UTF-8"), text=chunk[:RAW_EXCERPT_CHARS])
-        elif end - start > MAX_RECORD_BYTES:
+            yield Raw(line_at(start), error=FieldError("<record>", "invalid UTF-8"), text=chunk[: limits.excerpt_chars])
+        elif end - start > limits.record_bytes:
             yield Raw(line_at(start), error=FieldError("<record>", f"oversized record: {end - start} characters"))
         else:
             yield Raw(line_at(start), record=rec, text=chunk)
@@ -113,48 +128,73 @@ def csv_cell(name: str, value: str) -> Any:
     return value
 
 
-def read_csv(data: bytes) -> Iterator[Raw]:
-    text = data.decode("utf-8", errors="surrogateescape")
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader)
-    except StopIteration:
-        return
-    except csv.Error as e:
-        yield Raw(1, error=FieldError("<header>", f"unreadable CSV header: {e}"))
-        return
-    header = [h.strip() for h in header]
-    bad_header = next((h for h in header if h not in FEED_FIELDS), None)
-    dup_header = next((h for h in header if header.count(h) > 1), None)
-    start = reader.line_num + 1
-    while True:
+# A cell a spreadsheet would run as a formula (CSV injection) when someone opens an exported list;
+# numbers with a sign ("-5", "+44 20 7946") are not formulas.
+_FORMULA = re.compile(r"[=@]|[+-](?![\d.\s]|$)")
+
+
+def _csv_row(text: str) -> list[str]:
+    """One physical line as one CSV row, in the csv module's strict mode: an unterminated quote is an
+    error here instead of swallowing the lines after it (a field cannot hold a newline)."""
+    rows = list(csv.reader([text], strict=True))
+    if len(rows) != 1:  # one line in, one row out: the count check of a lossless reader
+        raise csv.Error(f"expected one row, read {len(rows)}")
+    return rows[0]
+
+
+def read_csv(data: bytes, limits: Limits) -> Iterator[Raw]:
+    """CSV feeds, one record per physical line (header first). Every non-empty line after the header
+    yields exactly one Raw, so the records read always equal the lines given."""
+    header: list[str] | None = None
+    problem: FieldError | None = None  # of the header, charged to every row
+    for lineno, raw in _lines(data):
+        if not raw.strip():
+            continue
+        text = _decoded(lineno, raw, limits)
+        if isinstance(text, Raw):
+            if header is None:  # an unreadable header: every row after it is unreadable too
+                header, problem = [], FieldError("<header>", f"unreadable CSV header: {text.error.reason}")
+                continue
+            yield text
+            continue
         try:
-            row = next(reader)
-        except StopIteration:
-            return
+            row = _csv_row(text)
         except csv.Error as e:
-            yield Raw(start, error=FieldError("<record>", f"unreadable CSV row: {e}"))
-            start = reader.line_num + 1
+            if header is None:
+                header, problem = [], FieldError("<header>", f"unreadable CSV header: {e}")
+            else:
+                reason = f"unreadable CSV row: {e} (a field may not span lines)"
+                yield Raw(lineno, error=FieldError("<record>", reason), text=text)
             continue
-        line, start = start, reader.line_num + 1
-        if not row or all(not c.strip() for c in row):
+        if header is None:
+            header = [h.strip() for h in row]
+            problem = _header_problem(header)
             continue
-        joined = ",".join(row)
-        if has_surrogates(joined):
-            yield Raw(line, error=FieldError("<record>", "invalid UTF-8"), text=joined[:RAW_EXCERPT_CHARS])
-        elif len(joined) > MAX_RECORD_BYTES:
-            yield Raw(line, error=FieldError("<record>", f"oversized record: {len(joined)} characters"))
-        elif bad_header is not None:
-            yield Raw(line, error=FieldError(bad_header, "unknown field (CSV column)"), text=joined)
-        elif dup_header is not None:
-            yield Raw(line, error=FieldError(dup_header, "duplicate CSV column"), text=joined)
-        elif len(row) != len(header):
-            yield Raw(line, error=FieldError("<record>", f"expected {len(header)} columns, got {len(row)}"), text=joined)
-        else:
-            try:
-                yield Raw(line, record={h: csv_cell(h, v) for h, v in zip(header, row)}, text=joined)
-            except FieldError as e:
-                yield Raw(line, error=e, text=joined)
+        if all(not c.strip() for c in row):  # a row of empty cells holds nothing (spreadsheets write them)
+            continue
+        yield _csv_record(lineno, header, row, text, problem)
+
+
+def _header_problem(header: list[str]) -> FieldError | None:
+    bad = next((h for h in header if h not in FEED_FIELDS), None)
+    if bad is not None:
+        return FieldError(bad, "unknown field (CSV column)")
+    dup = next((h for h in header if header.count(h) > 1), None)
+    return FieldError(dup, "duplicate CSV column") if dup is not None else None
+
+
+def _csv_record(lineno: int, header: list[str], row: list[str], text: str, problem: FieldError | None) -> Raw:
+    if problem is not None:
+        return Raw(lineno, error=problem, text=text)
+    if len(row) != len(header):
+        return Raw(lineno, error=FieldError("<record>", f"expected {len(header)} columns, got {len(row)}"), text=text)
+    formula = next((h for h, v in zip(header, row) if _FORMULA.match(v.lstrip())), None)
+    if formula is not None:
+        return Raw(lineno, error=FieldError(formula, "looks like a spreadsheet formula (starts with =, @, + or -)"), text=text)
+    try:
+        return Raw(lineno, record={h: csv_cell(h, v) for h, v in zip(header, row)}, text=text)
+    except FieldError as e:
+        return Raw(lineno, error=e, text=text)
 
 
 READERS: dict[str, Reader] = {".csv": read_csv, ".jsonl": read_jsonl}

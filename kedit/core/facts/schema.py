@@ -1,22 +1,16 @@
-"""The schema: edit requests, facts, rejections, the loading outcome, the errors and the limits."""
+"""The schema: edit requests, facts, rejections, the loading outcome and the errors (the limits are in ``limits``)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from kedit.core.errors import KeditError
-
-# Limits on field sizes; a record over them is quarantined, never truncated.
-MAX_TEXT_CHARS = 1000  # subject, prompts
-MAX_TARGET_CHARS = 200
-MAX_ID_CHARS = 200
-MAX_LIST_ITEMS = 64  # paraphrases / neighbours per record
-MAX_RECORD_BYTES = 256 * 1024
-RAW_EXCERPT_CHARS = 500
 
 FEED_FIELDS = (
     "id",
@@ -73,6 +67,15 @@ class EditRequest:
     generation_prompts: tuple[str, ...] = ()
     source: str = ""
     timestamp: datetime | None = None
+
+    @cached_property
+    def key(self) -> str:
+        """The fact's identity on a chain: a hash of what it asks (subject, prompt, target_new, timestamp).
+
+        ``id`` is the producer's name for it, unique within one feed only (a producer may number every
+        feed from 1); "already applied" and every per-fact record of the pipeline use ``key``."""
+        parts = [self.subject, self.prompt, self.target_new, self.timestamp.isoformat() if self.timestamp else ""]
+        return "k-" + hashlib.sha256("\x1f".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:20]
 
     @property
     def text(self) -> str:
@@ -143,30 +146,41 @@ class FactSet:
     quarantined: list[Rejection] = field(default_factory=list)
     superseded: list[Superseded] = field(default_factory=list)
     n_records: int = 0
-    # where each accepted request came from, for supersession reports: id -> (file, line)
+    # where each accepted request came from, for supersession reports: key -> (file, line)
     origins: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # files refused whole (unreadable, not a regular file, over a limit): path -> reason
+    refused: dict[str, str] = field(default_factory=dict)
 
     @property
     def accounted(self) -> bool:
         return len(self.accepted) + len(self.quarantined) + len(self.superseded) == self.n_records
 
     def summary(self) -> str:
+        refused = f", {len(self.refused)} file(s) refused" if self.refused else ""
         return (
             f"{self.n_records} records: {len(self.accepted)} accepted, "
-            f"{len(self.quarantined)} quarantined, {len(self.superseded)} superseded"
+            f"{len(self.quarantined)} quarantined, {len(self.superseded)} superseded{refused}"
         )
 
-    def write_quarantine(self, out_dir: str | Path) -> Path:
-        """Write ``quarantine.jsonl`` and ``superseded.jsonl`` into ``out_dir``; returns the quarantine path."""
+    def write_quarantine(self, out_dir: str | Path, max_rows: int | None = None) -> Path:
+        """Write ``quarantine.jsonl`` and ``superseded.jsonl`` into ``out_dir`` (at most ``max_rows`` rows
+        each) and ``quarantine_counts.json`` (every count, the rows left out, the refused files); returns
+        the quarantine path."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         q = out / "quarantine.jsonl"
-        with q.open("w", encoding="utf-8") as f:
-            for r in self.quarantined:
-                f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
-        with (out / "superseded.jsonl").open("w", encoding="utf-8") as f:
-            for s in self.superseded:
-                f.write(json.dumps(s.to_dict(), ensure_ascii=False) + "\n")
+        _write_rows(q, [r.to_dict() for r in self.quarantined[:max_rows]])
+        _write_rows(out / "superseded.jsonl", [s.to_dict() for s in self.superseded[:max_rows]])
+        counts = {
+            "records": self.n_records,
+            "accepted": len(self.accepted),
+            "quarantined": len(self.quarantined),
+            "superseded": len(self.superseded),
+            "quarantined_rows_omitted": max(0, len(self.quarantined) - (max_rows or len(self.quarantined))),
+            "superseded_rows_omitted": max(0, len(self.superseded) - (max_rows or len(self.superseded))),
+            "refused_files": self.refused,
+        }
+        (out / "quarantine_counts.json").write_text(json.dumps(counts, indent=2, ensure_ascii=False))
         return q
 
     def extend(self, other: FactSet) -> None:
@@ -175,3 +189,10 @@ class FactSet:
         self.superseded += other.superseded
         self.n_records += other.n_records
         self.origins.update(other.origins)
+        self.refused.update(other.refused)
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")

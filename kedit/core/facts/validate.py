@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Annotated, Any
 
 from pydantic import (
@@ -27,17 +28,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from kedit.core.facts.schema import (
-    FEED_FIELDS,
-    MAX_ID_CHARS,
-    MAX_LIST_ITEMS,
-    MAX_TARGET_CHARS,
-    MAX_TEXT_CHARS,
-    RAW_EXCERPT_CHARS,
-    EditRequest,
-    FieldError,
-    Neighbor,
-)
+from kedit.core.facts.limits import Limits
+from kedit.core.facts.schema import FEED_FIELDS, EditRequest, FieldError, Neighbor
 
 UNKNOWN_FIELD = f"unknown field (allowed: {', '.join(FEED_FIELDS)})"
 NEIGHBOR_SHAPE = "expected an object with exactly 'prompt' and 'answer'"
@@ -45,12 +37,21 @@ NEIGHBOR_SHAPE = "expected an object with exactly 'prompt' and 'answer'"
 # ----------------------------------------------------------------------------- shared helpers
 
 
-def excerpt(raw: Any) -> str:
+DEFAULT_LIMITS = Limits()
+
+
+def excerpt(raw: Any, limits: Limits = DEFAULT_LIMITS) -> str:
     s = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
-    return s[:RAW_EXCERPT_CHARS]
+    return s[: limits.excerpt_chars]
 
 
 _SURROGATE = re.compile("[\udc80-\udcff]")
+# C0 and C1 controls (NUL, newline, tab, ESC, DEL...) and the bidirectional controls of "Trojan Source"
+# (embeddings, overrides, isolates, LRM/RLM): text that displays differently from what the model reads.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# Invisible characters refused in the fields that identify a fact (subject, id): "Ira\u200bn" is not "Iran".
+_INVISIBLE = re.compile("[\u200b-\u200d\u2060\ufeff\u00ad]")
+IDENTITY_FIELDS = ("subject", "id")
 
 
 def has_surrogates(s: str) -> bool:
@@ -67,31 +68,40 @@ def derived_id(subject: str, prompt: str, target_new: str, ts: datetime | None) 
     return "fact-" + h.hexdigest()[:12]
 
 
-def text_problem(v: str, limit: int) -> str | None:
+def text_problem(v: str, limit: int, identity: bool = False) -> str | None:
     """Why a string is not acceptable as a text field, or None (the string is already known to be a str)."""
     if has_surrogates(v):
         return "invalid UTF-8"
-    if "\x00" in v:
-        return "contains a NUL character"
+    bad = _CONTROL.search(v)
+    if bad:
+        c = bad.group()
+        return "contains a NUL character" if c == "\x00" else f"contains a control character (U+{ord(c):04X})"
+    if identity and (bad := _INVISIBLE.search(v)):
+        return f"contains an invisible character (U+{ord(bad.group()):04X})"
     if len(v) > limit:
         return f"oversized: {len(v)} characters (limit {limit})"
     return None
 
 
-def text(d: dict, name: str, *, required: bool = True, limit: int = MAX_TEXT_CHARS) -> str | None:
+def text(d: dict, name: str, *, required: bool = True, limit: int = DEFAULT_LIMITS.text_chars) -> str | None:
     v = d.get(name)
     if v is None or (isinstance(v, str) and not v.strip()):
         if required:
             raise FieldError(name, "missing or empty")
         return None
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and name == "id":
-        v = str(v)
     if not isinstance(v, str):
-        raise FieldError(name, f"expected a string, got {type(v).__name__}")
-    problem = text_problem(v, limit)
+        raise FieldError(name, _not_a_string(name, v))
+    problem = text_problem(v, limit, identity=name in IDENTITY_FIELDS)
     if problem:
         raise FieldError(name, problem)
     return v
+
+
+def _not_a_string(name: str, v: Any) -> str:
+    if name == "id" and isinstance(v, (int, float)) and not isinstance(v, bool):
+        # 7 and "7" would be one id: producers quote their ids
+        return f'expected a string, got {type(v).__name__} (quote numeric ids: "{v}")'
+    return f"expected a string, got {type(v).__name__}"
 
 
 def require_keys(d: Any, allowed: set[str], where: str = "") -> dict:
@@ -112,8 +122,11 @@ def str_of(v: Any, name: str) -> Any:
     return v
 
 
-def parse_timestamp(v: Any) -> datetime | None:
-    """``None`` or ``""`` -> None; an ISO 8601 string -> an aware datetime (UTC when no zone); else FieldError."""
+def parse_timestamp(v: Any, future_days: float | None = None) -> datetime | None:
+    """``None`` or ``""`` -> None; an ISO 8601 string -> an aware datetime (UTC when no zone); else FieldError.
+
+    With ``future_days``, a date-time later than now plus that many days is refused: it would win every
+    supersession (a 9999-12-31 update could never be replaced)."""
     if v is None or v == "":
         return None
     if not isinstance(v, str):
@@ -122,64 +135,34 @@ def parse_timestamp(v: Any) -> datetime | None:
         ts = datetime.fromisoformat(v.strip().replace("Z", "+00:00"))
     except ValueError:
         raise FieldError("timestamp", f"not an ISO 8601 date-time: {v[:40]!r}") from None
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+    ts = ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+    if future_days is not None:
+        latest = datetime.now(UTC) + timedelta(days=future_days)
+        if ts > latest:
+            raise FieldError("timestamp", f"in the future: {ts.isoformat()} is after {latest.isoformat(timespec='seconds')}")
+    return ts
 
 
-def list_problem(v: Any, what: str) -> str | None:
+def list_problem(v: Any, what: str, limit: int) -> str | None:
     if not isinstance(v, list):
         return f"expected a list of {what}, got {type(v).__name__}"
-    if len(v) > MAX_LIST_ITEMS:
-        return f"oversized: {len(v)} items (limit {MAX_LIST_ITEMS})"
+    if len(v) > limit:
+        return f"oversized: {len(v)} items (limit {limit})"
     return None
 
 
-# ----------------------------------------------------------------------------- by hand (the benchmark's baseline)
-
-
-def _text_list(d: dict, name: str) -> tuple[str, ...]:
-    v = d.get(name)
-    if v is None:
-        return ()
-    if isinstance(v, str):
-        v = [v]
-    problem = list_problem(v, "strings")
-    if problem:
-        raise FieldError(name, problem)
-    out = []
-    for i, item in enumerate(v):
-        try:
-            out.append(text({name: item}, name))
-        except FieldError as e:
-            raise FieldError(f"{name}[{i}]", e.reason) from None
-    return tuple(out)
-
-
-def _neighbors(d: dict, name: str = "neighborhood") -> tuple[Neighbor, ...]:
-    v = d.get(name)
-    if v is None:
-        return ()
-    problem = list_problem(v, "{prompt, answer} objects")
-    if problem:
-        raise FieldError(name, problem)
-    out = []
-    for i, item in enumerate(v):
-        if not isinstance(item, dict) or set(item) != {"prompt", "answer"}:
-            raise FieldError(f"{name}[{i}]", NEIGHBOR_SHAPE)
-        try:
-            out.append(Neighbor(text(item, "prompt"), text(item, "answer")))
-        except FieldError as e:
-            raise FieldError(f"{name}[{i}].{e.field}", e.reason) from None
-    return tuple(out)
-
-
 def _placeholder(subject: str, prompt: str) -> str:
-    """The prompt with ``{}`` where the subject goes; raises the prompt's FieldError."""
+    """The prompt with ``{}`` where the subject goes; raises the prompt's FieldError.
+
+    Without a placeholder the subject must occur as a whole word: "Ira" is not the subject of
+    "The capital of Iran is"."""
     if prompt.count("{}") > 1:
         raise FieldError("prompt", "has more than one '{}' placeholder")
     if "{}" not in prompt:
-        if subject not in prompt:
-            raise FieldError("prompt", f"subject {subject!r} not in prompt (and no '{{}}' placeholder)")
-        prompt = prompt.replace(subject, "{}", 1)
+        found = re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", prompt)
+        if found is None:
+            raise FieldError("prompt", f"subject {subject!r} not in prompt as a whole word (and no '{{}}' placeholder)")
+        prompt = prompt[: found.start()] + "{}" + prompt[found.end() :]
     return prompt
 
 
@@ -188,28 +171,67 @@ def _same_target(target_new: str, target_true: str | None) -> None:
         raise FieldError("target_new", f"equal to target_true ({target_true!r}): nothing to edit")
 
 
-def validate_by_hand(d: dict, origin: str = "") -> EditRequest:
+# ----------------------------------------------------------------------------- by hand (the benchmark's baseline)
+
+
+def _text_list(d: dict, name: str, limits: Limits) -> tuple[str, ...]:
+    v = d.get(name)
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        v = [v]
+    problem = list_problem(v, "strings", limits.list_items)
+    if problem:
+        raise FieldError(name, problem)
+    out = []
+    for i, item in enumerate(v):
+        try:
+            out.append(text({name: item}, name, limit=limits.text_chars))
+        except FieldError as e:
+            raise FieldError(f"{name}[{i}]", e.reason) from None
+    return tuple(out)
+
+
+def _neighbors(d: dict, limits: Limits, name: str = "neighborhood") -> tuple[Neighbor, ...]:
+    v = d.get(name)
+    if v is None:
+        return ()
+    problem = list_problem(v, "{prompt, answer} objects", limits.list_items)
+    if problem:
+        raise FieldError(name, problem)
+    out = []
+    for i, item in enumerate(v):
+        if not isinstance(item, dict) or set(item) != {"prompt", "answer"}:
+            raise FieldError(f"{name}[{i}]", NEIGHBOR_SHAPE)
+        try:
+            out.append(Neighbor(text(item, "prompt", limit=limits.text_chars), text(item, "answer", limit=limits.text_chars)))
+        except FieldError as e:
+            raise FieldError(f"{name}[{i}].{e.field}", e.reason) from None
+    return tuple(out)
+
+
+def validate_by_hand(d: dict, origin: str = "", limits: Limits = DEFAULT_LIMITS) -> EditRequest:
     """Validate a dict in the canonical (feed) schema; raises ``FieldError`` naming the field."""
     unknown = [k for k in d if k not in FEED_FIELDS]
     if unknown:
         raise FieldError(str(unknown[0]), UNKNOWN_FIELD)
-    subject = text(d, "subject")
-    prompt = _placeholder(subject, text(d, "prompt"))
-    target_new = text(d, "target_new", limit=MAX_TARGET_CHARS)
-    target_true = text(d, "target_true", required=False, limit=MAX_TARGET_CHARS)
+    subject = text(d, "subject", limit=limits.text_chars)
+    prompt = _placeholder(subject, text(d, "prompt", limit=limits.text_chars))
+    target_new = text(d, "target_new", limit=limits.target_chars)
+    target_true = text(d, "target_true", required=False, limit=limits.target_chars)
     _same_target(target_new, target_true)
-    ts = parse_timestamp(d.get("timestamp"))
-    rid = text(d, "id", required=False, limit=MAX_ID_CHARS) or derived_id(subject, prompt, target_new, ts)
+    ts = parse_timestamp(d.get("timestamp"), limits.future_days)
+    rid = text(d, "id", required=False, limit=limits.id_chars) or derived_id(subject, prompt, target_new, ts)
     return EditRequest(
         id=rid,
         subject=subject,
         prompt=prompt,
         target_new=target_new,
         target_true=target_true,
-        paraphrase_prompts=_text_list(d, "paraphrase_prompts"),
-        neighborhood=_neighbors(d),
-        generation_prompts=_text_list(d, "generation_prompts"),
-        source=text(d, "source", required=False) or origin,
+        paraphrase_prompts=_text_list(d, "paraphrase_prompts", limits),
+        neighborhood=_neighbors(d, limits),
+        generation_prompts=_text_list(d, "generation_prompts", limits),
+        source=text(d, "source", required=False, limit=limits.text_chars) or origin,
         timestamp=ts,
     )
 
@@ -218,18 +240,24 @@ def validate_by_hand(d: dict, origin: str = "") -> EditRequest:
 # Strict types and extra="forbid" come from pydantic; the content checks are the helpers above,
 # raised as custom errors whose message is today's reason. A check that belongs to another field
 # than the one it runs in (target_new equal to target_true) names it in the error's context.
+# The limits are part of the types, so one model class is built per ``Limits`` (and cached).
 
 
 def _fail(reason: str, field: str | None = None) -> PydanticCustomError:
     return PydanticCustomError("kedit", "{reason}", {"reason": reason, "field": field} if field else {"reason": reason})
 
 
-def _checked(limit: int):
-    def check(v: str) -> str:  # text_problem, inlined: this runs for every string of every record
+def _checked(limit: int, identity: bool = False):
+    def check(v: str) -> str:  # text_problem, with a fast path: this runs for every string of every record
         if not v.strip():
             raise _fail("missing or empty")
-        if _SURROGATE.search(v) is not None or "\x00" in v or len(v) > limit:
-            raise _fail(text_problem(v, limit))
+        if (
+            _SURROGATE.search(v) is not None
+            or _CONTROL.search(v) is not None
+            or (identity and _INVISIBLE.search(v) is not None)
+            or len(v) > limit
+        ):
+            raise _fail(text_problem(v, limit, identity))
         return v
 
     return AfterValidator(check)
@@ -241,70 +269,38 @@ def _blank_is_none(v: Any) -> Any:
 
 def _id_before(v: Any) -> Any:
     if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return str(v)
+        raise _fail(_not_a_string("id", v))
     return _blank_is_none(v)
 
 
-def _list_before(v: Any) -> Any:
-    if v is None:
-        return []
-    if isinstance(v, str):
-        v = [v]
-    problem = list_problem(v, "strings")
-    if problem:
-        raise _fail(problem)
-    return v
+def _list_before(limit: int, what: str):
+    def before(v: Any) -> Any:
+        if v is None:
+            return []
+        if isinstance(v, str) and what == "strings":
+            v = [v]
+        problem = list_problem(v, what, limit)
+        if problem:
+            raise _fail(problem)
+        return v
+
+    return BeforeValidator(before)
 
 
-def _neighbors_before(v: Any) -> Any:
-    if v is None:
-        return []
-    problem = list_problem(v, "{prompt, answer} objects")
-    if problem:
-        raise _fail(problem)
-    return v
+def _timestamp_before(future_days: float):
+    def before(v: Any) -> Any:
+        try:
+            return parse_timestamp(v, future_days)
+        except FieldError as e:
+            raise _fail(e.reason) from None
+
+    return BeforeValidator(before)
 
 
-def _timestamp_before(v: Any) -> Any:
-    try:
-        return parse_timestamp(v)
-    except FieldError as e:
-        raise _fail(e.reason) from None
-
-
-Text = Annotated[str, _checked(MAX_TEXT_CHARS)]
-Target = Annotated[str, _checked(MAX_TARGET_CHARS)]
-OptText = Annotated[Text | None, BeforeValidator(_blank_is_none)]
-OptTarget = Annotated[Target | None, BeforeValidator(_blank_is_none)]
-OptId = Annotated[Annotated[str, _checked(MAX_ID_CHARS)] | None, BeforeValidator(_id_before)]
-TextList = Annotated[list[Text], BeforeValidator(_list_before)]
-
-
-class NeighborModel(BaseModel):
+class _FeedRecordBase(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    prompt: Text
-    answer: Text
-
-
-class FeedRecord(BaseModel):
-    """One record of the canonical schema. Fields are declared in the order the checks report:
-    the first error (after unknown fields) is the one a record is quarantined for."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    subject: Text
-    prompt: Text
-    target_new: Target
-    target_true: OptTarget = None
-    timestamp: Annotated[datetime | None, BeforeValidator(_timestamp_before)] = None
-    id: OptId = None
-    paraphrase_prompts: TextList = Field(default_factory=list)
-    neighborhood: Annotated[list[NeighborModel], BeforeValidator(_neighbors_before)] = Field(default_factory=list)
-    generation_prompts: TextList = Field(default_factory=list)
-    source: OptText = None
-
-    @field_validator("prompt")
+    @field_validator("prompt", check_fields=False)
     @classmethod
     def _subject_in_prompt(cls, prompt: str, info: ValidationInfo) -> str:
         subject = info.data.get("subject")
@@ -315,7 +311,7 @@ class FeedRecord(BaseModel):
         except FieldError as e:
             raise _fail(e.reason) from None
 
-    @field_validator("target_true")
+    @field_validator("target_true", check_fields=False)
     @classmethod
     def _something_to_edit(cls, target_true: str | None, info: ValidationInfo) -> str | None:
         target_new = info.data.get("target_new")
@@ -327,7 +323,43 @@ class FeedRecord(BaseModel):
         return target_true
 
 
-_ORDER = {name: i for i, name in enumerate(FeedRecord.model_fields)}
+@lru_cache(maxsize=8)
+def feed_record_model(limits: Limits = DEFAULT_LIMITS) -> type[BaseModel]:
+    """The strict model of one canonical record under ``limits``. Fields are declared in the order the
+    checks report: the first error (after unknown fields) is the one a record is quarantined for."""
+    text_t = Annotated[str, _checked(limits.text_chars)]
+    target_t = Annotated[str, _checked(limits.target_chars)]
+    text_list = Annotated[list[text_t], _list_before(limits.list_items, "strings")]
+
+    class NeighborModel(BaseModel):
+        model_config = ConfigDict(strict=True, extra="forbid")
+
+        prompt: text_t
+        answer: text_t
+
+    class FeedRecord(_FeedRecordBase):
+        subject: Annotated[str, _checked(limits.text_chars, identity=True)]
+        prompt: text_t
+        target_new: target_t
+        target_true: Annotated[target_t | None, BeforeValidator(_blank_is_none)] = None
+        timestamp: Annotated[datetime | None, _timestamp_before(limits.future_days)] = None
+        id: Annotated[Annotated[str, _checked(limits.id_chars, identity=True)] | None, BeforeValidator(_id_before)] = None
+        paraphrase_prompts: text_list = Field(default_factory=list)
+        neighborhood: Annotated[list[NeighborModel], _list_before(limits.list_items, "{prompt, answer} objects")] = Field(
+            default_factory=list
+        )
+        generation_prompts: text_list = Field(default_factory=list)
+        source: Annotated[text_t | None, BeforeValidator(_blank_is_none)] = None
+
+    return FeedRecord
+
+
+# the order of feed_record_model's fields: the order in which a record's errors are reported
+CHECK_ORDER = (
+    "subject", "prompt", "target_new", "target_true", "timestamp", "id",
+    "paraphrase_prompts", "neighborhood", "generation_prompts", "source",
+)  # fmt: skip
+_ORDER = {name: i for i, name in enumerate(CHECK_ORDER)}
 _NEIGHBOR_ORDER = {"prompt": 0, "answer": 1}
 _SHAPE_ERRORS = {"missing", "extra_forbidden", "model_type", "dict_type", "model_attributes_type"}
 
@@ -365,10 +397,11 @@ def field_error_of(e: ValidationError) -> FieldError:
     return min((_field_error(err) for err in e.errors(include_url=False)), key=lambda p: p[0])[1]
 
 
-def validate_record(d: dict, origin: str = "") -> EditRequest:
-    """Validate a dict in the canonical (feed) schema with ``FeedRecord``; raises ``FieldError`` naming the field."""
+def validate_record(d: dict, origin: str = "", limits: Limits = DEFAULT_LIMITS) -> EditRequest:
+    """Validate a dict in the canonical (feed) schema with ``feed_record_model(limits)``; raises ``FieldError``
+    naming the field."""
     try:
-        m = FeedRecord.model_validate(d)
+        m = feed_record_model(limits).model_validate(d)
     except ValidationError as e:
         raise field_error_of(e) from None
     return EditRequest(
