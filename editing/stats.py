@@ -4,19 +4,33 @@ The cache key hashes everything the statistics depend on: the weights that produ
 (embeddings, the blocks below, and the edited block except its output projection), the
 module, the corpus content, the sample count, the window length and the dtype. A changed
 model or corpus therefore misses the cache; it can never reuse stale statistics.
+
+The cache folder may be synced through the artifact store, so a file is trusted only after a check:
+its header (safetensors string metadata, never pickle) repeats every key field, the tensor's shape
+and dtype, and the sha256 of the tensor's bytes. A file that fails any check is renamed aside, never
+deleted, and its layer recomputed. Files are written under a unique temporary name and renamed into
+place, and statistics for one cache file are computed under an OS lock, so two streams on one base
+compute them once: the second waits, then loads what the first wrote.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_bytes
 from torch import nn
 from tqdm import tqdm
 
@@ -95,9 +109,122 @@ def layer_fingerprints(model: nn.Module, spec: ArchSpec, layers: Iterable[int]) 
     return out
 
 
+FORMAT = "kedit-mom2/1"  # header tag; a file without it (or with another) is refused
+
+
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def _cache_file(key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return kedit_home() / "stats" / f"mom2-L{key['layer']}-{digest}.safetensors"
+    return kedit_home() / "stats" / f"mom2-L{key['layer']}-{_digest(key)}.safetensors"
+
+
+def _lock_file(key: dict) -> Path:
+    # beside the cache folder rather than in it: that folder is synced, its lock files mean nothing elsewhere
+    return kedit_home() / "locks" / "stats" / f"mom2-L{key['layer']}-{_digest(key)}.lock"
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path``; it conflicts across processes and across threads (one open each)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for %s: another process computes these statistics", path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the lock file stays, removing it would race with a waiter
+
+
+def _tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().data).hexdigest()  # hashes the buffer in place, no copy
+
+
+def _header(key: dict, mom2: torch.Tensor, tokens: int) -> dict[str, str]:
+    return {k: str(v) for k, v in key.items()} | {
+        "format": FORMAT,
+        "shape": json.dumps(list(mom2.shape)),
+        "tensor_dtype": str(mom2.dtype),
+        "tokens": str(tokens),
+        "sha256": _tensor_sha256(mom2),
+    }
+
+
+def _check(meta: dict[str, str] | None, names: set[str], mom2: torch.Tensor | None, key: dict) -> str | None:
+    """Why a cached file must be refused, or None when its header and tensor are what ``key`` expects."""
+    meta = meta or {}
+    if meta.get("format") != FORMAT:
+        return f"format {meta.get('format')!r}, expected {FORMAT!r}"
+    for k, v in key.items():
+        if meta.get(k) != str(v):
+            return f"header field {k} is {meta.get(k)!r}, expected {str(v)!r}"
+    if names != {"mom2"} or mom2 is None:
+        return f"tensors {sorted(names)}, expected ['mom2']"
+    if mom2.dtype != torch.float32 or mom2.ndim != 2 or mom2.shape[0] != mom2.shape[1]:
+        return f"tensor {mom2.dtype} {list(mom2.shape)}, expected a square float32 matrix"
+    if meta.get("shape") != json.dumps(list(mom2.shape)) or meta.get("tensor_dtype") != str(mom2.dtype):
+        return f"tensor {mom2.dtype} {list(mom2.shape)}, header says {meta.get('tensor_dtype')} {meta.get('shape')}"
+    if not meta.get("tokens", "").isdigit():
+        return f"token count {meta.get('tokens')!r}"
+    if not bool(torch.isfinite(mom2).all()):
+        return "non-finite values"
+    if meta.get("sha256") != _tensor_sha256(mom2):
+        return "sha256 of the tensor does not match the header"
+    return None
+
+
+def _move_aside(path: Path, reason: str) -> None:
+    bad = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}")
+    try:
+        os.rename(path, bad)
+    except FileNotFoundError:
+        return  # another process moved it first
+    log.warning("statistics cache %s refused (%s); moved aside to %s and recomputed", path, reason, bad.name)
+
+
+def _load_cached(path: Path, key: dict, move_bad: bool = True) -> torch.Tensor | None:
+    """The (d, d) fp32 tensor of a cache file that passes every check; None if missing or bad.
+
+    A bad file is renamed aside when ``move_bad``; callers pass it only under the file's lock, so a
+    good file written meanwhile by another process is never the one moved.
+    """
+    try:
+        # one open, so header and tensor come from the same file even if it is replaced meanwhile
+        with safe_open(str(path), framework="pt") as f:
+            meta, names = f.metadata(), set(f.keys())
+            mom2 = f.get_tensor("mom2") if "mom2" in names else None
+        reason = _check(meta, names, mom2, key)
+    except FileNotFoundError:
+        return None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        reason = f"unreadable: {e}"
+    if reason is None:
+        return mom2
+    if move_bad:
+        _move_aside(path, reason)
+    return None
+
+
+def _save_cached(path: Path, key: dict, mom2: torch.Tensor, tokens: int) -> None:
+    """Write under a unique temporary name in the cache folder, then rename: readers see whole files only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mom2 = mom2.contiguous()
+    data = save_bytes({"mom2": mom2}, metadata=_header(key, mom2, tokens))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _windows(tokenizer, corpus: Corpus, n_samples: int, length: int) -> list[list[int]]:
@@ -129,7 +256,8 @@ def second_moments(
 ) -> dict[int, torch.Tensor]:
     """E[k kᵀ] of the input to each layer's MLP output projection, (d_in, d_in) fp32 on CPU.
 
-    One forward pass serves all layers and stops after the highest one.
+    One forward pass serves all layers and stops after the highest one. With ``use_cache``, each layer is
+    loaded from its checked cache file when one exists, else computed under that file's lock and written.
     """
     layers = sorted(set(layers))
     dtype = str(next(model.parameters()).dtype)
@@ -146,15 +274,36 @@ def second_moments(
         }
         for layer in layers
     }
-    result: dict[int, torch.Tensor] = {}
-    for layer in layers:
-        f = _cache_file(keys[layer])
-        if use_cache and f.is_file():
-            result[layer] = load_file(str(f))["mom2"]
-    todo = [layer for layer in layers if layer not in result]
-    if not todo:
+    if not use_cache:
+        return _accumulate(model, tokenizer, spec, layers, corpus, n_samples, length, batch_size)[0]
+    files = {layer: _cache_file(keys[layer]) for layer in layers}
+    # lock-free first look: files only appear whole (os.replace), so a reader never sees a partial one
+    result = {layer: t for layer in layers if (t := _load_cached(files[layer], keys[layer], move_bad=False)) is not None}
+    missing = [layer for layer in layers if layer not in result]
+    if not missing:
         return result
+    with ExitStack() as stack:
+        # one lock per missing file, taken in one global order so two callers never deadlock
+        for layer in sorted(missing, key=lambda layer: files[layer].name):
+            stack.enter_context(_file_lock(_lock_file(keys[layer])))
+        # look again: another process may have written them while we waited; a bad file is moved aside here
+        for layer in missing:
+            t = _load_cached(files[layer], keys[layer])
+            if t is not None:
+                result[layer] = t
+        todo = [layer for layer in missing if layer not in result]
+        if todo:
+            computed, count = _accumulate(model, tokenizer, spec, todo, corpus, n_samples, length, batch_size)
+            for layer in todo:
+                _save_cached(files[layer], keys[layer], computed[layer], count)
+            result |= computed
+    return {layer: result[layer] for layer in layers}
 
+
+def _accumulate(
+    model: nn.Module, tokenizer, spec: ArchSpec, todo: list[int], corpus: Corpus, n_samples: int, length: int, batch_size: int
+) -> tuple[dict[int, torch.Tensor], int]:
+    """E[k kᵀ] per layer in ``todo``, (d_in, d_in) fp32 on CPU, and the token count; one forward pass per batch."""
     windows = _windows(tokenizer, corpus, n_samples, length)
     paths = [spec.module_path("mlp_out", layer) for layer in todo]
     device = next(model.parameters()).device
@@ -173,15 +322,5 @@ def second_moments(
             s = (k.T @ k).double()  # fp32 product per batch, fp64 running sum
             sums[layer] = sums[layer] + s if layer in sums else s
         count += int(sel.sum())
-    for layer in todo:
-        mom2 = (sums[layer] / max(count, 1)).float().cpu()
-        result[layer] = mom2
-        if use_cache:
-            f = _cache_file(keys[layer])
-            f.parent.mkdir(parents=True, exist_ok=True)
-            meta = {k: str(v) for k, v in keys[layer].items()} | {"tokens": str(count)}
-            tmp = f.with_suffix(".tmp")
-            save_file({"mom2": mom2.contiguous()}, str(tmp), metadata=meta)
-            tmp.rename(f)
     log.info("second moments for layers %s from %d tokens of %s", todo, count, corpus.name)
-    return result
+    return {layer: (sums[layer] / max(count, 1)).float().cpu() for layer in todo}, count
