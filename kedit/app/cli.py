@@ -17,6 +17,7 @@ from kedit.app.options import (
     FORMAT,
     GATES,
     JSON_OUT,
+    LIMITS,
     MODEL,
     SETS,
     THREADS,
@@ -101,19 +102,36 @@ def editors_list() -> None:
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=PathArg)
 @FORMAT
+@LIMITS
 @click.option("--out", type=PathArg, default=None, help="Write quarantine.jsonl and superseded.jsonl here.")
-def check(paths: tuple[Path, ...], fmt: str, out: Path | None) -> None:
-    """Validate fact files: every record is accepted, quarantined (with reason) or superseded."""
+def check(paths: tuple[Path, ...], fmt: str, limits, out: Path | None) -> None:
+    """Validate fact files: every record is accepted, quarantined (with reason) or superseded.
+
+    Exit status: 0 every record accepted or superseded, 1 some quarantined, 2 a file unreadable or refused."""
     from kedit.core.facts import load_many
 
-    facts = load_many(paths, fmt)
-    for q in facts.quarantined:
-        click.echo(f"quarantined: {q}")
-    for s in facts.superseded:
-        click.echo(f"superseded:  {s.file}:{s.line} {s.request.id} by {s.by}")
+    refused: dict[str, str] = {}
+    facts = load_many(paths, fmt, refused, limits)
+    for reason in refused.values():
+        click.echo(f"refused:     {_printable(reason)}")
+    for q in facts.quarantined[: limits.quarantine_rows]:
+        click.echo(f"quarantined: {_printable(str(q))}")
+    if len(facts.quarantined) > limits.quarantine_rows:
+        click.echo(f"quarantined: ... and {len(facts.quarantined) - limits.quarantine_rows} more (the quarantine_rows limit)")
+    for s in facts.superseded[: limits.quarantine_rows]:
+        click.echo(f"superseded:  {s.file}:{s.line} {_printable(s.request.id)} by {_printable(s.by)}")
     click.echo(facts.summary())
     if out:
-        click.echo(f"written: {facts.write_quarantine(out)}")
+        click.echo(f"written: {facts.write_quarantine(out, limits.quarantine_rows)}")
+    sys.exit(2 if refused else 1 if facts.quarantined else 0)
+
+
+def _printable(text: str) -> str:
+    """Text from a feed as it may be printed to a terminal: control characters (escape sequences, bidi
+    overrides) shown as escapes, never sent to the terminal."""
+    import re
+
+    return re.sub(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]", lambda m: ascii(m.group())[1:-1], text)
 
 
 @cli.command()
@@ -143,9 +161,10 @@ def score(model: str, data: Path, fmt: str, protocol: str, n: int | None, batch_
 @EDIT_RUN
 @corpus_option(None, "text sampled from the model")
 @FORMAT
+@LIMITS
 @THREADS
 @click.option("--work-dir", type=PathArg, default=Path("out/stream"), show_default=True)
-def stream(feeds, model, editor, batch_size, gates, tracking_uri, sets, device, corpus, fmt, threads, work_dir) -> None:
+def stream(feeds, model, editor, batch_size, gates, tracking_uri, sets, device, corpus, fmt, limits, threads, work_dir) -> None:
     """Apply fact feeds to a model as a gated, tracked stream of edit batches (a Prefect flow)."""
     from kedit.pipeline.config import StreamConfig
 
@@ -162,6 +181,7 @@ def stream(feeds, model, editor, batch_size, gates, tracking_uri, sets, device, 
         device=device,
         work_dir=str(work_dir),
         fmt=fmt,
+        limits=limits,
     )
     from flows.stream import stream as stream_flow
 

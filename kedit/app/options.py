@@ -85,6 +85,16 @@ def sets_to_overrides(sets: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def _limits(ctx, param, pairs: tuple[str, ...]):
+    from kedit.core.config import ConfigError
+    from kedit.core.facts import parse_limits
+
+    try:
+        return parse_limits(pairs)
+    except ConfigError as e:
+        raise click.BadParameter(str(e), param_hint="--limit") from None
+
+
 def corpus_option(default: Callable[[], Path | None] | None, help_default: str) -> Callable:
     """``--corpus``; a callable default is called when the command runs, not at import."""
     return click.option(
@@ -123,6 +133,15 @@ FORMAT = click.option(
     default="auto",
     show_default=True,
     help="Fact file format: auto (sniffed per record) or a registered format name.",
+)
+LIMITS = click.option(
+    "--limit",
+    "limits",
+    multiple=True,
+    callback=_limits,
+    metavar="KEY=VALUE",
+    help="Input limit override (repeatable), e.g. records=500, file_bytes=1000000, quarantine_rows=100; "
+    "keys and defaults: kedit.core.facts.Limits (README, 'Limits').",
 )
 DEVICE = click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 THREADS = click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
