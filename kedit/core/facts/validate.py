@@ -45,7 +45,8 @@ def excerpt(raw: Any, limits: Limits = DEFAULT_LIMITS) -> str:
     return s[: limits.excerpt_chars]
 
 
-_SURROGATE = re.compile("[\udc80-\udcff]")
+# lone surrogates: undecodable bytes kept by errors="surrogateescape", or a "\\ud800" escape in JSON
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # C0 and C1 controls (NUL, newline, tab, ESC, DEL...) and the bidirectional controls of "Trojan Source"
 # (embeddings, overrides, isolates, LRM/RLM): text that displays differently from what the model reads.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -55,7 +56,6 @@ IDENTITY_FIELDS = ("subject", "id")
 
 
 def has_surrogates(s: str) -> bool:
-    # undecodable bytes survive decoding as lone surrogates (errors="surrogateescape")
     return _SURROGATE.search(s) is not None
 
 
