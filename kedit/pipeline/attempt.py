@@ -112,6 +112,7 @@ def commit_version(session_id: str, report: GateReport) -> str:
                 "base_model": session.cfg.model,
                 "base_fingerprint": session.fingerprint,
                 "parent_version": attempt.parent_version,
+                "parent_manifest_sha256": session.production_manifest_sha,  # the verified head the edit was made on
                 "editor": session.cfg.editor,
                 "hparams": session.editor.hparams.model_dump(mode="json"),
                 "n_edits": n_edits,
@@ -131,6 +132,7 @@ def commit_version(session_id: str, report: GateReport) -> str:
     # from here on the version is in production: only bookkeeping follows
     session.editor.commit()
     session.production = version
+    session.production_manifest_sha = sha
     session.n_edits = n_edits
     session.earlier += batch
     session.gates.on_accept(report)

@@ -66,6 +66,7 @@ class Session:
     requests: dict[str, EditRequest] = field(default_factory=dict)  # this stream's plan, by EditRequest.key
     earlier: list[EditRequest] = field(default_factory=list)  # accepted along the production chain
     production: str | None = None
+    production_manifest_sha: str | None = None  # production's manifest sha256, verified from the chain (None on the base)
     chain: list[str] = field(default_factory=list)  # versions from the base up to production
     n_edits: int = 0
     run_id: str | None = None
@@ -146,6 +147,7 @@ def restore_production(session_id: str) -> dict:
     prod = session.tracker.production(session.registered)
     chain = rebuild(session.model, session.tracker, session.registered, prod.version if prod else None, session.fingerprint)
     session.production = prod.version if prod else None
+    session.production_manifest_sha = chain.head_manifest_sha
     session.chain = [v.version for v in chain.versions]
     session.earlier = chain.requests
     session.n_edits = len(chain.requests)

@@ -79,13 +79,32 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
 
 
 class Tracker:
-    """A thin, explicit-run-id wrapper over ``MlflowClient`` (no fluent global state, so it is thread-safe)."""
+    """A thin, explicit-run-id wrapper over ``MlflowClient`` (no fluent global state, so it is thread-safe).
 
-    def __init__(self, uri: str | None = None):
+    Searches page through every result (``page_size`` per request), so no lookup stops at a server's page.
+    """
+
+    PAGE_SIZE = 1000
+
+    def __init__(self, uri: str | None = None, page_size: int = PAGE_SIZE):
         from mlflow import MlflowClient
 
         self.uri = resolve_uri(uri)
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.page_size = page_size
+
+    def _paged(self, search, limit: int | None = None, **kwargs) -> list:
+        """Every item ``search`` (an MlflowClient search returning a PagedList) finds, page after page, up to ``limit``."""
+        out: list = []
+        token = None
+        while limit is None or len(out) < limit:
+            size = self.page_size if limit is None else min(self.page_size, limit - len(out))
+            page = search(max_results=size, page_token=token, **kwargs)
+            out.extend(page)
+            token = page.token
+            if not token:
+                break
+        return out
 
     # ------------------------------------------------------------------ experiments and runs
 
@@ -147,17 +166,23 @@ class Tracker:
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
 
-    def runs(self, registered: str, kind: str, max_results: int = 1000, extra: str = "") -> list:
-        """Runs of one kind for a model, newest first."""
+    def runs(self, registered: str, kind: str, max_results: int | None = None, extra: str = "") -> list:
+        """Runs of one kind for a model, newest first: all of them, or the newest ``max_results``."""
         flt = f"tags.`{T_KIND}` = '{kind}'" + (f" and {extra}" if extra else "")
-        return self.client.search_runs(
-            [self.experiment_id(registered)], filter_string=flt, max_results=max_results, order_by=["attributes.start_time DESC"]
+        return self._paged(
+            self.client.search_runs,
+            max_results,
+            experiment_ids=[self.experiment_id(registered)],
+            filter_string=flt,
+            order_by=["attributes.start_time DESC"],
         )
 
     def close_interrupted(self, registered: str) -> int:
         """Runs left RUNNING by a killed stream are marked KILLED with verdict ``interrupted``."""
         n = 0
-        for run in self.client.search_runs([self.experiment_id(registered)], filter_string="attributes.status = 'RUNNING'"):
+        exp = self.experiment_id(registered)
+        running = self._paged(self.client.search_runs, experiment_ids=[exp], filter_string="attributes.status = 'RUNNING'")
+        for run in running:
             self.set_tags(run.info.run_id, {T_VERDICT: "interrupted"})
             self.end_run(run.info.run_id, "KILLED")
             n += 1
@@ -207,11 +232,13 @@ class Tracker:
             raise TrackingError(f"registered model {name!r} has no version {version!r}") from None
 
     def versions(self, name: str) -> list[VersionInfo]:
-        found = self.client.search_model_versions(f"name = '{name}'")
+        found = self._paged(self.client.search_model_versions, filter_string=f"name = '{name}'")
         return sorted((self._info(mv) for mv in found), key=lambda v: int(v.version))
 
     def chain(self, name: str, version: str | None) -> list[VersionInfo]:
-        """The versions from the first edit of the base model up to ``version``, oldest first."""
+        """The versions from the first edit of the base model up to ``version``, oldest first, as the registry's
+        parent tags link them: for display. What is applied to a model is walked and verified from the
+        manifests themselves (``kedit.store.versions``)."""
         out: list[VersionInfo] = []
         seen = set()
         while version:
@@ -267,7 +294,7 @@ class Tracker:
     def feed_ledger(self, name: str) -> dict[str, dict]:
         """Feeds already processed for a model, by content hash: sha256 -> {status, feed, run_id}."""
         out = {}
-        for run in self.runs(name, "feed", max_results=10000):
+        for run in self.runs(name, "feed"):
             sha = run.data.tags.get(T_FEED_SHA)
             if sha and sha not in out:
                 out[sha] = {"status": run.data.tags.get(T_FEED_STATUS), "feed": run.info.run_name, "run_id": run.info.run_id}

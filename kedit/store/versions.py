@@ -11,15 +11,25 @@ A version directory holds:
   every file above, and ``patches``: per patch in order, its kind, its files with their sha256
   and its ``describe()`` summary. Version 1 manifests (a WeightDelta only) still read.
 
-The registry stores the manifest's own sha256 as a tag, so the chain of trust starts outside
-the artifact store: a tampered or missing file anywhere is refused before a weight is touched.
+Since ``kedit-version/3`` the manifest also names its parent's manifest sha256
+(``parent_manifest_sha256``, null on the base), so a chain is verified from the manifests themselves:
+the registry's manifest tag only locates the head, and walking down each parent must be the very
+manifest its child names, of the same registered model and base weights, with no manifest twice.
+A chain spliced through the registry alone (a version's source and tag pointed at another version's
+artifact) is refused. Below a ``kedit-version/1`` or ``/2`` manifest (no parent hash) a parent is
+still checked against the registry's tag only, as those formats were; a log line says so.
+
+With ``KEDIT_SIGNING_KEY`` set, manifests are written with an HMAC-SHA256 ``signature`` and every
+manifest read must carry a good one (see ``docs/security.md`` for what that does and does not protect).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -38,8 +48,13 @@ from kedit.store.tracking import T_KIND, T_MANIFEST_SHA, Tracker, VersionInfo
 
 log = logging.getLogger(__name__)
 
-FORMAT = "kedit-version/2"
-FORMATS = ("kedit-version/1", FORMAT)  # 1: a WeightDelta only, no ``patches`` list
+FORMAT = "kedit-version/3"
+FORMAT_UNLINKED = "kedit-version/2"  # no parent_manifest_sha256: the parent is vouched for by the registry's tag only
+FORMATS = ("kedit-version/1", FORMAT_UNLINKED, FORMAT)  # 1: a WeightDelta only, no ``patches`` list
+PARENT_SHA = "parent_manifest_sha256"
+SIGNATURE = "signature"
+SIGNING_ENV = "KEDIT_SIGNING_KEY"
+SIGNING_ALG = "hmac-sha256"
 EXPORT_FORMAT = "kedit-export/1"
 EXPORT_MANIFEST = "kedit_version.json"
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
@@ -65,8 +80,27 @@ def write_version(
 ) -> str:
     """Write a version directory; returns the manifest's sha256 (to be stored in the registry).
 
-    ``patches`` is what ``Editor.edit`` returned.
+    ``patches`` is what ``Editor.edit`` returned. ``info`` names at least ``registered_model``,
+    ``base_fingerprint``, ``parent_version`` and, for a version on a parent, ``parent_manifest_sha256``
+    (the parent's verified manifest sha, ``Chain.head_manifest_sha``). Without that key a version on a
+    parent is written as ``kedit-version/2`` (its parent link then rests on the registry; a warning says so).
+    With ``KEDIT_SIGNING_KEY`` set the manifest is signed.
     """
+    info = dict(info)
+    fmt = FORMAT
+    if info.get("parent_version"):
+        if PARENT_SHA not in info:
+            fmt = FORMAT_UNLINKED
+            log.warning(
+                "version on v%s written without its parent's manifest sha256 (%s): its parent link rests on the registry",
+                info["parent_version"], FORMAT_UNLINKED,
+            )  # fmt: skip
+        elif not info[PARENT_SHA]:
+            raise ValueError(f"parent_version {info['parent_version']!r} given with an empty {PARENT_SHA}")
+    else:
+        if info.get(PARENT_SHA):
+            raise ValueError(f"{PARENT_SHA} given for a version on the base (no parent_version)")
+        info[PARENT_SHA] = None
     directory.mkdir(parents=True, exist_ok=True)
     index = patches.save(directory)
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
@@ -77,7 +111,7 @@ def write_version(
         for r in requests:
             f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
     manifest = {
-        "format": FORMAT,
+        "format": fmt,
         **info,
         "fact_ids": [r.id for r in requests],
         "created": datetime.now(UTC).isoformat(),
@@ -88,12 +122,68 @@ def write_version(
             REQUESTS: sha256_file(directory / REQUESTS),
         },
     }
+    manifest.pop(SIGNATURE, None)
+    key = signing_key()
+    if key is not None:
+        manifest[SIGNATURE] = _signature(manifest, key)
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return sha256_file(directory / MANIFEST)
 
 
+# ----------------------------------------------------------------------------- signing
+
+
+def signing_key() -> bytes | None:
+    """The manifest signing key, ``$KEDIT_SIGNING_KEY`` read now (never at import); None when unset or empty."""
+    key = os.environ.get(SIGNING_ENV, "")
+    return key.encode("utf-8") if key else None
+
+
+def key_id(key: bytes) -> str:
+    """A short public name of a key (the first 8 hex of its sha256), so a rotated key gives a clear error."""
+    return hashlib.sha256(key).hexdigest()[:8]
+
+
+def _signed_bytes(manifest: dict[str, Any]) -> bytes:
+    """The manifest's canonical JSON without its signature: what the HMAC covers."""
+    body = {k: v for k, v in manifest.items() if k != SIGNATURE}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
+
+
+def _signature(manifest: dict[str, Any], key: bytes) -> dict[str, str]:
+    mac = hmac.new(key, _signed_bytes(manifest), hashlib.sha256).hexdigest()
+    return {"alg": SIGNING_ALG, "key_id": key_id(key), "hmac": mac}
+
+
+def check_signature(manifest: dict[str, Any], where: str) -> None:
+    """With a signing key set, refuse an unsigned manifest or one whose HMAC does not verify under that key."""
+    key = signing_key()
+    sig = manifest.get(SIGNATURE)
+    if key is None:
+        if sig is not None:
+            log.debug("%s: signed manifest read without %s; its signature is not checked", where, SIGNING_ENV)
+        return
+    if sig is None:
+        raise PatchIntegrityError(f"{where}: unsigned manifest, and {SIGNING_ENV} is set: refusing it")
+    if not isinstance(sig, dict) or sig.get("alg") != SIGNING_ALG or not isinstance(sig.get("hmac"), str):
+        raise PatchIntegrityError(f"{where}: bad signature (not an {SIGNING_ALG} signature)")
+    if sig.get("key_id") != key_id(key):
+        raise PatchIntegrityError(
+            f"{where}: bad signature: signed with key id {sig.get('key_id')!r}, but the {SIGNING_ENV} set has id "
+            f"{key_id(key)!r} (a rotated or wrong key?)"
+        )
+    want = _signature(manifest, key)["hmac"]
+    if not hmac.compare_digest(want, sig["hmac"]):
+        raise PatchIntegrityError(f"{where}: bad signature: the manifest changed after it was signed, or another key signed it")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
 def read_version(directory: Path, manifest_sha: str | None, fingerprint: str | None = None) -> Version:
-    """Load a version directory after checking every hash; raises PatchIntegrityError on any mismatch."""
+    """Load a version directory after checking every hash (and, with a signing key set, the manifest's
+    signature); raises PatchIntegrityError on any mismatch. ``manifest_sha`` is what vouches for the
+    manifest: the registry's tag for a chain's head, the child manifest's ``parent_manifest_sha256`` below it."""
     directory = Path(directory)
     mpath = directory / MANIFEST
     if not mpath.is_file():
@@ -103,9 +193,13 @@ def read_version(directory: Path, manifest_sha: str | None, fingerprint: str | N
     actual = sha256_file(mpath)
     if actual != manifest_sha:
         raise PatchIntegrityError(f"{mpath}: sha256 {actual[:16]}… does not match the registry's {manifest_sha[:16]}…")
-    manifest = json.loads(mpath.read_text())
-    if manifest.get("format") not in FORMATS:
-        raise PatchIntegrityError(f"{mpath}: unknown format {manifest.get('format')!r}")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PatchIntegrityError(f"{mpath}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") not in FORMATS:
+        raise PatchIntegrityError(f"{mpath}: unknown format {manifest.get('format') if isinstance(manifest, dict) else None!r}")
+    check_signature(manifest, str(mpath))
     if fingerprint and manifest.get("base_fingerprint") != fingerprint:
         raise PatchIntegrityError(
             f"{mpath}: made for base weights {str(manifest.get('base_fingerprint'))[:12]}, not {fingerprint[:12]}"
@@ -139,6 +233,7 @@ def _patch_index(manifest: dict[str, Any], mpath: Path) -> list[dict[str, Any]]:
 
 
 def fetch(tracker: Tracker, info: VersionInfo, dst: Path, fingerprint: str | None) -> Version:
+    """One version on its own, vouched for by the registry's manifest tag (a chain is walked by ``rebuild``)."""
     return read_version(tracker.fetch_version(info, dst), info.tags.get(T_MANIFEST_SHA), fingerprint)
 
 
@@ -148,14 +243,87 @@ class Chain:
     state: dict[str, torch.Tensor]
     editor: str | None
     requests: list[EditRequest]  # every request applied along the chain, oldest first
+    head_manifest_sha: str | None = None  # the verified manifest sha256 of the last version; None on the base
 
 
 def _fetch_chain(tracker: Tracker, name: str, version: str | None, fingerprint: str | None):
-    """Every version from the base up to ``version``, fetched and verified (patches loaded in memory)."""
-    infos = tracker.chain(name, version)
+    """Every version from the base up to ``version``, fetched and verified (patches loaded in memory), oldest first.
+
+    The walk goes down from the head. The registry locates each version (its artifact and the head's
+    manifest sha256); below the head, each manifest must be the one its child's manifest names in
+    ``parent_manifest_sha256``. Every manifest must name this registered model, the registry's parent
+    tag must equal the manifest's ``parent_version``, all must share the base fingerprint (and match
+    ``fingerprint`` when given), and no manifest may appear twice. Any disagreement raises
+    PatchIntegrityError naming the version, before any weight is touched.
+    """
+    infos: list[VersionInfo] = []
+    loaded: list[Version] = []
+    shas: list[str] = []
+    seen: set[str] = set()
+    named: str | None = None  # the manifest sha256 the child's manifest names for this version
+    child: str | None = None
+    base_fp = fingerprint
     with tempfile.TemporaryDirectory(prefix="kedit-chain-") as tmp:
-        loaded = [fetch(tracker, info, Path(tmp) / info.version, fingerprint) for info in infos]
-    return infos, loaded
+        while version:
+            where = f"{name} v{version}"
+            if version in {i.version for i in infos}:
+                raise PatchIntegrityError(f"{where}: the chain comes back to this version (a cycle)")
+            info = tracker.version(name, version)
+            tag = info.tags.get(T_MANIFEST_SHA)
+            if child is None:
+                want = tag  # the head: the registry's tag is all there is to start from
+            elif named is not None:
+                want = named
+                if tag != named:
+                    raise PatchIntegrityError(
+                        f"{where}: the registry's manifest sha256 {str(tag)[:16]}… is not the {named[:16]}… "
+                        f"that v{child}'s manifest names for its parent"
+                    )
+            else:
+                want = tag
+                log.warning(
+                    "%s: v%s's manifest (an older format) names no parent manifest sha256; v%s is vouched for by the "
+                    "registry's tag only",
+                    name, child, version,
+                )  # fmt: skip
+            v = read_version(tracker.fetch_version(info, Path(tmp) / f"v{len(infos)}"), want, base_fp)
+            m = v.manifest
+            if want in seen:
+                raise PatchIntegrityError(f"{where}: manifest {want[:16]}… appears twice in the chain")
+            seen.add(want)
+            if m.get("registered_model") != name:
+                raise PatchIntegrityError(f"{where}: its manifest was made for registered model {m.get('registered_model')!r}")
+            parent = m.get("parent_version")
+            parent = str(parent) if parent not in (None, "") else None
+            if parent != info.parent:
+                raise PatchIntegrityError(
+                    f"{where}: the registry's parent tag says {_v(info.parent)}, its manifest says {_v(parent)}"
+                )
+            base_fp = base_fp or m.get("base_fingerprint")
+            if m.get("base_fingerprint") != base_fp:
+                raise PatchIntegrityError(f"{where}: made for other base weights than the rest of the chain")
+            named = _named_parent(m, parent, where)
+            infos.append(info)
+            loaded.append(v)
+            shas.append(want)
+            child, version = version, parent
+    return infos[::-1], loaded[::-1], shas[::-1]
+
+
+def _v(version: str | None) -> str:
+    return f"v{version}" if version else "the base"
+
+
+def _named_parent(manifest: dict[str, Any], parent: str | None, where: str) -> str | None:
+    """The parent's manifest sha256 a ``kedit-version/3`` manifest names (None for older formats or on the base)."""
+    if manifest["format"] != FORMAT:
+        return None
+    sha = manifest.get(PARENT_SHA)
+    if parent is None and sha is not None:
+        raise PatchIntegrityError(f"{where}: its manifest names a parent manifest but no parent version")
+    if parent is not None and not (isinstance(sha, str) and sha):
+        raise PatchIntegrityError(f"{where}: its manifest names parent v{parent} but not the parent's manifest sha256")
+    return sha
 
 
 def _apply_chain(model, name: str, infos: list[VersionInfo], loaded: list[Version]) -> None:
@@ -169,20 +337,22 @@ def rebuild(model, tracker: Tracker, name: str, version: str | None, fingerprint
     weight deltas are added, module patches re-install their modules (built from the registry of
     installable types, no editor needed).
 
-    Every version is fetched and verified before anything changes, so a bad link leaves the model untouched.
+    Every version is fetched and verified (``_fetch_chain``) before anything changes, so a bad link
+    leaves the model untouched.
     """
-    infos, loaded = _fetch_chain(tracker, name, version, fingerprint)
+    infos, loaded, shas = _fetch_chain(tracker, name, version, fingerprint)
     _apply_chain(model, name, infos, loaded)
-    return _chain(infos, loaded)
+    return _chain(infos, loaded, shas)
 
 
-def _chain(infos: list[VersionInfo], loaded: list[Version]) -> Chain:
+def _chain(infos: list[VersionInfo], loaded: list[Version], shas: list[str]) -> Chain:
     last = loaded[-1] if loaded else None
     return Chain(
         infos,
         last.state if last else {},
         last.manifest.get("editor") if last else None,
         [r for v in loaded for r in v.requests],
+        shas[-1] if shas else None,
     )
 
 
@@ -207,11 +377,8 @@ def model_fingerprint(path: str | None, model=None) -> str:
 
 
 def rollback_to(tracker: Tracker, name: str, version: str, fingerprint: str | None = None) -> str | None:
-    """Move ``production`` to ``version`` after verifying its whole chain; returns the previous production."""
-    infos = tracker.chain(name, version)
-    with tempfile.TemporaryDirectory(prefix="kedit-verify-") as tmp:
-        for info in infos:
-            fetch(tracker, info, Path(tmp) / info.version, fingerprint)
+    """Move ``production`` to ``version`` after verifying its whole chain as ``rebuild`` does; returns the previous one."""
+    _fetch_chain(tracker, name, version, fingerprint)
     prev = tracker.production(name)
     tracker.set_production(name, version)
     run = tracker.start_run(name, f"rollback-to-v{version}", {T_KIND: "rollback"})
@@ -233,8 +400,8 @@ def export_version(model, tokenizer, tracker: Tracker, name: str, version: str, 
 
     Every version is verified before anything is written. Either way ``model`` ends holding the version.
     """
-    infos, loaded = _fetch_chain(tracker, name, version, fingerprint)
-    chain = _chain(infos, loaded)
+    infos, loaded, shas = _fetch_chain(tracker, name, version, fingerprint)
+    chain = _chain(infos, loaded, shas)
     out.mkdir(parents=True, exist_ok=True)
     info = {
         "registered_model": name,
