@@ -113,7 +113,8 @@ def write_version(
     manifest = {
         "format": fmt,
         **info,
-        "fact_ids": [r.id for r in requests],
+        "fact_ids": [r.id for r in requests],  # the producers' ids (provenance)
+        "fact_keys": [r.key for r in requests],  # the facts' identity on the chain (EditRequest.key)
         "created": datetime.now(UTC).isoformat(),
         "patches": index,
         "sha256": {
@@ -409,6 +410,7 @@ def export_version(model, tokenizer, tracker: Tracker, name: str, version: str, 
         "base_fingerprint": fingerprint,
         "chain": [v.version for v in chain.versions],
         "fact_ids": [r.id for r in chain.requests],
+        "fact_keys": [r.key for r in chain.requests],
     }
     if not any(p.kind != WeightDelta.kind for v in loaded for p in v.patches):
         _apply_chain(model, name, infos, loaded)

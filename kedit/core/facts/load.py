@@ -113,11 +113,19 @@ def load_facts(
                 continue
             seen_ids[req.id] = raw.line
             candidates.append((req, raw.line))
-    result.origins = {req.key: (name, line) for req, line in candidates}
-    result.accepted, superseded = resolve_superseded([req for req, _ in candidates])
-    result.superseded = [Superseded(r, by, *result.origins[r.key]) for r, by in superseded]
+    _settle(result, [(req, (name, line)) for req, line in candidates])
     log.info("%s: %s", path, result.summary())
     return result
+
+
+def _settle(result: FactSet, located: list[tuple[EditRequest, tuple[str, int]]]) -> None:
+    """Resolve supersession among ``located`` (request, (file, line)) into ``result``: the winners accepted
+    with their origins, the others superseded where they were read. Two records may share a key (the
+    same content twice): each keeps its own location."""
+    kept, superseded = _supersede([r for r, _ in located])
+    result.accepted = [located[i][0] for i in kept]
+    result.origins = {located[i][0].key: located[i][1] for i in kept}
+    result.superseded += [Superseded(located[i][0], located[w][0].id, *located[i][1]) for i, w in superseded]
 
 
 def load_many(
@@ -128,6 +136,7 @@ def load_many(
     cannot be read at all is recorded there (path -> reason), and in the result's ``refused``, and
     skipped instead of raising."""
     total = FactSet()
+    located: list[tuple[EditRequest, tuple[str, int]]] = []
     for p in paths:
         try:
             part = load_facts(p, fmt, limits=limits)
@@ -137,9 +146,9 @@ def load_many(
             unreadable[str(p)] = str(e)
             total.refused[str(p)] = str(e)
             continue
+        located += [(r, part.origins[r.key]) for r in part.accepted]
         total.extend(part)
-    total.accepted, superseded = resolve_superseded(total.accepted)
-    total.superseded += [Superseded(r, by, *total.origins[r.key]) for r, by in superseded]
+    _settle(total, located)
     return total
 
 
@@ -149,19 +158,22 @@ def resolve_superseded(requests: list[EditRequest]) -> tuple[list[EditRequest], 
     Requests without a timestamp count as older than any timestamped one. The kept requests
     are returned in timestamp order (stable), the superseded ones with the id that won.
     """
+    kept, superseded = _supersede(requests)
+    return [requests[i] for i in kept], [(requests[i], requests[w].id) for i, w in superseded]
+
+
+def _supersede(requests: list[EditRequest]) -> tuple[list[int], list[tuple[int, int]]]:
+    """``resolve_superseded`` on indices: the kept ones in timestamp order, and (superseded, winner) pairs."""
     epoch = datetime.min.replace(tzinfo=UTC)
     winner: dict[tuple[str, str], int] = {}
     for i, r in enumerate(requests):
-        key = (normalize(r.subject), normalize(r.prompt))
-        j = winner.get(key)
+        slot = (normalize(r.subject), normalize(r.prompt))
+        j = winner.get(slot)
         if j is None or (r.timestamp or epoch) >= (requests[j].timestamp or epoch):
-            winner[key] = i
+            winner[slot] = i
     keep = set(winner.values())
-    kept = [r for i, r in enumerate(requests) if i in keep]
-    superseded = [
-        (r, requests[winner[(normalize(r.subject), normalize(r.prompt))]].id) for i, r in enumerate(requests) if i not in keep
-    ]
-    kept.sort(key=lambda r: r.timestamp or epoch)
+    superseded = [(i, winner[(normalize(r.subject), normalize(r.prompt))]) for i, r in enumerate(requests) if i not in keep]
+    kept = sorted(keep, key=lambda i: (requests[i].timestamp or epoch, i))
     return kept, superseded
 
 

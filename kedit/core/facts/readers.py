@@ -102,7 +102,7 @@ def read_json_array(data: bytes, limits: Limits) -> Iterator[Raw]:
         i = ws.match(text, end).end()
         if text[i : i + 1] == ",":
             i = ws.match(text, i + 1).end()
-        elif text[i : i + 1] != "]":
+        elif i < len(text) and text[i] != "]":
             yield Raw(line_at(i), error=FieldError("<record>", "expected ',' or ']' after a record; rest unreadable"))
             return
     if i >= len(text):
@@ -147,7 +147,13 @@ def read_csv(data: bytes, limits: Limits) -> Iterator[Raw]:
     yields exactly one Raw, so the records read always equal the lines given."""
     header: list[str] | None = None
     problem: FieldError | None = None  # of the header, charged to every row
-    for lineno, raw in _lines(data):
+    lines = list(_lines(data))
+    inside: dict[int, int] = {}  # line index -> the line whose unterminated quote it continues
+    for index, (lineno, raw) in enumerate(lines):
+        if index in inside:
+            reason = f"inside the quoted field opened at line {inside[index]} (a field may not span lines)"
+            yield Raw(lineno, error=FieldError("<record>", reason), text=raw[: limits.excerpt_chars].decode("utf-8", "replace"))
+            continue
         if not raw.strip():
             continue
         text = _decoded(lineno, raw, limits)
@@ -165,6 +171,7 @@ def read_csv(data: bytes, limits: Limits) -> Iterator[Raw]:
             else:
                 reason = f"unreadable CSV row: {e} (a field may not span lines)"
                 yield Raw(lineno, error=FieldError("<record>", reason), text=text)
+                inside.update(_continuation(lines, index))
             continue
         if header is None:
             header = [h.strip() for h in row]
@@ -173,6 +180,17 @@ def read_csv(data: bytes, limits: Limits) -> Iterator[Raw]:
         if all(not c.strip() for c in row):  # a row of empty cells holds nothing (spreadsheets write them)
             continue
         yield _csv_record(lineno, header, row, text, problem)
+
+
+def _continuation(lines: list[tuple[int, bytes]], index: int) -> dict[int, int]:
+    """The lines a CSV reader would read into the quoted field left open on line ``index``: up to the next
+    line holding an odd number of quotes, which closes it. With none, the field was never closed and the
+    lines after it are rows of their own (they load)."""
+    lineno, raw = lines[index]
+    if raw.count(b'"') % 2 == 0:
+        return {}
+    close = next((k for k in range(index + 1, len(lines)) if lines[k][1].count(b'"') % 2), None)
+    return {} if close is None else dict.fromkeys(range(index + 1, close + 1), lineno)
 
 
 def _header_problem(header: list[str]) -> FieldError | None:

@@ -184,11 +184,10 @@ class FactSet:
         return q
 
     def extend(self, other: FactSet) -> None:
-        self.accepted += other.accepted
+        """Add another file's outcome (``load_many`` then resolves supersession across the files)."""
         self.quarantined += other.quarantined
         self.superseded += other.superseded
         self.n_records += other.n_records
-        self.origins.update(other.origins)
         self.refused.update(other.refused)
 
 
