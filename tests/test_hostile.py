@@ -313,3 +313,42 @@ def test_every_non_blank_line_of_a_jsonl_file_is_one_record(tmp_path, lines, bom
     fs = load_facts(path, fmt="feed")
     assert fs.accounted
     assert fs.n_records == sum(1 for line in lines if line.strip())
+
+
+# ---------------------------------------------------------------- kedit check's exit status
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "says"),
+    [
+        (jsonl(rec(), rec(subject="Peru", timestamp="2024-01-01"), rec(subject="Peru", target_new="Cusco")), 0, "1 superseded"),
+        (jsonl(rec(), rec(subject="Nor\x1b[2Jway")), 1, "1 quarantined"),
+        (None, 2, "no such file"),
+    ],
+    ids=["accepted", "quarantined", "unreadable"],
+)
+def test_kedit_check_exit_status_is_0_accepted_1_quarantined_2_unreadable(tmp_path, content, status, says):
+    from click.testing import CliRunner
+
+    from kedit.app.cli import cli
+
+    path = tmp_path / "f.jsonl"
+    if content is not None:
+        path.write_bytes(content)
+    result = CliRunner().invoke(cli, ["check", str(path)])
+    assert result.exit_code == status, result.output
+    assert says in result.output
+    assert "\x1b" not in result.output  # the feed's escape sequence is printed escaped, never sent to the terminal
+
+
+def test_kedit_check_takes_limits_and_refuses_unknown_ones(tmp_path):
+    from click.testing import CliRunner
+
+    from kedit.app.cli import cli
+
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(jsonl(rec(), rec(subject="Peru")))
+    result = CliRunner().invoke(cli, ["check", "--limit", "records=1", str(path)])
+    assert result.exit_code == 2 and "more than 1 records" in result.output
+    result = CliRunner().invoke(cli, ["check", "--limit", "recrods=1", str(path)])
+    assert result.exit_code == 2 and "unknown key 'recrods'" in result.output

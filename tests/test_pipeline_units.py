@@ -1,0 +1,70 @@
+"""The pipeline's bookkeeping, without a model: run parameters from feed names, and a retried record-attempt."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import pytest
+
+from evaluation.gates import GateReport
+from kedit.core.facts import EditRequest
+from kedit.pipeline.attempt import Attempt, record_attempt
+from kedit.pipeline.session import _SESSIONS, Session, feed_params
+
+MLFLOW_KEY = re.compile(r"^[A-Za-z0-9_.\- /]+$")  # what MLflow accepts in a parameter key
+
+
+def test_feed_names_become_valid_distinct_parameter_keys():
+    params = feed_params({"/f/feed(1).jsonl": "a", "/g/feed(1).jsonl": "b", "/h/feed[1].jsonl": "c", "/i/ok.jsonl": "d"})
+    assert sorted(params.values()) == ["a", "b", "c", "d"]  # nothing lost when names meet
+    assert all(MLFLOW_KEY.match(k) for k in params), params
+    assert params["feed_sha256.ok.jsonl"] == "d"
+
+
+class FlakyTracker:
+    """Fails once at the end of the attempt's writes, like a tracking server that drops a request."""
+
+    def __init__(self):
+        self.failures_left = 1
+        self.logged: list[tuple] = []
+
+    def log_metrics(self, run_id, metrics, step):
+        self.logged.append(("metrics", run_id))
+
+    def log_dict(self, run_id, obj, name):
+        self.logged.append(("dict", name))
+
+    def set_tags(self, run_id, tags):
+        self.logged.append(("tags", tags))
+
+    def end_run(self, run_id, status="FINISHED"):
+        if self.failures_left:
+            self.failures_left -= 1
+            raise ConnectionError("tracking server went away")
+        self.logged.append(("end", run_id))
+
+
+@pytest.fixture
+def session():
+    reqs = [EditRequest("1", s, "{} is in", "Asia") for s in ("Paris", "Rome")]
+    s = Session("s1", None, None, FlakyTracker(), "m", "fp", None, None, None)
+    s.requests = {r.key: r for r in reqs}
+    s.progress = SimpleNamespace(update=lambda n: None)
+    s.attempt = Attempt("batch-000", list(s.requests), "run-1", None, {}, seconds={"tracking": 0.0})
+    _SESSIONS[s.id] = s
+    yield s
+    _SESSIONS.pop(s.id, None)
+
+
+def test_a_retried_record_attempt_quarantines_each_fact_once(session):
+    report = GateReport([], {}, {}, [])
+    with pytest.raises(ConnectionError):
+        record_attempt(session.id, report, "rolled_back", quarantine=True)
+    assert session.quarantined == []  # the failed try left the session as it was
+    first = record_attempt(session.id, report, "rolled_back", quarantine=True)
+    again = record_attempt(session.id, report, "rolled_back", quarantine=True)  # a retry after success: nothing twice
+    assert first == again == {"verdict": "rolled_back", "quarantined": 2}
+    assert sorted(q["key"] for q in session.quarantined) == sorted(session.requests)
+    assert [q["id"] for q in session.quarantined] == ["1", "1"]  # one producer id, two facts
+    assert sum(1 for kind, _ in session.tracker.logged if kind == "end") == 1
