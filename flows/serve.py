@@ -9,25 +9,195 @@ Prefect event ``kedit.feed.arrived``; anything else can emit the same event thro
 server's events API. The event-triggered deployment runs ``kedit-feeds`` on that one feed; the
 cron deployment runs it on every feed of the directory. Either way the feed ledger (in the
 MLflow store) makes each feed, by content hash, processed exactly once.
+
+Confinement: the events API is open to anyone who can reach the Prefect server, so an event (or a
+flow run created by hand) chooses a feed, never the configuration. ``kedit serve`` writes a
+``ServePolicy`` (the feed directories, the served model, editor, tracking URI, overrides, device and
+batch size, and the files the gates, corpus and work dir may name) to a file and points
+``KEDIT_SERVE_POLICY`` at it before serving; Prefect's runner starts every flow run in a subprocess
+that inherits the serving process's environment, and it applies no per-run environment, so a flow
+run's parameters cannot lift the policy. Under a policy, a parameter other than the served one fails
+the flow run; a feed that does not resolve inside a feed directory (a symlink out of it included) or
+that is not a regular file is *refused*: recorded in the ledger as ``refused`` with the reason, and
+never read. Without a policy (the flow run directly) any feed path is accepted, but only a regular file.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from kedit.core.errors import KeditError
 from kedit.core.facts import is_feed_name, list_feeds
 
 log = logging.getLogger(__name__)
 
 FEED_EVENT = "kedit.feed.arrived"
+POLICY_ENV = "KEDIT_SERVE_POLICY"  # path of the serving policy (JSON) that every flow run of `kedit serve` inherits
+REFUSED = "refused"  # the ledger status of a feed that was not read
+T_FEED_REASON = "kedit.feed_reason"  # why a feed was refused
+
+# ----------------------------------------------------------------------------- confinement
+
+
+class FeedRefused(KeditError):
+    """A feed path that is not read: outside the feed directories, a symlink out of them, or not a regular file."""
+
+
+class ParameterRefused(KeditError):
+    """A flow run's parameter that the serving policy does not allow: events choose feeds, not the configuration."""
+
+
+def confine(path: str | Path, dirs: Iterable[str | Path] | None = None) -> Path:
+    """The real path of the feed ``path``, once it is known to be safe to read; else ``FeedRefused`` with the reason.
+
+    The path is resolved (every symlink followed, strictly: it must exist); with ``dirs`` (resolved
+    directories) the result must lie inside one of them, so a symlink whose target is outside is
+    refused, and the name must be a feed's (not hidden, not partial). The file itself must be a regular
+    file: a FIFO would block the reader, a device would never end. The reason names paths, never content.
+    """
+    p = Path(path)
+    try:
+        link = p.lstat()
+    except FileNotFoundError:
+        raise FeedRefused(f"{p}: no such file") from None
+    except OSError as e:
+        raise FeedRefused(f"{p}: cannot be examined ({e.strerror})") from None
+    try:
+        real = p.resolve(strict=True)
+    except (OSError, RuntimeError) as e:  # a dangling link, a loop (RuntimeError before Python 3.13), a permission
+        raise FeedRefused(f"{p}: does not resolve to a file ({getattr(e, 'strerror', None) or e})") from None
+    what = f"a symlink to {real}" if stat.S_ISLNK(link.st_mode) else "a path"
+    if dirs is not None:
+        roots = [Path(d) for d in dirs]
+        if not any(real != d and real.is_relative_to(d) for d in roots):
+            raise FeedRefused(f"{p}: {what}, outside the feed directories {', '.join(map(str, roots))}")
+        if not is_feed_name(p):
+            raise FeedRefused(f"{p}: not a feed's name (hidden, partial or an unknown suffix)")
+    try:
+        st = real.stat()
+    except OSError as e:
+        raise FeedRefused(f"{p}: cannot be examined ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device or socket"
+        raise FeedRefused(f"{p}: {kind}, not a regular file" + (f" ({what})" if stat.S_ISLNK(link.st_mode) else ""))
+    return real
+
+
+def path_allowed(value: str | Path | None, exact: Iterable[str | None], within: Iterable[str]) -> bool:
+    """``value`` (resolved) is one of ``exact`` or lies inside one of the directories ``within``; None only if in ``exact``."""
+    if value is None:
+        return None in exact
+    real = Path(value).resolve()
+    if any(e is not None and real == Path(e) for e in exact):
+        return True
+    return any(real.is_relative_to(Path(d)) for d in within)
+
+
+FIXED = ("model", "editor", "tracking_uri", "overrides", "device", "batch_size")  # an event may not change these
+ALLOWED_FILES = ("gates", "corpus", "work_dir")  # these may name only the served file or one under an --allow path
+
+
+@dataclass(frozen=True)
+class ServePolicy:
+    """What the flow runs of one ``kedit serve`` may do: read feeds from ``feed_dirs``, with the served configuration."""
+
+    feed_dirs: tuple[str, ...]
+    fixed: dict[str, Any] = field(default_factory=dict)  # FIXED -> served value
+    files: dict[str, str | None] = field(default_factory=dict)  # ALLOWED_FILES -> served path (resolved) or None
+    allow: tuple[str, ...] = ()  # resolved: files under these may be named by gates, corpus and work_dir too
+
+    @classmethod
+    def served(cls, feed_dirs: Iterable[str | Path], params: dict[str, Any], allow: Iterable[str | Path] = ()) -> ServePolicy:
+        """The policy of a deployment served with ``params`` (the flow's parameters, without ``feed``)."""
+        return cls(
+            feed_dirs=tuple(str(Path(d).resolve()) for d in feed_dirs),
+            fixed={k: _normal(k, params.get(k)) for k in FIXED},
+            files={k: str(Path(params[k]).resolve()) if params.get(k) is not None else None for k in ALLOWED_FILES},
+            allow=tuple(str(Path(a).resolve()) for a in allow),
+        )
+
+    def check(self, params: dict[str, Any]) -> None:
+        """Raise ``ParameterRefused`` for the first parameter the policy does not allow (``feed`` is ``confine``'s)."""
+        for k in FIXED:
+            if _normal(k, params.get(k)) != self.fixed.get(k):
+                raise ParameterRefused(
+                    f"parameter {k}={params.get(k)!r} is not the served {self.fixed.get(k)!r}: "
+                    "a flow run of `kedit serve` chooses a feed, not the configuration"
+                )
+        for k in ALLOWED_FILES:
+            if not path_allowed(params.get(k), [self.files.get(k)], self.allow):
+                raise ParameterRefused(
+                    f"parameter {k}={params.get(k)!r} is neither the served {self.files.get(k)!r} nor under an allowed path"
+                    f" ({', '.join(self.allow) or 'none: kedit serve --allow PATH adds some'})"
+                )
+        feeds_dir = params.get("feeds_dir")
+        if feeds_dir is not None and str(Path(feeds_dir).resolve()) not in self.feed_dirs:
+            served = ", ".join(self.feed_dirs)
+            raise ParameterRefused(f"parameter feeds_dir={feeds_dir!r} is not a served feed directory ({served})")
+
+    def write(self, path: Path) -> Path:
+        """Atomically, readable by this user only."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(self), f, indent=2)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def read(cls, path: str | Path) -> ServePolicy:
+        d = json.loads(Path(path).read_text())
+        return cls(tuple(d["feed_dirs"]), d["fixed"], d["files"], tuple(d["allow"]))
+
+
+def _normal(key: str, value: Any) -> Any:
+    """A parameter as JSON would carry it, so that a served value and the same value from the API compare equal."""
+    if key == "overrides" and not value:
+        value = {}
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def active_policy() -> ServePolicy | None:
+    """The serving policy this process inherited from ``kedit serve``, or None. One named but unreadable fails closed."""
+    path = os.environ.get(POLICY_ENV)
+    if not path:
+        return None
+    try:
+        return ServePolicy.read(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise KeditError(f"{POLICY_ENV}={path}: the serving policy cannot be read ({e}); refusing to run") from None
+
+
+def refused_sha(path: str | Path) -> str:
+    """The ledger key of a refused feed: never a content hash (it is not read), so it never marks content as processed."""
+    return f"{REFUSED}:{hashlib.sha256(str(path).encode()).hexdigest()}"
+
+
+@task(name="record-refused", cache_policy=NO_CACHE, persist_result=False)
+def record_refused(refused: list[tuple[str, str]], model: str, tracking_uri: str | None) -> None:
+    """One ledger entry per refused feed: status ``refused``, the reason, and no content (the file was never opened)."""
+    from kedit.store.naming import identify
+    from kedit.store.tracking import Tracker
+
+    name, _ = identify(model)
+    tracker = Tracker(tracking_uri)
+    for path, reason in refused:
+        run = tracker.record_feed(name, None, path, refused_sha(path), REFUSED, {}, [{"file": path, "reason": reason}])
+        tracker.set_tags(run, {T_FEED_REASON: reason[:4000]})
 
 
 @task(name="new-feeds", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=1)
@@ -75,15 +245,48 @@ def process_feeds(
     device: str | None = None,
     work_dir: str = "out/serve",
 ) -> dict:
-    """Run the stream on one arrived feed, or on every new feed of a directory."""
+    """Run the stream on one arrived feed, or on every new feed of a directory.
+
+    Under ``kedit serve``'s policy (see the module's docstring) a parameter other than the served one
+    fails the run, and a feed outside the feed directories is refused; a refused feed is recorded,
+    never read.
+    """
     from kedit.pipeline.config import StreamConfig
 
     from .stream import stream
 
-    paths = [feed] if feed else list_feeds(feeds_dir or ".")
-    fresh = new_feeds(paths, model, tracking_uri)
+    policy = active_policy()
+    if policy is not None:
+        policy.check(
+            dict(
+                model=model,
+                editor=editor,
+                feeds_dir=feeds_dir,
+                batch_size=batch_size,
+                gates=gates,
+                tracking_uri=tracking_uri,
+                corpus=corpus,
+                overrides=overrides,
+                device=device,
+                work_dir=work_dir,
+            )
+        )
+    candidates = [feed] if feed else list_feeds(feeds_dir or (policy.feed_dirs[0] if policy else "."))
+    paths, refused = [], []
+    for p in candidates:
+        if not os.path.lexists(p):
+            log.warning("feed %s is gone", p)
+            continue
+        try:
+            paths.append(str(confine(p, policy.feed_dirs if policy else None)))
+        except FeedRefused as e:
+            log.warning("feed refused, not read: %s", e)
+            refused.append((str(p), str(e)))
+    if refused:
+        record_refused(refused, model, tracking_uri)
+    fresh = new_feeds(paths, model, tracking_uri) if paths else []
     if not fresh:
-        return {"feeds": [], "skipped": paths}
+        return {"feeds": [], "skipped": paths, "refused": [r for r, _ in refused]}
     cfg = StreamConfig(
         feeds=tuple(fresh),
         model=model,
@@ -121,7 +324,8 @@ class FeedWatcher:
         settle: float = 1.0,
         polling: bool = False,
     ):
-        self.directory, self.on_feed, self.interval, self.settle = Path(directory), on_feed, interval, settle
+        # resolved once: the paths passed on are the directory's own entries, absolute, never a link's target
+        self.directory, self.on_feed, self.interval, self.settle = Path(directory).resolve(), on_feed, interval, settle
         self.polling = polling  # force the polling observer (network filesystems: inotify misses other hosts' writes)
         self.kind: str | None = None  # "inotify" or "polling" once started
         self._seen: dict[Path, tuple[int, int, float]] = {}  # path -> (size, mtime_ns, unchanged since)
@@ -238,13 +442,20 @@ class FeedWatcher:
         return False
 
     def _fire(self, path: Path) -> bool:
-        """Call ``on_feed`` unless this content of this path was fired on before."""
+        """Call ``on_feed`` unless this content of this path was fired on before, or the path is not a regular
+        file inside the directory (a symlink out of it, a FIFO): those are never read, and passed on as they are named."""
         from kedit.core.paths import sha256_file
 
         try:
-            sha = sha256_file(path)
+            sha = sha256_file(confine(path, [self.directory]))
         except FileNotFoundError:
             self.gone(path)
+            return False
+        except FeedRefused as e:
+            if not os.path.lexists(path):
+                self.gone(path)
+            else:
+                log.warning("feed watcher: skipped, not read: %s", e)
             return False
         with self._lock:
             self._due.pop(path, None)
@@ -261,7 +472,7 @@ class FeedWatcher:
 def _signature(path: Path) -> tuple[int, int] | None:
     try:
         st = path.stat()
-    except FileNotFoundError:
+    except OSError:  # gone, a dangling link, a link loop
         return None
     return st.st_size, st.st_mtime_ns
 
@@ -296,7 +507,7 @@ def emit_feed_event(target: str) -> Callable[[Path, str], None]:
         emit_event(
             event=FEED_EVENT,
             resource={"prefect.resource.id": f"kedit.feed.{sha[:16]}", "kedit.target": target},
-            payload={"path": str(path.resolve()), "sha256": sha},
+            payload={"path": str(path.absolute()), "sha256": sha},  # the directory's entry, not where a link points
         )
         log.info("feed arrived: %s (sha256 %s…) → event %s", path, sha[:12], FEED_EVENT)
 
@@ -337,12 +548,20 @@ def serve(
     target: str,
     params: dict[str, Any],
     limit: int = 2,
+    allow: Iterable[Path] = (),
 ) -> None:
-    """Register the deployments, start the watcher, and execute flow runs here until interrupted."""
+    """Register the deployments, start the watcher, and execute flow runs here until interrupted.
+
+    The flow runs are confined by a ``ServePolicy`` of the served parameters (``allow``: paths under
+    which the gates, corpus and work dir parameters may also name files), written next to the work
+    dir and passed to every flow run through the environment, which Prefect's runner hands on."""
     from prefect import serve as prefect_serve
 
     feeds_dir.mkdir(parents=True, exist_ok=True)
-    deps = build_deployments(target, {"model": model, "editor": editor, "feeds_dir": str(feeds_dir.resolve()), **params}, cron)
+    full = {"model": model, "editor": editor, "feeds_dir": str(feeds_dir.resolve()), **params}
+    policy = ServePolicy.served([feeds_dir], full, allow)
+    os.environ[POLICY_ENV] = str(policy.write(Path(full["work_dir"]) / "serve-policy.json"))
+    deps = build_deployments(target, full, cron)
     watcher = FeedWatcher(feeds_dir, emit_feed_event(target))
     watcher.start()
     log.info("watching %s for feeds (target %s)%s", feeds_dir, target, f", schedule {cron!r}" if cron else "")
@@ -350,3 +569,4 @@ def serve(
         prefect_serve(*deps, limit=limit)
     finally:
         watcher.stop()
+        os.environ.pop(POLICY_ENV, None)

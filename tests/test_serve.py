@@ -319,6 +319,24 @@ def test_serve_registers_deployments_and_processes_dropped_feeds_exactly_once(st
     assert quarantine and quarantine[0]["file"] == str(bad.resolve()) and quarantine[0]["field"] == "prompt"
     assert production(stack) == "2"
 
+    # confinement: the watcher never fires on a link out of the directory; a flow run sent to it (as any
+    # client of the API could) records it as refused without reading it; another configuration fails the run
+    outside = write_jsonl(stack["root"] / "outside.jsonl", [{**GOOD[0], "id": "never-read"}])
+    link = stack["feeds"] / "link-out.jsonl"
+    link.symlink_to(outside)
+    on_feed = deployments(stack)["tiny-on-feed"]["id"]
+    sent = api(stack, "POST", f"/deployments/{on_feed}/create_flow_run", {"parameters": {"feed": str(link)}})
+    other = str(stack["root"] / "lenient-gates.yaml")
+    overridden = api(stack, "POST", f"/deployments/{on_feed}/create_flow_run", {"parameters": {"feed": str(bad), "gates": other}})
+    runs = wait_for(lambda: (f := finished_feed_runs(stack)) and len(f) >= 7 and f, 120, "the two confined flow runs")
+    states = {r["id"]: r["state_type"] for r in runs}
+    assert states[sent["id"]] == "COMPLETED" and states[overridden["id"]] == "FAILED"
+    refused = [r for r in t.runs(name, "feed") if r.info.run_name == link.name]
+    assert [r.data.tags["kedit.feed_status"] for r in refused] == ["refused"]
+    assert "outside the feed directories" in refused[0].data.tags["kedit.feed_reason"]
+    time.sleep(2)
+    assert len(finished_feed_runs(stack)) == 7 and production(stack) == "2"  # no run of the watcher's for the link
+
 
 def test_the_flow_runs_on_a_process_work_pool_worker(stack):
     """Scale-out mechanism: a deployment on a process work pool, executed by a separate worker process."""
@@ -372,3 +390,71 @@ def test_flow_runs_started_in_the_same_second_get_their_own_work_dirs(tmp_path):
     """Two feeds arriving together once shared a work dir named by the second, and one stream read the other's plan."""
     dirs = {run_dir(tmp_path) for _ in range(5)}
     assert len(dirs) == 5 and all(d.parent == tmp_path for d in dirs)
+
+
+# ----------------------------------------------------------------------------- kedit down, servers.json, kedit rollback
+
+
+def test_servers_json_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    from kedit.app import servers
+
+    monkeypatch.setenv("KEDIT_HOME", str(tmp_path))
+    servers._write_state({"prefect": {"pid": 1}})
+    monkeypatch.setattr(servers.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        servers._write_state({"prefect": {"pid": 2}, "mlflow": {"pid": 3}})
+    assert json.loads((tmp_path / "servers.json").read_text()) == {"prefect": {"pid": 1}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["servers.json"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("same_process", [False, True], ids=["pid-reused", "the-server"])
+def test_down_signals_a_saved_group_only_while_its_leader_is_the_process_up_started(tmp_path, monkeypatch, same_process):
+    from kedit.app import servers
+
+    monkeypatch.setenv("KEDIT_HOME", str(tmp_path))
+    other = subprocess.Popen(["sleep", "30"], start_new_session=True)  # a live process leading its own group
+    try:
+        identity = servers.process_identity(other.pid)
+        assert identity
+        if not same_process:  # the record of a server that died, whose pid another program got since
+            boot, ticks = identity.rsplit(":", 1)
+            identity = f"{boot}:{int(ticks) - 100}"
+        servers._write_state(
+            {"prefect": {"name": "prefect", "url": "u", "health": "h", "pid": other.pid, "log": "l", "identity": identity}}
+        )
+        outcome = servers.down()
+        if same_process:
+            assert outcome == {"prefect": "stopped"} and other.wait(timeout=10) is not None
+        else:
+            assert "another program" in outcome["prefect"]
+            time.sleep(0.3)
+            assert other.poll() is None, "down killed a process that is not the server"
+        assert json.loads((tmp_path / "servers.json").read_text()) == {}  # the entry is forgotten either way
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_rollback_waits_for_the_running_stream_of_the_model(tmp_path, monkeypatch):
+    """The stream's next commit would overwrite a rollback made under it: rollback takes the same lock."""
+    import threading
+
+    import kedit.store.naming
+    import kedit.store.tracking
+    import kedit.store.versions
+    from flows.locks import one_stream_per_model
+    from kedit.app.cli import cli
+
+    monkeypatch.setenv("KEDIT_HOME", str(tmp_path))
+    monkeypatch.setenv("KEDIT_LOCK", "file")
+    monkeypatch.setattr(kedit.store.naming, "identify", lambda ref: ("kedit-m", "fp"))
+    monkeypatch.setattr(kedit.store.tracking, "Tracker", lambda uri: object())
+    moved = threading.Event()
+    monkeypatch.setattr(kedit.store.versions, "rollback_to", lambda tracker, name, version, fp: moved.set() or "3")
+    with one_stream_per_model("kedit-m"):  # a stream of the model is running
+        argv = ["rollback", "--model", "m", "--to", "1"]
+        t = threading.Thread(target=cli.main, args=(argv,), kwargs={"standalone_mode": False})
+        t.start()
+        assert not moved.wait(1.0), "rollback moved production under a running stream"
+    assert moved.wait(10.0)
+    t.join(timeout=10)

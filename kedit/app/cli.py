@@ -216,13 +216,18 @@ def status(model, tracking_uri, last, feeds_dir) -> None:
 @click.option("--to", "version", required=True, help="Version to put back in production.")
 @TRACKING_URI
 def rollback(model, version, tracking_uri) -> None:
-    """Move the production alias back to VERSION (its delta chain verified); later streams continue from there."""
+    """Move the production alias back to VERSION (its delta chain verified); later streams continue from there.
+
+    Takes the model's stream lock first: a running stream finishes (or is killed) before the move,
+    and the next one continues from VERSION instead of committing over it."""
+    from flows.locks import one_stream_per_model
     from kedit.store.naming import identify
     from kedit.store.tracking import Tracker
     from kedit.store.versions import rollback_to
 
     name, fp = identify(model)
-    prev = rollback_to(Tracker(tracking_uri), name, version, fp)
+    with one_stream_per_model(name):
+        prev = rollback_to(Tracker(tracking_uri), name, version, fp)
     click.echo(f"{name}: production moved from v{prev} to v{version}")
 
 
@@ -259,8 +264,21 @@ def export(model, version, out, tracking_uri) -> None:
 @click.option("--name", "target", default=None, help="Deployment name prefix and event target (default: from the model).")
 @click.option("--limit", type=int, default=2, show_default=True, help="Flow runs executed at once by this server.")
 @click.option("--poll", type=float, default=1.0, show_default=True, help="Seconds between the runner's checks for new runs.")
-def serve(feeds_dir, model, editor, batch_size, gates, tracking_uri, sets, device, corpus, cron, target, limit, poll) -> None:
-    """Register the stream's deployments (feed events, optional cron) and run them; needs a Prefect server (kedit up)."""
+@click.option(
+    "--allow",
+    "allow",
+    multiple=True,
+    type=PathArg,
+    help="A file or directory a flow run's gates, corpus or work dir may also name (repeatable; default: the served ones only).",
+)
+def serve(
+    feeds_dir, model, editor, batch_size, gates, tracking_uri, sets, device, corpus, cron, target, limit, poll, allow
+) -> None:
+    """Register the stream's deployments (feed events, optional cron) and run them; needs a Prefect server (kedit up).
+
+    Flow runs read feeds only from the feeds directory (a path outside it, or a symlink out of it, is
+    recorded as refused and never read) and run with the configuration given here: a run whose
+    parameters differ fails, except gates, corpus or work dir naming a path under an --allow one."""
     import os
     import re
 
@@ -278,7 +296,7 @@ def serve(feeds_dir, model, editor, batch_size, gates, tracking_uri, sets, devic
         "device": device,
         "work_dir": str(Path("out/serve").resolve() / target),
     }
-    run(Path(feeds_dir), ref, editor, cron, target, params, limit)
+    run(Path(feeds_dir), ref, editor, cron, target, params, limit, allow)
 
 
 def _absolute_uri(uri: str | None) -> str:
@@ -309,7 +327,12 @@ def down() -> None:
     """Stop the servers started by ``kedit up`` and every process they spawned."""
     from kedit.app.servers import down as stop
 
-    click.echo(f"stopped: {', '.join(stop()) or 'nothing was running'}")
+    outcome = stop()
+    stopped = [name for name, what in outcome.items() if what == "stopped"]
+    for name, what in outcome.items():
+        if what != "stopped":
+            click.echo(f"{name}: {what}")
+    click.echo(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
 
 @cli.group()

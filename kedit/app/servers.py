@@ -2,7 +2,9 @@
 
 Each server starts in its own session (process group), so ``down`` can stop it together with
 every process it spawned (MLflow's workers and job runner, Prefect's services) and check that
-none is left. Their pids and URLs are kept in ``$KEDIT_HOME/servers.json``.
+none is left. Their pids and URLs are kept in ``$KEDIT_HOME/servers.json`` (replaced atomically), with
+each process's identity (its start time since boot, and the boot): a pid that has since been reused
+by another program is never signalled.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -37,6 +40,7 @@ class Server:
     health: str
     pid: int
     log: str
+    identity: str | None = None  # process_identity(pid) when started; None in records written before it was kept
 
 
 def state_file() -> Path:
@@ -49,8 +53,38 @@ def _read_state() -> dict[str, dict]:
 
 
 def _write_state(state: dict[str, dict]) -> None:
-    state_file().parent.mkdir(parents=True, exist_ok=True)
-    state_file().write_text(json.dumps(state, indent=2))
+    """Write-then-rename: a reader (or a crash) never sees half a file."""
+    f = state_file()
+    f.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=f".{f.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(state, indent=2))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, f)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def process_identity(pid: int) -> str | None:
+    """What tells this process from a later one given the same pid: the boot and its start time
+    (/proc/<pid>/stat field 22, clock ticks since boot); None if there is no such process."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = "?"
+    return f"{boot}:{fields[19]}"  # the fields after the name start at field 3
+
+
+def is_ours(record: dict) -> bool:
+    """The process of a ``servers.json`` record is still running and is the one ``up`` started."""
+    return record.get("identity") is not None and process_identity(record["pid"]) == record["identity"]
 
 
 def _bin(name: str) -> str:
@@ -90,7 +124,7 @@ def _start(name: str, cmd: list[str], url: str, health: str, env: dict[str, str]
     logf = logs / f"{name}.log"
     with logf.open("ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    return Server(name, url, health, proc.pid, str(logf))
+    return Server(name, url, health, proc.pid, str(logf), process_identity(proc.pid))
 
 
 def up(
@@ -102,7 +136,7 @@ def up(
 ) -> list[Server]:
     """Start both servers (unless already up), wait for their health endpoints, return them."""
     state = _read_state()
-    running = {n: s for n, s in state.items() if _alive(s["pid"])}
+    running = {n: s for n, s in state.items() if is_ours(s)}  # a live pid that is another program now is not a server
     env = {**os.environ, "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(kedit_home() / "prefect"))}
     wanted = {
         "prefect": (
@@ -193,15 +227,33 @@ def stop_group(pgid: int, grace: float = 15.0) -> None:
         time.sleep(0.2)
 
 
-def down() -> list[str]:
-    """Stop every server started by ``up`` and all their descendants; returns their names."""
+def down() -> dict[str, str]:
+    """Stop every server started by ``up`` and all their descendants: name -> "stopped", or why it was not.
+
+    A server's process group is signalled only while its leader is the process ``up`` started: a pid
+    reused by another program, or a record without the identity, is left alone (and forgotten)."""
     state = _read_state()
-    stopped = []
-    for name, s in state.items():
-        stop_group(s["pid"])
-        left = group_members(s["pid"])
-        if left:
-            raise ServerError(f"{name}: processes {left} survived SIGKILL")
-        stopped.append(name)
-    _write_state({})
-    return stopped
+    outcome = {}
+    for name, s in list(state.items()):
+        pid = s["pid"]
+        if is_ours(s):
+            stop_group(pid)
+            left = group_members(pid)
+            if left:
+                _write_state(state)
+                raise ServerError(f"{name}: processes {left} survived SIGKILL")
+            outcome[name] = "stopped"
+        elif process_identity(pid) is None:
+            left = group_members(pid)
+            outcome[name] = "was not running" + (
+                f"; processes {left} of its group {pid} left alone (they cannot be told from a reused group): stop them by hand"
+                if left
+                else ""
+            )
+        elif s.get("identity"):
+            outcome[name] = f"not stopped: pid {pid} is now another program, not the server `kedit up` started"
+        else:
+            outcome[name] = f"not stopped: pid {pid} cannot be confirmed as the server (recorded without its identity)"
+        del state[name]
+        _write_state(state)
+    return outcome
