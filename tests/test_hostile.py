@@ -61,6 +61,11 @@ def directory(path: Path) -> None:
     path.mkdir()
 
 
+def link_to_a_feed(path: Path) -> None:
+    (path.parent / "real.jsonl").write_bytes(jsonl(rec()))
+    path.symlink_to(path.parent / "real.jsonl")
+
+
 CASES = [
     # ---- JSON lines: syntax and encoding
     Case("truncated JSON", "a.jsonl", jsonl(rec(), b'{"subject": "Peru", "prompt'), 1, [(2, "<record>", "invalid JSON")]),
@@ -225,6 +230,7 @@ CASES = [
     # ---- the file itself
     Case("FIFO", "a.jsonl", fifo, refused="not a regular file"),
     Case("directory", "a.jsonl", directory, refused="is a directory"),
+    Case("symbolic link", "a.jsonl", link_to_a_feed, refused="is a symbolic link"),
     Case("missing file", "a.jsonl", None, refused="no such file"),
     Case(
         "file over the size limit",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import stat
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -28,26 +30,35 @@ Validator = Callable[..., EditRequest]  # (record, origin, limits) -> EditReques
 
 
 def read_fact_file(path: Path, limits: Limits = DEFAULT_LIMITS) -> bytes:
-    """A fact file's bytes, or ``FactFileError`` saying why it cannot be one: missing, not a regular file
-    (a directory, a FIFO that would block, a device), unreadable, or over ``limits.file_bytes``.
-    The size is checked before reading, and the read stops past the limit (a file may grow meanwhile)."""
+    """A fact file's bytes, or ``FactFileError`` saying why it cannot be one: missing, a symbolic link,
+    not a regular file (a directory, a FIFO that would block, a device), unreadable, or over
+    ``limits.file_bytes``.
+
+    The checks run on the opened handle (``O_NOFOLLOW``, ``O_NONBLOCK``, then ``fstat``), not on the
+    name before opening it, so a file swapped for a link or a FIFO after a check (``kedit serve``
+    confines feed paths first) is refused, never followed or blocked on. The read stops past the
+    size limit, should the file grow meanwhile."""
     try:
-        st = path.stat()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise FactFileError(f"{path}: no such file") from None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise FactFileError(f"{path}: is a symbolic link; give the file's own path (links are never followed)") from None
         raise FactFileError(f"{path}: cannot read: {e.strerror or e}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise FactFileError(f"{path}: is a directory, expected a fact file")
+    st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise FactFileError(f"{path}: is a directory, expected a fact file")
         raise FactFileError(f"{path}: not a regular file (a FIFO, socket or device is never read)")
-    if st.st_size > limits.file_bytes:
-        raise FactFileError(f"{path}: {st.st_size} bytes, over the file_bytes limit of {limits.file_bytes}")
-    try:
-        with path.open("rb") as f:
+    with os.fdopen(fd, "rb") as f:
+        if st.st_size > limits.file_bytes:
+            raise FactFileError(f"{path}: {st.st_size} bytes, over the file_bytes limit of {limits.file_bytes}")
+        try:
             data = f.read(limits.file_bytes + 1)
-    except OSError as e:
-        raise FactFileError(f"{path}: cannot read: {e.strerror or e}") from None
+        except OSError as e:
+            raise FactFileError(f"{path}: cannot read: {e.strerror or e}") from None
     if len(data) > limits.file_bytes:
         raise FactFileError(f"{path}: grew past the file_bytes limit of {limits.file_bytes} while being read")
     return data
