@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import secrets
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -36,7 +35,7 @@ from tqdm import tqdm
 
 from kedit.core.arch import ArchSpec
 from kedit.core.errors import KeditError
-from kedit.core.paths import kedit_home
+from kedit.core.paths import kedit_home, write_atomic
 
 from .hooks import capture, stop_after
 
@@ -212,19 +211,8 @@ def _load_cached(path: Path, key: dict, move_bad: bool = True) -> torch.Tensor |
 
 def _save_cached(path: Path, key: dict, mom2: torch.Tensor, tokens: int) -> None:
     """Write under a unique temporary name in the cache folder, then rename: readers see whole files only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     mom2 = mom2.contiguous()
-    data = save_bytes({"mom2": mom2}, metadata=_header(key, mom2, tokens))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, save_bytes({"mom2": mom2}, metadata=_header(key, mom2, tokens)))
 
 
 def _windows(tokenizer, corpus: Corpus, n_samples: int, length: int) -> list[list[int]]:

@@ -75,6 +75,8 @@ def confine(path: str | Path, dirs: Iterable[str | Path] | None = None) -> Path:
         raise FeedRefused(f"{p}: no such file") from None
     except OSError as e:
         raise FeedRefused(f"{p}: cannot be examined ({e.strerror})") from None
+    except ValueError as e:  # an embedded NUL: no file has that name
+        raise FeedRefused(f"{str(p)!r}: not a path ({e})") from None
     try:
         real = p.resolve(strict=True)
     except (OSError, RuntimeError) as e:  # a dangling link, a loop (RuntimeError before Python 3.13), a permission
@@ -100,13 +102,16 @@ def path_allowed(value: str | Path | None, exact: Iterable[str | None], within: 
     """``value`` (resolved) is one of ``exact`` or lies inside one of the directories ``within``; None only if in ``exact``."""
     if value is None:
         return None in exact
-    real = Path(value).resolve()
+    try:
+        real = Path(value).resolve()
+    except (ValueError, OSError, RuntimeError):  # an embedded NUL, a link loop: not a path anyone allowed
+        return False
     if any(e is not None and real == Path(e) for e in exact):
         return True
     return any(real.is_relative_to(Path(d)) for d in within)
 
 
-FIXED = ("model", "editor", "tracking_uri", "overrides", "device", "batch_size")  # an event may not change these
+FIXED = ("model", "editor", "tracking_uri", "overrides", "device", "batch_size", "limits")  # an event may not change these
 ALLOWED_FILES = ("gates", "corpus", "work_dir")  # these may name only the served file or one under an --allow path
 
 
@@ -118,16 +123,34 @@ class ServePolicy:
     fixed: dict[str, Any] = field(default_factory=dict)  # FIXED -> served value
     files: dict[str, str | None] = field(default_factory=dict)  # ALLOWED_FILES -> served path (resolved) or None
     allow: tuple[str, ...] = ()  # resolved: files under these may be named by gates, corpus and work_dir too
+    signing_key_id: str | None = None  # KEDIT_SIGNING_KEY's id when served; a run must hold the same key
 
     @classmethod
     def served(cls, feed_dirs: Iterable[str | Path], params: dict[str, Any], allow: Iterable[str | Path] = ()) -> ServePolicy:
         """The policy of a deployment served with ``params`` (the flow's parameters, without ``feed``)."""
+        from kedit.store.versions import key_id, signing_key
+
+        key = signing_key()
         return cls(
             feed_dirs=tuple(str(Path(d).resolve()) for d in feed_dirs),
             fixed={k: _normal(k, params.get(k)) for k in FIXED},
             files={k: str(Path(params[k]).resolve()) if params.get(k) is not None else None for k in ALLOWED_FILES},
             allow=tuple(str(Path(a).resolve()) for a in allow),
+            signing_key_id=key_id(key) if key else None,
         )
+
+    def check_environment(self) -> None:
+        """The run must verify and sign versions with the key the deployment was served with: a run whose
+        environment was changed (a worker's job variables) to drop or swap the key is refused."""
+        from kedit.store.versions import key_id, signing_key
+
+        key = signing_key()
+        have = key_id(key) if key else None
+        if have != self.signing_key_id:
+            raise ParameterRefused(
+                f"this run's signing key ({have or 'none'}) is not the one served ({self.signing_key_id or 'none'}): "
+                "refusing to run with a changed environment"
+            )
 
     def check(self, params: dict[str, Any]) -> None:
         """Raise ``ParameterRefused`` for the first parameter the policy does not allow (``feed`` is ``confine``'s)."""
@@ -150,18 +173,14 @@ class ServePolicy:
 
     def write(self, path: Path) -> Path:
         """Atomically, readable by this user only."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f, indent=2)
-        os.replace(tmp, path)
-        return path
+        from kedit.core.paths import write_atomic
+
+        return write_atomic(path, json.dumps(asdict(self), indent=2), mode=0o600)
 
     @classmethod
     def read(cls, path: str | Path) -> ServePolicy:
         d = json.loads(Path(path).read_text())
-        return cls(tuple(d["feed_dirs"]), d["fixed"], d["files"], tuple(d["allow"]))
+        return cls(tuple(d["feed_dirs"]), d["fixed"], d["files"], tuple(d["allow"]), d.get("signing_key_id"))
 
 
 def _normal(key: str, value: Any) -> Any:
@@ -172,14 +191,26 @@ def _normal(key: str, value: Any) -> Any:
 
 
 def active_policy() -> ServePolicy | None:
-    """The serving policy this process inherited from ``kedit serve``, or None. One named but unreadable fails closed."""
+    """The serving policy this process inherited from ``kedit serve``, or None when the flow is called
+    directly (tests, scripts). It fails closed: a policy named but unreadable, or a run of a deployment
+    with no policy at all (a worker's job variables can rewrite the environment: emptying
+    ``KEDIT_SERVE_POLICY`` must not lift the confinement), refuses to run."""
+    from prefect.runtime import deployment
+
     path = os.environ.get(POLICY_ENV)
     if not path:
+        if deployment.id:
+            raise ParameterRefused(
+                f"a deployment's flow run needs kedit serve's policy and {POLICY_ENV} is not set; refusing to run "
+                "(workers: `kedit serve --write-policy FILE` writes one; set the variable in the worker's own environment)"
+            )
         return None
     try:
-        return ServePolicy.read(path)
+        policy = ServePolicy.read(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise KeditError(f"{POLICY_ENV}={path}: the serving policy cannot be read ({e}); refusing to run") from None
+        raise ParameterRefused(f"{POLICY_ENV}={path}: the serving policy cannot be read ({e}); refusing to run") from None
+    policy.check_environment()
+    return policy
 
 
 def refused_sha(path: str | Path) -> str:
@@ -189,21 +220,29 @@ def refused_sha(path: str | Path) -> str:
 
 @task(name="record-refused", cache_policy=NO_CACHE, persist_result=False)
 def record_refused(refused: list[tuple[str, str]], model: str, tracking_uri: str | None) -> None:
-    """One ledger entry per refused feed: status ``refused``, the reason, and no content (the file was never opened)."""
+    """One ledger entry per refused feed path: status ``refused``, the reason, and no content (the file was
+    never opened). A path refused before is not recorded again: a cron tick or a repeated event cannot
+    grow the ledger without bound."""
     from kedit.store.naming import identify
     from kedit.store.tracking import Tracker
 
     name, _ = identify(model)
     tracker = Tracker(tracking_uri)
+    ledger = tracker.feed_ledger(name)
     for path, reason in refused:
+        if refused_sha(path) in ledger:
+            log.info("feed %s was refused before: not recorded again", path)
+            continue
         run = tracker.record_feed(name, None, path, refused_sha(path), REFUSED, {}, [{"file": path, "reason": reason}])
         tracker.set_tags(run, {T_FEED_REASON: reason[:4000]})
 
 
 @task(name="new-feeds", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=1)
 def new_feeds(paths: list[str], model: str, tracking_uri: str | None) -> list[str]:
-    """The feeds whose content hash is not in the model's ledger yet."""
-    from kedit.core.paths import sha256_file
+    """The feeds whose content hash is not in the model's ledger yet (hashed as the loader reads them: no
+    link followed, no FIFO blocked on). One that cannot be read as a feed goes on to the stream, which
+    records it as invalid with the reason."""
+    from kedit.core.facts import FactFileError, feed_sha256
     from kedit.store.naming import identify
     from kedit.store.tracking import Tracker
 
@@ -211,10 +250,12 @@ def new_feeds(paths: list[str], model: str, tracking_uri: str | None) -> list[st
     ledger = Tracker(tracking_uri).feed_ledger(name)
     fresh = []
     for p in paths:
-        if not Path(p).is_file():
-            log.warning("feed %s is gone", p)
-            continue
-        if sha256_file(Path(p)) in ledger:
+        try:
+            seen = feed_sha256(p) in ledger
+        except FactFileError as e:
+            log.warning("feed %s", e)
+            seen = False
+        if seen:
             log.info("feed %s was processed before (same content): nothing to do", p)
         else:
             fresh.append(p)
@@ -244,6 +285,7 @@ def process_feeds(
     overrides: dict[str, Any] | None = None,
     device: str | None = None,
     work_dir: str = "out/serve",
+    limits: dict[str, Any] | None = None,
 ) -> dict:
     """Run the stream on one arrived feed, or on every new feed of a directory.
 
@@ -251,32 +293,28 @@ def process_feeds(
     fails the run, and a feed outside the feed directories is refused; a refused feed is recorded,
     never read.
     """
+    from kedit.core.config import from_mapping
+    from kedit.core.facts import Limits
     from kedit.pipeline.config import StreamConfig
 
     from .stream import stream
 
+    settings = dict(
+        model=model,
+        editor=editor,
+        batch_size=batch_size,
+        gates=gates,
+        tracking_uri=tracking_uri,
+        corpus=corpus,
+        overrides=overrides or {},
+        device=device,
+    )
     policy = active_policy()
     if policy is not None:
-        policy.check(
-            dict(
-                model=model,
-                editor=editor,
-                feeds_dir=feeds_dir,
-                batch_size=batch_size,
-                gates=gates,
-                tracking_uri=tracking_uri,
-                corpus=corpus,
-                overrides=overrides,
-                device=device,
-                work_dir=work_dir,
-            )
-        )
+        policy.check({**settings, "feeds_dir": feeds_dir, "work_dir": work_dir, "limits": limits})
     candidates = [feed] if feed else list_feeds(feeds_dir or (policy.feed_dirs[0] if policy else "."))
     paths, refused = [], []
     for p in candidates:
-        if not os.path.lexists(p):
-            log.warning("feed %s is gone", p)
-            continue
         try:
             paths.append(str(confine(p, policy.feed_dirs if policy else None)))
         except FeedRefused as e:
@@ -287,19 +325,8 @@ def process_feeds(
     fresh = new_feeds(paths, model, tracking_uri) if paths else []
     if not fresh:
         return {"feeds": [], "skipped": paths, "refused": [r for r, _ in refused]}
-    cfg = StreamConfig(
-        feeds=tuple(fresh),
-        model=model,
-        editor=editor,
-        batch_size=batch_size,
-        gates=gates,
-        tracking_uri=tracking_uri,
-        corpus=corpus,
-        overrides=overrides or {},
-        device=device,
-        work_dir=str(run_dir(work_dir)),
-    )
-    return stream(cfg)
+    checked = from_mapping(Limits, limits or {}, "the flow run's limits")
+    return stream(StreamConfig(feeds=tuple(fresh), work_dir=str(run_dir(work_dir)), limits=checked, **settings))
 
 
 # ----------------------------------------------------------------------------- the watcher
@@ -444,14 +471,14 @@ class FeedWatcher:
     def _fire(self, path: Path) -> bool:
         """Call ``on_feed`` unless this content of this path was fired on before, or the path is not a regular
         file inside the directory (a symlink out of it, a FIFO): those are never read, and passed on as they are named."""
-        from kedit.core.paths import sha256_file
+        from kedit.core.facts import FactFileError, feed_sha256
 
         try:
-            sha = sha256_file(confine(path, [self.directory]))
+            sha = feed_sha256(confine(path, [self.directory]))
         except FileNotFoundError:
             self.gone(path)
             return False
-        except FeedRefused as e:
+        except (FeedRefused, FactFileError) as e:
             if not os.path.lexists(path):
                 self.gone(path)
             else:
@@ -540,6 +567,14 @@ def build_deployments(target: str, params: dict[str, Any], cron: str | None):
     return deps
 
 
+def served_policy(
+    feeds_dir: Path, model: str, editor: str, params: dict[str, Any], allow: Iterable[Path] = ()
+) -> tuple[dict[str, Any], ServePolicy]:
+    """The deployments' full parameters and the policy that fixes them (``kedit serve``, ``--write-policy``)."""
+    full = {"model": model, "editor": editor, "feeds_dir": str(feeds_dir.resolve()), **params}
+    return full, ServePolicy.served([feeds_dir], full, allow)
+
+
 def serve(
     feeds_dir: Path,
     model: str,
@@ -558,8 +593,7 @@ def serve(
     from prefect import serve as prefect_serve
 
     feeds_dir.mkdir(parents=True, exist_ok=True)
-    full = {"model": model, "editor": editor, "feeds_dir": str(feeds_dir.resolve()), **params}
-    policy = ServePolicy.served([feeds_dir], full, allow)
+    full, policy = served_policy(feeds_dir, model, editor, params, allow)
     os.environ[POLICY_ENV] = str(policy.write(Path(full["work_dir"]) / "serve-policy.json"))
     deps = build_deployments(target, full, cron)
     watcher = FeedWatcher(feeds_dir, emit_feed_event(target))

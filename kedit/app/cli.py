@@ -131,7 +131,9 @@ def _printable(text: str) -> str:
     overrides) shown as escapes, never sent to the terminal."""
     import re
 
-    return re.sub(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]", lambda m: ascii(m.group())[1:-1], text)
+    from kedit.core.facts.validate import CONTROL_CHARS
+
+    return re.sub(f"[{CONTROL_CHARS}]", lambda m: ascii(m.group())[1:-1], text)
 
 
 @cli.command()
@@ -262,7 +264,8 @@ def export(model, version, out, tracking_uri) -> None:
 @corpus_option(None, "text sampled from the model")
 @click.option("--cron", default=None, help='Cron schedule for recurring updates, e.g. "0 3 * * *".')
 @click.option("--name", "target", default=None, help="Deployment name prefix and event target (default: from the model).")
-@click.option("--limit", type=int, default=2, show_default=True, help="Flow runs executed at once by this server.")
+@LIMITS
+@click.option("--concurrency", type=int, default=2, show_default=True, help="Flow runs executed at once by this server.")
 @click.option("--poll", type=float, default=1.0, show_default=True, help="Seconds between the runner's checks for new runs.")
 @click.option(
     "--allow",
@@ -271,8 +274,29 @@ def export(model, version, out, tracking_uri) -> None:
     type=PathArg,
     help="A file or directory a flow run's gates, corpus or work dir may also name (repeatable; default: the served ones only).",
 )
+@click.option(
+    "--write-policy",
+    type=PathArg,
+    default=None,
+    help="Write the serving policy to this file and exit (for Prefect workers: set KEDIT_SERVE_POLICY to it).",
+)
 def serve(
-    feeds_dir, model, editor, batch_size, gates, tracking_uri, sets, device, corpus, cron, target, limit, poll, allow
+    feeds_dir,
+    model,
+    editor,
+    batch_size,
+    gates,
+    tracking_uri,
+    sets,
+    device,
+    corpus,
+    cron,
+    target,
+    limits,
+    concurrency,
+    poll,
+    allow,
+    write_policy,
 ) -> None:
     """Register the stream's deployments (feed events, optional cron) and run them; needs a Prefect server (kedit up).
 
@@ -284,6 +308,7 @@ def serve(
 
     os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", str(max(1, round(poll))))
     from flows.serve import serve as run
+    from flows.serve import served_policy
 
     ref = model
     target = target or re.sub(r"[^A-Za-z0-9_-]+", "-", Path(ref).name).strip("-")
@@ -295,8 +320,13 @@ def serve(
         "overrides": sets_to_overrides(sets),
         "device": device,
         "work_dir": str(Path("out/serve").resolve() / target),
+        "limits": limits.model_dump(),
     }
-    run(Path(feeds_dir), ref, editor, cron, target, params, limit, allow)
+    if write_policy:
+        _, policy = served_policy(Path(feeds_dir), ref, editor, params, allow)
+        click.echo(f"written: {policy.write(write_policy)}")
+        return
+    run(Path(feeds_dir), ref, editor, cron, target, params, concurrency, allow)
 
 
 def _absolute_uri(uri: str | None) -> str:

@@ -139,8 +139,8 @@ LIMITS = click.option(
     "limits",
     multiple=True,
     callback=_limits,
-    metavar="KEY=VALUE",
-    help="Input limit override (repeatable), e.g. records=500, file_bytes=1000000, quarantine_rows=100; "
+    metavar="KEY=VALUE|FILE",
+    help="Input limits (repeatable): KEY=VALUE, e.g. records=500, or a YAML file of keys; "
     "keys and defaults: kedit.core.facts.Limits (README, 'Limits').",
 )
 DEVICE = click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")

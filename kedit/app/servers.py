@@ -16,14 +16,13 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from kedit.core.errors import KeditError
-from kedit.core.paths import kedit_home
+from kedit.core.paths import kedit_home, write_atomic
 from kedit.store.tracking import resolve_uri
 
 log = logging.getLogger(__name__)
@@ -54,18 +53,7 @@ def _read_state() -> dict[str, dict]:
 
 def _write_state(state: dict[str, dict]) -> None:
     """Write-then-rename: a reader (or a crash) never sees half a file."""
-    f = state_file()
-    f.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=f".{f.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(json.dumps(state, indent=2))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, f)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(state_file(), json.dumps(state, indent=2))
 
 
 def process_identity(pid: int) -> str | None:

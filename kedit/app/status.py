@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from kedit.core.facts import list_feeds
-from kedit.core.paths import sha256_file
 from kedit.store.naming import identify
 from kedit.store.tracking import T_N_EDITS, T_N_FACTS, T_VERDICT, T_VERSION, Tracker, metric_tag
 
@@ -45,11 +44,25 @@ def status_text(model_ref: str, tracking_uri: str | None = None, last: int = 10,
     if feeds_dir is not None:
         ledger = tracker.feed_ledger(name)
         files = [Path(f) for f in list_feeds(feeds_dir)]  # the same files the watcher would fire on
-        pending = [p.name for p in files if sha256_file(p) not in ledger]
+        hashes = {p: _feed_hash(p) for p in files}
+        pending = [p.name for p, sha in hashes.items() if sha is not None and sha not in ledger]
+        unreadable = [p.name for p, sha in hashes.items() if sha is None]
         lines.append(
             f"feeds in {feeds_dir}: {len(files)}, pending: {len(pending)}" + (f" ({', '.join(pending[:10])})" if pending else "")
         )
+        if unreadable:
+            lines.append(f"  not readable as feeds (links, FIFOs, over a limit): {', '.join(unreadable[:10])}")
     dd = [float(v.tags[metric_tag("drawdown_base")]) for v in chain if metric_tag("drawdown_base") in v.tags]
     if dd:
         lines.append(f"drawdown vs base over versions: {sparkline(dd)}  first {dd[0]:.3f} → last {dd[-1]:.3f}")
     return "\n".join(lines)
+
+
+def _feed_hash(path: Path) -> str | None:
+    """The content hash the ledger keys a feed by, read as the loader reads it; None when it cannot be a feed."""
+    from kedit.core.facts import FactFileError, feed_sha256
+
+    try:
+        return feed_sha256(path)
+    except FactFileError:
+        return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -28,6 +29,26 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> Path:
+    """Write ``path`` whole or not at all: a unique temporary file beside it (``mkstemp``: created new, so a
+    planted link is never followed), flushed to disk, then renamed over it. A reader, or a crash,
+    never sees half a file. ``mode``: the file's permissions (0o600 for what only this user may read)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data.encode("utf-8") if isinstance(data, str) else data)
+            out.flush()
+            os.fchmod(out.fileno(), mode)
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def shared_data_dir() -> Path:

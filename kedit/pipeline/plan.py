@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kedit.core.facts import EditRequest, load_many
-from kedit.core.paths import sha256_file
 
 from .config import StreamConfig
 
@@ -57,7 +56,7 @@ def make_plan(cfg: StreamConfig, work_dir: Path) -> Plan:
         facts.n_records,
         len(facts.quarantined),
         len(facts.superseded),
-        {str(p): sha256_file(Path(p)) for p in readable},
+        {str(p): facts.sha256[str(p)] for p in readable},  # of the bytes loaded, not of the file as it is now
         fact_feed,
         feeds,
     )

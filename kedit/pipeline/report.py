@@ -90,7 +90,9 @@ def finish_stream(session_id: str, plan: Plan) -> dict:
 
 def _record_feeds(session: Session, plan: Plan, work: Path) -> None:
     """One ledger entry per feed this stream saw first: processed, or invalid when nothing of it could be used."""
-    invalid_records = _read_jsonl(work / "quarantine.jsonl")
+    invalid_records = _read_jsonl(work / "quarantine.jsonl")  # at most Limits.quarantine_rows per feed
+    counts_file = work / "quarantine_counts.json"
+    omitted = json.loads(counts_file.read_text()).get("quarantined_rows_omitted", {}) if counts_file.is_file() else {}
     for feed, counts in plan.feeds.items():
         sha = plan.feed_sha256.get(feed) or f"unreadable:{feed}"
         if sha in session.ledger:
@@ -99,7 +101,7 @@ def _record_feeds(session: Session, plan: Plan, work: Path) -> None:
         status = "invalid" if counts["error"] or unusable else "processed"
         quarantine = [q for q in invalid_records if q.get("file") == feed]
         quarantine += [q for q in session.quarantined if plan.fact_feed.get(q["key"]) == feed]
-        totals = {k: v for k, v in counts.items() if k != "error"}
+        totals = {k: v for k, v in counts.items() if k != "error"} | {"quarantine_rows_omitted": omitted.get(feed, 0)}
         session.tracker.record_feed(session.registered, session.run_id, feed, sha, status, totals, quarantine)
 
 

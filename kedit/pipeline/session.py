@@ -179,11 +179,12 @@ def start_stream(session_id: str, plan: Plan) -> list[list[str]]:
         return session.batches
     session.requests = read_plan(plan)
     pending = _not_done(session, plan)
-    session.run_id = session.tracker.start_run(
-        session.registered,
-        f"stream-{time.strftime('%Y%m%d-%H%M%S')}",
-        {T_KIND: "stream", T_PARENT_VERSION: session.production or "", T_FINGERPRINT: session.fingerprint},
-    )
+    if session.run_id is None:  # a try that failed after opening the run reuses it
+        session.run_id = session.tracker.start_run(
+            session.registered,
+            f"stream-{time.strftime('%Y%m%d-%H%M%S')}",
+            {T_KIND: "stream", T_PARENT_VERSION: session.production or "", T_FINGERPRINT: session.fingerprint},
+        )
     session.tracker.log_params(session.run_id, _run_params(session, plan))
     session.tracker.log_artifacts(session.run_id, Path(plan.path).parent, "feeds")
     pending = [key for key in pending if _editor_takes(session, key)]
@@ -279,7 +280,10 @@ def quarantine_record(
 
 def quarantine_fact(session: Session, key: str, reason: str, gate: str) -> dict:
     """Quarantine a fact refused before any attempt: it gets its own run, so that a resumed stream on the
-    same chain skips it too. The session lists it only once the run is written."""
+    same chain skips it too. The session lists it only once the run is written, and only once."""
+    done = next((q for q in session.quarantined if q["key"] == key), None)
+    if done is not None:  # a retried start: refused already
+        return done
     record = quarantine_record(session, key, reason, gate, None)
     tracker = session.tracker
     run = tracker.start_run(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kedit.core.errors import KeditError
+from kedit.core.facts import EditRequest
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +287,7 @@ class Tracker:
             except Exception:
                 continue  # the attempt died before writing it: its facts are simply retried
             for rec in json.loads(Path(text).read_text()):
-                out[rec.get("key") or rec["id"]] = rec
+                out[_fact_key(rec)] = rec
         return out
 
     # ------------------------------------------------------------------ the feed ledger
@@ -310,3 +311,14 @@ class Tracker:
         self.log_dict(run, quarantine, "quarantine.json")
         self.end_run(run)
         return run
+
+
+def _fact_key(record: dict) -> str:
+    """A quarantine record's fact key; records written before facts had keys carry the request, whose key
+    is computed, so a fact quarantined then is still not retried."""
+    if record.get("key"):
+        return record["key"]
+    try:
+        return EditRequest.from_dict(record["request"]).key
+    except (KeyError, TypeError, ValueError):  # no request kept, or one today's rules refuse
+        return record["id"]

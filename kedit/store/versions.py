@@ -174,7 +174,8 @@ def check_signature(manifest: dict[str, Any], where: str) -> None:
             f"{key_id(key)!r} (a rotated or wrong key?)"
         )
     want = _signature(manifest, key)["hmac"]
-    if not hmac.compare_digest(want, sig["hmac"]):
+    # compare_digest takes ASCII str or bytes only: a planted non-ASCII value must be a refusal, not a TypeError
+    if not hmac.compare_digest(want.encode(), sig["hmac"].encode("utf-8", "surrogatepass")):
         raise PatchIntegrityError(f"{where}: bad signature: the manifest changed after it was signed, or another key signed it")
 
 
@@ -196,8 +197,8 @@ def read_version(directory: Path, manifest_sha: str | None, fingerprint: str | N
         raise PatchIntegrityError(f"{mpath}: sha256 {actual[:16]}… does not match the registry's {manifest_sha[:16]}…")
     try:
         manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PatchIntegrityError(f"{mpath}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise PatchIntegrityError(f"{mpath}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(manifest, dict) or manifest.get("format") not in FORMATS:
         raise PatchIntegrityError(f"{mpath}: unknown format {manifest.get('format') if isinstance(manifest, dict) else None!r}")
     check_signature(manifest, str(mpath))

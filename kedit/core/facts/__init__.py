@@ -25,7 +25,7 @@ Importing defines things only: no file is read until a loader is called.
 from kedit.core.facts.feeds import FEED_SUFFIXES, PARTIAL_SUFFIXES, is_feed_name, list_feeds
 from kedit.core.facts.formats import Format, format_names, get_format, register_format, sniff_format, unregister_format
 from kedit.core.facts.limits import Limits, parse_limits
-from kedit.core.facts.load import load_facts, load_known_facts, load_many, resolve_superseded
+from kedit.core.facts.load import feed_sha256, load_facts, load_known_facts, load_many, read_fact_file, resolve_superseded
 from kedit.core.facts.schema import (
     FEED_FIELDS,
     EditRequest,
@@ -54,6 +54,7 @@ __all__ = [
     "Rejection",
     "Superseded",
     "feed_record_model",
+    "feed_sha256",
     "format_names",
     "get_format",
     "is_feed_name",
@@ -62,6 +63,7 @@ __all__ = [
     "load_known_facts",
     "load_many",
     "parse_limits",
+    "read_fact_file",
     "register_format",
     "resolve_superseded",
     "sniff_format",

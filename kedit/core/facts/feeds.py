@@ -13,6 +13,9 @@ def is_feed_name(path: Path) -> bool:
 
 
 def list_feeds(feeds_dir: str | Path) -> list[str]:
-    """The feed files of a directory, by name (hidden and partial files excluded), sorted."""
+    """The entries of a directory with a feed's name (hidden and partial ones excluded), sorted. Every
+    such entry is listed, a link, a FIFO or a directory with a feed's name too: whoever reads them
+    (``load_facts``, ``kedit serve``'s confinement) refuses those with a reason instead of them
+    being dropped unseen."""
     d = Path(feeds_dir)
-    return sorted(str(p) for p in d.iterdir() if p.is_file() and is_feed_name(p)) if d.is_dir() else []
+    return sorted(str(p) for p in d.iterdir() if is_feed_name(p)) if d.is_dir() else []

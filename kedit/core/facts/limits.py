@@ -1,7 +1,8 @@
 """Every limit on what a fact file may hold, in one place.
 
 A ``Limits`` is a strict config section (``kedit.core.config``): the defaults below, changed by a
-YAML mapping or by ``--limit key=value`` on the command line (one shared CLI option). A record over
+YAML file of the same keys or by ``key=value`` items, both through the one shared CLI option
+``--limit`` (``--limit limits.yaml --limit records=500``; later items win). A record over
 a field limit is quarantined naming the field; a file over the size or record limit is refused
 whole (applying the first N records of a feed that was cut would be worse than applying none);
 quarantine lists keep ``quarantine_rows`` rows and count the rest.
@@ -13,7 +14,7 @@ from collections.abc import Iterable
 
 from pydantic import Field
 
-from kedit.core.config import ConfigError, StrictConfig, with_overrides
+from kedit.core.config import ConfigError, StrictConfig, read_yaml, with_overrides
 
 
 class Limits(StrictConfig):
@@ -29,14 +30,18 @@ class Limits(StrictConfig):
     future_days: float = Field(1.0, ge=0)  # a timestamp later than now + this is quarantined
 
 
-def parse_limits(pairs: Iterable[str], base: Limits | None = None) -> Limits:
-    """``["records=500", "file_bytes=1000000"]`` -> ``Limits``; a bad key or value raises ``ConfigError``."""
+def parse_limits(items: Iterable[str], base: Limits | None = None) -> Limits:
+    """``["limits.yaml", "records=500"]`` -> ``Limits``: an item with ``=`` sets one key, any other item
+    is a YAML file of keys; a bad file, key or value raises ``ConfigError`` naming it."""
     import yaml
 
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--limit {pair!r}: expected KEY=VALUE (keys: {', '.join(Limits.model_fields)})")
-        overrides[key.strip()] = yaml.safe_load(value)
-    return with_overrides(base or Limits(), overrides, "--limit") if overrides else (base or Limits())
+    limits = base or Limits()
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            limits = with_overrides(limits, read_yaml(item) or {}, item)
+        elif not key.strip():
+            raise ConfigError(f"--limit {item!r}: expected KEY=VALUE or a YAML file (keys: {', '.join(Limits.model_fields)})")
+        else:
+            limits = with_overrides(limits, {key.strip(): yaml.safe_load(value)}, "--limit")
+    return limits

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import stat
@@ -64,6 +65,12 @@ def read_fact_file(path: Path, limits: Limits = DEFAULT_LIMITS) -> bytes:
     return data
 
 
+def feed_sha256(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> str:
+    """The sha256 of a feed's content, read the way ``load_facts`` reads it (no link followed, no FIFO
+    blocked on, the size limit kept); ``FactFileError`` when it cannot be a feed."""
+    return hashlib.sha256(read_fact_file(Path(path), limits)).hexdigest()
+
+
 def load_facts(
     path: str | Path,
     fmt: str = "auto",
@@ -84,7 +91,7 @@ def load_facts(
     if fmt != "auto" and chosen is None:
         raise FactFileError(f"{path}: unknown format {fmt!r}; known: {', '.join(format_names())}")
     data = read_fact_file(path, limits)
-    result = FactSet()
+    result = FactSet(sha256={str(path): hashlib.sha256(data).hexdigest()})
     candidates: list[tuple[EditRequest, int]] = []
     seen_ids: dict[str, int] = {}
     convert = chosen.convert if chosen else None
@@ -136,7 +143,10 @@ def _settle(result: FactSet, located: list[tuple[EditRequest, tuple[str, int]]])
     kept, superseded = _supersede([r for r, _ in located])
     result.accepted = [located[i][0] for i in kept]
     result.origins = {located[i][0].key: located[i][1] for i in kept}
-    result.superseded += [Superseded(located[i][0], located[w][0].id, *located[i][1]) for i, w in superseded]
+    result.superseded += [
+        Superseded(located[i][0], located[w][0].id, *located[i][1], located[w][0].key, "{}:{}".format(*located[w][1]))
+        for i, w in superseded
+    ]
 
 
 def load_many(

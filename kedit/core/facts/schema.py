@@ -130,12 +130,15 @@ class Rejection:
 @dataclass(frozen=True)
 class Superseded:
     request: EditRequest
-    by: str  # id of the later update that wins
+    by: str  # the producer's id of the later update that wins (ids repeat across feeds: see by_at)
     file: str
     line: int
+    by_key: str = ""  # the winner's EditRequest.key
+    by_at: str = ""  # where the winner was read, "file:line"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "line": self.line, "superseded_by": self.by, **self.request.to_dict()}
+        winner = {"superseded_by": self.by, "superseded_by_key": self.by_key, "superseded_by_at": self.by_at}
+        return {"file": self.file, "line": self.line, **winner, **self.request.to_dict()}
 
 
 @dataclass
@@ -150,6 +153,8 @@ class FactSet:
     origins: dict[str, tuple[str, int]] = field(default_factory=dict)
     # files refused whole (unreadable, not a regular file, over a limit): path -> reason
     refused: dict[str, str] = field(default_factory=dict)
+    # sha256 of the bytes each file was loaded from (the feed ledger's key: what was read, not what is there now)
+    sha256: dict[str, str] = field(default_factory=dict)
 
     @property
     def accounted(self) -> bool:
@@ -163,21 +168,24 @@ class FactSet:
         )
 
     def write_quarantine(self, out_dir: str | Path, max_rows: int | None = None) -> Path:
-        """Write ``quarantine.jsonl`` and ``superseded.jsonl`` into ``out_dir`` (at most ``max_rows`` rows
-        each) and ``quarantine_counts.json`` (every count, the rows left out, the refused files); returns
+        """Write ``quarantine.jsonl`` and ``superseded.jsonl`` into ``out_dir``, at most ``max_rows`` rows
+        per file of origin (one feed's junk never crowds out another's rows), and
+        ``quarantine_counts.json`` (every count, per file the rows left out, the refused files); returns
         the quarantine path."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         q = out / "quarantine.jsonl"
-        _write_rows(q, [r.to_dict() for r in self.quarantined[:max_rows]])
-        _write_rows(out / "superseded.jsonl", [s.to_dict() for s in self.superseded[:max_rows]])
+        kept_q, omitted_q = _per_file(self.quarantined, max_rows)
+        kept_s, omitted_s = _per_file(self.superseded, max_rows)
+        _write_rows(q, [r.to_dict() for r in kept_q])
+        _write_rows(out / "superseded.jsonl", [s.to_dict() for s in kept_s])
         counts = {
             "records": self.n_records,
             "accepted": len(self.accepted),
             "quarantined": len(self.quarantined),
             "superseded": len(self.superseded),
-            "quarantined_rows_omitted": max(0, len(self.quarantined) - (max_rows or len(self.quarantined))),
-            "superseded_rows_omitted": max(0, len(self.superseded) - (max_rows or len(self.superseded))),
+            "quarantined_rows_omitted": omitted_q,
+            "superseded_rows_omitted": omitted_s,
             "refused_files": self.refused,
         }
         (out / "quarantine_counts.json").write_text(json.dumps(counts, indent=2, ensure_ascii=False))
@@ -189,6 +197,18 @@ class FactSet:
         self.superseded += other.superseded
         self.n_records += other.n_records
         self.refused.update(other.refused)
+        self.sha256.update(other.sha256)
+
+
+def _per_file(rows: list, max_rows: int | None) -> tuple[list, dict[str, int]]:
+    """The first ``max_rows`` rows of each file (in order), and per file how many were left out."""
+    seen: dict[str, int] = {}
+    kept = []
+    for row in rows:
+        seen[row.file] = seen.get(row.file, 0) + 1
+        if max_rows is None or seen[row.file] <= max_rows:
+            kept.append(row)
+    return kept, {f: n - max_rows for f, n in seen.items() if max_rows is not None and n > max_rows}
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:

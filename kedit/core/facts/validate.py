@@ -47,9 +47,11 @@ def excerpt(raw: Any, limits: Limits = DEFAULT_LIMITS) -> str:
 
 # lone surrogates: undecodable bytes kept by errors="surrogateescape", or a "\\ud800" escape in JSON
 _SURROGATE = re.compile("[\ud800-\udfff]")
-# C0 and C1 controls (NUL, newline, tab, ESC, DEL...) and the bidirectional controls of "Trojan Source"
-# (embeddings, overrides, isolates, LRM/RLM): text that displays differently from what the model reads.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# C0 and C1 controls (NUL, newline, tab, ESC, DEL...), the Unicode line and paragraph separators, and the
+# bidirectional controls of "Trojan Source" (embeddings, overrides, isolates, LRM/RLM, the Arabic letter
+# mark): text that displays differently from what the model reads.
+CONTROL_CHARS = "\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+_CONTROL = re.compile(f"[{CONTROL_CHARS}]")
 # Invisible characters refused in the fields that identify a fact (subject, id): "Ira\u200bn" is not "Iran".
 _INVISIBLE = re.compile("[\u200b-\u200d\u2060\ufeff\u00ad]")
 IDENTITY_FIELDS = ("subject", "id")
