@@ -13,7 +13,9 @@ from editing.patches import PatchIntegrityError, PatchSet
 from kedit.store.tracking import T_KIND, T_MANIFEST_SHA, T_N_QUARANTINED, T_PARENT_VERSION, Tracker
 from kedit.store.versions import (
     FORMAT,
+    SIGNING_ALG,
     SIGNING_ENV,
+    check_signature,
     export_version,
     fetch,
     key_id,
@@ -230,3 +232,21 @@ def test_ledger_and_quarantine_lookups_page_through_every_run(tmp_path, monkeypa
     assert set(tracker.quarantined(NAME, [])) == {f"fact-{i}" for i in range(n)}
     newest = tracker.runs(NAME, "feed", max_results=3)  # a limit still stops early, across pages
     assert len({r.info.run_id for r in newest}) == 3
+
+
+@pytest.mark.parametrize("planted", ["é" * 64, "\udcff" * 64, 7, None])
+def test_a_planted_signature_value_is_refused_never_a_crash(monkeypatch, planted):
+    monkeypatch.setenv(SIGNING_ENV, "k")
+    manifest = {"format": FORMAT, "signature": {"alg": SIGNING_ALG, "key_id": key_id(b"k"), "hmac": planted}}
+    with pytest.raises(PatchIntegrityError, match="bad signature"):
+        check_signature(manifest, "planted/manifest.json")
+
+
+def test_quarantine_records_from_before_fact_keys_are_keyed_by_their_request():
+    from kedit.core.facts import EditRequest
+    from kedit.store.tracking import _fact_key
+
+    request = {"id": "7", "subject": "Paris", "prompt": "{} is in", "target_new": "Asia"}
+    assert _fact_key({"id": "7", "request": request}) == EditRequest.from_dict(request).key
+    assert _fact_key({"key": "k-1", "id": "7", "request": request}) == "k-1"
+    assert _fact_key({"id": "7"}) == "7"  # nothing else kept: the id is all there is

@@ -166,6 +166,33 @@ def test_the_policy_reaches_a_flow_run_through_the_environment_only(tmp_path, mo
         active_policy()
 
 
+def test_a_deployment_run_without_the_policy_or_with_another_signing_key_is_refused(tmp_path, monkeypatch):
+    # a worker's job variables can rewrite a run's environment: emptying the policy variable must not unconfine it
+    monkeypatch.delenv(POLICY_ENV, raising=False)
+    monkeypatch.delenv("KEDIT_SIGNING_KEY", raising=False)
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", "a-deployment")
+    with pytest.raises(ParameterRefused, match="needs kedit serve's policy"):
+        active_policy()
+    monkeypatch.setenv("KEDIT_SIGNING_KEY", "the-operators-key")
+    policy = ServePolicy.served([tmp_path / "feeds"], served(tmp_path))
+    monkeypatch.setenv(POLICY_ENV, str(policy.write(tmp_path / "p.json")))
+    assert active_policy() == policy
+    for key in ("", "another-key"):  # dropped, or swapped for one whose signatures the operator's hosts refuse
+        monkeypatch.setenv("KEDIT_SIGNING_KEY", key)
+        with pytest.raises(ParameterRefused, match="signing key"):
+            active_policy()
+
+
+def test_a_nul_in_a_path_is_a_refusal_not_a_traceback(tree, tmp_path):
+    feeds, _ = tree
+    with pytest.raises(FeedRefused, match="not a path"):
+        confine(str(feeds / "a\x00.jsonl"), [feeds])
+    policy = ServePolicy.served([tmp_path / "feeds"], served(tmp_path))
+    for key in ("gates", "corpus", "work_dir"):
+        with pytest.raises(ParameterRefused, match=key):
+            policy.check({**served(tmp_path), key: str(tmp_path / "x\x00.yaml")})
+
+
 # ----------------------------------------------------------------------------- the watcher
 
 
@@ -225,6 +252,7 @@ def test_a_flow_run_refuses_feeds_outside_and_any_other_configuration(tmp_path, 
     assert out["feeds"] == [] and out["refused"] == [str(feeds / "x.jsonl")]
     out = process_feeds(**run, feed=str(secret))  # an event pointing outside
     assert out["refused"] == [str(secret)]
+    assert process_feeds(**run, feed=str(secret))["refused"] == [str(secret)]  # sent again: refused, recorded once
 
     tracker = Tracker(params["tracking_uri"])
     name, _ = identify(params["model"])

@@ -263,3 +263,17 @@ def test_kill_9_mid_stream_then_resume(env, checkpoint):
     assert len(applied) == len(set(applied)), "no fact applied twice"
     assert set(applied) | quarantined == {key(r) for r in GOOD + [HARMFUL]} and not set(applied) & quarantined
     assert summary["skipped"] >= 2
+
+
+def test_a_producer_that_numbers_every_feed_from_one_has_its_new_facts_applied(env, checkpoint):
+    tmp, config, kept = env
+    first = stream(config([dict(GOOD[0], id="1"), dict(GOOD[1], id="2")], batch_size=4))
+    assert first["accepted"] == 2
+    # the next feed numbers from 1 again: ids repeat, content differs; and one old fact is re-sent under a new id
+    again = [dict(GOOD[2], id="1"), dict(GOOD[3], id="2"), dict(GOOD[0], id="3")]
+    second = stream(config(again, batch_size=4))
+    assert second["accepted"] == 2 and second["skipped"] == 1  # only the same content counts as already applied
+    tracker = Tracker(f"sqlite:///{tmp}/mlruns/mlflow.db")
+    applied = rebuild(fresh_base(checkpoint), tracker, second["registered_model"], second["production"], None).requests
+    assert sorted(r.subject for r in applied) == ["dave", "eve", "frank", "grace"]
+    assert sorted(r.id for r in applied) == ["1", "1", "2", "2"]  # the producers' ids, kept as provenance

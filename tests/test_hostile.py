@@ -284,15 +284,18 @@ def test_an_os_error_other_than_not_found_is_a_refusal_not_a_traceback():
         load_facts("/proc/self/mem")
 
 
-def test_quarantine_lists_keep_the_row_limit_and_count_the_rest(tmp_path):
-    path = tmp_path / "junk.jsonl"
-    path.write_bytes(b"not json\n" * 50)
-    fs = load_facts(path)
-    assert len(fs.quarantined) == 50 and fs.accounted
+def test_quarantine_lists_keep_the_row_limit_per_feed_and_count_the_rest(tmp_path):
+    junk, fine = tmp_path / "junk.jsonl", tmp_path / "fine.jsonl"
+    junk.write_bytes(b"not json\n" * 50)
+    fine.write_bytes(jsonl(rec(), rec(subject="Peru", target_new="\x1b")))
+    fs = load_many([junk, fine])
+    assert len(fs.quarantined) == 51 and fs.accounted
     fs.write_quarantine(tmp_path / "out", max_rows=10)
-    rows = (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()
+    rows = [json.loads(r) for r in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
     counts = json.loads((tmp_path / "out" / "quarantine_counts.json").read_text())
-    assert len(rows) == 10 and counts["quarantined"] == 50 and counts["quarantined_rows_omitted"] == 40
+    assert [r["file"] for r in rows].count(str(junk)) == 10
+    assert [r["file"] for r in rows].count(str(fine)) == 1  # one feed's junk does not crowd out another's rows
+    assert counts["quarantined"] == 51 and counts["quarantined_rows_omitted"] == {str(junk): 40}
 
 
 def test_the_same_id_in_two_feeds_is_two_facts_and_the_same_content_is_one(tmp_path):
@@ -303,6 +306,8 @@ def test_the_same_id_in_two_feeds_is_two_facts_and_the_same_content_is_one(tmp_p
     assert fs.accounted and not fs.quarantined
     assert sorted(r.subject for r in fs.accepted) == ["Chile", "Norway", "Peru"] and len(fs.superseded) == 1
     assert fs.superseded[0].file == str(a)  # the tie goes to the later record
+    winner = fs.superseded[0]
+    assert (winner.by, winner.by_at) == ("9", f"{b}:2") and winner.by_key == winner.request.key  # same content, same key
 
 
 # ---------------------------------------------------------------- properties: no row is ever lost silently
@@ -315,10 +320,12 @@ SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[Heal
 @given(lines=st.lists(st.one_of(line_bytes, st.just(json.dumps(OK).encode())), max_size=15), bom=st.booleans())
 def test_every_non_blank_line_of_a_jsonl_file_is_one_record(tmp_path, lines, bom):
     path = tmp_path / "p.jsonl"
-    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + b"\n".join(lines))
+    data = (b"\xef\xbb\xbf" if bom else b"") + b"\n".join(lines)
+    path.write_bytes(data)
     fs = load_facts(path, fmt="feed")
     assert fs.accounted
-    assert fs.n_records == sum(1 for line in lines if line.strip())
+    # one leading byte-order mark is not content; every other non-blank line is one record
+    assert fs.n_records == sum(1 for line in data.removeprefix(b"\xef\xbb\xbf").split(b"\n") if line.strip())
 
 
 # ---------------------------------------------------------------- kedit check's exit status

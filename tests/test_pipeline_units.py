@@ -68,3 +68,77 @@ def test_a_retried_record_attempt_quarantines_each_fact_once(session):
     assert sorted(q["key"] for q in session.quarantined) == sorted(session.requests)
     assert [q["id"] for q in session.quarantined] == ["1", "1"]  # one producer id, two facts
     assert sum(1 for kind, _ in session.tracker.logged if kind == "end") == 1
+
+
+class StartTracker:
+    """A store that drops the first log_params request: the start is retried after its run was opened."""
+
+    def __init__(self):
+        self.runs: list[str] = []
+        self.failures_left = 1
+
+    def quarantined(self, name, chain):
+        return {}
+
+    def feed_ledger(self, name):
+        return {}
+
+    def start_run(self, registered, name, tags, parent_run_id=None):
+        self.runs.append(name)
+        return f"run-{len(self.runs)}"
+
+    def log_params(self, run_id, params):
+        if self.failures_left:
+            self.failures_left -= 1
+            raise ConnectionError("tracking server went away")
+
+    def log_artifacts(self, run_id, local_dir, artifact_path=None):
+        pass
+
+    def log_dict(self, run_id, obj, name):
+        pass
+
+    def set_tags(self, run_id, tags):
+        pass
+
+    def end_run(self, run_id, status="FINISHED"):
+        pass
+
+
+def test_a_retried_start_opens_one_stream_run_and_refuses_each_fact_once(tmp_path):
+    import json
+
+    import torch
+
+    from editing import EditError
+    from kedit.core.config import StrictConfig
+    from kedit.pipeline.config import StreamConfig
+    from kedit.pipeline.plan import Plan
+    from kedit.pipeline.session import start_stream
+
+    reqs = [EditRequest("1", s, "{} is in", "Asia") for s in ("Paris", "Rome", "Oslo")]
+    (tmp_path / "plan.json").write_text(json.dumps([r.to_dict() for r in reqs]))
+    keys = [r.key for r in reqs]
+    plan = Plan(str(tmp_path / "plan.json"), keys, 3, 0, 0, {"f.jsonl": "sha"}, dict.fromkeys(keys, "f.jsonl"), {})
+
+    class Editor:
+        hparams = StrictConfig()
+
+        def require_supported(self, batch):
+            if batch[0].subject == "Oslo":
+                raise EditError("no target_true")
+
+    gates = SimpleNamespace(source="gates.yaml", params=lambda: {})
+    cfg = StreamConfig(feeds=("f.jsonl",), model="m", editor="ft-m", batch_size=2)
+    s = Session("s2", cfg, gates, StartTracker(), "m", "fp", torch.nn.Linear(1, 1), None, Editor())
+    _SESSIONS[s.id] = s
+    try:
+        with pytest.raises(ConnectionError):
+            start_stream(s.id, plan)
+        batches = start_stream(s.id, plan)
+        assert start_stream(s.id, plan) == batches == [keys[:2]]
+    finally:
+        _SESSIONS.pop(s.id, None)
+    assert [n for n in s.tracker.runs if n.startswith("stream-")] == [s.tracker.runs[0]]  # one parent run
+    assert [n for n in s.tracker.runs if n.startswith("refused-")] == ["refused-1"]  # Oslo refused once
+    assert [q["key"] for q in s.quarantined] == [keys[2]]
