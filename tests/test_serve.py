@@ -356,9 +356,13 @@ process_feeds.from_source(source={str(repo)!r}, entrypoint="flows/serve.py:proce
     deployed = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=120)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     wlog = (root / "worker.log").open("wb")
+    # a worker runs deployments under kedit serve's policy, set in its own environment
+    from flows.serve import POLICY_ENV, ServePolicy
+
+    policy = ServePolicy.served([root], stack["params"]).write(root / "serve-policy.json")
     worker = subprocess.Popen(
         [prefect, "worker", "start", "--pool", pool, "--type", "process"],
-        env=env,
+        env={**env, POLICY_ENV: str(policy)},
         cwd=root,
         stdout=wlog,
         stderr=subprocess.STDOUT,
@@ -381,6 +385,23 @@ process_feeds.from_source(source={str(repo)!r}, entrypoint="flows/serve.py:proce
         t = Tracker(stack["uri"])
         name = t.client.search_registered_models()[0].name
         assert any(Path(e["feed"]).name == feed.name for e in t.feed_ledger(name).values())
+        # a run whose job variables empty the policy variable (any API client can ask for that) refuses to start
+        unconfined = api(
+            stack,
+            "POST",
+            f"/deployments/{deployments(stack)['on-pool']['id']}/create_flow_run",
+            {"parameters": {"feed": str(feed)}, "job_variables": {"env": {POLICY_ENV: ""}}},
+        )
+        done = wait_for(
+            lambda: (
+                (r := api(stack, "GET", f"/flow_runs/{unconfined['id']}"))["state_type"] in ("COMPLETED", "FAILED", "CRASHED")
+                and r
+            ),
+            240,
+            "the worker to refuse the unconfined run",
+        )
+        assert done["state_type"] == "FAILED"
+        assert "needs kedit serve's policy" in (root / "worker.log").read_text()
     finally:
         stop_group(worker.pid, grace=10)
         assert group_members(worker.pid) == []
