@@ -43,6 +43,13 @@ T_FEED_STATUS = "kedit.feed_status"  # processed | invalid | refused
 T_N_FACTS = "kedit.n_facts"  # facts in an attempt
 T_N_EDITS = "kedit.n_edits"  # edits the version holds, from the base
 T_EDITOR = "kedit.editor"
+T_ATTEMPT_RUN = "kedit.attempt_run"  # on a version: the attempt run whose artifact it is (the version links to the stream run)
+
+UI_ENV = "KEDIT_UI_URL"  # where the MLflow UI of a non-HTTP store is served (kedit up: http://127.0.0.1:5000)
+DEFAULT_UI = "http://127.0.0.1:5000"
+# MLflow 3.17's UI opens an experiment in GenAI mode unless the URL says otherwise (no tag or server
+# setting changes that default); the runs table, run charts and the model registry are its model-training views
+ML_VIEW = "?workflowType=machine_learning"
 
 
 def metric_tag(metric: str) -> str:
@@ -73,6 +80,14 @@ class VersionInfo:
     @property
     def parent(self) -> str | None:
         return self.tags.get(T_PARENT_VERSION) or None
+
+
+def ui_base(uri: str) -> str:
+    """The MLflow UI serving ``uri``: the server itself for an HTTP store, else ``$KEDIT_UI_URL`` or
+    ``kedit up``'s address (a SQLite or file store has no UI of its own: ``kedit up`` or ``mlflow ui`` serves it)."""
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    return (os.environ.get(UI_ENV) or DEFAULT_UI).rstrip("/")
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:
@@ -192,6 +207,18 @@ class Tracker:
     def download(self, run_id: str, artifact_path: str, dst: Path) -> Path:
         dst.mkdir(parents=True, exist_ok=True)
         return Path(self.client.download_artifacts(run_id, artifact_path, str(dst)))
+
+    def ui_links(self, registered: str, run_id: str | None = None) -> dict[str, str]:
+        """Links that open the right view of the MLflow UI directly: the runs table (model-training mode),
+        the stream run's metric charts, and the registered model with its versions and alias."""
+        from urllib.parse import quote
+
+        base = ui_base(self.uri)
+        experiment = f"{base}/#/experiments/{self.experiment_id(registered)}"
+        links = {"runs": f"{experiment}/runs{ML_VIEW}", "model": f"{base}/#/models/{quote(registered)}{ML_VIEW}"}
+        if run_id:
+            links["stream"] = f"{experiment}/runs/{run_id}/model-metrics{ML_VIEW}"
+        return links
 
     # ------------------------------------------------------------------ registry
 
