@@ -100,18 +100,43 @@ def test_harmful_edit_is_isolated_the_rest_accepted_and_tracked(env, checkpoint)
 
     # attempts: the first batch and the harmful singleton were rolled back and made no version
     attempts = tracker.runs(name, "attempt")
-    verdicts = {r.info.run_name: r.data.tags[T_VERDICT] for r in attempts}
+    verdicts = {r.info.run_name.split(" · ")[0]: r.data.tags[T_VERDICT] for r in attempts}
     assert verdicts["batch-000"] == "rolled_back"
     for r in attempts:
-        assert (T_VERSION in r.data.tags) == (r.data.tags[T_VERDICT] == "accepted")
+        accepted = r.data.tags[T_VERDICT] == "accepted"
+        assert (T_VERSION in r.data.tags) == accepted
         assert r.data.tags["mlflow.parentRunId"] == summary["run_id"]
+        # the verdict stands out in the runs table: in the name, and a FAILED (red) status for a rejection
+        assert r.info.status == ("FINISHED" if accepted else "FAILED")
+        assert ("· accepted v" in r.info.run_name) == accepted and ("REJECTED" in r.info.run_name) != accepted
     assert sum(v == "accepted" for v in verdicts.values()) == len(versions)
 
-    # metrics over the global edit count, and the drawdown picture on the stream run
-    hist = tracker.metric_history(summary["run_id"], "drawdown_base")
-    assert [step for step, _ in hist] == sorted(int(v.tags["kedit.n_edits"]) for v in versions)
-    assert all(0 <= value <= 0.2 for _, value in hist)
-    artifacts = {a.path for a in tracker.client.list_artifacts(summary["run_id"])}
+    # the stream run's series over the global edit count, from 0 edits: drawdown, retention and the gates' limits
+    run = summary["run_id"]
+    steps = sorted(int(v.tags["kedit.n_edits"]) for v in versions)
+    for series in ("drawdown_base", "drawdown_prev", "limit.drawdown_base", "limit.drawdown_prev", "limit.retention"):
+        hist = tracker.metric_history(run, series)
+        assert [step for step, _ in hist] == [0, *steps], series  # one point per step, none twice
+    retention = tracker.metric_history(run, "retention")  # none at the first version: no earlier edit to retain
+    assert retention[0] == (0, 1.0) and [s for s, _ in retention] == [0, *steps[1:]]
+    assert tracker.metric_history(run, "drawdown_base")[0] == (0, 0.0)
+    assert all(0 <= value <= 0.2 for _, value in tracker.metric_history(run, "drawdown_base"))
+    assert {v for _, v in tracker.metric_history(run, "limit.drawdown_base")} == {0.2}  # the gates file's base_max
+    assert {v for _, v in tracker.metric_history(run, "limit.retention")} == {0.5}
+    assert [step for step, _ in tracker.metric_history(run, "n_edits")] == steps  # no step twice
+    assert tracker.client.get_run(run).data.tags["kedit.limit.drawdown_base"] == "max 0.2"
+    # the rejected attempts are on the stream run too: their drawdown at the edit count they would have reached
+    rejected_base = [v for _, v in tracker.metric_history(run, "rejected.drawdown_base")]
+    rejected_prev = [v for _, v in tracker.metric_history(run, "rejected.drawdown_prev")]
+    assert len(rejected_base) == sum(v != "accepted" for v in verdicts.values())
+    assert max(rejected_base) > 0.2 or max(rejected_prev) > 0.1  # what made them fail is on the chart
+    # the versions belong to the stream run (its page lists them), their artifacts to the attempts
+    for v in versions:
+        assert v.run_id == run and tracker.client.get_run(v.tags["kedit.attempt_run"]).data.tags[T_VERDICT] == "accepted"
+        assert all(value != "nan" for value in v.tags.values())
+    assert set(summary["links"]) == {"runs", "stream", "model"} and run in summary["links"]["stream"]
+    assert all("workflowType=machine_learning" in url for url in summary["links"].values())
+    artifacts = {a.path for a in tracker.client.list_artifacts(run)}
     assert {"drawdown.png", "summary.json", "quarantine_gates.json"} <= artifacts
 
     # the in-memory model equals the base plus the verified delta chain, bit for bit
@@ -208,6 +233,10 @@ def test_rollback_moves_production_and_later_streams_continue_from_there(env, ch
     out = CliRunner().invoke(cli, ["status", "--model", str(checkpoint), "--tracking-uri", uri, "--feeds", str(tmp)])
     assert out.exit_code == 0, out.output
     assert "production: v4" in out.output and "accepted" in out.output and "drawdown vs base" in out.output
+    table = out.output.split("drawdown history")[1].splitlines()
+    assert "limits: drawdown_base max 0.2, drawdown_prev max 0.1, retention min 0.5" in table[0]
+    assert [line.split()[0] for line in table[2:5]] == ["base", "v1", "v4"]  # the production chain, from 0 edits
+    assert "/#/experiments/" in out.output and "workflowType=machine_learning" in out.output
     assert "pending: 0" not in out.output  # gates.yaml and other files in tmp were never fed
     out = CliRunner().invoke(cli, ["rollback", "--model", str(checkpoint), "--to", "2", "--tracking-uri", uri])
     assert out.exit_code == 0 and "from v4 to v2" in out.output

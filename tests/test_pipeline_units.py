@@ -38,6 +38,12 @@ class FlakyTracker:
     def set_tags(self, run_id, tags):
         self.logged.append(("tags", tags))
 
+    def rename_run(self, run_id, name):
+        self.logged.append(("name", name))
+
+    def log_figure(self, run_id, figure, name):
+        self.logged.append(("figure", name))
+
     def end_run(self, run_id, status="FINISHED"):
         if self.failures_left:
             self.failures_left -= 1
@@ -68,6 +74,8 @@ def test_a_retried_record_attempt_quarantines_each_fact_once(session):
     assert sorted(q["key"] for q in session.quarantined) == sorted(session.requests)
     assert [q["id"] for q in session.quarantined] == ["1", "1"]  # one producer id, two facts
     assert sum(1 for kind, _ in session.tracker.logged if kind == "end") == 1
+    assert ("name", "batch-000 · REJECTED, quarantined") in session.tracker.logged
+    assert len(session.rejected) == 1  # the rejected point is kept once, by the try that succeeded
 
 
 class StartTracker:
@@ -142,3 +150,31 @@ def test_a_retried_start_opens_one_stream_run_and_refuses_each_fact_once(tmp_pat
     assert [n for n in s.tracker.runs if n.startswith("stream-")] == [s.tracker.runs[0]]  # one parent run
     assert [n for n in s.tracker.runs if n.startswith("refused-")] == ["refused-1"]  # Oslo refused once
     assert [q["key"] for q in s.quarantined] == [keys[2]]
+
+
+def test_drawdown_png_shows_every_series_its_limit_and_the_rejected_attempts():
+    from kedit.pipeline.monitor import plot_drawdown
+
+    figures = []
+    tracker = SimpleNamespace(log_figure=lambda run, fig, name: figures.append((name, fig)))
+    history = [
+        {"n_edits": 0, "drawdown_base": 0.0, "drawdown_prev": 0.0, "retention": 1.0},
+        {"n_edits": 4, "drawdown_base": 0.02, "drawdown_prev": 0.02},
+        {"n_edits": 8, "drawdown_base": 0.04, "drawdown_prev": 0.02, "retention": 0.9},
+    ]
+    rejected = [{"n_edits": 12, "drawdown_base": 0.116, "drawdown_prev": 0.073, "retention": 1.0}]
+    limits = {"drawdown_base": 0.1, "drawdown_prev": 0.05, "retention": 0.8}
+    session = SimpleNamespace(registered="m", run_id="r", tracker=tracker, history=history, rejected=rejected, limits=limits)
+    plot_drawdown(session)
+    ((name, fig),) = figures
+    top, bottom = fig.axes[0], fig.axes[1]
+    labels = top.get_legend_handles_labels()[1] + bottom.get_legend_handles_labels()[1]
+    for wanted in ("drawdown vs base", "drawdown vs previous version", "retention of earlier edits"):
+        assert wanted in labels and f"rejected attempt ({wanted})" in labels
+    assert {"limit: drawdown_base 0.1", "limit: drawdown_prev 0.05", "limit: retention 0.8"} <= set(labels)
+    lines = {line.get_label(): line for line in top.get_lines()}
+    base, prev = lines["drawdown vs base"], lines["drawdown vs previous version"]
+    assert list(base.get_xdata()) == [0, 4, 8]  # from 0 edits
+    # lines that lie on each other both show: other style, other marker
+    assert (base.get_linestyle(), base.get_marker()) != (prev.get_linestyle(), prev.get_marker())
+    assert name == "drawdown.png" and top.get_xlabel() == "" and bottom.get_xlabel() == "edits applied to the model"

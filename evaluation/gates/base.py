@@ -36,10 +36,14 @@ class GateResult:
     value: float
     threshold: float
     passed: bool
-    detail: str = ""
+    bound: str = "max"  # "min": the value must reach the threshold; "max": it must not exceed it
+    detail: str = ""  # what the value is over, e.g. "over 41 known facts"
 
     def __str__(self) -> str:
-        return f"{self.gate}={self.value:.4g} ({'ok' if self.passed else 'FAILED'}; limit {self.threshold:.4g}{self.detail})"
+        detail = f" {self.detail}" if self.detail else ""
+        return (
+            f"{self.gate}={self.value:.4g} ({'ok' if self.passed else 'FAILED'}; limit {self.threshold:.4g} {self.bound}{detail})"
+        )
 
 
 @dataclass
@@ -65,7 +69,7 @@ class GateReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
-            "results": [asdict(c) for c in self.results],
+            "results": [asdict(c) | {"value": round_sig(c.value)} for c in self.results],
             "metrics": self.metrics,
             "seconds": self.seconds,
             "holding": self.holding,
@@ -139,10 +143,15 @@ def register_gate(cls: type[Gate]) -> type[Gate]:
 def at_least(gate: str, value: float, minimum: float | None, detail: str = "") -> GateResult | None:
     if minimum is None or math.isnan(value):
         return None  # disabled, or nothing to measure (e.g. no paraphrases in the batch)
-    return GateResult(gate, value, minimum, value >= minimum - 1e-9, f" min{detail}")
+    return GateResult(gate, value, minimum, value >= minimum - 1e-9, "min", detail)
 
 
 def at_most(gate: str, value: float, maximum: float | None, detail: str = "") -> GateResult | None:
     if maximum is None or math.isnan(value):
         return None
-    return GateResult(gate, value, maximum, value <= maximum + 1e-9, f" max{detail}")
+    return GateResult(gate, value, maximum, value <= maximum + 1e-9, "max", detail)
+
+
+def round_sig(value: float, digits: int = 6) -> float:
+    """``value`` to ``digits`` significant digits, for what people read (reports, tags); NaN stays NaN."""
+    return float(f"{value:.{digits}g}")

@@ -61,7 +61,7 @@ class CapabilityGate(Gate):
         for key, limit in self.cfg.max_regression.items():
             if key not in result.values:
                 raise ConfigError(f"{self.source}.max_regression: metric {key!r} not produced; have {sorted(result.values)}")
-            results.append(at_most(f"capability:{key}", metrics[f"cap_regression_base/{key}"], limit, " relative to base"))
+            results.append(at_most(f"capability:{key}", metrics[f"cap_regression_base/{key}"], limit, "relative to base"))
         return Outcome(metrics, results)
 
     def on_accept(self, report: GateReport) -> None:

@@ -54,8 +54,8 @@ class DrawdownGate(Gate):
         return Outcome(
             metrics,
             [
-                at_most("drawdown_base", metrics["drawdown_base"], self.cfg.base_max, f" over {n} known facts"),
-                at_most("drawdown_prev", metrics["drawdown_prev"], self.cfg.step_max, f" over {n} known facts"),
+                at_most("drawdown_base", metrics["drawdown_base"], self.cfg.base_max, f"over {n} known facts"),
+                at_most("drawdown_prev", metrics["drawdown_prev"], self.cfg.step_max, f"over {n} known facts"),
             ],
         )
 

@@ -44,6 +44,6 @@ class EditsGate(Gate):
             [
                 at_least("efficacy", now.efficacy, self.cfg.efficacy_min),
                 at_least("generalization", now.generalization, self.cfg.generalization_min),
-                at_most("specificity_drop", drop, self.cfg.specificity_max_drop, f" (was {before:.3f})"),
+                at_most("specificity_drop", drop, self.cfg.specificity_max_drop, f"(was {before:.3f})"),
             ],
         )

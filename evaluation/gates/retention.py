@@ -38,7 +38,7 @@ class RetentionGate(Gate):
         ok = edit_success(step.model, step.tok, earlier) if earlier else torch.zeros(0, dtype=torch.bool)
         held = torch.tensor([r.key in self.holding for r in earlier], dtype=torch.bool)
         metrics = {"retention": mean(ok[held]), "retention_all": mean(ok)}
-        check = at_least("retention", metrics["retention"], self.cfg.min, f" over {int(held.sum())} earlier edits that held")
+        check = at_least("retention", metrics["retention"], self.cfg.min, f"over {int(held.sum())} earlier edits that held")
         batch_ok = step.edit_outcomes().rewrite_ok.tolist()
         holding = [r.key for r, k in zip(earlier, ok.tolist()) if k] + [r.key for r, k in zip(step.batch, batch_ok) if k]
         return Outcome(metrics, [check], holding)

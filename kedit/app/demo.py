@@ -84,11 +84,14 @@ def run_demo(
         rec = json.loads(line)
         print(f"  quarantined by the gates: {rec['id']}: {rec['reason']}")
     uri = resolve_uri(tracking_uri)
+    links = summary["links"]
     print(
-        f"\nTracking store: {uri}. Look at it with:\n"
-        f"  mlflow ui --backend-store-uri {uri}\n"
-        f"then open the experiment 'kedit/{summary['registered_model']}' (metrics over edits, drawdown.png on the stream run) "
-        f"and Models → {summary['registered_model']} (versions, alias 'production'). In the terminal: kedit status"
+        f"\nTracking store: {uri}. Serve it with `kedit up` (or `mlflow ui --backend-store-uri {uri} --port 5000`), then open:\n"
+        f"  the runs table (a rejected batch shows a red cross and REJECTED in its name): {links['runs']}\n"
+        f"  this stream's charts (drawdown, retention and the gates' limits from 0 edits; rejected.*: the rejected attempts;\n"
+        f"    drawdown.png under Artifacts): {links['stream']}\n"
+        f"  the registered model, its versions and the alias 'production': {links['model']}\n"
+        f"In the terminal: kedit status"
     )
     return summary
 

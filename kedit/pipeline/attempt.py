@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,8 +26,9 @@ from kedit.store.tracking import (
 )
 from kedit.store.versions import write_version
 
-from .report import plot_drawdown
-from .session import HISTORY_KEYS, Session, get_session, quarantine_record
+from . import monitor
+from .config import HISTORY_KEYS
+from .session import Session, get_session, quarantine_record
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +102,7 @@ def commit_version(session_id: str, report: GateReport) -> str:
     t0 = time.perf_counter()
     batch = _batch(session, attempt.keys)
     n_edits = session.n_edits + len(batch)
-    history = {k: report.metrics[k] for k in HISTORY_KEYS if k in report.metrics}
+    history = {k: report.metrics[k] for k in HISTORY_KEYS if k in report.metrics and math.isfinite(report.metrics[k])}
     with tempfile.TemporaryDirectory(prefix="kedit-version-") as tmp:
         sha = write_version(
             Path(tmp),
@@ -126,7 +128,7 @@ def commit_version(session_id: str, report: GateReport) -> str:
             T_EDITOR: session.cfg.editor,
             **{metric_tag(k): f"{v:.6g}" for k, v in history.items()},
         }
-        version = session.tracker.register_version(session.registered, attempt.run_id, Path(tmp), tags)
+        version = session.tracker.register_version(session.registered, attempt.run_id, Path(tmp), tags, session.run_id)
         attempt.seconds["version_bytes"] = sum(f.stat().st_size for f in Path(tmp).iterdir())
     session.tracker.set_production(session.registered, version)
     # from here on the version is in production: only bookkeeping follows
@@ -162,14 +164,21 @@ def record_attempt(session_id: str, report: GateReport, verdict: str, quarantine
     tracker.log_dict(attempt.run_id, {**batch, "parent_version": attempt.parent_version}, "batch.json")
     tracker.log_dict(attempt.run_id, quarantined, "quarantine.json")
     tags = {T_VERDICT: verdict, T_N_QUARANTINED: str(len(quarantined))}
+    monitor.note_limits(session, report)
+    rejected = None
     if verdict == "accepted":
         tags[T_VERSION] = session.production
-        totals = {"n_edits": session.n_edits, "facts_accepted": len(session.accepted)}
-        tracker.log_metrics(session.run_id, {**report.metrics, **totals}, step=session.n_edits)
-        plot_drawdown(session)
+        monitor.log_accepted(session, report, {"n_edits": session.n_edits, "facts_accepted": len(session.accepted)})
+    else:
+        rejected = monitor.rejected_point(session, len(attempt.keys), attempt.name, report)
     tracker.set_tags(attempt.run_id, tags)
-    tracker.end_run(attempt.run_id)
+    tracker.rename_run(attempt.run_id, run_label(attempt.name, verdict, session.production, quarantine))
+    # the runs table shows a red cross for FAILED: a batch the gates rejected stands out from the accepted ones
+    tracker.end_run(attempt.run_id, "FINISHED" if verdict == "accepted" else "FAILED")
     session.quarantined += quarantined  # only now: a failure above leaves the session as it was
+    if rejected is not None:
+        session.rejected.append(rejected)
+    monitor.plot_drawdown(session)
     attempt.seconds["tracking"] += time.perf_counter() - t0
     session.steps.append({"attempt": attempt.name, "n": len(attempt.keys), "keys": list(attempt.keys), "verdict": verdict})
     session.steps[-1].update(attempt.seconds)
@@ -179,6 +188,13 @@ def record_attempt(session_id: str, report: GateReport, verdict: str, quarantine
     log.info("%s (%d facts): %s%s", attempt.name, len(attempt.keys), verdict, detail)
     attempt.recorded = {"verdict": verdict, "quarantined": len(quarantined)}
     return attempt.recorded
+
+
+def run_label(name: str, verdict: str, version: str | None, quarantined: bool) -> str:
+    """The attempt run's name with its verdict, as the runs table lists it."""
+    if verdict == "accepted":
+        return f"{name} · accepted v{version}"
+    return f"{name} · REJECTED, {'quarantined' if quarantined else 'bisected'}"
 
 
 def note_wall(session_id: str, seconds: float) -> None:

@@ -8,6 +8,9 @@ from typing import Any
 from kedit.core.errors import KeditError
 from kedit.core.facts import Limits
 
+# the history points kept per accepted version: what the drawdown plot, the stream run's series and `kedit status` show
+HISTORY_KEYS = ("drawdown_base", "drawdown_prev", "retention")
+
 
 class StreamError(KeditError):
     pass

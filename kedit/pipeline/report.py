@@ -1,5 +1,5 @@
-"""What a stream reports: the drawdown plot after each accepted version, and the closing summary,
-in which every fact of the feeds is accounted for, and the feed ledger."""
+"""What a stream reports when it ends: the closing summary, in which every fact of the feeds is accounted
+for, the links that open it in the MLflow UI, and the feed ledger (the series and drawdown.png: ``monitor``)."""
 
 from __future__ import annotations
 
@@ -8,38 +8,10 @@ from pathlib import Path
 
 from kedit.store.tracking import T_VERDICT, T_VERSION
 
+from . import monitor
 from .config import StreamError
 from .plan import Plan
 from .session import Session, get_session
-
-
-def plot_drawdown(session: Session) -> None:
-    """drawdown.png on the stream run: drawdown and retention over the model's edit count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = [p for p in session.history if "n_edits" in p]
-
-    def series(key: str) -> tuple[list[float], list[float]]:
-        kept = [p for p in points if key in p]
-        return [p["n_edits"] for p in kept], [p[key] for p in kept]
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for key, label in (("drawdown_base", "drawdown vs base"), ("drawdown_prev", "drawdown vs previous version")):
-        ax.plot(*series(key), marker="o", label=label)
-    ax.set_xlabel("edits applied to the model")
-    ax.set_ylabel("fraction of known facts lost")
-    ax2 = ax.twinx()
-    ax2.plot(*series("retention"), color="grey", linestyle="--", label="retention")
-    ax2.set_ylim(0, 1.05)
-    ax2.set_ylabel("retention of earlier edits")
-    ax.legend(loc="upper left", fontsize=8)
-    ax.set_title(f"{session.registered}: knowledge drawdown over edits")
-    fig.tight_layout()
-    session.tracker.log_figure(session.run_id, fig, "drawdown.png")
-    plt.close(fig)
 
 
 def summarize(session: Session, plan: Plan) -> dict:
@@ -82,7 +54,8 @@ def finish_stream(session_id: str, plan: Plan) -> dict:
     _record_feeds(session, plan, work)
     summary["feeds"] = plan.feeds
     totals = {k: summary[k] for k in ("accepted", "quarantined", "superseded", "skipped")} | {"n_edits": session.n_edits}
-    tracker.log_metrics(session.run_id, totals, step=session.n_edits)
+    monitor.log_point(session, session.n_edits, {k: float(v) for k, v in totals.items()})
+    summary["links"] = tracker.ui_links(session.registered, session.run_id)
     tracker.set_tags(session.run_id, {T_VERSION: session.production or "", T_VERDICT: "finished"})
     tracker.end_run(session.run_id)
     return summary

@@ -35,7 +35,8 @@ from kedit.store.tracking import (
 )
 from kedit.store.versions import rebuild
 
-from .config import StreamConfig, StreamError
+from . import monitor
+from .config import HISTORY_KEYS, StreamConfig, StreamError
 from .plan import Plan, read_plan
 
 if TYPE_CHECKING:
@@ -45,9 +46,6 @@ if TYPE_CHECKING:
     from .attempt import Attempt
 
 log = logging.getLogger(__name__)
-
-# the history points kept per accepted version: what the drawdown plot and `kedit status` show
-HISTORY_KEYS = ("drawdown_base", "drawdown_prev", "retention")
 
 
 @dataclass
@@ -74,7 +72,12 @@ class Session:
     quarantined: list[dict] = field(default_factory=list)  # this stream's gate/editor quarantine
     skipped: dict[str, str] = field(default_factory=dict)  # fact key -> why (done before this stream)
     batches: list[list[str]] | None = None  # what start_stream returned (a repeated call returns it again)
-    history: list[dict] = field(default_factory=list)  # per accepted version: n_edits and HISTORY_KEYS
+    history: list[dict] = field(default_factory=list)  # the base, then per accepted version: n_edits and HISTORY_KEYS
+    rejected: list[dict] = field(
+        default_factory=list
+    )  # per rejected attempt: the edit count it would have reached, its HISTORY_KEYS
+    limits: dict[str, float] = field(default_factory=dict)  # gate -> threshold, from the reports
+    logged: set[tuple[str, int]] = field(default_factory=set)  # (series, step) already on the stream run
     steps: list[dict] = field(default_factory=list)  # timings per attempt
     attempt: Attempt | None = None
     progress: tqdm | None = None
@@ -156,7 +159,7 @@ def restore_production(session_id: str) -> dict:
             session.editor.load_state_dict(chain.state)
         else:
             log.warning("production was made by %s; %s starts with fresh state", chain.editor, session.cfg.editor)
-    session.history = [history_point(v.tags) for v in chain.versions]
+    session.history = [dict(monitor.BASE_POINT)] + [history_point(v.tags) for v in chain.versions]
     if prod is not None:  # on the base model the baselines measured at open stand
         session.gates.on_production(session.model, session.tokenizer, session.earlier)
     where = f"v{session.production}" if session.production else "the base model"
@@ -187,6 +190,7 @@ def start_stream(session_id: str, plan: Plan) -> list[list[str]]:
         )
     session.tracker.log_params(session.run_id, _run_params(session, plan))
     session.tracker.log_artifacts(session.run_id, Path(plan.path).parent, "feeds")
+    monitor.start_series(session)
     pending = [key for key in pending if _editor_takes(session, key)]
     if session.skipped:
         log.info("%d fact(s) skipped: already applied or quarantined on this chain", len(session.skipped))

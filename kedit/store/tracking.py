@@ -147,6 +147,10 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
 
+    def rename_run(self, run_id: str, name: str) -> None:
+        """A run's name as the runs table shows it (a verdict in the name makes a rejection stand out)."""
+        self.client.set_tag(run_id, "mlflow.runName", name)
+
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -278,11 +282,18 @@ class Tracker:
             version = info.parent
         return out[::-1]
 
-    def register_version(self, name: str, run_id: str, local_dir: Path, tags: dict[str, str]) -> str:
-        """Upload ``local_dir`` as the run's ``version`` artifact and make it a new model version."""
+    def register_version(
+        self, name: str, run_id: str, local_dir: Path, tags: dict[str, str], link_run_id: str | None = None
+    ) -> str:
+        """Upload ``local_dir`` as the run's ``version`` artifact and make it a new model version.
+
+        ``link_run_id``: the run the version belongs to in the UI (the stream run, whose page then lists
+        it under "Registered models"); the artifact's run is kept in the tag ``kedit.attempt_run``."""
         self.log_artifacts(run_id, local_dir, VERSION_ARTIFACT)
         source = f"{self.client.get_run(run_id).info.artifact_uri}/{VERSION_ARTIFACT}"
-        mv = self.client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+        mv = self.client.create_model_version(
+            name, source=source, run_id=link_run_id or run_id, tags={**tags, T_ATTEMPT_RUN: run_id}
+        )
         return str(mv.version)
 
     def set_production(self, name: str, version: str) -> None:
