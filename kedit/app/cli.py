@@ -513,6 +513,23 @@ def bench_trigger(n_feeds, json_out) -> None:
     _write_json(json_out, result)
 
 
+@bench.command("ui")
+@click.option("--out", type=PathArg, default=Path("docs/ui"), show_default=True, help="Where the screenshots go.")
+@JSON_OUT
+@click.option("--chromium", type=PathArg, default=Path("/usr/bin/chromium"), show_default=True, help="The Chromium to drive.")
+@click.option("--port", type=int, default=0, show_default=True, help="Port of the MLflow UI (0: a free one).")
+def bench_ui(out, json_out, chromium, port) -> None:
+    """The MLflow UI in headless Chromium on a short stream's store: printed links answer 200, pages show, screenshots."""
+    from kedit.app.bench_ui import bench_ui as run
+
+    result = run(out, json_out, chromium, port)
+    for c in result["checks"]:
+        click.echo(f"{'ok    ' if c['ok'] else 'FAILED'} {c['name']:17} HTTP {c['status']}  {c['seconds']} s  {c['url']}")
+    click.echo(json.dumps(result["timings_s"]))
+    if not result["ok"]:
+        sys.exit(1)
+
+
 def _write_json(path: Path | None, obj) -> None:
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
