@@ -160,6 +160,19 @@ def write_store(root: Path) -> dict:
     return {**summary, "tracking_uri": cfg.tracking_uri}
 
 
+def copy_drawdown(summary: dict, out: Path) -> Path:
+    """The stream run's drawdown.png, copied beside the screenshots (the README shows it)."""
+    import shutil
+
+    from kedit.store.tracking import Tracker
+
+    out.mkdir(parents=True, exist_ok=True)
+    got = Tracker(summary["tracking_uri"]).download(summary["run_id"], "drawdown.png", out / ".download")
+    target = shutil.copyfile(got, out / "drawdown.png")
+    shutil.rmtree(out / ".download", ignore_errors=True)
+    return Path(target)
+
+
 def start_mlflow(uri: str, artifacts: Path, port: int = 0, timeout: float = 120.0):
     """``mlflow server`` on 127.0.0.1 in its own process group, healthy; its ``Server`` record."""
     from kedit.app.servers import ServerError, _alive, _bin, _healthy, _start, free_port, wait_for
@@ -350,6 +363,7 @@ def bench_ui(
             summary = write_store(root)
             timings["store"] = round(time.perf_counter() - t0, 2)
             info["stream"] = {k: summary.get(k) for k in ("registered_model", "run_id", "records", "accepted", "quarantined")}
+            info["drawdown_png"] = str(copy_drawdown(summary, Path(out)))
             log.info("store written in %.1f s: %s", timings["store"], info["stream"])
 
             t0 = time.perf_counter()
