@@ -74,7 +74,7 @@ def test_a_retried_record_attempt_quarantines_each_fact_once(session):
     assert sorted(q["key"] for q in session.quarantined) == sorted(session.requests)
     assert [q["id"] for q in session.quarantined] == ["1", "1"]  # one producer id, two facts
     assert sum(1 for kind, _ in session.tracker.logged if kind == "end") == 1
-    assert ("name", "batch-000 · REJECTED, quarantined") in session.tracker.logged
+    assert ("name", "REJECTED batch-000 (quarantined)") in session.tracker.logged
     assert len(session.rejected) == 1  # the rejected point is kept once, by the try that succeeded
 
 
@@ -178,3 +178,23 @@ def test_drawdown_png_shows_every_series_its_limit_and_the_rejected_attempts():
     # lines that lie on each other both show: other style, other marker
     assert (base.get_linestyle(), base.get_marker()) != (prev.get_linestyle(), prev.get_marker())
     assert name == "drawdown.png" and top.get_xlabel() == "" and bottom.get_xlabel() == "edits applied to the model"
+
+
+def test_a_resumed_stream_shows_the_attempts_rejected_on_its_chain_before():
+    from kedit.pipeline.monitor import BASE_POINT, earlier_rejections, start_series
+
+    logged = []
+    found = [("", 4, "REJECTED batch-000 (bisected)", {"drawdown_base": 0.3}), ("1", 1, "REJECTED b (quarantined)", {"retention": 0.2})]
+    tracker = SimpleNamespace(
+        rejected_attempts=lambda name, parents: [f for f in found if f[0] in parents],
+        log_metrics=lambda run, metrics, step: logged.append((step, metrics)),
+    )
+    history = [dict(BASE_POINT), {"n_edits": 2.0, "drawdown_base": 0.01}]
+    session = SimpleNamespace(registered="m", run_id="r", tracker=tracker, chain=["1"], history=history, limits={}, logged=set())
+    session.rejected = earlier_rejections(session)
+    assert [(p["n_edits"], p["attempt"]) for p in session.rejected] == [(4.0, found[0][2]), (3.0, found[1][2])]
+    start_series(session)
+    start_series(session)  # a retried start logs nothing twice
+    rejected = [(step, m) for step, m in logged if any(k.startswith("rejected.") for k in m)]
+    assert rejected == [(4, {"rejected.drawdown_base": 0.3}), (3, {"rejected.retention": 0.2})]
+    assert [step for step, m in logged if "drawdown_base" in m] == [0, 2]

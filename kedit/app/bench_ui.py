@@ -221,7 +221,9 @@ def plan(uri: str, summary: dict, out: Path, suffix: str = ".png") -> list[Check
     child = rejected.info.run_name if rejected is not None else None
     checks = [
         Check("runs_table", links["runs"], ["Runs", stream_run], str(out / f"01_runs_table{suffix}"), children=child),
-        Check("stream_charts", links["stream"], ["drawdown_base"], str(out / f"02_stream_charts{suffix}"), ready=PLOT),
+        Check(
+            "stream_charts", links["stream"], [stream_run, "drawdown_base"], str(out / f"02_stream_charts{suffix}"), ready=PLOT
+        ),
     ]
     if rejected is None:
         missing = Check("rejected_attempt", "", [], str(out / f"03_rejected_attempt{suffix}"), error="no rejected attempt run")

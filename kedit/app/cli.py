@@ -189,6 +189,9 @@ def stream(feeds, model, editor, batch_size, gates, tracking_uri, sets, device, 
 
     summary = stream_flow(cfg)
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "steps"}, indent=2))
+    click.echo("in the MLflow UI (kedit up, or mlflow ui on this store):")
+    for what, url in summary["links"].items():
+        click.echo(f"  {what:<7} {url}")
 
 
 def _threads(n: int | None) -> None:

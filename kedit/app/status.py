@@ -6,9 +6,10 @@ from pathlib import Path
 
 from kedit.core.facts import list_feeds
 from kedit.pipeline.config import HISTORY_KEYS
-from kedit.pipeline.monitor import limit_tag
+from kedit.pipeline.monitor import BASE_POINT, limit_tag
+from kedit.pipeline.session import history_point
 from kedit.store.naming import identify
-from kedit.store.tracking import T_N_EDITS, T_N_FACTS, T_PARENT_VERSION, T_VERDICT, T_VERSION, Tracker, metric_tag
+from kedit.store.tracking import T_N_EDITS, T_N_FACTS, T_VERDICT, T_VERSION, Tracker, metric_tag
 
 BARS = " ▁▂▃▄▅▆▇█"
 
@@ -34,12 +35,13 @@ def status_text(model_ref: str, tracking_uri: str | None = None, last: int = 10,
     attempts = tracker.runs(name, "attempt", max_results=last)
     if attempts:
         lines.append(f"last {len(attempts)} steps (newest first):")
+        width = max(len(run.info.run_name) for run in attempts)
         for run in attempts:
             tags = run.data.tags
             metrics = run.data.metrics
             version = ("v" + tags[T_VERSION]) if tags.get(T_VERSION) else ""
             lines.append(
-                f"  {run.info.run_name:<36} {tags.get(T_VERDICT, '?'):<12} "
+                f"  {run.info.run_name:<{width}} {tags.get(T_VERDICT, '?'):<12} "
                 f"{version:<5} facts={tags.get(T_N_FACTS, '?'):<3} "
                 f"efficacy={metrics.get('efficacy', float('nan')):.2f} drawdown={metrics.get('drawdown_base', float('nan')):.3f}"
             )
@@ -57,39 +59,40 @@ def status_text(model_ref: str, tracking_uri: str | None = None, last: int = 10,
     dd = [float(v.tags[metric_tag("drawdown_base")]) for v in chain if metric_tag("drawdown_base") in v.tags]
     if dd:
         lines.append(f"drawdown vs base over versions: {sparkline(dd)}  first {dd[0]:.3f} → last {dd[-1]:.3f}")
+    streams = tracker.runs(name, "stream")  # newest first
     if chain:
-        lines += history_table(tracker, name, chain)
-    streams = tracker.runs(name, "stream", max_results=1)
+        lines += history_table(tracker, name, chain, _limits_said(streams))
     links = tracker.ui_links(name, streams[0].info.run_id if streams else None)
     lines.append("in the MLflow UI (kedit up, or mlflow ui on this store):")
     lines += [f"  {what:<7} {url}" for what, url in links.items()]
     return "\n".join(lines)
 
 
-def history_table(tracker: Tracker, name: str, chain: list) -> list[str]:
+def _limits_said(streams: list) -> dict[str, str]:
+    """The gates' limits in words (``{"drawdown_base": "max 0.05"}``) from the newest stream run that
+    reached a verdict (one that found nothing to do, or is still running, has none)."""
+    for run in streams:
+        bounds = {k: run.data.tags[limit_tag(k)] for k in HISTORY_KEYS if limit_tag(k) in run.data.tags}
+        if bounds:
+            return bounds
+    return {}
+
+
+def history_table(tracker: Tracker, name: str, chain: list, bounds: dict[str, str]) -> list[str]:
     """The production chain's drawdown history as a table: one row per version, each value with a bar as
     long as its share of the gate's limit (a full bar: at the limit), and the attempts rejected on top of it."""
-    streams = tracker.runs(name, "stream", max_results=1)
-    bounds = {k: streams[0].data.tags.get(limit_tag(k)) for k in HISTORY_KEYS} if streams else {}
     rejected: dict[str, int] = {}
-    for run in tracker.runs(name, "attempt"):
-        if run.data.tags.get(T_VERDICT) == "rolled_back":
-            parent = run.data.tags.get(T_PARENT_VERSION, "")
-            rejected[parent] = rejected.get(parent, 0) + 1
-    said = ", ".join(f"{k} {b}" for k, b in bounds.items() if b)
+    for parent, *_ in tracker.rejected_attempts(name, ["", *(v.version for v in chain)]):
+        rejected[parent] = rejected.get(parent, 0) + 1
+    said = ", ".join(f"{k} {b}" for k, b in bounds.items())
     out = [f"drawdown history{f' (limits: {said})' if said else ''}:"]
     out.append(f"  {'version':<8}{'edits':>6}  " + "".join(f"{k:<22}" for k in HISTORY_KEYS) + "rejected on top")
-    rows = [("base", {"n_edits": 0.0, "drawdown_base": 0.0, "drawdown_prev": 0.0, "retention": 1.0}, "")]
-    rows += [(f"v{v.version}", _point(v.tags), v.version) for v in chain]
+    rows = [("base", BASE_POINT, "")] + [(f"v{v.version}", history_point(v.tags), v.version) for v in chain]
     for label, point, version in rows:
         cells = "".join(f"{_cell(point.get(k), bounds.get(k)):<22}" for k in HISTORY_KEYS)
-        out.append(f"  {label:<8}{int(point.get('n_edits', 0)):>6}  {cells}{rejected.get(version, 0) or ''}")
+        edits = f"{int(point['n_edits']):>6}" if "n_edits" in point else f"{'?':>6}"
+        out.append(f"  {label:<8}{edits}  {cells}{rejected.get(version, 0) or ''}")
     return out
-
-
-def _point(tags: dict[str, str]) -> dict[str, float]:
-    point = {k: float(tags[metric_tag(k)]) for k in HISTORY_KEYS if metric_tag(k) in tags}
-    return point | ({"n_edits": float(tags[T_N_EDITS])} if T_N_EDITS in tags else {})
 
 
 def _cell(value: float | None, bound: str | None) -> str:
@@ -100,7 +103,9 @@ def _cell(value: float | None, bound: str | None) -> str:
     if not bound:
         return f"{value:.3f}"
     kind, limit = bound.split()
-    used = value / float(limit) if kind == "max" else (1 - value) / max(1 - float(limit), 1e-9)
+    room = float(limit) if kind == "max" else 1 - float(limit)  # how much loss the gate allows
+    lost = value if kind == "max" else 1 - value
+    used = lost / room if room > 0 else (0.0 if lost <= 0 else 2.0)
     return f"{value:.3f} {bar(used)}{' !' if used > 1 + 1e-9 else ''}"
 
 

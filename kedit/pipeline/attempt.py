@@ -193,8 +193,9 @@ def record_attempt(session_id: str, report: GateReport, verdict: str, quarantine
 def run_label(name: str, verdict: str, version: str | None, quarantined: bool) -> str:
     """The attempt run's name with its verdict, as the runs table lists it."""
     if verdict == "accepted":
-        return f"{name} · accepted v{version}"
-    return f"{name} · REJECTED, {'quarantined' if quarantined else 'bisected'}"
+        return f"accepted {name} → v{version}"
+    # the verdict first: the runs table cuts long names, and a rejection must stay visible
+    return f"REJECTED {name} ({'quarantined' if quarantined else 'bisected'})"
 
 
 def note_wall(session_id: str, seconds: float) -> None:

@@ -39,21 +39,34 @@ def log_point(session: Session, step: int, metrics: dict[str, float]) -> None:
 
 
 def start_series(session: Session) -> None:
-    """The history so far (the base and every version of the production chain) on a new stream run."""
-    for point in session.history:
+    """The history so far on a new stream run: the base, every version of the production chain, and the
+    attempts rejected on top of them by earlier streams."""
+    for point in _located(session.history):
         log_point(session, int(point["n_edits"]), _values(point) | _limits(session))
+    for point in session.rejected:
+        _log_rejected(session, point)
+
+
+def earlier_rejections(session: Session) -> list[dict]:
+    """The points of attempts earlier streams rejected on top of a version of the production chain (or the base)."""
+    at = {"": 0.0} | {v: p["n_edits"] for v, p in zip(session.chain, session.history[1:]) if "n_edits" in p}
+    return [
+        {"n_edits": at[parent] + n_facts, "attempt": name, **_values(metrics)}
+        for parent, n_facts, name, metrics in session.tracker.rejected_attempts(session.registered, at)
+    ]
 
 
 def note_limits(session: Session, report: GateReport) -> None:
-    """Keep each gate's threshold; a gate seen for the first time gets its limit series back to step 0."""
+    """Keep each gate's threshold; a gate seen for the first time gets its limit series back to step 0.
+    The session learns the limit only once it is written, so a retried call writes what a failed one did not."""
     new = {c.gate: c.threshold for c in report.results if c.gate not in session.limits}
     if not new:
         return
-    session.limits |= new
     bounds = {c.gate: f"{c.bound} {c.threshold:g}" for c in report.results if c.gate in new}
     session.tracker.set_tags(session.run_id, {limit_tag(g): b for g, b in bounds.items()})  # for `kedit status`
-    for point in session.history:
+    for point in _located(session.history):
         log_point(session, int(point["n_edits"]), {LIMIT + g: t for g, t in new.items()})
+    session.limits |= new
 
 
 def log_accepted(session: Session, report: GateReport, totals: dict[str, float]) -> None:
@@ -64,8 +77,21 @@ def log_accepted(session: Session, report: GateReport, totals: dict[str, float])
 def rejected_point(session: Session, n_facts: int, name: str, report: GateReport) -> dict:
     """Log a rejected attempt's point at the edit count it would have reached; the caller keeps it for drawdown.png."""
     point = {"n_edits": float(session.n_edits + n_facts), "attempt": name, **_values(report.metrics)}
-    session.tracker.log_metrics(session.run_id, {REJECTED + k: v for k, v in _values(point).items()}, step=int(point["n_edits"]))
+    _log_rejected(session, point)
     return point
+
+
+def _log_rejected(session: Session, point: dict) -> None:
+    """``rejected.*`` at the point's edit count, once per attempt (two attempts may be rejected at one count)."""
+    step, once = int(point["n_edits"]), (REJECTED + point["attempt"], int(point["n_edits"]))
+    if once not in session.logged:
+        session.tracker.log_metrics(session.run_id, {REJECTED + k: v for k, v in _values(point).items()}, step=step)
+        session.logged.add(once)
+
+
+def _located(points: list[dict]) -> list[dict]:
+    """The points that know their edit count (a version written without the tag has none)."""
+    return [p for p in points if "n_edits" in p]
 
 
 def limit_tag(gate: str) -> str:
@@ -128,7 +154,7 @@ def plot_drawdown(session: Session) -> None:
 
 def _draw_series(ax, key: str, session: Session) -> None:
     style = STYLE[key]
-    kept = [p for p in session.history if key in p]
+    kept = [p for p in _located(session.history) if key in p]
     ax.plot([p["n_edits"] for p in kept], [p[key] for p in kept], **style)
     if key in session.limits:
         ax.axhline(

@@ -160,6 +160,7 @@ def restore_production(session_id: str) -> dict:
         else:
             log.warning("production was made by %s; %s starts with fresh state", chain.editor, session.cfg.editor)
     session.history = [dict(monitor.BASE_POINT)] + [history_point(v.tags) for v in chain.versions]
+    session.rejected = monitor.earlier_rejections(session)
     if prod is not None:  # on the base model the baselines measured at open stand
         session.gates.on_production(session.model, session.tokenizer, session.earlier)
     where = f"v{session.production}" if session.production else "the base model"

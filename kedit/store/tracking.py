@@ -197,6 +197,18 @@ class Tracker:
             order_by=["attributes.start_time DESC"],
         )
 
+    def rejected_attempts(self, registered: str, parents: Iterable[str]) -> list[tuple[str, int, str, dict[str, float]]]:
+        """Attempts rolled back on top of one of ``parents`` (versions; "" for the base), oldest first:
+        (parent version, facts in the attempt, run name, its gate metrics)."""
+        allowed = set(parents)
+        out = []
+        for run in reversed(self.runs(registered, "attempt", extra=f"tags.`{T_VERDICT}` = 'rolled_back'")):
+            tags = run.data.tags
+            parent = tags.get(T_PARENT_VERSION, "")
+            if parent in allowed and tags.get(T_N_FACTS, "").isdigit():
+                out.append((parent, int(tags[T_N_FACTS]), run.info.run_name, dict(run.data.metrics)))
+        return out
+
     def close_interrupted(self, registered: str) -> int:
         """Runs left RUNNING by a killed stream are marked KILLED with verdict ``interrupted``."""
         n = 0
