@@ -184,7 +184,10 @@ def test_a_resumed_stream_shows_the_attempts_rejected_on_its_chain_before():
     from kedit.pipeline.monitor import BASE_POINT, earlier_rejections, start_series
 
     logged = []
-    found = [("", 4, "REJECTED batch-000 (bisected)", {"drawdown_base": 0.3}), ("1", 1, "REJECTED b (quarantined)", {"retention": 0.2})]
+    found = [
+        ("", 4, "REJECTED batch-000 (bisected)", {"drawdown_base": 0.3}),
+        ("1", 1, "REJECTED b (quarantined)", {"retention": 0.2}),
+    ]
     tracker = SimpleNamespace(
         rejected_attempts=lambda name, parents: [f for f in found if f[0] in parents],
         log_metrics=lambda run, metrics, step: logged.append((step, metrics)),
