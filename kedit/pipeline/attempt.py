@@ -13,6 +13,7 @@ from typing import Any
 from editing import PatchSet
 from evaluation.gates import GateReport
 from kedit.store.tracking import (
+    T_ATTEMPT_RUN,
     T_EDITOR,
     T_KIND,
     T_MANIFEST_SHA,
@@ -22,6 +23,7 @@ from kedit.store.tracking import (
     T_PARENT_VERSION,
     T_VERDICT,
     T_VERSION,
+    VERSION_ARTIFACT,
     metric_tag,
 )
 from kedit.store.versions import write_version
@@ -128,7 +130,9 @@ def commit_version(session_id: str, report: GateReport) -> str:
             T_EDITOR: session.cfg.editor,
             **{metric_tag(k): f"{v:.6g}" for k, v in history.items()},
         }
-        version = session.tracker.register_version(session.registered, attempt.run_id, Path(tmp), tags, session.run_id)
+        tags[T_ATTEMPT_RUN] = attempt.run_id
+        where = f"{VERSION_ARTIFACT}s/{attempt.name}"  # on the stream run, beside its other versions
+        version = session.tracker.register_version(session.registered, session.run_id, Path(tmp), tags, where)
         attempt.seconds["version_bytes"] = sum(f.stat().st_size for f in Path(tmp).iterdir())
     session.tracker.set_production(session.registered, version)
     # from here on the version is in production: only bookkeeping follows

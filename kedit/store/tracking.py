@@ -295,17 +295,15 @@ class Tracker:
         return out[::-1]
 
     def register_version(
-        self, name: str, run_id: str, local_dir: Path, tags: dict[str, str], link_run_id: str | None = None
+        self, name: str, run_id: str, local_dir: Path, tags: dict[str, str], artifact_path: str = VERSION_ARTIFACT
     ) -> str:
-        """Upload ``local_dir`` as the run's ``version`` artifact and make it a new model version.
-
-        ``link_run_id``: the run the version belongs to in the UI (the stream run, whose page then lists
-        it under "Registered models"); the artifact's run is kept in the tag ``kedit.attempt_run``."""
-        self.log_artifacts(run_id, local_dir, VERSION_ARTIFACT)
-        source = f"{self.client.get_run(run_id).info.artifact_uri}/{VERSION_ARTIFACT}"
-        mv = self.client.create_model_version(
-            name, source=source, run_id=link_run_id or run_id, tags={**tags, T_ATTEMPT_RUN: run_id}
-        )
+        """Upload ``local_dir`` as the run's artifact ``artifact_path`` and make it a new model version of
+        that run. A stream registers its versions on the stream run (its page then lists them under
+        "Registered models"; a tracking server accepts a version only from the run that holds its files),
+        with the attempt that made each in the tag ``kedit.attempt_run``."""
+        self.log_artifacts(run_id, local_dir, artifact_path)
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        mv = self.client.create_model_version(name, source=source, run_id=run_id, tags=tags)
         return str(mv.version)
 
     def set_production(self, name: str, version: str) -> None:

@@ -150,7 +150,7 @@ def read_csv(data: bytes, limits: Limits) -> Iterator[Raw]:
     lines = list(_lines(data))
     inside: dict[int, int] = {}  # line index -> the line whose unterminated quote it continues
     for index, (lineno, raw) in enumerate(lines):
-        if index in inside:
+        if index in inside and raw.strip():  # a blank line holds nothing, inside a field or not
             reason = f"inside the quoted field opened at line {inside[index]} (a field may not span lines)"
             yield Raw(lineno, error=FieldError("<record>", reason), text=raw[: limits.excerpt_chars].decode("utf-8", "replace"))
             continue
