@@ -181,8 +181,9 @@ def record_attempt(session_id: str, report: GateReport, verdict: str, quarantine
     tracker.end_run(attempt.run_id, "FINISHED" if verdict == "accepted" else "FAILED")
     session.quarantined += quarantined  # only now: a failure above leaves the session as it was
     if rejected is not None:
-        session.rejected.append(rejected)
-    monitor.plot_drawdown(session)
+        session.rejected.append(rejected)  # drawn with the next version, or when the stream ends
+    else:
+        monitor.plot_drawdown(session)
     attempt.seconds["tracking"] += time.perf_counter() - t0
     session.steps.append({"attempt": attempt.name, "n": len(attempt.keys), "keys": list(attempt.keys), "verdict": verdict})
     session.steps[-1].update(attempt.seconds)

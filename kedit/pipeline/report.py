@@ -55,6 +55,8 @@ def finish_stream(session_id: str, plan: Plan) -> dict:
     summary["feeds"] = plan.feeds
     totals = {k: summary[k] for k in ("accepted", "quarantined", "superseded", "skipped")} | {"n_edits": session.n_edits}
     monitor.log_point(session, session.n_edits, {k: float(v) for k, v in totals.items()})
+    if session.rejected:  # the picture holds every rejection, also those after the last version
+        monitor.plot_drawdown(session)
     summary["links"] = tracker.ui_links(session.registered, session.run_id)
     tracker.set_tags(session.run_id, {T_VERSION: session.production or "", T_VERDICT: "finished"})
     tracker.end_run(session.run_id)

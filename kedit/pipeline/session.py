@@ -73,9 +73,8 @@ class Session:
     skipped: dict[str, str] = field(default_factory=dict)  # fact key -> why (done before this stream)
     batches: list[list[str]] | None = None  # what start_stream returned (a repeated call returns it again)
     history: list[dict] = field(default_factory=list)  # the base, then per accepted version: n_edits and HISTORY_KEYS
-    rejected: list[dict] = field(
-        default_factory=list
-    )  # per rejected attempt: the edit count it would have reached, its HISTORY_KEYS
+    # per rejected attempt on the chain: the edit count it would have reached, its HISTORY_KEYS
+    rejected: list[dict] = field(default_factory=list)
     limits: dict[str, float] = field(default_factory=dict)  # gate -> threshold, from the reports
     logged: set[tuple[str, int]] = field(default_factory=set)  # (series, step) already on the stream run
     steps: list[dict] = field(default_factory=list)  # timings per attempt

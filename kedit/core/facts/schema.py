@@ -39,6 +39,12 @@ class FactFileError(KeditError, ValueError):
     """The file itself cannot be read (missing, unknown format)."""
 
 
+def content_hash(subject: str, prompt: str, target_new: str, timestamp: datetime | None) -> str:
+    """Hex sha256 of what a fact asks: ``EditRequest.key``, and the id of a record that names none."""
+    parts = [subject, prompt, target_new, timestamp.isoformat() if timestamp else ""]
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8", "surrogatepass")).hexdigest()
+
+
 @dataclass(frozen=True)
 class Neighbor:
     prompt: str
@@ -74,8 +80,7 @@ class EditRequest:
 
         ``id`` is the producer's name for it, unique within one feed only (a producer may number every
         feed from 1); "already applied" and every per-fact record of the pipeline use ``key``."""
-        parts = [self.subject, self.prompt, self.target_new, self.timestamp.isoformat() if self.timestamp else ""]
-        return "k-" + hashlib.sha256("\x1f".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:20]
+        return "k-" + content_hash(self.subject, self.prompt, self.target_new, self.timestamp)[:20]
 
     @property
     def text(self) -> str:

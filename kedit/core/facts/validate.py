@@ -9,7 +9,6 @@ format converters and by ``load_known_facts``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from datetime import UTC, datetime, timedelta
@@ -29,7 +28,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from kedit.core.facts.limits import Limits
-from kedit.core.facts.schema import FEED_FIELDS, EditRequest, FieldError, Neighbor
+from kedit.core.facts.schema import FEED_FIELDS, EditRequest, FieldError, Neighbor, content_hash
 
 UNKNOWN_FIELD = f"unknown field (allowed: {', '.join(FEED_FIELDS)})"
 NEIGHBOR_SHAPE = "expected an object with exactly 'prompt' and 'answer'"
@@ -66,8 +65,8 @@ def normalize(s: str) -> str:
 
 
 def derived_id(subject: str, prompt: str, target_new: str, ts: datetime | None) -> str:
-    h = hashlib.sha256("\x1f".join([subject, prompt, target_new, str(ts)]).encode("utf-8", "surrogatepass"))
-    return "fact-" + h.hexdigest()[:12]
+    """The id of a record that names none: from its content, like its key."""
+    return "fact-" + content_hash(subject, prompt, target_new, ts)[:12]
 
 
 def text_problem(v: str, limit: int, identity: bool = False) -> str | None:
