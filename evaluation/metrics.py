@@ -91,6 +91,74 @@ def counterfact_from_probs(pairs: CounterFactPairs, s: torch.Tensor) -> dict[str
     }
 
 
+# ----------------------------------------------------------------------------- facts edited more than once
+
+
+@dataclass(frozen=True)
+class ReEditCase:
+    """A fact's final request (``target_new``: the latest value; ``target_true``: the value before any
+    edit) and the edited values it superseded, oldest first (empty for a fact edited once)."""
+
+    request: EditRequest
+    superseded: tuple[str, ...] = ()
+
+
+def reedit_metrics(model: nn.Module, tokenizer, cases: Sequence[ReEditCase], batch_size: int = 64) -> dict[str, float]:
+    """Whether the latest value wins over every earlier one (the original and each superseded edit).
+
+    ``latest_wins``: on the edit prompt, P(latest) above P(v) for every earlier value v;
+    ``latest_wins_paraphrase``: the same on the paraphrases; ``*_prob``: mean per-token probability on the
+    edit prompt of the latest value, of the superseded edited values (NaN when none) and of the original;
+    ``specificity``: neighbourhood prompts prefer their own answer over the latest value.
+    One batched scoring call: every (prompt, value) pair of every case."""
+    prompts, targets, row, is_latest, kind = [], [], [], [], []
+    n_rows = 0
+    rewrite_rows: list[int] = []
+    for c in cases:
+        r = c.request
+        values = [(r.target_new, "latest"), (r.target_true, "original"), *((v, "superseded") for v in c.superseded)]
+        values = [(v, k) for v, k in values if v is not None]
+        for j, p in enumerate([r.text, *r.paraphrase_prompts]):
+            if j == 0:
+                rewrite_rows.append(n_rows)
+            for v, k in values:
+                prompts.append(p)
+                targets.append(v)
+                row.append(n_rows)
+                is_latest.append(k == "latest")
+                kind.append(k)
+            n_rows += 1
+    nb = [(n.prompt, n.answer, c.request.target_new) for c in cases for n in c.request.neighborhood]
+    n_pairs = len(prompts)
+    prompts += [p for p, _, _ in nb] * 2
+    targets += [a for _, a, _ in nb] + [t for _, _, t in nb]
+    prob = score_targets(model, tokenizer, prompts, targets, batch_size).prob
+    pair, nb_prob = prob[:n_pairs], prob[n_pairs:]
+    rows = torch.tensor(row, dtype=torch.long)
+    latest_mask = torch.tensor(is_latest, dtype=torch.bool)
+    latest = torch.zeros(n_rows).index_put_((rows[latest_mask],), pair[latest_mask])  # (n_rows,)
+    earlier = torch.full((n_rows,), -1.0).scatter_reduce(0, rows[~latest_mask], pair[~latest_mask], "amax")
+    wins = latest > earlier  # (n_rows,)
+    on_rewrite = torch.zeros(n_rows, dtype=torch.bool)
+    on_rewrite[rewrite_rows] = True
+    pair_on_rewrite = on_rewrite[rows]
+    kinds = torch.tensor([{"latest": 0, "original": 1, "superseded": 2}[k] for k in kind], dtype=torch.long)
+
+    def prob_of(k: int) -> float:
+        return mean(pair[pair_on_rewrite & (kinds == k)])
+
+    n_nb = len(nb)
+    return {
+        "latest_wins": mean(wins[on_rewrite]),
+        "latest_wins_paraphrase": mean(wins[~on_rewrite]),
+        "latest_prob": prob_of(0),
+        "original_prob": prob_of(1),
+        "superseded_prob": prob_of(2),
+        "specificity": mean(nb_prob[:n_nb] > nb_prob[n_nb:]),
+        "n_cases": float(len(cases)),
+    }
+
+
 # ----------------------------------------------------------------------------- zsRE
 
 
@@ -248,6 +316,8 @@ __all__ = [
     "locality_agreement",
     "mean",
     "ngram_entropy",
+    "ReEditCase",
+    "reedit_metrics",
     "reference_predictions",
     "retention",
     "scores_table",

@@ -413,19 +413,36 @@ def bench_editors(model, data, methods, n, batch_size, sequential, corpus, sets,
 
     if not sequential:
         raise click.UsageError("only --sequential is implemented: batches accumulate on one model, as in a stream")
-    overrides: dict[str, dict] = {}
-    for key, value in sets_to_overrides(sets).items():
-        method, _, field = key.partition(".")
-        if not field:
-            raise click.BadParameter(f"expected METHOD.KEY=VALUE, got {key!r}", param_hint="--set")
-        overrides.setdefault(method, {})[field] = value
     chosen = methods.split(",") if methods else editor_names()
-    stray = sorted(set(overrides) - set(chosen))
-    if stray:
-        raise click.BadParameter(f"overrides for {', '.join(stray)}, which is not among the methods run", param_hint="--set")
+    overrides = _method_overrides(sets, chosen)
     result = run(model, data, chosen, n, batch_size, corpus, overrides)
     click.echo(scores_table({"unedited": result["unedited"], **result["results"]}))
     _write_json(json_out, result)
+
+
+@bench.command("reedit")
+@MODEL
+@DATA
+@click.option("--methods", default="memit,alphaedit,pmet,come-memit,come-pmet", show_default=True, help="Editors.")
+@click.option("--n", type=int, default=100, show_default=True, help="Facts in the stream.")
+@click.option("--twice", "n_twice", type=int, default=30, show_default=True, help="Facts updated a second time.")
+@click.option("--thrice", "n_thrice", type=int, default=10, show_default=True, help="Of those, facts updated a third time.")
+@BATCH_SIZE
+@click.option("--gap", type=int, default=3, show_default=True, help="Batches between a fact's update and the next one.")
+@click.option("--start", type=int, default=0, show_default=True, help="First record of the file used (0-based).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@corpus_option(default_corpus, SHARED_CORPUS)
+@click.option("--set", "sets", multiple=True, help="Preset override METHOD.KEY=YAML_VALUE, e.g. come-memit.unlearning.alpha=0.3.")
+@JSON_OUT
+def bench_reedit(model, data, methods, n, n_twice, n_thrice, batch_size, gap, start, seed, corpus, sets, json_out) -> None:
+    """Facts edited two or three times over one stream: does the latest value win? (CounterFact, ROME format)."""
+    from kedit.app.bench_reedit import bench_reedit as run
+    from kedit.app.bench_reedit import table
+
+    chosen = methods.split(",")
+    overrides = _method_overrides(sets, chosen)
+    result = run(model, data, chosen, n, n_twice, n_thrice, batch_size, gap, start, seed, corpus, overrides, json_out)
+    click.echo(table(result))
 
 
 @bench.command("targets")
@@ -531,6 +548,20 @@ def bench_ui(out, json_out, chromium, port) -> None:
     click.echo(json.dumps(result["timings_s"]))
     if not result["ok"]:
         sys.exit(1)
+
+
+def _method_overrides(sets: tuple[str, ...], methods: list[str]) -> dict[str, dict]:
+    """``--set METHOD.KEY=VALUE`` options -> {method: {key: value}}; a method not run is an error."""
+    overrides: dict[str, dict] = {}
+    for key, value in sets_to_overrides(sets).items():
+        method, _, field = key.partition(".")
+        if not field:
+            raise click.BadParameter(f"expected METHOD.KEY=VALUE, got {key!r}", param_hint="--set")
+        overrides.setdefault(method, {})[field] = value
+    stray = sorted(set(overrides) - set(methods))
+    if stray:
+        raise click.BadParameter(f"overrides for {', '.join(stray)}, which is not among the methods run", param_hint="--set")
+    return overrides
 
 
 def _write_json(path: Path | None, obj) -> None:

@@ -7,6 +7,7 @@ predicts, and the argmax tokens themselves (for agreement with a reference model
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -279,3 +280,25 @@ def greedy_generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tok
         for i, t in zip(idx, texts):
             out[i] = t
     return out
+
+
+# where a greedy continuation stops being the answer: a line break, a clause mark, or a full stop
+# that ends a sentence ("St. Louis" and "U.S." keep theirs: the stop must be followed by a space or the end)
+_ANSWER_END = re.compile(r"[\n,;:!?()\[\]\"“”]|\.(?=\s|$)")
+
+
+def cut_answer(text: str, max_words: int = 4) -> str | None:
+    """The answer a continuation states: up to the first line break, clause mark (``, ; : ! ? ( ) [ ] "``)
+    or sentence-ending full stop, then at most ``max_words`` words; None when nothing is left."""
+    head = _ANSWER_END.split(text, maxsplit=1)[0]
+    words = head.split()[:max_words]
+    return " ".join(words) or None
+
+
+def current_answers(
+    model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 8, max_words: int = 4, batch_size: int = 32
+) -> list[str | None]:
+    """What the model answers now after each prompt: a greedy continuation of ``max_new_tokens``, cut by
+    ``cut_answer``. One batched generation for all prompts."""
+    texts = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    return [cut_answer(t, max_words) for t in texts]

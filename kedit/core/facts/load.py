@@ -23,7 +23,7 @@ from kedit.core.facts.schema import (
     Rejection,
     Superseded,
 )
-from kedit.core.facts.validate import DEFAULT_LIMITS, excerpt, normalize, text, validate_record
+from kedit.core.facts.validate import DEFAULT_LIMITS, excerpt, text, validate_record
 
 log = logging.getLogger("kedit.core.facts")
 
@@ -188,12 +188,11 @@ def _supersede(requests: list[EditRequest]) -> tuple[list[int], list[tuple[int, 
     epoch = datetime.min.replace(tzinfo=UTC)
     winner: dict[tuple[str, str], int] = {}
     for i, r in enumerate(requests):
-        slot = (normalize(r.subject), normalize(r.prompt))
-        j = winner.get(slot)
+        j = winner.get(r.slot)
         if j is None or (r.timestamp or epoch) >= (requests[j].timestamp or epoch):
-            winner[slot] = i
+            winner[r.slot] = i
     keep = set(winner.values())
-    superseded = [(i, winner[(normalize(r.subject), normalize(r.prompt))]) for i, r in enumerate(requests) if i not in keep]
+    superseded = [(i, winner[r.slot]) for i, r in enumerate(requests) if i not in keep]
     kept = sorted(keep, key=lambda i: (requests[i].timestamp or epoch, i))
     return kept, superseded
 

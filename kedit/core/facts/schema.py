@@ -39,6 +39,11 @@ class FactFileError(KeditError, ValueError):
     """The file itself cannot be read (missing, unknown format)."""
 
 
+def normalize(s: str) -> str:
+    """Case and whitespace folded: two spellings of one subject, prompt or answer compare equal."""
+    return " ".join(s.split()).casefold()
+
+
 def content_hash(subject: str, prompt: str, target_new: str, timestamp: datetime | None) -> str:
     """Hex sha256 of what a fact asks: ``EditRequest.key``, and the id of a record that names none."""
     parts = [subject, prompt, target_new, timestamp.isoformat() if timestamp else ""]
@@ -81,6 +86,12 @@ class EditRequest:
         ``id`` is the producer's name for it, unique within one feed only (a producer may number every
         feed from 1); "already applied" and every per-fact record of the pipeline use ``key``."""
         return "k-" + content_hash(self.subject, self.prompt, self.target_new, self.timestamp)[:20]
+
+    @property
+    def slot(self) -> tuple[str, str]:
+        """What the fact is about, whatever its value: (subject, prompt) with case and spacing folded.
+        Two requests with one slot update the same fact; the later one supersedes the earlier."""
+        return normalize(self.subject), normalize(self.prompt)
 
     @property
     def text(self) -> str:

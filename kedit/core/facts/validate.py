@@ -28,7 +28,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from kedit.core.facts.limits import Limits
-from kedit.core.facts.schema import FEED_FIELDS, EditRequest, FieldError, Neighbor, content_hash
+from kedit.core.facts.schema import FEED_FIELDS, EditRequest, FieldError, Neighbor, content_hash, normalize
 
 UNKNOWN_FIELD = f"unknown field (allowed: {', '.join(FEED_FIELDS)})"
 NEIGHBOR_SHAPE = "expected an object with exactly 'prompt' and 'answer'"
@@ -58,10 +58,6 @@ IDENTITY_FIELDS = ("subject", "id")
 
 def has_surrogates(s: str) -> bool:
     return _SURROGATE.search(s) is not None
-
-
-def normalize(s: str) -> str:
-    return " ".join(s.split()).casefold()
 
 
 def derived_id(subject: str, prompt: str, target_new: str, ts: datetime | None) -> str:
