@@ -102,12 +102,14 @@ CASES = [
     ),
     Case("terminal escape in a target", "a.jsonl", jsonl(rec(target_new="\x1b[31mBergen")), 0, [(1, "target_new", "U+001B")]),
     Case("newline in a prompt", "a.jsonl", jsonl(rec(prompt="The capital\nof {} is")), 0, [(1, "prompt", "U+000A")]),
+    # a paraphrase is context the model reads: CounterFact's put a sentence, a line feed (once a tab), then the question
+    Case("line feed and tab in a paraphrase", "a.jsonl", jsonl(rec(paraphrase_prompts=["Noise.\nok", "a\tb"])), 1),
     Case(
-        "tab in a paraphrase",
+        "carriage return in a paraphrase",
         "a.jsonl",
-        jsonl(rec(paraphrase_prompts=["ok {}", "a\tb"])),
+        jsonl(rec(paraphrase_prompts=["ok", "a\rb"])),
         0,
-        [(1, "paraphrase_prompts[1]", "U+0009")],
+        [(1, "paraphrase_prompts[1]", "U+000D")],
     ),
     Case("zero-width joiner in a target is kept", "a.jsonl", jsonl(rec(target_new="\U0001f469\u200d\U0001f52c")), 1),
     # ---- meaning

@@ -51,6 +51,10 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # mark): text that displays differently from what the model reads.
 CONTROL_CHARS = "\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
 _CONTROL = re.compile(f"[{CONTROL_CHARS}]")
+# Prompts that are context for the model (paraphrases, generation prompts) may break lines: CounterFact's
+# paraphrases put a sentence of unrelated text, a line feed, then the question (one has a tab). LF and tab only.
+_CONTROL_MULTILINE = re.compile(f"(?![\n\t])[{CONTROL_CHARS}]")
+MULTILINE_FIELDS = ("paraphrase_prompts", "generation_prompts")
 # Invisible characters refused in the fields that identify a fact (subject, id): "Ira\u200bn" is not "Iran".
 _INVISIBLE = re.compile("[\u200b-\u200d\u2060\ufeff\u00ad]")
 IDENTITY_FIELDS = ("subject", "id")
@@ -65,11 +69,11 @@ def derived_id(subject: str, prompt: str, target_new: str, ts: datetime | None) 
     return "fact-" + content_hash(subject, prompt, target_new, ts)[:12]
 
 
-def text_problem(v: str, limit: int, identity: bool = False) -> str | None:
+def text_problem(v: str, limit: int, identity: bool = False, multiline: bool = False) -> str | None:
     """Why a string is not acceptable as a text field, or None (the string is already known to be a str)."""
     if has_surrogates(v):
         return "invalid UTF-8"
-    bad = _CONTROL.search(v)
+    bad = (_CONTROL_MULTILINE if multiline else _CONTROL).search(v)
     if bad:
         c = bad.group()
         return "contains a NUL character" if c == "\x00" else f"contains a control character (U+{ord(c):04X})"
@@ -88,7 +92,7 @@ def text(d: dict, name: str, *, required: bool = True, limit: int = DEFAULT_LIMI
         return None
     if not isinstance(v, str):
         raise FieldError(name, _not_a_string(name, v))
-    problem = text_problem(v, limit, identity=name in IDENTITY_FIELDS)
+    problem = text_problem(v, limit, identity=name in IDENTITY_FIELDS, multiline=name in MULTILINE_FIELDS)
     if problem:
         raise FieldError(name, problem)
     return v
@@ -244,17 +248,19 @@ def _fail(reason: str, field: str | None = None) -> PydanticCustomError:
     return PydanticCustomError("kedit", "{reason}", {"reason": reason, "field": field} if field else {"reason": reason})
 
 
-def _checked(limit: int, identity: bool = False):
+def _checked(limit: int, identity: bool = False, multiline: bool = False):
+    control = _CONTROL_MULTILINE if multiline else _CONTROL
+
     def check(v: str) -> str:  # text_problem, with a fast path: this runs for every string of every record
         if not v.strip():
             raise _fail("missing or empty")
         if (
             _SURROGATE.search(v) is not None
-            or _CONTROL.search(v) is not None
+            or control.search(v) is not None
             or (identity and _INVISIBLE.search(v) is not None)
             or len(v) > limit
         ):
-            raise _fail(text_problem(v, limit, identity))
+            raise _fail(text_problem(v, limit, identity, multiline))
         return v
 
     return AfterValidator(check)
@@ -326,7 +332,8 @@ def feed_record_model(limits: Limits = DEFAULT_LIMITS) -> type[BaseModel]:
     checks report: the first error (after unknown fields) is the one a record is quarantined for."""
     text_t = Annotated[str, _checked(limits.text_chars)]
     target_t = Annotated[str, _checked(limits.target_chars)]
-    text_list = Annotated[list[text_t], _list_before(limits.list_items, "strings")]
+    context_t = Annotated[str, _checked(limits.text_chars, multiline=True)]  # MULTILINE_FIELDS
+    text_list = Annotated[list[context_t], _list_before(limits.list_items, "strings")]
 
     class NeighborModel(BaseModel):
         model_config = ConfigDict(strict=True, extra="forbid")
