@@ -208,23 +208,42 @@ def locality_agreement(
 # ----------------------------------------------------------------------------- retention
 
 
-def prompt_holds(
+@dataclass(frozen=True)
+class Holds:
+    """Per prompt: whether an edit holds there, and the two probabilities it was decided on."""
+
+    ok: torch.Tensor  # (n,) bool
+    p_new: torch.Tensor  # (n,) per-token probability of the new target
+    p_true: torch.Tensor  # (n,) of the old answer; NaN where none is known
+
+
+def prompt_scores(
     model: nn.Module, tokenizer, prompts: Sequence[str], new: Sequence[str], true: Sequence[str | None], batch_size: int = 64
-) -> torch.Tensor:
+) -> Holds:
     """Per prompt, whether an edit holds there: P(new) > P(true) when the old answer is known,
     otherwise greedy decoding gives the new target (all tokens argmax). One batched scoring call."""
     if not prompts:
-        return torch.zeros(0, dtype=torch.bool)
+        empty = torch.zeros(0)
+        return Holds(empty.bool(), empty, empty)
     with_true = [i for i, t in enumerate(true) if t is not None]
     s = score_targets(
         model, tokenizer, list(prompts) + [prompts[i] for i in with_true], list(new) + [true[i] for i in with_true], batch_size
     )
     n = len(prompts)
     ok = s.exact[:n].clone()
+    p_true = torch.full((n,), float("nan"))
     if with_true:
         idx = torch.tensor(with_true)
+        p_true[idx] = s.prob[n:]
         ok[idx] = s.prob[idx] > s.prob[n:]
-    return ok
+    return Holds(ok, s.prob[:n], p_true)
+
+
+def prompt_holds(
+    model: nn.Module, tokenizer, prompts: Sequence[str], new: Sequence[str], true: Sequence[str | None], batch_size: int = 64
+) -> torch.Tensor:
+    """``prompt_scores(...).ok``."""
+    return prompt_scores(model, tokenizer, prompts, new, true, batch_size).ok
 
 
 def edit_success(model: nn.Module, tokenizer, requests: Sequence[EditRequest], batch_size: int = 64) -> torch.Tensor:
@@ -318,6 +337,9 @@ __all__ = [
     "ngram_entropy",
     "ReEditCase",
     "reedit_metrics",
+    "Holds",
+    "prompt_holds",
+    "prompt_scores",
     "reference_predictions",
     "retention",
     "scores_table",

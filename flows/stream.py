@@ -77,25 +77,28 @@ def finish(session_id: str, plan: Plan) -> dict:
     return report.finish_stream(session_id, plan)
 
 
-def attempt(session_id: str, keys: list[str], name: str, bisect: bool) -> None:
-    """One transaction: edit, gate, then commit a version or roll back; a failing batch is bisected."""
+def attempt(session_id: str, keys: list[str], name: str, bisect: bool, retry: bool = False) -> None:
+    """One transaction: edit, gate, then commit a version or roll back; a failing batch is bisected, and a
+    fact of an accepted batch whose own edit did not hold is retried once alone."""
     t0 = time.perf_counter()
     with transaction() as txn:
         txn.set("session_id", session_id)
         apply_edits(session_id, keys, name)
         gate_report = gate_edits(session_id)
-        if gate_report.passed:
+        verdict = attempts.verdict_of(gate_report, retry)
+        if verdict == "accepted":
             commit_version(session_id, gate_report)
         else:
             txn.rollback()
-    isolate = not gate_report.passed and bisect and len(keys) > 1
-    verdict = "accepted" if gate_report.passed else "rolled_back"
-    record_attempt(session_id, gate_report, verdict, quarantine=not gate_report.passed and not isolate)
+    isolate = verdict == "rolled_back" and bisect and len(keys) > 1
+    recorded = record_attempt(session_id, gate_report, verdict, quarantine=verdict == "rolled_back" and not isolate)
     attempts.note_wall(session_id, time.perf_counter() - t0)
     if isolate:
         half = len(keys) // 2
         attempt(session_id, keys[:half], f"{name}.1", bisect)
         attempt(session_id, keys[half:], f"{name}.2", bisect)
+    for i, key in enumerate(recorded["retry"]):
+        attempt(session_id, [key], f"{name}.retry-{i + 1}", bisect=False, retry=True)
 
 
 @flow(name="kedit-stream", log_prints=False)

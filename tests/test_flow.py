@@ -44,7 +44,7 @@ def env(tmp_path, checkpoint, monkeypatch, prefect_server):
 
     monkeypatch.setattr(sessions, "close_session", keep)
 
-    def config(records, batch_size=5, store="mlruns", **gates) -> StreamConfig:
+    def config(records, batch_size=5, store="mlruns", overrides=FTM, **gates) -> StreamConfig:
         feed = write_jsonl(tmp_path / f"feed-{len(kept)}-{len(records)}.jsonl", records)
         return StreamConfig(
             feeds=(str(feed),),
@@ -54,7 +54,7 @@ def env(tmp_path, checkpoint, monkeypatch, prefect_server):
             gates=str(write_gates(tmp_path / "gates.yaml", **gates)),
             tracking_uri=f"sqlite:///{tmp_path}/{store}/mlflow.db",
             corpus=str(tmp_path / "corpus.txt"),
-            overrides=FTM,
+            overrides=overrides,
             device="cpu",
             work_dir=str(tmp_path / "work"),
         )
@@ -306,3 +306,66 @@ def test_a_producer_that_numbers_every_feed_from_one_has_its_new_facts_applied(e
     applied = rebuild(fresh_base(checkpoint), tracker, second["registered_model"], second["production"], None).requests
     assert sorted(r.subject for r in applied) == ["dave", "eve", "frank", "grace"]
     assert sorted(r.id for r in applied) == ["1", "1", "2", "2"]  # the producers' ids, kept as provenance
+
+
+def test_a_fact_edited_twice_supersedes_its_first_value_and_rolls_back_bit_for_bit(env, checkpoint):
+    tmp, config, kept = env
+    first = stream(config([GOOD[0]], batch_size=1))  # dave was born in asia
+    assert first["production"] == "1" and first["accepted"] == 1
+    update = dict(GOOD[0], id="dave-again", target_new="africa", timestamp="2024-03-01")
+    second = stream(config([update], batch_size=1))
+    assert second["production"] == "2" and second["accepted"] == 1
+    tracker = Tracker(f"sqlite:///{tmp}/mlruns/mlflow.db")
+    name = second["registered_model"]
+
+    # the re-edit's old value is the one the chain wrote, and its run names the version it supersedes
+    (reedit,) = second["reedits"].values()
+    assert reedit["supersedes_version"] == "1" and reedit["supersedes_key"] == key(GOOD[0])
+    assert reedit["target_true"] == "asia" and reedit["feed_target_true"] is None
+    (run,) = [
+        r for r in tracker.runs(name, "attempt") if r.data.tags[T_VERDICT] == "accepted" and r.info.run_id != first["run_id"]
+    ][:1]
+    assert run.data.tags["kedit.supersedes"] == "v1"
+    facts = json.loads(Path(tracker.client.download_artifacts(run.info.run_id, "facts.json")).read_text())
+    assert facts[0]["target_true"] == "asia" and facts[0]["target_true_from"] == "v1" and facts[0]["held"]
+    assert facts[0]["p_new"] > facts[0]["p_old"]  # the efficacy check compared africa with the edited asia
+    v2 = tracker.version(name, "2")
+    assert v2.tags["kedit.supersedes"] == "v1"
+    chain = rebuild(fresh_base(checkpoint), tracker, name, "2", None)
+    assert chain.requests[0].target_true is not None  # the model's own answer, read before the first edit
+    assert chain.requests[1].target_true == "asia"  # stored with the request
+    assert [(r.target_new, v) for r, v in chain.applied] == [("asia", "1"), ("africa", "2")]
+
+    # the same value again is a no-op, quarantined naming the version that holds it
+    third = stream(config([dict(update, id="dave-3", timestamp="2024-04-01")], batch_size=1))
+    assert third["production"] == "2" and third["quarantined_noop"] == 1 and third["accepted"] == 0
+    q = [json.loads(line) for line in (tmp / "work" / "stream_quarantine.jsonl").read_text().splitlines()]
+    assert "no-op: v2 already holds 'africa'" in q[-1]["reason"]
+
+    # rolling the re-edit back restores the first edit's model bit for bit
+    assert rollback_to(tracker, name, "1") == "2"
+    base = fresh_base(checkpoint)
+    rebuild(base, tracker, name, "1", None)
+    assert_same_weights(base, kept[0].model)
+
+
+def test_a_fact_that_does_not_hold_in_an_accepted_batch_is_retried_alone_then_did_not_hold(env, checkpoint):
+    tmp, config, kept = env
+    # a learning rate of 0 changes nothing; with efficacy not enforced the batch passes its gates all the same
+    inert = dict(FTM, lr=0.0)
+    summary = stream(config(GOOD[:2], batch_size=2, overrides=inert, edits={"efficacy_min": None}))
+    assert summary["production"] == "1"  # the batch became a version ...
+    assert summary["accepted"] == 0 and summary["did_not_hold"] == 2  # ... but the model states neither fact
+    tracker = Tracker(f"sqlite:///{tmp}/mlruns/mlflow.db")
+    name = summary["registered_model"]
+    runs = sorted((r.data.tags[T_VERDICT], r.info.run_name) for r in tracker.runs(name, "attempt"))
+    assert [v for v, _ in runs] == ["accepted", "did_not_hold", "did_not_hold"]
+    assert runs[0][1] == "accepted batch-000 → v1" and runs[1][1].startswith("DID NOT HOLD batch-000.retry-")
+    q = [json.loads(line) for line in (tmp / "work" / "stream_quarantine.jsonl").read_text().splitlines()]
+    assert {r["gate"] for r in q} == {"held"} and {r["key"] for r in q} == {key(r) for r in GOOD[:2]}
+    assert "after batch-000 (v1); retried alone" in q[0]["reason"] and q[0]["after_batch"]["held"] is False
+    manifest = rebuild(fresh_base(checkpoint), tracker, name, "1", None)
+    assert manifest.applied == []  # the version's facts are not the model's facts
+    # the same facts in a new feed are not tried again: their verdict stands
+    again = stream(config([dict(GOOD[0], id="x")], batch_size=1, overrides=inert, edits={"efficacy_min": None}))
+    assert again["skipped"] == 1 and again["production"] == "1"

@@ -54,10 +54,18 @@ class GateReport:
     metrics: dict[str, float]
     seconds: dict[str, float]  # gate name -> seconds
     holding: list[str] = field(default_factory=list)  # keys of edits (earlier and this batch's) that hold on this model
+    # per fact of the batch (EditRequest.key): does its own edit hold on its prompt, and the probabilities
+    # it was decided on ({"held": bool, "p_new": float, "p_old": float | None}); whatever the gates' thresholds
+    facts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
         return all(c.passed for c in self.results)
+
+    @property
+    def not_held(self) -> list[str]:
+        """The batch's facts whose own edit does not hold (a batch threshold below 1 lets them through)."""
+        return [k for k, f in self.facts.items() if not f["held"]]
 
     @property
     def failed(self) -> list[GateResult]:
@@ -73,6 +81,7 @@ class GateReport:
             "metrics": self.metrics,
             "seconds": self.seconds,
             "holding": self.holding,
+            "facts": self.facts,
         }
 
 

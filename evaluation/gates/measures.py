@@ -11,7 +11,7 @@ import torch
 from kedit.core.facts import EditRequest
 from kedit.core.lm import score_targets
 
-from ..metrics import mean, prompt_holds
+from ..metrics import mean, prompt_scores
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,8 @@ class EditOutcomes:
     and do its neighbours keep their own answer (over ``target_new``)?"""
 
     rewrite_ok: torch.Tensor  # (n_requests,) bool
+    rewrite_p_new: torch.Tensor  # (n_requests,) per-token probability of target_new on the edit prompt
+    rewrite_p_true: torch.Tensor  # (n_requests,) of target_true (NaN where the request has none)
     paraphrase_ok: torch.Tensor  # (n_paraphrases,) bool
     neighbor_ok: torch.Tensor  # (n_neighbors,) bool
 
@@ -42,10 +44,11 @@ def edit_outcomes(model, tokenizer, requests: Sequence[EditRequest], batch_size:
     rewrite = [(r.text, r) for r in requests]
     para = [(p, r) for r in requests for p in r.paraphrase_prompts]
     pairs = rewrite + para  # rewrite prompts first: the first len(requests) results are the rewrites
-    ok = prompt_holds(
+    h = prompt_scores(
         model, tokenizer, [p for p, _ in pairs], [r.target_new for _, r in pairs], [r.target_true for _, r in pairs], batch_size
     )
-    return EditOutcomes(ok[: len(rewrite)], ok[len(rewrite) :], neighbours_keep(model, tokenizer, requests, batch_size))
+    k = len(rewrite)
+    return EditOutcomes(h.ok[:k], h.p_new[:k], h.p_true[:k], h.ok[k:], neighbours_keep(model, tokenizer, requests, batch_size))
 
 
 def neighbours_keep(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 64) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -12,7 +13,7 @@ from kedit.core.config import ConfigError, Seq, StrictConfig, flatten, from_mapp
 from kedit.core.facts import EditRequest
 from kedit.core.paths import project_data_dir
 
-from .base import GATES, Gate, GateReport, GateResult, Step
+from .base import GATES, Gate, GateReport, GateResult, Step, round_sig
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,16 @@ def _build(entry: dict[str, Any], i: int, source: str) -> Gate:
     return cls(from_mapping(cls.Config, section, source, at=f"gates[{i}]"), f"{source}: gates[{i}]")
 
 
+def fact_outcomes(step: Step) -> dict[str, dict[str, Any]]:
+    """Per fact of the batch, whether its own edit holds on its prompt (one scoring call, shared with the gates)."""
+    out = step.edit_outcomes()
+    p_old = [None if math.isnan(p) else round_sig(p) for p in out.rewrite_p_true.tolist()]
+    return {
+        r.key: {"held": bool(ok), "p_new": round_sig(p), "p_old": old}
+        for r, ok, p, old in zip(step.batch, out.rewrite_ok.tolist(), out.rewrite_p_new.tolist(), p_old)
+    }
+
+
 class GateSuite:
     """The gates of one file, with the baselines they keep; one per stream."""
 
@@ -118,7 +129,7 @@ class GateSuite:
             results += out.results
             metrics |= out.metrics
             holding += out.holding
-        return GateReport(results, metrics, seconds, holding)
+        return GateReport(results, metrics, seconds, holding, fact_outcomes(step))
 
     def on_accept(self, report: GateReport) -> None:
         for g in self.gates:

@@ -282,9 +282,10 @@ def greedy_generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tok
     return out
 
 
-# where a greedy continuation stops being the answer: a line break, a clause mark, or a full stop
-# that ends a sentence ("St. Louis" and "U.S." keep theirs: the stop must be followed by a space or the end)
-_ANSWER_END = re.compile(r"[\n,;:!?()\[\]\"“”]|\.(?=\s|$)")
+# where a greedy continuation stops being the answer: a line break, a clause mark, or a full stop that ends a
+# sentence: followed by a space or the end, and not closing a one- or two-letter capitalised abbreviation
+# ("St. Louis", "Dr. Who", "the U.S." keep theirs)
+_ANSWER_END = re.compile(r"[\n,;:!?()\[\]\"“”]|(?<!\b[A-Z])(?<!\b[A-Z][a-z])\.(?=\s|$)")
 
 
 def cut_answer(text: str, max_words: int = 4) -> str | None:
@@ -296,9 +297,9 @@ def cut_answer(text: str, max_words: int = 4) -> str | None:
 
 
 def current_answers(
-    model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 8, max_words: int = 4, batch_size: int = 32
+    model: nn.Module, tokenizer, prompts: list[str], max_words: list[int], max_new_tokens: int = 8, batch_size: int = 32
 ) -> list[str | None]:
     """What the model answers now after each prompt: a greedy continuation of ``max_new_tokens``, cut by
-    ``cut_answer``. One batched generation for all prompts."""
+    ``cut_answer`` to at most ``max_words[i]`` words. One batched generation for all prompts."""
     texts = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size)
-    return [cut_answer(t, max_words) for t in texts]
+    return [cut_answer(t, n) for t, n in zip(texts, max_words)]

@@ -12,6 +12,7 @@ from typing import Any
 
 from editing import PatchSet
 from evaluation.gates import GateReport
+from kedit.core.facts.reedit import Held
 from kedit.store.tracking import (
     T_ATTEMPT_RUN,
     T_EDITOR,
@@ -19,14 +20,16 @@ from kedit.store.tracking import (
     T_MANIFEST_SHA,
     T_N_EDITS,
     T_N_FACTS,
+    T_N_NOT_HELD,
     T_N_QUARANTINED,
     T_PARENT_VERSION,
+    T_SUPERSEDES,
     T_VERDICT,
     T_VERSION,
     VERSION_ARTIFACT,
     metric_tag,
 )
-from kedit.store.versions import write_version
+from kedit.store.versions import NOT_HOLDING, SUPERSEDES, write_version
 
 from . import monitor
 from .config import HISTORY_KEYS
@@ -91,10 +94,23 @@ def gate_edits(session_id: str) -> GateReport:
     session = get_session(session_id)
     attempt = session.attempt
     batch = _batch(session, attempt.keys)
-    report = session.gates.measure(session.model, session.tokenizer, batch, session.earlier, attempt.before)
+    report = session.gates.measure(session.model, session.tokenizer, batch, _still_meant(session, batch), attempt.before)
     for gate, seconds in report.seconds.items():
         attempt.seconds[f"gate:{gate}"] = seconds
     return report
+
+
+def _still_meant(session: Session, batch: list) -> list:
+    """The chain's live facts less those the batch updates: a re-edit's old value is meant to stop holding."""
+    slots = {r.slot for r in batch}
+    return [r for r in session.earlier if r.slot not in slots]
+
+
+def verdict_of(report: GateReport, retry: bool) -> str:
+    """accepted; rolled_back (the gates failed); did_not_hold (a fact retried alone whose edit still does not hold)."""
+    if retry and not (report.passed and not report.not_held):
+        return "did_not_hold"
+    return "accepted" if report.passed else "rolled_back"
 
 
 def commit_version(session_id: str, report: GateReport) -> str:
@@ -104,6 +120,9 @@ def commit_version(session_id: str, report: GateReport) -> str:
     t0 = time.perf_counter()
     batch = _batch(session, attempt.keys)
     n_edits = session.n_edits + len(batch)
+    not_holding = report.not_held
+    held = [r for r in batch if r.key not in not_holding]
+    supersedes = [session.reedits[r.key].to_dict() for r in held if r.key in session.reedits]
     history = {k: report.metrics[k] for k in HISTORY_KEYS if k in report.metrics and math.isfinite(report.metrics[k])}
     with tempfile.TemporaryDirectory(prefix="kedit-version-") as tmp:
         sha = write_version(
@@ -121,6 +140,8 @@ def commit_version(session_id: str, report: GateReport) -> str:
                 "hparams": session.editor.hparams.model_dump(mode="json"),
                 "n_edits": n_edits,
                 "stream_run_id": session.run_id,
+                NOT_HOLDING: not_holding,
+                SUPERSEDES: supersedes,
             },
         )
         tags = {
@@ -131,6 +152,8 @@ def commit_version(session_id: str, report: GateReport) -> str:
             **{metric_tag(k): f"{v:.6g}" for k, v in history.items()},
         }
         tags[T_ATTEMPT_RUN] = attempt.run_id
+        if supersedes:
+            tags[T_SUPERSEDES] = _versions_named(supersedes)
         where = f"{VERSION_ARTIFACT}s/{attempt.name}"  # on the stream run, beside its other versions
         version = session.tracker.register_version(session.registered, session.run_id, Path(tmp), tags, where)
         attempt.seconds["version_bytes"] = sum(f.stat().st_size for f in Path(tmp).iterdir())
@@ -140,14 +163,24 @@ def commit_version(session_id: str, report: GateReport) -> str:
     session.production = version
     session.production_manifest_sha = sha
     session.n_edits = n_edits
-    session.earlier += batch
+    # the facts that hold become live (a re-edit replaces its slot's old value); the others await their retry
+    slots = {r.slot for r in held}
+    session.earlier = [r for r in session.earlier if r.slot not in slots] + held
+    session.live.update({r.slot: Held(r, version) for r in held})
     session.gates.on_accept(report)
-    for key in attempt.keys:
-        session.accepted[key] = version
+    for r in held:
+        session.accepted[r.key] = version
+        session.not_held.pop(r.key, None)
+    for key in not_holding:
+        session.not_held[key] = {"version": version, "attempt": attempt.name, **report.facts[key]}
     session.history.append({"n_edits": n_edits, **history})
     attempt.seconds["tracking"] += time.perf_counter() - t0
-    session.progress.update(len(attempt.keys))
+    session.progress.update(len(held))
     return version
+
+
+def _versions_named(supersedes: list[dict]) -> str:
+    return ",".join(sorted({f"v{e['supersedes_version']}" for e in supersedes if e["supersedes_version"]}))
 
 
 def record_attempt(session_id: str, report: GateReport, verdict: str, quarantine: bool) -> dict:
@@ -160,14 +193,27 @@ def record_attempt(session_id: str, report: GateReport, verdict: str, quarantine
         return attempt.recorded
     reason = report.reason()
     quarantined = []
-    if quarantine:
+    if verdict == "did_not_hold":
+        quarantined = [did_not_hold_record(session, k, attempt, report) for k in attempt.keys]
+    elif quarantine:
         quarantined = [quarantine_record(session, k, f"failed gates: {reason}", "gates", attempt, report) for k in attempt.keys]
+    retry: list[str] = []
+    if verdict == "accepted":
+        # a fact whose own edit does not hold is retried once alone; one that was alone already gets its verdict now
+        retry = report.not_held if len(attempt.keys) > 1 else []
+        if len(attempt.keys) == 1 and report.not_held:
+            quarantined = [did_not_hold_record(session, k, attempt, report) for k in report.not_held]
     tracker.log_metrics(attempt.run_id, report.metrics, step=session.n_edits)
     tracker.log_dict(attempt.run_id, report.to_dict(), "gate_report.json")
     batch = {"fact_keys": attempt.keys, "fact_ids": [r.id for r in _batch(session, attempt.keys)]}
     tracker.log_dict(attempt.run_id, {**batch, "parent_version": attempt.parent_version}, "batch.json")
     tracker.log_dict(attempt.run_id, quarantined, "quarantine.json")
-    tags = {T_VERDICT: verdict, T_N_QUARANTINED: str(len(quarantined))}
+    tracker.log_dict(attempt.run_id, _facts_table(session, attempt.keys, report), "facts.json")
+    tags = {T_VERDICT: verdict, T_N_QUARANTINED: str(len(quarantined)), T_N_NOT_HELD: str(len(report.not_held))}
+    reedits = [session.reedits[k].to_dict() for k in attempt.keys if k in session.reedits]
+    if reedits:
+        tracker.log_dict(attempt.run_id, reedits, "reedits.json")
+        tags[T_SUPERSEDES] = _versions_named(reedits)
     monitor.note_limits(session, report)
     rejected = None
     if verdict == "accepted":
@@ -187,18 +233,57 @@ def record_attempt(session_id: str, report: GateReport, verdict: str, quarantine
     attempt.seconds["tracking"] += time.perf_counter() - t0
     session.steps.append({"attempt": attempt.name, "n": len(attempt.keys), "keys": list(attempt.keys), "verdict": verdict})
     session.steps[-1].update(attempt.seconds)
-    if quarantine:
-        session.progress.update(len(attempt.keys))
+    if quarantined:
+        session.progress.update(len(quarantined))
     detail = "" if verdict == "accepted" else f" — {reason}"
+    if retry:
+        detail += f"; {len(retry)} fact(s) did not hold and are retried alone"
     log.info("%s (%d facts): %s%s", attempt.name, len(attempt.keys), verdict, detail)
-    attempt.recorded = {"verdict": verdict, "quarantined": len(quarantined)}
+    attempt.recorded = {"verdict": verdict, "quarantined": len(quarantined), "retry": retry}
     return attempt.recorded
+
+
+def did_not_hold_record(session: Session, key: str, attempt: Attempt, report: GateReport) -> dict:
+    """A fact whose own edit does not hold: after its batch was accepted and once more alone (or alone already)."""
+    now = report.facts.get(key, {})
+    first = session.not_held.pop(key, None) or {"version": session.production, "attempt": attempt.name, **now}
+    reason = (
+        f"did not hold: P(new) {first['p_new']:.3g} vs P(old) {_p(first['p_old'])} after {first['attempt']} (v{first['version']})"
+    )
+    if first["attempt"] != attempt.name:
+        reason += f"; retried alone: P(new) {now.get('p_new', float('nan')):.3g} vs P(old) {_p(now.get('p_old'))}"
+    record = quarantine_record(session, key, reason, "held", attempt, report)
+    return record | {
+        "verdict": "did_not_hold",
+        "after_batch": first,
+        "retried": now if first["attempt"] != attempt.name else None,
+    }
+
+
+def _p(p: float | None) -> str:
+    return "n/a (no old answer)" if p is None else f"{p:.3g}"
+
+
+def _facts_table(session: Session, keys: list[str], report: GateReport) -> list[dict]:
+    """Per fact of the attempt: id, values, whether its edit holds and its probabilities; re-edits and filled old values."""
+    rows = []
+    for k in keys:
+        r = session.requests[k]
+        row = {"key": k, "id": r.id, "prompt": r.text, "target_new": r.target_new, "target_true": r.target_true}
+        if k in session.filled:
+            row["target_true_from"] = "model"
+        if k in session.reedits:
+            row["target_true_from"] = f"v{session.reedits[k].supersedes.version}"
+        rows.append(row | report.facts.get(k, {}))
+    return rows
 
 
 def run_label(name: str, verdict: str, version: str | None, quarantined: bool) -> str:
     """The attempt run's name with its verdict, as the runs table lists it."""
     if verdict == "accepted":
         return f"accepted {name} → v{version}"
+    if verdict == "did_not_hold":
+        return f"DID NOT HOLD {name} (retried alone)"
     # the verdict first: the runs table cuts long names, and a rejection must stay visible
     return f"REJECTED {name} ({'quarantined' if quarantined else 'bisected'})"
 

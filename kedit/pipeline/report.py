@@ -16,23 +16,30 @@ from .session import Session, get_session
 
 def summarize(session: Session, plan: Plan) -> dict:
     """Where every fact ended; raises if one ended nowhere."""
-    quarantined = session.quarantined
+    did_not_hold = [q for q in session.quarantined if q["gate"] == "held"]
+    quarantined = [q for q in session.quarantined if q["gate"] != "held"]
     summary = {
         "registered_model": session.registered,
         "production": session.production,
         "n_edits": session.n_edits,
         "records": plan.n_records,
-        "accepted": len(session.accepted),
+        "accepted": len(session.accepted),  # facts whose own edit holds: what the model now states
+        "did_not_hold": len(did_not_hold),  # in an accepted version, but the model does not state them
         "quarantined": plan.n_invalid + len(quarantined),
         "quarantined_invalid": plan.n_invalid,
         "quarantined_gates": len([q for q in quarantined if q["gate"] == "gates"]),
         "quarantined_editor": len([q for q in quarantined if q["gate"] == "editor"]),
+        "quarantined_noop": len([q for q in quarantined if q["gate"] == "reedit"]),
         "superseded": plan.n_superseded,
         "skipped": len(session.skipped),
+        "reedits": {k: e.to_dict() for k, e in session.reedits.items() if k in session.accepted},
+        "target_true_from_model": len(session.filled),
+        "seconds": session.seconds,
         "steps": session.steps,
         "run_id": session.run_id,
     }
-    unaccounted = set(plan.fact_keys) - set(session.accepted) - {q["key"] for q in quarantined} - set(session.skipped)
+    settled = {q["key"] for q in session.quarantined}
+    unaccounted = set(plan.fact_keys) - set(session.accepted) - settled - set(session.skipped)
     if unaccounted:
         raise StreamError(f"{len(unaccounted)} fact(s) ended nowhere: {sorted(unaccounted)[:5]}")
     return summary
@@ -53,7 +60,8 @@ def finish_stream(session_id: str, plan: Plan) -> dict:
     tracker.log_dict(session.run_id, summary, "summary.json")
     _record_feeds(session, plan, work)
     summary["feeds"] = plan.feeds
-    totals = {k: summary[k] for k in ("accepted", "quarantined", "superseded", "skipped")} | {"n_edits": session.n_edits}
+    totals = {k: summary[k] for k in ("accepted", "did_not_hold", "quarantined", "superseded", "skipped")}
+    totals["n_edits"] = session.n_edits
     monitor.log_point(session, session.n_edits, {k: float(v) for k, v in totals.items()})
     if session.rejected:  # the picture holds every rejection, also those after the last version
         monitor.plot_drawdown(session)

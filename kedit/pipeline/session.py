@@ -9,6 +9,7 @@ looked up in this process's table; ``open_session`` returns what the flow needs 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -21,6 +22,9 @@ from editing import EditError, Editor, make_editor
 from evaluation.gates import GateReport, GateSuite, load_gates
 from kedit.core.config import flatten
 from kedit.core.facts import EditRequest
+from kedit.core.facts.reedit import Held, ReEdit, live_facts, noop_reason, resolve
+from kedit.core.facts.schema import normalize
+from kedit.core.lm import current_answers
 from kedit.core.models import load_model
 from kedit.store.naming import identify
 from kedit.store.tracking import (
@@ -62,7 +66,11 @@ class Session:
     tokenizer: Any
     editor: Editor
     requests: dict[str, EditRequest] = field(default_factory=dict)  # this stream's plan, by EditRequest.key
-    earlier: list[EditRequest] = field(default_factory=list)  # accepted along the production chain
+    earlier: list[EditRequest] = field(default_factory=list)  # the chain's live facts: held, not superseded
+    live: dict[tuple[str, str], Held] = field(default_factory=dict)  # slot -> what the chain holds for it
+    reedits: dict[str, ReEdit] = field(default_factory=dict)  # fact key -> the chain fact it replaces
+    filled: dict[str, str] = field(default_factory=dict)  # fact key -> target_true read from the model
+    not_held: dict[str, dict] = field(default_factory=dict)  # fact key -> its accepted batch's outcome, until retried
     production: str | None = None
     production_manifest_sha: str | None = None  # production's manifest sha256, verified from the chain (None on the base)
     chain: list[str] = field(default_factory=list)  # versions from the base up to production
@@ -78,6 +86,7 @@ class Session:
     limits: dict[str, float] = field(default_factory=dict)  # gate -> threshold, from the reports
     logged: set[tuple[str, int]] = field(default_factory=set)  # (series, step) already on the stream run
     steps: list[dict] = field(default_factory=list)  # timings per attempt
+    seconds: dict[str, float] = field(default_factory=dict)  # timings of the stream's own phases (fill_target_true)
     attempt: Attempt | None = None
     progress: tqdm | None = None
     ledger: dict[str, dict] = field(default_factory=dict)  # feed sha256 -> entry, as the stream started
@@ -151,7 +160,8 @@ def restore_production(session_id: str) -> dict:
     session.production = prod.version if prod else None
     session.production_manifest_sha = chain.head_manifest_sha
     session.chain = [v.version for v in chain.versions]
-    session.earlier = chain.requests
+    session.live = live_facts(chain.applied)
+    session.earlier = [held.request for held in session.live.values()]
     session.n_edits = len(chain.requests)
     if chain.state or chain.editor:
         if chain.editor == session.cfg.editor:
@@ -191,6 +201,8 @@ def start_stream(session_id: str, plan: Plan) -> list[list[str]]:
     session.tracker.log_params(session.run_id, _run_params(session, plan))
     session.tracker.log_artifacts(session.run_id, Path(plan.path).parent, "feeds")
     monitor.start_series(session)
+    pending = _resolve_reedits(session, pending)
+    pending = _fill_target_true(session, pending)
     pending = [key for key in pending if _editor_takes(session, key)]
     if session.skipped:
         log.info("%d fact(s) skipped: already applied or quarantined on this chain", len(session.skipped))
@@ -216,13 +228,67 @@ def _not_done(session: Session, plan: Plan) -> list[str]:
     for key in plan.fact_keys:
         if plan.fact_feed.get(key) in seen_feeds:
             session.skipped[key] = "feed already processed"
+        elif key in quarantined_before:  # first: a fact whose edit did not hold is in a version, but not applied
+            session.skipped[key] = f"quarantined earlier: {quarantined_before[key].get('reason', '')}"
         elif key in done:
             session.skipped[key] = "already applied"
-        elif key in quarantined_before:
-            session.skipped[key] = f"quarantined earlier: {quarantined_before[key].get('reason', '')}"
         else:
             pending.append(key)
     return pending
+
+
+def _resolve_reedits(session: Session, pending: list[str]) -> list[str]:
+    """A fact the chain holds under another value is a re-edit: its target_true becomes the value the chain
+    last wrote. The same value again is a no-op, quarantined naming the version that holds it."""
+    res = resolve([session.requests[k] for k in pending], session.live)
+    for request, held in res.noops:
+        quarantine_fact(session, request.key, noop_reason(held), gate="reedit")
+    for reedit in res.reedits:
+        session.requests[reedit.request.key] = reedit.request
+        session.reedits[reedit.request.key] = reedit
+    if res.reedits:
+        session.tracker.log_dict(session.run_id, [e.to_dict() for e in res.reedits], "reedits.json")
+        log.info("%d fact(s) re-edit what the chain holds", len(res.reedits))
+    noops = {r.key for r, _ in res.noops}
+    return [k for k in pending if k not in noops]
+
+
+def _fill_target_true(session: Session, pending: list[str]) -> list[str]:
+    """A fact without target_true gets the model's current answer, in one batched generation on production:
+    the greedy continuation cut at the first line break, clause mark or sentence-ending full stop, then to as
+    many words as target_new has (``current_answers``), so that the efficacy check compares values of one
+    shape (a one-word city with a one-word answer, not with the sentence that follows it).
+    A model that already answers target_new makes the fact a no-op."""
+    missing = [k for k in pending if session.requests[k].target_true is None]
+    if not missing:
+        return pending
+    t0 = time.perf_counter()
+    prompts = [session.requests[k].text for k in missing]
+    words = [len(session.requests[k].target_new.split()) for k in missing]
+    answers = current_answers(session.model, session.tokenizer, prompts, words)
+    seconds = time.perf_counter() - t0
+    noops = set()
+    for key, answer in zip(missing, answers):
+        request = session.requests[key]
+        if answer is None:
+            continue  # nothing to read: the fact stays without target_true (an editor that needs it refuses it)
+        if normalize(answer) == normalize(request.target_new):
+            noops.add(key)
+            quarantine_fact(session, key, f"no-op: the model already answers {answer!r}", gate="reedit")
+            continue
+        session.requests[key] = dataclasses.replace(request, target_true=answer)
+        session.filled[key] = answer
+    rows = [
+        {"key": k, "id": session.requests[k].id, "prompt": session.requests[k].text, "target_true": a}
+        for k, a in zip(missing, answers)
+    ]
+    session.tracker.log_dict(session.run_id, rows, "filled_target_true.json")
+    session.tracker.log_metrics(
+        session.run_id, {"fill_target_true_s": seconds, "filled_target_true": len(session.filled)}, step=session.n_edits
+    )
+    session.seconds["fill_target_true"] = seconds
+    log.info("target_true read from the model for %d fact(s) in %.2f s", len(session.filled), seconds)
+    return [k for k in pending if k not in noops]
 
 
 def _run_params(session: Session, plan: Plan) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,8 @@ EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 MANIFEST = "manifest.json"
 STATE = "state.safetensors"
 REQUESTS = "requests.jsonl"
+NOT_HOLDING = "not_holding"  # manifest key: facts of the version whose own edit did not hold when it was made
+SUPERSEDES = "supersedes"  # manifest key: the re-edits of the version, each naming the fact and version it replaces
 
 
 @dataclass
@@ -246,6 +248,9 @@ class Chain:
     editor: str | None
     requests: list[EditRequest]  # every request applied along the chain, oldest first
     head_manifest_sha: str | None = None  # the verified manifest sha256 of the last version; None on the base
+    # (request, version) of the requests whose edit held when their version was made, oldest first:
+    # what ``kedit.core.facts.reedit.live_facts`` reads the chain's current facts from
+    applied: list[tuple[EditRequest, str]] = field(default_factory=list)
 
 
 def _fetch_chain(tracker: Tracker, name: str, version: str | None, fingerprint: str | None):
@@ -355,6 +360,7 @@ def _chain(infos: list[VersionInfo], loaded: list[Version], shas: list[str]) -> 
         last.manifest.get("editor") if last else None,
         [r for v in loaded for r in v.requests],
         shas[-1] if shas else None,
+        [(r, i.version) for i, v in zip(infos, loaded) for r in v.requests if r.key not in set(v.manifest.get(NOT_HOLDING, ()))],
     )
 
 
