@@ -159,6 +159,34 @@ def reedit_metrics(model: nn.Module, tokenizer, cases: Sequence[ReEditCase], bat
     }
 
 
+# ----------------------------------------------------------------------------- multi-hop portability (MQuAKE)
+
+QUESTION_FORM = "Q: {question} A:"  # a question as a cloze: the answer is the prompt's continuation
+
+
+def multihop_metrics(
+    model: nn.Module, tokenizer, cases: Sequence[tuple[Sequence[str], str, str]], batch_size: int = 64
+) -> dict[str, float]:
+    """Per (questions, old answer, new answer) case, whether the model answers its multi-hop questions with the
+    new answer: P(new) > P(old) after ``QUESTION_FORM`` (per-token probability, as efficacy is scored).
+
+    ``multihop``: share of questions; ``multihop_cases``: share of cases with at least one question answered
+    with the new answer (MQuAKE's case-level rule). One batched scoring call."""
+    prompts, new, old, owner = [], [], [], []
+    for i, (questions, answer, new_answer) in enumerate(cases):
+        for q in questions:
+            prompts.append(QUESTION_FORM.format(question=q))
+            new.append(new_answer)
+            old.append(answer)
+            owner.append(i)
+    if not prompts:
+        return {"multihop": float("nan"), "multihop_cases": float("nan"), "n_questions": 0.0}
+    p = score_targets(model, tokenizer, prompts * 2, new + old, batch_size).prob
+    ok = p[: len(prompts)] > p[len(prompts) :]  # (n_questions,)
+    per_case = torch.zeros(len(cases), dtype=torch.long).index_add_(0, torch.tensor(owner), ok.long()) > 0
+    return {"multihop": mean(ok), "multihop_cases": mean(per_case), "n_questions": float(len(prompts))}
+
+
 # ----------------------------------------------------------------------------- zsRE
 
 
@@ -334,6 +362,7 @@ __all__ = [
     "knows",
     "locality_agreement",
     "mean",
+    "multihop_metrics",
     "ngram_entropy",
     "ReEditCase",
     "reedit_metrics",

@@ -364,6 +364,12 @@ def test_a_fact_that_does_not_hold_in_an_accepted_batch_is_retried_alone_then_di
     q = [json.loads(line) for line in (tmp / "work" / "stream_quarantine.jsonl").read_text().splitlines()]
     assert {r["gate"] for r in q} == {"held"} and {r["key"] for r in q} == {key(r) for r in GOOD[:2]}
     assert "after batch-000 (v1); retried alone" in q[0]["reason"] and q[0]["after_batch"]["held"] is False
+    from click.testing import CliRunner
+
+    from kedit.app.cli import cli
+
+    out = CliRunner().invoke(cli, ["status", "--model", str(checkpoint), "--tracking-uri", f"sqlite:///{tmp}/mlruns/mlflow.db"])
+    assert out.exit_code == 0 and "(2 did not hold: retried alone)" in out.output and "did_not_hold" in out.output
     manifest = rebuild(fresh_base(checkpoint), tracker, name, "1", None)
     assert manifest.applied == []  # the version's facts are not the model's facts
     # the same facts in a new feed are not tried again: their verdict stands

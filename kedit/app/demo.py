@@ -76,13 +76,15 @@ def run_demo(
     print(f"\nAfter the stream (production v{summary['production']} of {summary['registered_model']}):")
     print(scores_table(rows))
     print(
-        f"\n{summary['records']} records: {summary['accepted']} accepted, {summary['quarantined']} quarantined, "
+        f"\n{summary['records']} records: {summary['accepted']} accepted (the model now states them), "
+        f"{summary['did_not_hold']} did not hold, {summary['quarantined']} quarantined, "
         f"{summary['superseded']} superseded, {summary['skipped']} already applied before this run."
     )
     quarantine = Path(out_dir) / "stream_quarantine.jsonl"
     for line in quarantine.read_text().splitlines():
         rec = json.loads(line)
-        print(f"  quarantined by the gates: {rec['id']}: {rec['reason']}")
+        what = "did not hold" if rec["gate"] == "held" else "quarantined by the gates"
+        print(f"  {what}: {rec['id']}: {rec['reason']}")
     uri = resolve_uri(tracking_uri)
     links = summary["links"]
     print(

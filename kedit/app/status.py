@@ -9,7 +9,16 @@ from kedit.pipeline.config import HISTORY_KEYS
 from kedit.pipeline.monitor import BASE_POINT, limit_tag
 from kedit.pipeline.session import history_point
 from kedit.store.naming import identify
-from kedit.store.tracking import T_N_EDITS, T_N_FACTS, T_VERDICT, T_VERSION, Tracker, metric_tag
+from kedit.store.tracking import (
+    T_N_EDITS,
+    T_N_FACTS,
+    T_N_NOT_HELD,
+    T_SUPERSEDES,
+    T_VERDICT,
+    T_VERSION,
+    Tracker,
+    metric_tag,
+)
 
 BARS = " ▁▂▃▄▅▆▇█"
 
@@ -40,10 +49,14 @@ def status_text(model_ref: str, tracking_uri: str | None = None, last: int = 10,
             tags = run.data.tags
             metrics = run.data.metrics
             version = ("v" + tags[T_VERSION]) if tags.get(T_VERSION) else ""
+            not_held = int(tags.get(T_N_NOT_HELD, "0") or 0)
+            also = f" ({not_held} did not hold: retried alone)" if not_held else ""
+            also += f" supersedes {tags[T_SUPERSEDES]}" if tags.get(T_SUPERSEDES) else ""
             lines.append(
                 f"  {run.info.run_name:<{width}} {tags.get(T_VERDICT, '?'):<12} "
                 f"{version:<5} facts={tags.get(T_N_FACTS, '?'):<3} "
                 f"efficacy={metrics.get('efficacy', float('nan')):.2f} drawdown={metrics.get('drawdown_base', float('nan')):.3f}"
+                f"{also}"
             )
     if feeds_dir is not None:
         ledger = tracker.feed_ledger(name)
