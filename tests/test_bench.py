@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from kedit.app.bench import bench_targets
@@ -48,3 +50,68 @@ def test_a_method_without_a_target_phase_is_refused(setup):
     ck, data, corpus = setup
     with pytest.raises(KeditError, match="no separate target phase"):
         bench_targets(str(ck), data, 2, 2, "ft-m", corpus, "cpu", {"layers": [2]})
+
+
+def rome_record(case_id: int, subject: str, prompt: str, new: str, old: str, relation: str) -> dict:
+    rewrite = {
+        "prompt": prompt,
+        "relation_id": relation,
+        "subject": subject,
+        "target_new": {"str": new},
+        "target_true": {"str": old},
+    }
+    return {"case_id": case_id, "requested_rewrite": rewrite, "paraphrase_prompts": [f"so {prompt.format(subject)}"]}
+
+
+def test_bench_reedit_runs_the_schedule_and_resumes_from_its_json(setup, tmp_path):
+    import json
+
+    from kedit.app.bench_reedit import bench_reedit
+
+    ck, _, corpus = setup
+    people = [
+        ("alice", "german", "french"),
+        ("bob", "french", "german"),
+        ("carol", "english", "french"),
+        ("dave", "spanish", "german"),
+    ]
+    records = [rome_record(i, s, "{} speaks", new, old, "P103") for i, (s, new, old) in enumerate(people)]
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "reedit.json"
+    ftm = {"ft-m": {"layers": [2], "lr": 0.02}}
+    r = bench_reedit(
+        str(ck), data, ["ft-m"], n=4, n_twice=2, n_thrice=1, batch_size=2, gap=1, corpus=corpus, overrides=ftm, json_out=out
+    )
+    res = r["results"]["ft-m"]
+    assert res["n_edits"] == 4 + 2 + 1 and res["n_reedits"] == 3
+    assert res["reedited"]["n_cases"] == 2 and res["once"]["n_cases"] == 2 and res["reedited_thrice"]["n_cases"] == 1
+    assert 0 <= res["reedited"]["latest_wins"] <= 1 and not math.isnan(res["reedited"]["superseded_prob"])
+    # the same settings again: the method is read back, not rerun
+    again = bench_reedit(
+        str(ck), data, ["ft-m"], n=4, n_twice=2, n_thrice=1, batch_size=2, gap=1, corpus=corpus, overrides=ftm, json_out=out
+    )
+    same = json.dumps(again["results"]) == json.dumps(json.loads(out.read_text())["results"]) == json.dumps(r["results"])
+    assert same  # compared as text: a NaN (no superseded value among facts edited once) is not equal to itself
+
+
+def test_bench_mquake_edits_each_case_alone_and_reverts(setup, tmp_path):
+    import json
+
+    from kedit.app.bench_mquake import bench_mquake
+
+    ck, _, corpus = setup
+    rw = {
+        "prompt": "{} speaks",
+        "relation_id": "P1",
+        "subject": "alice",
+        "target_new": {"str": "german"},
+        "target_true": {"str": "french"},
+    }
+    case = {"case_id": 1, "requested_rewrite": [rw], "questions": ["alice speaks"], "answer": "french", "new_answer": "german"}
+    data = tmp_path / "mq.json"
+    data.write_text(json.dumps([case, dict(case, case_id=2, questions=["what does alice speak", "alice"])]))
+    r = bench_mquake(str(ck), data, ["ft-m"], n=2, corpus=corpus, overrides={"ft-m": {"layers": [2], "lr": 0.02}})
+    res = r["results"]["ft-m"]
+    assert res["n_questions"] == 3 and r["unedited"]["n_questions"] == 3
+    assert res["single_hop_efficacy"] == 1.0 and r["unedited"]["single_hop_efficacy"] == 0.0  # the edit took, each time

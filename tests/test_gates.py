@@ -286,5 +286,7 @@ def test_a_new_gate_is_one_class_and_one_entry_in_the_file(tmp_path, toy_gate):
 
 def test_a_gate_not_registered_is_an_error_listing_the_registered_ones(tmp_path):
     path = write(tmp_path, {"gates": [{"gate": "toy", "max_batch": 1}], "bisect": True})
-    with pytest.raises(ConfigError, match=r"unknown gate 'toy' \(registered: capability, drawdown, edits, portability, retention\)"):
+    with pytest.raises(
+        ConfigError, match=r"unknown gate 'toy' \(registered: capability, drawdown, edits, portability, retention\)"
+    ):
         load_gates(path)

@@ -445,6 +445,24 @@ def bench_reedit(model, data, methods, n, n_twice, n_thrice, batch_size, gap, st
     click.echo(table(result))
 
 
+@bench.command("mquake")
+@MODEL
+@DATA
+@click.option("--methods", default="memit,alphaedit,come-memit", show_default=True, help="Editors, comma-separated.")
+@click.option("--n", type=int, default=20, show_default=True, help="MQuAKE cases (each edited alone, then reverted).")
+@corpus_option(default_corpus, SHARED_CORPUS)
+@click.option("--set", "sets", multiple=True, help="Preset override METHOD.KEY=YAML_VALUE.")
+@JSON_OUT
+def bench_mquake(model, data, methods, n, corpus, sets, json_out) -> None:
+    """Multi-hop questions (MQuAKE) answered with the new answer, before and after editing each case's facts."""
+    from evaluation.metrics import scores_table
+    from kedit.app.bench_mquake import bench_mquake as run
+
+    chosen = methods.split(",")
+    result = run(model, data, chosen, n, corpus, _method_overrides(sets, chosen), json_out)
+    click.echo(scores_table({"unedited": result["unedited"], **result["results"]}))
+
+
 @bench.command("targets")
 @MODEL
 @DATA
