@@ -39,3 +39,19 @@ def tok():
 @pytest.fixture
 def tok_nobos():
     return make_tokenizer(add_bos=False)
+
+
+@pytest.fixture
+def bigram():
+    """A bigram model whose next-token logits after a few words are set by hand: (tokenizer, model, vocab size).
+    After "is": paris 2, london 1; after "in": london 3; after "of": berlin 1; after "paris": london 1; else 0."""
+    tok = make_tokenizer()
+    v = len(tok)
+    i = tok.convert_tokens_to_ids
+    table = torch.zeros(v, v)
+    table[i("is"), i("paris")] = 2.0
+    table[i("is"), i("london")] = 1.0
+    table[i("in"), i("london")] = 3.0
+    table[i("of"), i("berlin")] = 1.0
+    table[i("paris"), i("london")] = 1.0
+    return tok, BigramLM(table), v

@@ -115,3 +115,14 @@ def test_bench_mquake_edits_each_case_alone_and_reverts(setup, tmp_path):
     res = r["results"]["ft-m"]
     assert res["n_questions"] == 3 and r["unedited"]["n_questions"] == 3
     assert res["single_hop_efficacy"] == 1.0 and r["unedited"]["single_hop_efficacy"] == 0.0  # the edit took, each time
+
+
+def test_bench_fill_times_reading_the_old_value_against_the_edit(setup):
+    from kedit.app.bench import bench_fill
+
+    ck, data, corpus = setup
+    r = bench_fill(str(ck), data, 3, 2, "ft-m", corpus, {"layers": [2], "lr": 0.02})
+    assert [len(s) for s in (r["steps"], r["answers"])] == [2, 3]
+    assert all(s["fill_s"] > 0 and s["edit_s"] > 0 for s in r["steps"])
+    assert r["max_fill_fraction"] == max(s["fill_s"] / s["edit_s"] for s in r["steps"])
+    assert all(a["recorded"] == e["target_true"] for a, e in zip(r["answers"], EDITS))  # the data's old value, kept apart

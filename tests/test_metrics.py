@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import BigramLM, make_tokenizer, tiny_llama
+from conftest import make_tokenizer, tiny_llama
 
 from evaluation.metrics import (
     build_retain_set,
@@ -24,17 +24,8 @@ from kedit.core.lm import greedy_generate
 
 
 @pytest.fixture
-def setup():
-    tok = make_tokenizer()
-    v = len(tok)
-    i = tok.convert_tokens_to_ids
-    table = torch.zeros(v, v)
-    table[i("is"), i("paris")] = 2.0
-    table[i("is"), i("london")] = 1.0
-    table[i("in"), i("london")] = 3.0
-    table[i("of"), i("berlin")] = 1.0
-    table[i("paris"), i("london")] = 1.0
-    return tok, BigramLM(table), v
+def setup(bigram):
+    return bigram
 
 
 def softmax_p(logits_of_target: float, others: dict[int, float], v: int) -> float:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
-from conftest import BigramLM, make_tokenizer
 
 from evaluation.metrics import ReEditCase, reedit_metrics
 from kedit.app.bench_reedit import schedule
@@ -60,19 +58,6 @@ def test_resolve_sorts_first_edits_re_edits_and_no_ops():
 )
 def test_cut_answer(text, words, answer):
     assert cut_answer(text, words) == answer
-
-
-@pytest.fixture
-def bigram():
-    tok = make_tokenizer()
-    v = len(tok)
-    i = tok.convert_tokens_to_ids
-    table = torch.zeros(v, v)
-    table[i("is"), i("paris")] = 2.0
-    table[i("is"), i("london")] = 1.0
-    table[i("in"), i("london")] = 3.0
-    table[i("of"), i("berlin")] = 1.0
-    return tok, BigramLM(table), v
 
 
 def p_after(logit: float, others: list[float], v: int) -> float:

@@ -370,3 +370,67 @@ def bench_targets(
         "target_rel_diff_max": float(rel.max()),
         "machine": machine(),
     }
+
+
+def bench_fill(
+    model_ref: str,
+    data: Path,
+    n: int,
+    batch_size: int,
+    method: str | None = None,
+    corpus: Path | None = None,
+    overrides: dict | None = None,
+) -> dict:
+    """What reading ``target_true`` from the model costs, against the edit it precedes.
+
+    The first ``n`` CounterFact requests lose their ``target_true``; per batch, the stream's reading
+    (``current_answers``: one batched greedy generation, cut as the pipeline cuts it) is timed on the current
+    model, then the batch is edited and committed. Reported: both times per batch, their ratio, how often the
+    answer read equals CounterFact's recorded old value, and efficacy on the final model against each."""
+    import dataclasses
+
+    from editing import DEFAULT_EDITOR, make_editor
+    from editing.stats import corpus_from_files
+    from evaluation.metrics import edit_success, mean
+    from kedit.core.facts.schema import normalize
+    from kedit.core.lm import current_answers
+
+    method = method or DEFAULT_EDITOR
+    if model_ref in KNOWN_MODELS:
+        pull(model_ref)
+    model, tok = load_model(model_ref)
+    reqs = _cases(data, n)
+    corpus_path = _corpus_file(corpus)
+    editor = make_editor(
+        method, model, tok, overrides, assets={"corpus": corpus_from_files([corpus_path]) if corpus_path else None}
+    )
+    editor.prepare()
+    current_answers(model, tok, [reqs[0].text], [1])  # warm-up
+    batches = [reqs[i : i + batch_size] for i in range(0, len(reqs), batch_size)]
+    steps, filled = [], []
+    for b in tqdm(batches, desc=f"{method}: read target_true, then edit", unit="batch"):
+        t0 = time.perf_counter()
+        answers = current_answers(model, tok, [r.text for r in b], [len(r.target_new.split()) for r in b])
+        fill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        editor.edit(b)
+        editor.commit()
+        edit_s = time.perf_counter() - t0
+        steps.append({"fill_s": fill_s, "edit_s": edit_s, "fill_fraction": fill_s / edit_s})
+        filled += [dataclasses.replace(r, target_true=a) for r, a in zip(b, answers)]
+    same = [a.target_true is not None and normalize(a.target_true) == normalize(r.target_true) for a, r in zip(filled, reqs)]
+    return {
+        "model": model_ref,
+        "method": method,
+        "data": str(data),
+        "n": len(reqs),
+        "batch_size": batch_size,
+        "steps": steps,
+        "max_fill_fraction": max(s["fill_fraction"] for s in steps),
+        "mean_fill_fraction": sum(s["fill_s"] for s in steps) / sum(s["edit_s"] for s in steps),
+        "answer_equals_recorded_old_value": sum(same) / len(same),
+        "answers": [{"id": r.id, "recorded": r.target_true, "read": a.target_true} for r, a in zip(reqs, filled)],
+        "efficacy_against_recorded": mean(edit_success(model, tok, reqs)),
+        "efficacy_against_read": mean(edit_success(model, tok, filled)),
+        "machine": machine(),
+    }

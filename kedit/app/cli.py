@@ -463,6 +463,25 @@ def bench_mquake(model, data, methods, n, corpus, sets, json_out) -> None:
     click.echo(scores_table({"unedited": result["unedited"], **result["results"]}))
 
 
+@bench.command("fill")
+@MODEL
+@DATA
+@EDITOR
+@click.option("--n", type=int, default=20, show_default=True)
+@BATCH_SIZE
+@corpus_option(default_corpus, SHARED_CORPUS)
+@SETS
+@JSON_OUT
+def bench_fill(model, data, editor, n, batch_size, corpus, sets, json_out) -> None:
+    """What reading target_true from the model costs per batch, against the batch's edit time."""
+    from kedit.app.bench import bench_fill as run
+
+    result = run(model, data, n, batch_size, editor, corpus, sets_to_overrides(sets))
+    keys = ("max_fill_fraction", "mean_fill_fraction", "answer_equals_recorded_old_value", "efficacy_against_recorded")
+    click.echo(json.dumps({k: result[k] for k in (*keys, "efficacy_against_read", "steps")}, indent=2))
+    _write_json(json_out, result)
+
+
 @bench.command("targets")
 @MODEL
 @DATA
