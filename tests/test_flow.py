@@ -342,6 +342,11 @@ def test_a_fact_edited_twice_supersedes_its_first_value_and_rolls_back_bit_for_b
     q = [json.loads(line) for line in (tmp / "work" / "stream_quarantine.jsonl").read_text().splitlines()]
     assert "no-op: v2 already holds 'africa'" in q[-1]["reason"]
 
+    # the first record sent again is not a re-edit back to asia: it was applied on this chain
+    fourth = stream(config([dict(GOOD[0], id="dave-resent")], batch_size=1))
+    assert fourth["skipped"] == 1 and fourth["production"] == "2"
+    assert list(kept[-1].skipped.values()) == ["already applied"]
+
     # rolling the re-edit back restores the first edit's model bit for bit
     assert rollback_to(tracker, name, "1") == "2"
     base = fresh_base(checkpoint)

@@ -68,6 +68,7 @@ class Session:
     requests: dict[str, EditRequest] = field(default_factory=dict)  # this stream's plan, by EditRequest.key
     earlier: list[EditRequest] = field(default_factory=list)  # the chain's live facts: held, not superseded
     live: dict[tuple[str, str], Held] = field(default_factory=dict)  # slot -> what the chain holds for it
+    applied: set[str] = field(default_factory=set)  # keys of every fact whose edit held on the chain, superseded or not
     reedits: dict[str, ReEdit] = field(default_factory=dict)  # fact key -> the chain fact it replaces
     filled: dict[str, str] = field(default_factory=dict)  # fact key -> target_true read from the model
     not_held: dict[str, dict] = field(default_factory=dict)  # fact key -> its accepted batch's outcome, until retried
@@ -160,6 +161,7 @@ def restore_production(session_id: str) -> dict:
     session.production = prod.version if prod else None
     session.production_manifest_sha = chain.head_manifest_sha
     session.chain = [v.version for v in chain.versions]
+    session.applied = {r.key for r, _ in chain.applied}
     session.live = live_facts(chain.applied)
     session.earlier = [held.request for held in session.live.values()]
     session.n_edits = len(chain.requests)
@@ -218,7 +220,7 @@ def _not_done(session: Session, plan: Plan) -> list[str]:
     """The plan's facts that neither an earlier stream (same feed, same chain) nor the chain itself settled.
 
     A fact is known by its content (``EditRequest.key``), not by the producer's id: ids repeat across feeds."""
-    done = {r.key for r in session.earlier}
+    done = session.applied  # superseded facts too: an old record sent again must not bring its value back
     quarantined_before = session.tracker.quarantined(session.registered, session.chain)
     session.ledger = session.tracker.feed_ledger(session.registered)
     seen_feeds = {f for f, sha in plan.feed_sha256.items() if sha in session.ledger}
