@@ -70,7 +70,7 @@ def test_a_retried_record_attempt_quarantines_each_fact_once(session):
     assert session.quarantined == []  # the failed try left the session as it was
     first = record_attempt(session.id, report, "rolled_back", quarantine=True)
     again = record_attempt(session.id, report, "rolled_back", quarantine=True)  # a retry after success: nothing twice
-    assert first == again == {"verdict": "rolled_back", "quarantined": 2}
+    assert first == again == {"verdict": "rolled_back", "quarantined": 2, "retry": []}
     assert sorted(q["key"] for q in session.quarantined) == sorted(session.requests)
     assert [q["id"] for q in session.quarantined] == ["1", "1"]  # one producer id, two facts
     assert sum(1 for kind, _ in session.tracker.logged if kind == "end") == 1
@@ -124,7 +124,8 @@ def test_a_retried_start_opens_one_stream_run_and_refuses_each_fact_once(tmp_pat
     from kedit.pipeline.plan import Plan
     from kedit.pipeline.session import start_stream
 
-    reqs = [EditRequest("1", s, "{} is in", "Asia") for s in ("Paris", "Rome", "Oslo")]
+    # with their old value given: nothing to read from a model (this test has none)
+    reqs = [EditRequest("1", s, "{} is in", "Asia", "Europe") for s in ("Paris", "Rome", "Oslo")]
     (tmp_path / "plan.json").write_text(json.dumps([r.to_dict() for r in reqs]))
     keys = [r.key for r in reqs]
     plan = Plan(str(tmp_path / "plan.json"), keys, 3, 0, 0, {"f.jsonl": "sha"}, dict.fromkeys(keys, "f.jsonl"), {})
