@@ -111,7 +111,7 @@ def reedit_metrics(model: nn.Module, tokenizer, cases: Sequence[ReEditCase], bat
     edit prompt of the latest value, of the superseded edited values (NaN when none) and of the original;
     ``specificity``: neighbourhood prompts prefer their own answer over the latest value.
     One batched scoring call: every (prompt, value) pair of every case."""
-    prompts, targets, row, is_latest, kind = [], [], [], [], []
+    prompts, targets, row, kind = [], [], [], []
     n_rows = 0
     rewrite_rows: list[int] = []
     for c in cases:
@@ -125,7 +125,6 @@ def reedit_metrics(model: nn.Module, tokenizer, cases: Sequence[ReEditCase], bat
                 prompts.append(p)
                 targets.append(v)
                 row.append(n_rows)
-                is_latest.append(k == "latest")
                 kind.append(k)
             n_rows += 1
     nb = [(n.prompt, n.answer, c.request.target_new) for c in cases for n in c.request.neighborhood]
@@ -135,14 +134,14 @@ def reedit_metrics(model: nn.Module, tokenizer, cases: Sequence[ReEditCase], bat
     prob = score_targets(model, tokenizer, prompts, targets, batch_size).prob
     pair, nb_prob = prob[:n_pairs], prob[n_pairs:]
     rows = torch.tensor(row, dtype=torch.long)
-    latest_mask = torch.tensor(is_latest, dtype=torch.bool)
+    kinds = torch.tensor([{"latest": 0, "original": 1, "superseded": 2}[k] for k in kind], dtype=torch.long)
+    latest_mask = kinds == 0
     latest = torch.zeros(n_rows).index_put_((rows[latest_mask],), pair[latest_mask])  # (n_rows,)
     earlier = torch.full((n_rows,), -1.0).scatter_reduce(0, rows[~latest_mask], pair[~latest_mask], "amax")
     wins = latest > earlier  # (n_rows,)
     on_rewrite = torch.zeros(n_rows, dtype=torch.bool)
     on_rewrite[rewrite_rows] = True
     pair_on_rewrite = on_rewrite[rows]
-    kinds = torch.tensor([{"latest": 0, "original": 1, "superseded": 2}[k] for k in kind], dtype=torch.long)
 
     def prob_of(k: int) -> float:
         return mean(pair[pair_on_rewrite & (kinds == k)])
@@ -267,23 +266,16 @@ def prompt_scores(
     return Holds(ok, s.prob[:n], p_true)
 
 
-def prompt_holds(
-    model: nn.Module, tokenizer, prompts: Sequence[str], new: Sequence[str], true: Sequence[str | None], batch_size: int = 64
-) -> torch.Tensor:
-    """``prompt_scores(...).ok``."""
-    return prompt_scores(model, tokenizer, prompts, new, true, batch_size).ok
-
-
 def edit_success(model: nn.Module, tokenizer, requests: Sequence[EditRequest], batch_size: int = 64) -> torch.Tensor:
-    """Per request, whether the edit holds on its own prompt (see ``prompt_holds``)."""
-    return prompt_holds(
+    """Per request, whether the edit holds on its own prompt (see ``prompt_scores``)."""
+    return prompt_scores(
         model,
         tokenizer,
         [r.text for r in requests],
         [r.target_new for r in requests],
         [r.target_true for r in requests],
         batch_size,
-    )
+    ).ok
 
 
 def retention(model: nn.Module, tokenizer, earlier: Sequence[EditRequest], batch_size: int = 64) -> float:
@@ -367,7 +359,6 @@ __all__ = [
     "ReEditCase",
     "reedit_metrics",
     "Holds",
-    "prompt_holds",
     "prompt_scores",
     "reference_predictions",
     "retention",

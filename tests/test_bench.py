@@ -126,3 +126,14 @@ def test_bench_fill_times_reading_the_old_value_against_the_edit(setup):
     assert all(s["fill_s"] > 0 and s["edit_s"] > 0 for s in r["steps"])
     assert r["max_fill_fraction"] == max(s["fill_s"] / s["edit_s"] for s in r["steps"])
     assert all(a["recorded"] == e["target_true"] for a, e in zip(r["answers"], EDITS))  # the data's old value, kept apart
+
+
+def test_bench_editors_runs_each_method_on_a_fresh_model(setup):
+    from kedit.app.bench import bench_editors
+
+    ck, data, corpus = setup
+    r = bench_editors(
+        str(ck), data, ["ft-m", "ft-l"], 2, 1, corpus, {"ft-m": {"layers": [2], "lr": 0.02}, "ft-l": {"layers": [2]}}
+    )
+    assert list(r["results"]) == ["ft-m", "ft-l"] and r["unedited"]["efficacy"] == 0.0
+    assert r["results"]["ft-m"]["n_edits"] == 2 and r["results"]["ft-m"]["efficacy"] == 1.0

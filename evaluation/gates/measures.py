@@ -39,7 +39,7 @@ class EditOutcomes:
 
 
 def edit_outcomes(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 64) -> EditOutcomes:
-    """Whether each edit holds on its prompt and paraphrases (``prompt_holds``), and whether its neighbours
+    """Whether each edit holds on its prompt and paraphrases (``prompt_scores``), and whether its neighbours
     still prefer their own answer over ``target_new``."""
     rewrite = [(r.text, r) for r in requests]
     para = [(p, r) for r in requests for p in r.paraphrase_prompts]

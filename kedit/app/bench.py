@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -84,23 +85,64 @@ def _corpus_file(corpus: Path | str | None) -> str | None:
     return None
 
 
+def editor_on(model_ref: str, method: str, corpus_path: str | None, overrides: dict | None, device: str | None = None):
+    """A fresh model and ``method``'s editor on it with its key statistics prepared (statistics from
+    ``corpus_path``, else text sampled from the model); returns (model, tokenizer, editor, prepare seconds)."""
+    from editing import make_editor
+    from editing.stats import corpus_from_files
+
+    model, tok = load_model(model_ref, device)
+    corpus = corpus_from_files([corpus_path]) if corpus_path else None
+    editor = make_editor(method, model, tok, overrides, assets={"corpus": corpus})
+    t0 = time.perf_counter()
+    editor.prepare()
+    return model, tok, editor, time.perf_counter() - t0
+
+
+def resumed(json_out: Path | None, settings: dict) -> dict:
+    """The per-method results of an earlier run written to ``json_out`` with the same ``settings`` (else none)."""
+    if not (json_out and Path(json_out).is_file()):
+        return {}
+    before = json.loads(Path(json_out).read_text())
+    if {k: before.get(k) for k in settings} != settings:
+        return {}
+    log.info("resuming %s: %s done", json_out, ", ".join(before.get("results", {})) or "nothing")
+    return before.get("results", {})
+
+
+def save_json(json_out: Path | None, out: dict) -> None:
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(out, indent=2))
+
+
+def each_method_alone(out: dict, methods: list[str], run, args, json_out: Path | None) -> dict:
+    """``out["results"][m] = run(m, *args(m))`` for each method not there yet, each in a fresh process (its peak
+    memory is its own), rewriting ``json_out`` after each so that a stopped run resumes per method."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("spawn")
+    for method in methods:
+        if method in out["results"]:
+            continue
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            out["results"][method] = pool.submit(run, method, *args(method)).result()
+        log.info("%s: %s", method, out["results"][method])
+        save_json(json_out, out)
+    return out
+
+
 def _run_method(
     method: str, model_ref: str, data: str, n: int, batch_size: int, corpus_path: str | None, overrides: dict
 ) -> dict:
     """One editor on a fresh model, in its own process (so peak memory is its own)."""
     import resource
 
-    from editing import make_editor
-    from editing.stats import corpus_from_files
     from evaluation.metrics import counterfact_metrics, fluency, retention
 
-    model, tok = load_model(model_ref)
+    model, tok, editor, t_stats = editor_on(model_ref, method, corpus_path, overrides)
     reqs = _cases(data, n)
-    corpus = corpus_from_files([corpus_path]) if corpus_path else None  # None: the editor samples text from the model
-    editor = make_editor(method, model, tok, overrides, assets={"corpus": corpus})
-    t0 = time.perf_counter()
-    editor.prepare()
-    t_stats = time.perf_counter() - t0
     t0 = time.perf_counter()
     batches = [reqs[i : i + batch_size] for i in range(0, len(reqs), batch_size)]
     for b in tqdm(batches, desc=f"{method}: batches of {batch_size}", unit="batch"):
@@ -156,25 +198,25 @@ def bench_editors(
     if model_ref in KNOWN_MODELS:
         pull(model_ref)
     corpus_path = _corpus_file(corpus)
-    ctx = mp.get_context("spawn")
-    results = {}
-    # a fresh process per method: its peak memory is its own
-    with ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
         unedited = pool.submit(_unedited, model_ref, str(data), n).result()
-        for method in methods:
-            args = (method, model_ref, str(data), n, batch_size, corpus_path, (overrides or {}).get(method, {}))
-            results[method] = pool.submit(_run_method, *args).result()
-            log.info("%s: %s", method, results[method])
-    return {
+    out = {
         "model": model_ref,
         "data": str(data),
         "n": n,
         "batch_size": batch_size,
         "corpus": corpus_path or "model samples",
         "unedited": unedited,
-        "results": results,
+        "results": {},
         "machine": machine(),
     }
+    return each_method_alone(
+        out,
+        methods,
+        _run_method,
+        lambda m: (model_ref, str(data), n, batch_size, corpus_path, (overrides or {}).get(m, {})),
+        None,
+    )
 
 
 def bench_stream(
@@ -287,8 +329,7 @@ def bench_targets(
 
     Everything but the target phase is shared, so efficacy must match; the model is reverted
     bit for bit between the two runs (checked by fingerprint)."""
-    from editing import DEFAULT_EDITOR, make_editor
-    from editing.stats import corpus_from_files
+    from editing import DEFAULT_EDITOR
     from evaluation.metrics import counterfact_metrics
     from kedit.core.errors import KeditError
     from kedit.store.versions import model_fingerprint
@@ -296,15 +337,11 @@ def bench_targets(
     method = method or DEFAULT_EDITOR
     if model_ref in KNOWN_MODELS:
         pull(model_ref)
-    model, tok = load_model(model_ref, device)
+    model, tok, editor, _ = editor_on(model_ref, method, _corpus_file(corpus), overrides, device)
     dev = next(model.parameters()).device
     reqs = _cases(data, n)
-    corpus_path = _corpus_file(corpus)
-    text = corpus_from_files([corpus_path]) if corpus_path else None
-    editor = make_editor(method, model, tok, overrides, assets={"corpus": text})
     if not callable(getattr(editor, "compute_targets", None)):
         raise KeditError(f"{method!r} has no separate target phase (compute_targets); use a MEMIT-family method")
-    editor.prepare()
     editor.templates()
     base = model_fingerprint(None, model)
     joint = editor.compute_targets
@@ -389,8 +426,7 @@ def bench_fill(
     answer read equals CounterFact's recorded old value, and efficacy on the final model against each."""
     import dataclasses
 
-    from editing import DEFAULT_EDITOR, make_editor
-    from editing.stats import corpus_from_files
+    from editing import DEFAULT_EDITOR
     from evaluation.metrics import edit_success, mean
     from kedit.core.facts.schema import normalize
     from kedit.core.lm import current_answers
@@ -398,13 +434,8 @@ def bench_fill(
     method = method or DEFAULT_EDITOR
     if model_ref in KNOWN_MODELS:
         pull(model_ref)
-    model, tok = load_model(model_ref)
+    model, tok, editor, _ = editor_on(model_ref, method, _corpus_file(corpus), overrides)
     reqs = _cases(data, n)
-    corpus_path = _corpus_file(corpus)
-    editor = make_editor(
-        method, model, tok, overrides, assets={"corpus": corpus_from_files([corpus_path]) if corpus_path else None}
-    )
-    editor.prepare()
     current_answers(model, tok, [reqs[0].text], [1])  # warm-up
     batches = [reqs[i : i + batch_size] for i in range(0, len(reqs), batch_size)]
     steps, filled = [], []

@@ -4,12 +4,11 @@ Per case: its rewrites edited as one batch on the base model, then its multi-hop
 (``evaluation.metrics.multihop_metrics``) and its single-hop efficacy (each rewrite's own prompt) scored,
 then the edit reverted bit for bit before the next case. Before editing, the same questions on the base.
 Each method runs in its own process; the JSON is rewritten after each method and a rerun with the same
-settings skips the methods already there.
+settings skips the methods already there (the unedited model, scoring only, is scored again).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from kedit.core.facts.formats.mquake import MultiHopCase, load_multihop
 from kedit.core.models import KNOWN_MODELS, load_model, pull
 
-from .bench import _corpus_file, machine
+from .bench import _corpus_file, each_method_alone, editor_on, machine, resumed, save_json
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +38,10 @@ def _unedited(model_ref: str, cases: list[MultiHopCase]) -> dict:
 def _run_method(method: str, model_ref: str, cases: list[MultiHopCase], corpus_path: str | None, overrides: dict) -> dict:
     from tqdm import tqdm
 
-    from editing import make_editor
-    from editing.stats import corpus_from_files
     from evaluation.metrics import edit_success, multihop_metrics
     from kedit.store.versions import model_fingerprint
 
-    model, tok = load_model(model_ref)
-    corpus = corpus_from_files([corpus_path]) if corpus_path else None
-    editor = make_editor(method, model, tok, overrides, assets={"corpus": corpus})
-    editor.prepare()
+    model, tok, editor, _ = editor_on(model_ref, method, corpus_path, overrides)
     base = model_fingerprint(None, model)
     questions, single = [], []
     t_edit = 0.0
@@ -80,36 +74,20 @@ def bench_mquake(
     overrides: dict[str, dict] | None = None,
     json_out: Path | None = None,
 ) -> dict:
+    """The unedited model and each method on the first ``n`` cases (see the module's docstring); resumes from ``json_out``."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     if model_ref in KNOWN_MODELS:
         pull(model_ref)
     cases = load_multihop(data, n)
-    settings = {"model": model_ref, "data": str(data), "n": len(cases), "corpus": _corpus_file(corpus) or "model samples"}
+    corpus_path = _corpus_file(corpus)
+    settings = {"model": model_ref, "data": str(data), "n": len(cases), "corpus": corpus_path or "model samples"}
     settings["overrides"] = overrides or {}
-    out = {**settings, "unedited": None, "results": {}, "machine": machine()}
-    if json_out and Path(json_out).is_file():
-        before = json.loads(Path(json_out).read_text())
-        if {k: before.get(k) for k in settings} == settings:
-            out |= {"unedited": before.get("unedited"), "results": before.get("results", {})}
-    ctx = mp.get_context("spawn")
-
-    def save() -> None:
-        if json_out:
-            Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-            Path(json_out).write_text(json.dumps(out, indent=2))
-
-    with ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1) as pool:
-        if out["unedited"] is None:
-            out["unedited"] = pool.submit(_unedited, model_ref, cases).result()
-            save()
-    for method in methods:
-        if method in out["results"]:
-            continue
-        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-            args = (method, model_ref, cases, _corpus_file(corpus), (overrides or {}).get(method, {}))
-            out["results"][method] = pool.submit(_run_method, *args).result()
-        log.info("%s: %s", method, out["results"][method])
-        save()
-    return out
+    out = {**settings, "results": resumed(json_out, settings), "machine": machine()}
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:  # scoring only: cheap to redo
+        out["unedited"] = pool.submit(_unedited, model_ref, cases).result()
+    save_json(json_out, out)
+    return each_method_alone(
+        out, methods, _run_method, lambda m: (model_ref, cases, corpus_path, (overrides or {}).get(m, {})), json_out
+    )

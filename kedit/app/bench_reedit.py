@@ -23,11 +23,11 @@ from collections import deque
 from pathlib import Path
 
 from kedit.core.facts import EditRequest
-from kedit.core.facts.reedit import Held, live_facts, resolve
+from kedit.core.facts.reedit import Held, resolve
 from kedit.core.facts.schema import normalize
-from kedit.core.models import KNOWN_MODELS, load_model, pull
+from kedit.core.models import KNOWN_MODELS, pull
 
-from .bench import _cases, _corpus_file, machine
+from .bench import _cases, _corpus_file, each_method_alone, editor_on, machine, resumed
 
 log = logging.getLogger(__name__)
 
@@ -105,45 +105,38 @@ def _run_method(method: str, model_ref: str, sched: Schedule, corpus_path: str |
 
     from tqdm import tqdm
 
-    from editing import make_editor
-    from editing.stats import corpus_from_files
     from evaluation.metrics import ReEditCase, reedit_metrics
 
-    model, tok = load_model(model_ref)
-    corpus = corpus_from_files([corpus_path]) if corpus_path else None
-    editor = make_editor(method, model, tok, overrides, assets={"corpus": corpus})
-    t0 = time.perf_counter()
-    editor.prepare()
-    t_stats = time.perf_counter() - t0
-    applied: list[tuple[EditRequest, str | None]] = []
-    n_reedits = 0
+    model, tok, editor, t_stats = editor_on(model_ref, method, corpus_path, overrides)
+    live: dict[tuple[str, str], Held] = {}  # what the stream holds per slot, as the pipeline keeps it
+    first: dict[str, EditRequest] = {}  # each fact's first edit, with CounterFact's old value
+    n_edits = n_reedits = 0
     t0 = time.perf_counter()
     for b, batch in enumerate(tqdm(sched.batches, desc=f"{method}: re-edit stream", unit="batch")):
-        res = resolve(batch, live_facts(applied))
+        res = resolve(batch, live)
         if res.noops:
             raise RuntimeError(f"the schedule repeats a value: {[r.id for r, _ in res.noops]}")
-        n_reedits += len(res.reedits)
         editor.edit(res.to_edit)
         editor.commit()
-        applied += [(r, str(b)) for r in res.to_edit]
+        live.update({r.slot: Held(r, str(b)) for r in res.to_edit})
+        first.update({r.id: r for r in res.first})
+        n_edits += len(res.to_edit)
+        n_reedits += len(res.reedits)
     t_edit = time.perf_counter() - t0
-    final: dict[str, Held] = live_facts(applied)
     once, again = [], []
-    for held in final.values():
+    for held in live.values():
         base_id = held.request.id.partition("@")[0]
-        vals = sched.values[base_id]
-        original = next(r for r, _ in applied if r.id == base_id).target_true
-        request = dataclasses.replace(held.request, target_true=original)
-        case = ReEditCase(request, tuple(vals[:-1]))
-        (again if len(vals) > 1 else once).append(case)
+        values = sched.values[base_id]
+        case = ReEditCase(dataclasses.replace(held.request, target_true=first[base_id].target_true), tuple(values[:-1]))
+        (again if len(values) > 1 else once).append(case)
     thrice = [c for c in again if len(c.superseded) >= 2]
     return {
         "reedited": reedit_metrics(model, tok, again),
         "reedited_thrice": reedit_metrics(model, tok, thrice) if thrice else None,
         "once": reedit_metrics(model, tok, once),
-        "n_edits": len(applied),
+        "n_edits": n_edits,
         "n_reedits": n_reedits,
-        "seconds_per_edit": t_edit / max(len(applied), 1),
+        "seconds_per_edit": t_edit / max(n_edits, 1),
         "statistics_s": t_stats,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -165,9 +158,6 @@ def bench_reedit(
     json_out: Path | None = None,
 ) -> dict:
     """The re-edit stream for each method (see the module's docstring); resumes from ``json_out``."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     if not 0 <= n_thrice <= n_twice <= n:
         raise ValueError(f"need 0 <= n_thrice <= n_twice <= n, got {n_thrice}, {n_twice}, {n}")
     if model_ref in KNOWN_MODELS:
@@ -175,6 +165,7 @@ def bench_reedit(
     pool = _cases(data, 10**9)
     reqs = pool[start : start + n]
     sched = schedule(reqs, pool, relations(data), n_twice, n_thrice, batch_size, gap, seed)
+    corpus_path = _corpus_file(corpus)
     settings = {
         "model": model_ref,
         "data": str(data),
@@ -185,27 +176,13 @@ def bench_reedit(
         "batch_size": batch_size,
         "gap": gap,
         "seed": seed,
-        "corpus": _corpus_file(corpus) or "model samples",
+        "corpus": corpus_path or "model samples",
         "overrides": overrides or {},
     }
-    out = {**settings, "n_batches": len(sched.batches), "results": {}, "machine": machine()}
-    if json_out and Path(json_out).is_file():
-        before = json.loads(Path(json_out).read_text())
-        if {k: before.get(k) for k in settings} == settings:
-            out["results"] = before.get("results", {})
-            log.info("resuming %s: %s done", json_out, ", ".join(out["results"]) or "nothing")
-    ctx = mp.get_context("spawn")
-    for method in methods:
-        if method in out["results"]:
-            continue
-        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as worker:
-            args = (method, model_ref, sched, _corpus_file(corpus), (overrides or {}).get(method, {}))
-            out["results"][method] = worker.submit(_run_method, *args).result()
-        log.info("%s: %s", method, out["results"][method])
-        if json_out:
-            Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-            Path(json_out).write_text(json.dumps(out, indent=2))
-    return out
+    out = {**settings, "n_batches": len(sched.batches), "results": resumed(json_out, settings), "machine": machine()}
+    return each_method_alone(
+        out, methods, _run_method, lambda m: (model_ref, sched, corpus_path, (overrides or {}).get(m, {})), json_out
+    )
 
 
 def table(result: dict) -> str:

@@ -103,7 +103,7 @@ def gate_edits(session_id: str) -> GateReport:
 def _still_meant(session: Session, batch: list) -> list:
     """The chain's live facts less those the batch updates: a re-edit's old value is meant to stop holding."""
     slots = {r.slot for r in batch}
-    return [r for r in session.earlier if r.slot not in slots]
+    return [held.request for slot, held in session.live.items() if slot not in slots]
 
 
 def verdict_of(report: GateReport, retry: bool) -> str:
@@ -164,8 +164,6 @@ def commit_version(session_id: str, report: GateReport) -> str:
     session.production_manifest_sha = sha
     session.n_edits = n_edits
     # the facts that hold become live (a re-edit replaces its slot's old value); the others await their retry
-    slots = {r.slot for r in held}
-    session.earlier = [r for r in session.earlier if r.slot not in slots] + held
     session.live.update({r.slot: Held(r, version) for r in held})
     session.gates.on_accept(report)
     for r in held:

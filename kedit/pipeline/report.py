@@ -29,7 +29,7 @@ def summarize(session: Session, plan: Plan) -> dict:
         "quarantined_invalid": plan.n_invalid,
         "quarantined_gates": len([q for q in quarantined if q["gate"] == "gates"]),
         "quarantined_editor": len([q for q in quarantined if q["gate"] == "editor"]),
-        "quarantined_noop": len([q for q in quarantined if q["gate"] == "reedit"]),
+        "quarantined_noop": len([q for q in quarantined if q["gate"] == "noop"]),
         "superseded": plan.n_superseded,
         "skipped": len(session.skipped),
         "reedits": {k: e.to_dict() for k, e in session.reedits.items() if k in session.accepted},

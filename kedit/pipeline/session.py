@@ -66,7 +66,6 @@ class Session:
     tokenizer: Any
     editor: Editor
     requests: dict[str, EditRequest] = field(default_factory=dict)  # this stream's plan, by EditRequest.key
-    earlier: list[EditRequest] = field(default_factory=list)  # the chain's live facts: held, not superseded
     live: dict[tuple[str, str], Held] = field(default_factory=dict)  # slot -> what the chain holds for it
     applied: set[str] = field(default_factory=set)  # keys of every fact whose edit held on the chain, superseded or not
     reedits: dict[str, ReEdit] = field(default_factory=dict)  # fact key -> the chain fact it replaces
@@ -91,6 +90,11 @@ class Session:
     attempt: Attempt | None = None
     progress: tqdm | None = None
     ledger: dict[str, dict] = field(default_factory=dict)  # feed sha256 -> entry, as the stream started
+
+    @property
+    def earlier(self) -> list[EditRequest]:
+        """The chain's live facts (held, not superseded): what retention asks to keep holding."""
+        return [held.request for held in self.live.values()]
 
 
 @dataclass(frozen=True)
@@ -163,7 +167,6 @@ def restore_production(session_id: str) -> dict:
     session.chain = [v.version for v in chain.versions]
     session.applied = {r.key for r, _ in chain.applied}
     session.live = live_facts(chain.applied)
-    session.earlier = [held.request for held in session.live.values()]
     session.n_edits = len(chain.requests)
     if chain.state or chain.editor:
         if chain.editor == session.cfg.editor:
@@ -244,7 +247,7 @@ def _resolve_reedits(session: Session, pending: list[str]) -> list[str]:
     last wrote. The same value again is a no-op, quarantined naming the version that holds it."""
     res = resolve([session.requests[k] for k in pending], session.live)
     for request, held in res.noops:
-        quarantine_fact(session, request.key, noop_reason(held), gate="reedit")
+        quarantine_fact(session, request.key, noop_reason(held), gate="noop")
     for reedit in res.reedits:
         session.requests[reedit.request.key] = reedit.request
         session.reedits[reedit.request.key] = reedit
@@ -276,7 +279,7 @@ def _fill_target_true(session: Session, pending: list[str]) -> list[str]:
             continue  # nothing to read: the fact stays without target_true (an editor that needs it refuses it)
         if normalize(answer) == normalize(request.target_new):
             noops.add(key)
-            quarantine_fact(session, key, f"no-op: the model already answers {answer!r}", gate="reedit")
+            quarantine_fact(session, key, f"no-op: the model already answers {answer!r}", gate="noop")
             continue
         session.requests[key] = dataclasses.replace(request, target_true=answer)
         session.filled[key] = answer
@@ -285,9 +288,7 @@ def _fill_target_true(session: Session, pending: list[str]) -> list[str]:
         for k, a in zip(missing, answers)
     ]
     session.tracker.log_dict(session.run_id, rows, "filled_target_true.json")
-    session.tracker.log_metrics(
-        session.run_id, {"fill_target_true_s": seconds, "filled_target_true": len(session.filled)}, step=session.n_edits
-    )
+    monitor.log_point(session, session.n_edits, {"fill_target_true_s": seconds, "filled_target_true": len(session.filled)})
     session.seconds["fill_target_true"] = seconds
     log.info("target_true read from the model for %d fact(s) in %.2f s", len(session.filled), seconds)
     return [k for k in pending if k not in noops]

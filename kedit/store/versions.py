@@ -352,6 +352,12 @@ def rebuild(model, tracker: Tracker, name: str, version: str | None, fingerprint
     return _chain(infos, loaded, shas)
 
 
+def _held(version: Version) -> list[EditRequest]:
+    """The version's requests whose edit held when it was made (its manifest lists the others)."""
+    not_holding = set(version.manifest.get(NOT_HOLDING, ()))
+    return [r for r in version.requests if r.key not in not_holding]
+
+
 def _chain(infos: list[VersionInfo], loaded: list[Version], shas: list[str]) -> Chain:
     last = loaded[-1] if loaded else None
     return Chain(
@@ -360,7 +366,7 @@ def _chain(infos: list[VersionInfo], loaded: list[Version], shas: list[str]) -> 
         last.manifest.get("editor") if last else None,
         [r for v in loaded for r in v.requests],
         shas[-1] if shas else None,
-        [(r, i.version) for i, v in zip(infos, loaded) for r in v.requests if r.key not in set(v.manifest.get(NOT_HOLDING, ()))],
+        [(r, i.version) for i, v in zip(infos, loaded) for r in _held(v)],
     )
 
 

@@ -63,17 +63,10 @@ class Resolution:
         return self.first + [r.request for r in self.reedits]
 
 
-def live_facts(applied: Iterable[tuple[EditRequest, str | None]], not_held: Iterable[str] = ()) -> dict[tuple[str, str], Held]:
-    """Per slot, the last applied request, oldest first in ``applied`` ((request, version) pairs).
-
-    Requests whose key is in ``not_held`` (their edit did not take) never become the slot's value: the
-    model still states what it stated before them."""
-    skip = set(not_held)
-    live: dict[tuple[str, str], Held] = {}
-    for request, version in applied:
-        if request.key not in skip:
-            live[request.slot] = Held(request, version)
-    return live
+def live_facts(applied: Iterable[tuple[EditRequest, str | None]]) -> dict[tuple[str, str], Held]:
+    """Per slot, the last of the applied requests ((request, version) pairs, oldest first). Pass only edits
+    that held (``Chain.applied``): one that did not take never became what the model states."""
+    return {request.slot: Held(request, version) for request, version in applied}
 
 
 def resolve(requests: Sequence[EditRequest], live: dict[tuple[str, str], Held]) -> Resolution:

@@ -78,7 +78,7 @@ def load_multihop(path: str | Path, limit: int | None = None) -> list[MultiHopCa
         where = f"{path}: case {index}"
         try:
             requests = tuple(validate_record(d, str(path)) for d in convert(rec, index))
-            questions = tuple(text({"q": q}, "q") for q in rec.get("questions") or [])
+            questions = tuple(text({"questions": q}, "questions") for q in rec.get("questions") or [])
             answer, new_answer = text(rec, "answer"), text(rec, "new_answer")
         except FieldError as e:
             raise FactFileError(f"{where}: field {e.field!r}: {e.reason}") from None
