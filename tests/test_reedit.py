@@ -51,10 +51,12 @@ def test_resolve_sorts_first_edits_re_edits_and_no_ops():
         (" Tim Cook, who has led it since 2011", 2, "Tim Cook"),
         (" Paris. It is the largest city", 1, "Paris"),
         (" St. Louis and more", 2, "St. Louis"),  # a full stop inside a name is not the end
-        (" the U.S.\nNext line", 3, "the U.S."),
+        (" the U.S.\nNext line", 3, "U.S."),
+        (" the heart of the city", 1, "heart"),  # a leading article is not a word of the answer
+        (" The", 1, None),
         (" French (a Romance language)", 3, "French"),
         ("\nnothing on the first line", 3, None),
-        (" a b c d e", 3, "a b c"),
+        (" x y z w", 3, "x y z"),
     ],
 )
 def test_cut_answer(text, words, answer):

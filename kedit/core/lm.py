@@ -284,16 +284,22 @@ def greedy_generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tok
 
 # where a greedy continuation stops being the answer: a line break, a clause mark, or a full stop that ends a
 # sentence: followed by a space or the end, and not closing a one- or two-letter capitalised abbreviation
-# ("St. Louis", "Dr. Who", "the U.S." keep theirs)
+# ("St. Louis", "Dr. Who", "U.S." keep theirs)
 _ANSWER_END = re.compile(r"[\n,;:!?()\[\]\"“”]|(?<!\b[A-Z])(?<!\b[A-Z][a-z])\.(?=\s|$)")
+
+
+# a value is a name ("Paris", "Tim Cook"): the articles a continuation opens with are not part of it
+_ARTICLES = frozenset({"the", "a", "an"})
 
 
 def cut_answer(text: str, max_words: int = 4) -> str | None:
     """The answer a continuation states: up to the first line break, clause mark (``, ; : ! ? ( ) [ ] "``)
-    or sentence-ending full stop, then at most ``max_words`` words; None when nothing is left."""
-    head = _ANSWER_END.split(text, maxsplit=1)[0]
-    words = head.split()[:max_words]
-    return " ".join(words) or None
+    or sentence-ending full stop, without leading articles, then at most ``max_words`` words; None when
+    nothing is left."""
+    words = _ANSWER_END.split(text, maxsplit=1)[0].split()
+    while words and words[0].lower() in _ARTICLES:
+        words = words[1:]
+    return " ".join(words[:max_words]) or None
 
 
 def current_answers(
