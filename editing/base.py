@@ -40,6 +40,8 @@ class Editor(ABC):
     model only through ``self._apply`` (updates of existing parameters) and ``self._install``
     (modules put at a path in place of the module there), so the returned patches reproduce the
     edit exactly. State that must survive between batches goes in ``state_dict`` / ``load_state_dict``.
+    What an edit measures about itself per request (a target's final NLL, the optimizer steps it took)
+    goes in ``self.diagnostics``: name -> one float per request of the last ``edit``, in order.
 
     ``assets`` names inputs that are not weights (a text corpus for key statistics; later a trained
     network): each is a keyword argument of ``__init__``, and ``make_editor`` passes only the ones
@@ -59,6 +61,7 @@ class Editor(ABC):
         self.spec: ArchSpec = spec_for(model)
         self.hparams = hparams if hparams is not None else self.preset(model)
         self._history: list[_Step] = []
+        self.diagnostics: dict[str, list[float]] = {}
 
     @classmethod
     def preset(cls, model: nn.Module, overrides: dict[str, Any] | None = None):
@@ -77,6 +80,7 @@ class Editor(ABC):
         self._pending = WeightDelta(meta=meta)
         self._installed: list[tuple[str, Installable]] = []
         self._undo = Undo()
+        self.diagnostics = {}
         try:
             self._edit(list(requests))
             # recorded after _edit: an installed module may be trained after its install

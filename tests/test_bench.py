@@ -87,6 +87,7 @@ def test_bench_reedit_runs_the_schedule_and_resumes_from_its_json(setup, tmp_pat
     assert res["n_edits"] == 4 + 2 + 1 and res["n_reedits"] == 3
     assert res["reedited"]["n_cases"] == 2 and res["once"]["n_cases"] == 2 and res["reedited_thrice"]["n_cases"] == 1
     assert 0 <= res["reedited"]["latest_wins"] <= 1 and not math.isnan(res["reedited"]["superseded_prob"])
+    assert res["diagnostics"] == {"first": {}, "reedit": {}}  # FT-M measures nothing about itself
     # the same settings again: the method is read back, not rerun
     again = bench_reedit(
         str(ck), data, ["ft-m"], n=4, n_twice=2, n_thrice=1, batch_size=2, gap=1, corpus=corpus, overrides=ftm, json_out=out

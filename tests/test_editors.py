@@ -155,6 +155,7 @@ def test_editor_contract(name, dtype, tmp_path):
     assert (p1 > p0).all(), f"{name}: target log-prob {p0.tolist()} -> {p1.tolist()}"
     assert isinstance(patches, PatchSet) and len(patches) and patches.meta["request_ids"] == ["a", "b"]
     assert all(p.meta["request_ids"] == ["a", "b"] for p in patches)
+    assert all(len(v) == len(REQUESTS) for v in editor.diagnostics.values()), "diagnostics: one value per request"
     edited = snapshot(model)
     assert all(v.dtype == dtype and torch.isfinite(v).all() for v in edited.values())
     installed = patches.modules.describe()["paths"]
@@ -412,6 +413,19 @@ def test_come_removes_the_outdated_direction_on_the_top_coordinates():
     z = conflict_free_target(delta, outdated, alpha=0.1, top_p=0.5)  # the 2 largest |specific|: coords 1, 2
     assert torch.allclose(z, torch.tensor([[1.0, -0.3, 0.1, 0.0]]))
     assert torch.equal(conflict_free_target(delta, outdated, 0.0, 0.5), delta)
+
+
+def test_come_reports_what_its_unlearning_removed():
+    """The diagnostics say how large δ′ came out and how much of δ the removal took: none at α = 0."""
+    model, tok, come = build("come-memit")
+    come.edit(REQUESTS)
+    d = come.diagnostics
+    assert len(d["removed_norm_ratio"]) == len(REQUESTS) and all(0 < r < d["outdated_norm_ratio"][i] for i, r in enumerate(d["removed_norm_ratio"]))
+    assert all(-1 <= c <= 1 for c in d["outdated_cosine"]) and all(s >= 1 for s in d["outdated_steps"])
+    come.revert()
+    none = get_editor("come-memit")(model, tok, come.preset(model, OVERRIDES["come-memit"] | {"unlearning.alpha": 0.0}), CORPUS)
+    none.edit(REQUESTS)
+    assert none.diagnostics["removed_norm_ratio"] == [0.0] * len(REQUESTS)
 
 
 def test_come_needs_target_true():

@@ -25,15 +25,20 @@ from kedit.core.facts import EditRequest
 from .hparams import CoMEHyperParams
 
 
-def conflict_free_target(delta: torch.Tensor, outdated: torch.Tensor, alpha: float, top_p: float) -> torch.Tensor:
-    """z = δ − α(δ′ − δ″) on the top-p coordinates of |δ′ − δ″|; δ, δ′ (n, d)."""
+def removal(delta: torch.Tensor, outdated: torch.Tensor, alpha: float, top_p: float) -> torch.Tensor:
+    """α(δ′ − δ″) on the top-p coordinates of |δ′ − δ″|, δ″ the part of δ′ along δ; δ, δ′ (n, d)."""
     unit = delta / delta.norm(dim=-1, keepdim=True).clamp(min=1e-12)
     common = (outdated * unit).sum(-1, keepdim=True) * unit  # δ″: (n, d)
     specific = outdated - common  # δ′ − δ″
     k = max(1, round(top_p * delta.shape[-1]))
     top = specific.abs().topk(k, dim=-1).indices  # (n, k)
     mask = torch.zeros_like(delta).scatter_(-1, top, 1.0)
-    return delta - alpha * specific * mask
+    return alpha * specific * mask
+
+
+def conflict_free_target(delta: torch.Tensor, outdated: torch.Tensor, alpha: float, top_p: float) -> torch.Tensor:
+    """z = δ − α(δ′ − δ″) on the top-p coordinates of |δ′ − δ″|; δ, δ′ (n, d)."""
+    return delta - removal(delta, outdated, alpha, top_p)
 
 
 class _CoME:
@@ -51,8 +56,22 @@ class _CoME:
     def compute_targets(self, requests: list[EditRequest]) -> torch.Tensor:
         n = len(requests)
         old = [dataclasses.replace(r, target_new=r.target_true, target_true=None) for r in requests]
-        both = self.optimize(list(requests) + old)[self.target_path()]  # (2n, d)
-        return conflict_free_target(both[:n], both[n:], self.hparams.unlearning.alpha, self.hparams.unlearning.top_p)
+        t = self.optimize(list(requests) + old)
+        both = t.deltas[self.target_path()]  # (2n, d)
+        delta, outdated = both[:n], both[n:]
+        cut = removal(delta, outdated, self.hparams.unlearning.alpha, self.hparams.unlearning.top_p)  # (n, d)
+        # why CoME does or does not differ from its base: how large δ′ came out (a value the model already
+        # states needs few steps, so δ′ stays small) and how much of δ the removal is
+        norm = delta.norm(dim=-1).clamp(min=1e-12)
+        self.diagnostics |= {
+            "target_nll": t.nll[:n].tolist(),
+            "target_steps": t.steps[:n].float().tolist(),
+            "outdated_steps": t.steps[n:].float().tolist(),
+            "outdated_norm_ratio": (outdated.norm(dim=-1) / norm).tolist(),  # |δ′| / |δ|
+            "outdated_cosine": torch.nn.functional.cosine_similarity(outdated, delta, dim=-1).tolist(),
+            "removed_norm_ratio": (cut.norm(dim=-1) / norm).tolist(),  # |z − δ| / |δ|
+        }
+        return delta - cut
 
 
 @register

@@ -18,7 +18,7 @@ from editing.base import Editor, linear_update, register
 from editing.hparams import TargetHyperParams
 from editing.keys import context_templates, read_at_subject, subject_keys
 from editing.stats import Corpus, corpus_from_model, second_moments
-from editing.targets import optimize_targets
+from editing.targets import Targets, optimize_targets
 from kedit.core.facts import EditRequest
 
 from .hparams import MEMITHyperParams
@@ -64,9 +64,9 @@ class MEMITFamily(Editor):
         """The share of the remaining residual that layer i (0-based in the range) takes: 1 / layers left."""
         return 1.0 / (len(self.hparams.layers) - i)
 
-    def optimize(self, requests: list[EditRequest]) -> dict[str, torch.Tensor]:
-        """δ per optimized module, (n, d) each."""
-        t = optimize_targets(
+    def optimize(self, requests: list[EditRequest]) -> Targets:
+        """δ per optimized module, (n, d) each, with each request's final NLL and steps."""
+        return optimize_targets(
             self.model,
             self.tok,
             self.spec,
@@ -76,11 +76,12 @@ class MEMITFamily(Editor):
             self.hparams.layers[0],
             self.target_config(),
         )
-        return t.deltas
 
     def compute_targets(self, requests: list[EditRequest]) -> torch.Tensor:
         """z - h at the target path: (n, d)."""
-        return self.optimize(requests)[self.target_path()]
+        t = self.optimize(requests)
+        self.diagnostics |= {"target_nll": t.nll.tolist(), "target_steps": t.steps.float().tolist()}
+        return t.deltas[self.target_path()]
 
     def solve(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Factors (d_out, n), (n, d_in) of the layer's update. keys (n, d_in), resid (n, d_out)."""

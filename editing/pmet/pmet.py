@@ -16,7 +16,7 @@ import torch
 
 from editing.base import register
 from editing.memit.memit import MEMITFamily
-from editing.targets import optimize_targets
+from editing.targets import Targets, optimize_targets
 from kedit.core.facts import EditRequest
 
 from .hparams import PMETHyperParams
@@ -29,13 +29,12 @@ class PMETFamily(MEMITFamily):
     def spread(self, i: int) -> float:
         return 1.0 / math.sqrt(len(self.hparams.layers) - i)
 
-    def optimize(self, requests: list[EditRequest]) -> dict[str, torch.Tensor]:
+    def optimize(self, requests: list[EditRequest]) -> Targets:
         top = self.hparams.layers[-1]
         paths = [self.spec.module_path("attn_out", top), self.target_path()]
-        t = optimize_targets(
+        return optimize_targets(
             self.model, self.tok, self.spec, requests, self.templates(), paths, self.hparams.layers[0], self.target_config()
         )
-        return t.deltas
 
 
 @register

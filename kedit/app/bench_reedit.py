@@ -111,6 +111,7 @@ def _run_method(method: str, model_ref: str, sched: Schedule, corpus_path: str |
     live: dict[tuple[str, str], Held] = {}  # what the stream holds per slot, as the pipeline keeps it
     first: dict[str, EditRequest] = {}  # each fact's first edit, with CounterFact's old value
     n_edits = n_reedits = 0
+    diagnostics: dict[str, dict[str, list[float]]] = {"first": {}, "reedit": {}}  # per request, by kind of edit
     t0 = time.perf_counter()
     for b, batch in enumerate(tqdm(sched.batches, desc=f"{method}: re-edit stream", unit="batch")):
         res = resolve(batch, live)
@@ -118,6 +119,9 @@ def _run_method(method: str, model_ref: str, sched: Schedule, corpus_path: str |
             raise RuntimeError(f"the schedule repeats a value: {[r.id for r, _ in res.noops]}")
         editor.edit(res.to_edit)
         editor.commit()
+        for name, values in editor.diagnostics.items():  # to_edit: the first edits, then the re-edits
+            diagnostics["first"].setdefault(name, []).extend(values[: len(res.first)])
+            diagnostics["reedit"].setdefault(name, []).extend(values[len(res.first) :])
         live.update({r.slot: Held(r, str(b)) for r in res.to_edit})
         first.update({r.id: r for r in res.first})
         n_edits += len(res.to_edit)
@@ -137,6 +141,8 @@ def _run_method(method: str, model_ref: str, sched: Schedule, corpus_path: str |
         "n_edits": n_edits,
         "n_reedits": n_reedits,
         "seconds_per_edit": t_edit / max(n_edits, 1),
+        # the editor's own measurements (editing.base.Editor.diagnostics), mean over first edits and re-edits
+        "diagnostics": {kind: {k: sum(v) / len(v) for k, v in d.items() if v} for kind, d in diagnostics.items()},
         "statistics_s": t_stats,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
