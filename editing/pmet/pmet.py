@@ -12,8 +12,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
-
 from editing.base import register
 from editing.memit.memit import MEMITFamily
 from editing.targets import Targets, optimize_targets
