@@ -5,6 +5,7 @@ from .base import EDITORS, EditError, Editor, get_editor, make_editor, register
 from .come.come import CoMEMEMIT, CoMEPMET
 from .ft_l.ft_l import FTL
 from .ft_m.ft_m import FTM
+from .grace.grace import GRACE
 from .memit.memit import MEMIT
 from .patches import Dense, LinearAdapter, LowRank, ModulePatch, PatchIntegrityError, PatchSet, Undo, WeightDelta
 from .pmet.pmet import PMET
@@ -28,6 +29,7 @@ __all__ = [
     "Editor",
     "FTL",
     "FTM",
+    "GRACE",
     "LinearAdapter",
     "LowRank",
     "ModulePatch",

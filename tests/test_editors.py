@@ -46,6 +46,7 @@ OVERRIDES = {
     "come-pmet": {"layers": (1, 2), "solve.mom2_weight": 1.0, **TINY},
     "ft-l": {"layers": (1,), "lr": 0.01, "norm_constraint": 0.05},
     "ft-m": {"layers": (1,), "lr": 0.01},
+    "grace": {"layer": 2, "codebook.radius": 0.5, "codebook.capacity": 2},
 }
 
 

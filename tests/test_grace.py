@@ -1,0 +1,94 @@
+"""GRACE's defining properties on a tiny model: a codebook that answers only near its keys."""
+
+import copy
+
+import pytest
+import torch
+from test_editors import CONTRACT, assert_same_bits, build, snapshot
+
+from editing import EditError, PatchSet, get_editor
+from editing.grace.codebook import codebooks
+from editing.grace.grace import ADD, GROW, REPLACE, SPLIT
+from kedit.core.facts import EditRequest
+
+FRANCE = EditRequest("a", "france", "the capital of {} is", "rome", "paris")
+ALICE = EditRequest("b", "alice", "{} speaks", "german", "french")
+BOB = EditRequest("c", "bob", "{} speaks", "german", "french")
+
+
+def grace(radius, capacity=64):
+    model, tok, _ = build("grace")
+    cls = get_editor("grace")
+    hp = cls.preset(model, CONTRACT["grace"] | {"codebook.radius": radius, "codebook.capacity": capacity})
+    return model, tok, cls(model, tok, hp)
+
+
+def logits(model, tok, text):
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def book(model, editor):
+    return codebooks(model.get_submodule(editor.path()))
+
+
+def test_an_input_far_from_every_key_gets_the_unedited_output_bit_for_bit():
+    model, tok, editor = grace(radius=1e-3)
+    base = copy.deepcopy(model)
+    editor.edit([FRANCE])
+    assert torch.equal(logits(model, tok, "bob speaks"), logits(base, tok, "bob speaks"))
+    edited, unedited = logits(model, tok, FRANCE.text), logits(base, tok, FRANCE.text)
+    assert not torch.equal(edited[0, -1], unedited[0, -1])  # the edited prompt's last token hits its key
+    assert torch.equal(edited[0, :-1], unedited[0, :-1])  # and only that position changes
+
+
+def test_a_conflicting_target_inside_a_radius_splits_both_radii_to_half_the_distance():
+    model, tok, editor = grace(radius=10.0)  # every key of the tiny model lies within 10 of every other
+    editor.edit([FRANCE, ALICE])
+    assert editor.diagnostics["action"] == [ADD, SPLIT]
+    d = editor.diagnostics["nearest_distance"][1]
+    (cb,) = book(model, editor)
+    assert cb.n_used() == 2 and torch.allclose(cb.radii[:2], torch.tensor([d / 2, d / 2]))
+
+
+def test_the_same_target_inside_a_radius_grows_the_entry_and_adds_none():
+    model, tok, editor = grace(radius=10.0)
+    editor.edit([ALICE])
+    editor.edit([BOB])
+    assert editor.diagnostics["action"] == [GROW] and "value_nll" not in editor.diagnostics
+    (cb,) = book(model, editor)
+    assert cb.n_used() == 1 and float(cb.radii[0]) == pytest.approx(10.0)  # already wider than the distance
+
+
+def test_a_reedit_of_a_held_fact_replaces_its_entry():
+    model, tok, editor = grace(radius=1e-3)
+    editor.edit([FRANCE, ALICE])
+    (cb,) = book(model, editor)
+    value = cb.values[1].clone()
+    editor.edit([EditRequest("b2", "alice", "{} speaks", "english", "german")])
+    assert editor.diagnostics["action"] == [REPLACE] and cb.n_used() == 2 and len(editor.state_dict()["slots"]) == 2
+    assert not torch.equal(cb.values[1], value)
+
+
+def test_a_full_codebook_is_wrapped_by_a_larger_one_and_the_chain_rebuilds_it(tmp_path):
+    model, tok, editor = grace(radius=1e-3, capacity=1)
+    base = copy.deepcopy(model)
+    patches = [editor.edit([FRANCE]), editor.edit([ALICE, BOB])]
+    assert [(cb.capacity, cb.n_used()) for cb in book(model, editor)] == [(1, 1), (2, 2)]
+    for i, p in enumerate(patches):
+        PatchSet.load(tmp_path / str(i), p.save(tmp_path / str(i))).apply(base)
+    assert_same_bits(snapshot(base), snapshot(model))
+    assert torch.equal(logits(base, tok, ALICE.text), logits(model, tok, ALICE.text))
+    editor.revert()  # the second edit's codebook comes off; the first keeps its entry
+    assert [(cb.capacity, cb.n_used()) for cb in book(model, editor)] == [(1, 1)]
+
+
+def test_state_that_does_not_match_the_model_is_refused():
+    model, tok, editor = grace(radius=1e-3)
+    editor.edit([FRANCE])
+    fresh = get_editor("grace")(model, tok, editor.hparams)  # an empty state, a model with one entry
+    with pytest.raises(EditError, match="holds 1 codebook entries .* state 0"):
+        fresh.edit([ALICE])
+    with pytest.raises(EditError, match="'slots' and 'labels'"):
+        fresh.load_state_dict({})
