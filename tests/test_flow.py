@@ -44,12 +44,12 @@ def env(tmp_path, checkpoint, monkeypatch, prefect_server):
 
     monkeypatch.setattr(sessions, "close_session", keep)
 
-    def config(records, batch_size=5, store="mlruns", overrides=FTM, **gates) -> StreamConfig:
+    def config(records, batch_size=5, store="mlruns", overrides=FTM, editor="ft-m", **gates) -> StreamConfig:
         feed = write_jsonl(tmp_path / f"feed-{len(kept)}-{len(records)}.jsonl", records)
         return StreamConfig(
             feeds=(str(feed),),
             model=str(checkpoint),
-            editor="ft-m",
+            editor=editor,
             batch_size=batch_size,
             gates=str(write_gates(tmp_path / "gates.yaml", **gates)),
             tracking_uri=f"sqlite:///{tmp_path}/{store}/mlflow.db",
@@ -380,3 +380,31 @@ def test_a_fact_that_does_not_hold_in_an_accepted_batch_is_retried_alone_then_di
     # the same facts in a new feed are not tried again: their verdict stands
     again = stream(config([dict(GOOD[0], id="x")], batch_size=1, overrides=inert, edits={"efficacy_min": None}))
     assert again["skipped"] == 1 and again["production"] == "1"
+
+
+def test_grace_streams_like_any_editor_and_a_reedit_replaces_its_codebook_entry(env, checkpoint):
+    """A memory editor through the flow: its codebook travels in module patches, its entries' facts in the
+    editor state of each version; a later stream resumes that state, and a re-edit replaces the entry."""
+    from editing.grace.codebook import codebooks
+
+    tmp, config, kept = env
+    grace = {"layer": 2, "codebook.radius": 0.5}
+    first = stream(config(GOOD, batch_size=2, editor="grace", overrides=grace))
+    assert first["accepted"] == 4 and first["production"] == "2"
+    path = "model.layers.2.mlp.down_proj"
+    assert sum(cb.n_used() for cb in codebooks(kept[-1].model.get_submodule(path))) == 4
+    update = dict(GOOD[0], id="dave-again", target_new="africa", timestamp="2024-03-01")
+    second = stream(config([update], batch_size=1, editor="grace", overrides=grace))
+    assert second["accepted"] == 1 and second["production"] == "3"
+    model = kept[-1].model
+    assert sum(cb.n_used() for cb in codebooks(model.get_submodule(path))) == 4  # replaced, not stacked
+
+    tracker = Tracker(f"sqlite:///{tmp}/mlruns/mlflow.db")
+    name = second["registered_model"]
+    base = fresh_base(checkpoint)
+    rebuild(base, tracker, name, "3", None)
+    assert_same_weights(base, model)
+    assert rollback_to(tracker, name, "2") == "3"
+    base = fresh_base(checkpoint)
+    rebuild(base, tracker, name, "2", None)
+    assert_same_weights(base, kept[0].model)

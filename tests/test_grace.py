@@ -61,14 +61,19 @@ def test_the_same_target_inside_a_radius_grows_the_entry_and_adds_none():
     assert cb.n_used() == 1 and float(cb.radii[0]) == pytest.approx(10.0)  # already wider than the distance
 
 
-def test_a_reedit_of_a_held_fact_replaces_its_entry():
+def test_a_reedit_of_a_held_fact_replaces_its_entry_and_the_chain_rebuilds_it(tmp_path):
     model, tok, editor = grace(radius=1e-3)
-    editor.edit([FRANCE, ALICE])
+    base = copy.deepcopy(model)
+    patches = [editor.edit([FRANCE, ALICE])]
     (cb,) = book(model, editor)
     value = cb.values[1].clone()
-    editor.edit([EditRequest("b2", "alice", "{} speaks", "english", "german")])
+    patches.append(editor.edit([EditRequest("b2", "alice", "{} speaks", "english", "german")]))
     assert editor.diagnostics["action"] == [REPLACE] and cb.n_used() == 2 and len(editor.state_dict()["slots"]) == 2
     assert not torch.equal(cb.values[1], value)
+    assert patches[1].weights.parts.keys() == {f"{editor.path()}.{n}" for n in ("keys", "values", "radii")}  # rows, no install
+    for i, p in enumerate(patches):
+        PatchSet.load(tmp_path / str(i), p.save(tmp_path / str(i))).apply(base)
+    assert_same_bits(snapshot(base), snapshot(model))
 
 
 def test_a_full_codebook_is_wrapped_by_a_larger_one_and_the_chain_rebuilds_it(tmp_path):

@@ -203,8 +203,8 @@ class GRACE(Editor):
         if not len(rows):
             return
         onehot = F.one_hot(rows, cb.capacity).T.float()  # (C, m): the update touches these rows only
-        for name in ("keys", "values"):
-            self._apply(f"{prefix}.{name}", LowRank(onehot, (new[name] - old[name])[rows]))
+        for name in ("keys", "values"):  # each its own one-hot: a saved patch stores every tensor once
+            self._apply(f"{prefix}.{name}", LowRank(onehot.clone(), (new[name] - old[name])[rows]))
         radii = torch.zeros(cb.capacity)
         radii[rows] = (new["radii"] - old["radii"])[rows]
         self._apply(f"{prefix}.radii", Dense(radii))
