@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from kedit.core.facts import EditRequest, Fact
-from kedit.core.lm import Scores, greedy_generate, score_targets
+from kedit.core.lm import Scores, adds_bos, greedy_generate, model_device, pad_batch, pad_id_of, score_targets
+from kedit.core.routing import routers
 
 # ----------------------------------------------------------------------------- CounterFact
 
@@ -365,3 +366,36 @@ __all__ = [
     "scores_table",
     "zsre_metrics",
 ]
+
+
+# ----------------------------------------------------------------------------- installed memories
+
+
+@torch.no_grad()
+def memory_routing(model: nn.Module, tokenizer, prompts: Sequence[str], batch_size: int = 64) -> dict[str, float]:
+    """How full the model's installed memories are, and the share of ``prompts`` that any of them answers at
+    any token (a router hit on an unrelated prompt is a leak); {} when the model has no memory installed."""
+    found = routers(model)
+    if not found:
+        return {}
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    ids = [bos + e for e in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    hits = []
+    for i in range(0, len(ids), batch_size):
+        input_ids, mask, positions, _ = pad_batch(ids[i : i + batch_size], pad_id_of(tokenizer), "right", model_device(model))
+        routed = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)  # (B, T)
+
+        def hook(module, args, _routed=routed):
+            x = args[0]  # (B, T, d_in)
+            _routed |= module.routed(x.reshape(-1, x.shape[-1])).view(x.shape[:-1])
+
+        handles = [m.register_forward_pre_hook(hook) for m in found.values()]
+        try:
+            model(input_ids=input_ids, attention_mask=mask, position_ids=positions)
+        finally:
+            for h in handles:
+                h.remove()
+        hits.append((routed & mask.bool()).any(-1))
+    hit = torch.cat(hits)
+    # each memory counts its own entries (a full codebook wrapped by a larger one keeps its own)
+    return {"memory_entries": float(sum(m.n_entries() for m in found.values())), "memory_retain_hit_rate": mean(hit)}

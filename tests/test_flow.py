@@ -401,6 +401,10 @@ def test_grace_streams_like_any_editor_and_a_reedit_replaces_its_codebook_entry(
 
     tracker = Tracker(f"sqlite:///{tmp}/mlruns/mlflow.db")
     name = second["registered_model"]
+    # the memory gate's series on the stream runs: the codebook's size at each accepted step
+    sizes = tracker.metric_history(first["run_id"], "memory_entries") + tracker.metric_history(second["run_id"], "memory_entries")
+    assert [(step, v) for step, v in sizes] == [(2, 2.0), (4, 4.0), (5, 4.0)]
+    assert tracker.metric_history(second["run_id"], "memory_retain_hit_rate")
     base = fresh_base(checkpoint)
     rebuild(base, tracker, name, "3", None)
     assert_same_weights(base, model)

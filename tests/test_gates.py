@@ -52,7 +52,7 @@ def write(tmp_path, data) -> str:
 
 def test_the_shipped_files_keep_their_thresholds():
     shipped = load_gates(default_gates_path())
-    assert shipped.names == ["edits", "retention", "drawdown", "capability"] and shipped.bisect
+    assert shipped.names == ["edits", "retention", "drawdown", "memory", "capability"] and shipped.bisect
     params = shipped.params()
     assert params == {
         "bisect": True,
@@ -63,6 +63,8 @@ def test_the_shipped_files_keep_their_thresholds():
         "drawdown.base_max": 0.15,
         "drawdown.step_max": 0.05,
         "drawdown.retain_facts": None,
+        "memory.retain_hit_max": 0.02,
+        "memory.retain_facts": None,
         "capability.tasks": ["kedit_mc", "kedit_ppl"],
         "capability.limit": 40,
         "capability.max_regression.kedit_mc/acc": 0.1,
@@ -287,6 +289,6 @@ def test_a_new_gate_is_one_class_and_one_entry_in_the_file(tmp_path, toy_gate):
 def test_a_gate_not_registered_is_an_error_listing_the_registered_ones(tmp_path):
     path = write(tmp_path, {"gates": [{"gate": "toy", "max_batch": 1}], "bisect": True})
     with pytest.raises(
-        ConfigError, match=r"unknown gate 'toy' \(registered: capability, drawdown, edits, portability, retention\)"
+        ConfigError, match=r"unknown gate 'toy' \(registered: capability, drawdown, edits, memory, portability, retention\)"
     ):
         load_gates(path)

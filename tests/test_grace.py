@@ -97,3 +97,22 @@ def test_state_that_does_not_match_the_model_is_refused():
         fresh.edit([ALICE])
     with pytest.raises(EditError, match="'slots' and 'labels'"):
         fresh.load_state_dict({})
+
+
+def test_the_memory_gate_logs_the_codebook_and_fails_a_leaking_one(tmp_path):
+    from evaluation.gates import Step
+    from evaluation.gates.memory import MemoryConfig, MemoryGate
+    from kedit.app.tiny import write_jsonl
+
+    retain = write_jsonl(
+        tmp_path / "retain.jsonl", [{"prompt": "bob speaks", "answer": "german"}, {"prompt": "rome is a", "answer": "city"}]
+    )
+    gate = MemoryGate(MemoryConfig(retain_hit_max=0.0, retain_facts=str(retain)))
+    for radius, rate in [(1e-3, 0.0), (1e3, 1.0)]:  # a radius that takes in everything answers every prompt
+        model, tok, editor = grace(radius)
+        gate.on_base(model, tok)
+        assert gate.measure(Step(model, tok, [], []), None).metrics == {}  # no memory installed: nothing measured
+        editor.edit([FRANCE])
+        out = gate.measure(Step(model, tok, [], []), None)
+        assert out.metrics == {"memory_entries": 1.0, "memory_retain_hit_rate": rate}
+        assert [r.passed for r in out.results] == [rate == 0.0]

@@ -51,6 +51,15 @@ class Codebook(Installable):
     def n_used(self) -> int:
         return int((self.radii >= 0).sum())
 
+    def n_entries(self) -> int:  # kedit.core.routing.Router
+        return self.n_used()
+
+    def routed(self, x: torch.Tensor) -> torch.Tensor:  # kedit.core.routing.Router
+        """(N, d_in) -> (N,) bool: the rows this codebook answers."""
+        if not bool((self.radii >= 0).any()):
+            return torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        return self.lookup(x)[1]
+
     def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row of x (N, d_in): the nearest used key's index and whether x lies within its radius."""
         dist = torch.cdist(x.float(), self.keys.float())  # (N, C)

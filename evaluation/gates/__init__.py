@@ -10,6 +10,8 @@ is one module registered in ``GATES``:
 - ``drawdown``: facts the base model knew (the retain set) are lost, against the base model and
   against the previous accepted version;
 - ``capability``: lm-eval metrics regress by at most a relative amount against the base model;
+- ``memory``: installed memories (memory editors) answer few unrelated prompts; logs their size; nothing to
+  check for weight editors;
 - ``portability`` (optional, off in the default gates): multi-hop questions (MQuAKE) whose rewrites are all
   live are answered with the new answer.
 
@@ -19,7 +21,7 @@ here, and an entry in the gates file.
 
 from kedit.core.config import ConfigError
 
-from . import capability, drawdown, edits, portability, retention  # noqa: F401  (registers the gates)
+from . import capability, drawdown, edits, memory, portability, retention  # noqa: F401  (registers the gates)
 from .base import GATES, Gate, GateReport, GateResult, Outcome, Step, Threshold, at_least, at_most, register_gate
 from .measures import EditOutcomes, edit_outcomes, neighbours_keep, regression
 from .suite import GatesFile, GateSuite, default_gates_path, load_gates, suite_from_mapping
