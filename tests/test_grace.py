@@ -81,12 +81,20 @@ def test_a_full_codebook_is_wrapped_by_a_larger_one_and_the_chain_rebuilds_it(tm
     base = copy.deepcopy(model)
     patches = [editor.edit([FRANCE]), editor.edit([ALICE, BOB])]
     assert [(cb.capacity, cb.n_used()) for cb in book(model, editor)] == [(1, 1), (2, 2)]
+    # a later edit changes rows in both: the inner one's entry (a re-edit) and a new one in a third codebook
+    carol = EditRequest("d", "carol", "{} speaks", "english", "french")
+    patches.append(editor.edit([carol, EditRequest("a2", "france", "the capital of {} is", "berlin", "rome")]))
+    assert editor.diagnostics["action"] == [ADD, REPLACE]
+    assert [(cb.capacity, cb.n_used()) for cb in book(model, editor)] == [(1, 1), (2, 2), (4, 1)]
+    # only the first codebook's rows changed, named as the model was before this edit wrapped a third around it
+    inner = f"{editor.path()}.original"
+    assert patches[2].weights.parts.keys() == {f"{inner}.{n}" for n in ("keys", "values", "radii")}
     for i, p in enumerate(patches):
         PatchSet.load(tmp_path / str(i), p.save(tmp_path / str(i))).apply(base)
     assert_same_bits(snapshot(base), snapshot(model))
     assert torch.equal(logits(base, tok, ALICE.text), logits(model, tok, ALICE.text))
-    editor.revert()  # the second edit's codebook comes off; the first keeps its entry
-    assert [(cb.capacity, cb.n_used()) for cb in book(model, editor)] == [(1, 1)]
+    editor.revert()  # the last edit's codebook comes off, and the first one's entry is as it was
+    assert [(cb.capacity, cb.n_used()) for cb in book(model, editor)] == [(1, 1), (2, 2)]
 
 
 def test_state_that_does_not_match_the_model_is_refused():

@@ -180,9 +180,11 @@ class GRACE(Editor):
         path = self.path()
         books = codebooks(self.model.get_submodule(path))
         start = 0
-        for depth, cb in enumerate(reversed(books)):  # the outermost sits at path, the next at path.original, ...
+        for i, cb in enumerate(books):  # innermost first, as the entries are numbered
+            depth = len(books) - 1 - i  # the outermost sits at path, the one inside it at path.original, ...
             stop = min(start + cb.capacity, len(book.radii))
-            self._write_rows(path + ".original" * depth, cb, book, start, stop)
+            if stop > start:
+                self._write_rows(path + ".original" * depth, cb, book, start, stop)
             start += cb.capacity
         # entries fill the codebooks innermost first, so rows past the installed capacity are all new
         start = sum(cb.capacity for cb in books)
