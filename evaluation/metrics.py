@@ -344,30 +344,6 @@ def scores_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(fmt.format(*r) for r in [head, *body])
 
 
-__all__ = [
-    "Scores",
-    "build_retain_set",
-    "counterfact_metrics",
-    "drawdown",
-    "edit_success",
-    "fluency",
-    "knowledge_accuracy",
-    "knows",
-    "locality_agreement",
-    "mean",
-    "multihop_metrics",
-    "ngram_entropy",
-    "ReEditCase",
-    "reedit_metrics",
-    "Holds",
-    "prompt_scores",
-    "reference_predictions",
-    "retention",
-    "scores_table",
-    "zsre_metrics",
-]
-
-
 # ----------------------------------------------------------------------------- installed memories
 
 
@@ -399,3 +375,28 @@ def memory_routing(model: nn.Module, tokenizer, prompts: Sequence[str], batch_si
     hit = torch.cat(hits)
     # each memory counts its own entries (a full codebook wrapped by a larger one keeps its own)
     return {"memory_entries": float(sum(m.n_entries() for m in found.values())), "memory_retain_hit_rate": mean(hit)}
+
+
+__all__ = [
+    "Scores",
+    "build_retain_set",
+    "counterfact_metrics",
+    "drawdown",
+    "edit_success",
+    "fluency",
+    "knowledge_accuracy",
+    "knows",
+    "locality_agreement",
+    "memory_routing",
+    "mean",
+    "multihop_metrics",
+    "ngram_entropy",
+    "ReEditCase",
+    "reedit_metrics",
+    "Holds",
+    "prompt_scores",
+    "reference_predictions",
+    "retention",
+    "scores_table",
+    "zsre_metrics",
+]

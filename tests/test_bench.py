@@ -138,3 +138,33 @@ def test_bench_editors_runs_each_method_on_a_fresh_model(setup):
     )
     assert list(r["results"]) == ["ft-m", "ft-l"] and r["unedited"]["efficacy"] == 0.0
     assert r["results"]["ft-m"]["n_edits"] == 2 and r["results"]["ft-m"]["efficacy"] == 1.0
+
+
+def test_bench_editors_zsre_protocol_scores_token_accuracy_and_locality_against_the_unedited_model(setup, tmp_path):
+    import json
+
+    from kedit.app.bench import bench_editors
+
+    ck, _, corpus = setup
+    records = [
+        {
+            "subject": s,
+            "src": f"{s} speaks",
+            "rephrase": f"so {s} speaks",
+            "alt": new,
+            "answers": [old],
+            "loc": loc,
+            "loc_ans": ans,
+        }
+        for s, new, old, loc, ans in [
+            ("alice", "german", "french", "the capital of france is", "paris"),
+            ("bob", "french", "german", "the capital of germany is", "berlin"),
+        ]
+    ]
+    data = tmp_path / "zsre.json"
+    data.write_text(json.dumps(records))
+    r = bench_editors(str(ck), data, ["grace"], 2, 1, corpus, {"grace": {"layer": 2, "codebook.radius": 1e-3}}, "zsre")
+    assert r["protocol"] == "zsre" and r["unedited"]["locality"] == 1.0  # the unedited model agrees with itself
+    g = r["results"]["grace"]
+    assert g["reliability"] == 1.0 and g["locality"] == 1.0  # an edit answered at its key, nowhere else
+    assert {"generalization", "latency_ratio", "seconds_per_edit"} <= g.keys() and g["latency_ratio"] > 0

@@ -133,24 +133,12 @@ def each_method_alone(out: dict, methods: list[str], run, args, json_out: Path |
     return out
 
 
-def _run_method(
-    method: str, model_ref: str, data: str, n: int, batch_size: int, corpus_path: str | None, overrides: dict
-) -> dict:
-    """One editor on a fresh model, in its own process (so peak memory is its own)."""
-    import resource
-
+def _counterfact_scores(model, tok, reqs, earlier, reference) -> dict:
+    """ROME's CounterFact protocol: P(new) against P(true) on prompts, paraphrases and neighbours; retention
+    of the earlier batches' edits; fluency of one generation per request."""
     from evaluation.metrics import counterfact_metrics, fluency, retention
 
-    model, tok, editor, t_stats = editor_on(model_ref, method, corpus_path, overrides)
-    reqs = _cases(data, n)
-    t0 = time.perf_counter()
-    batches = [reqs[i : i + batch_size] for i in range(0, len(reqs), batch_size)]
-    for b in tqdm(batches, desc=f"{method}: batches of {batch_size}", unit="batch"):
-        editor.edit(b)
-        editor.commit()
-    t_edit = time.perf_counter() - t0
     scores = counterfact_metrics(model, tok, reqs)
-    earlier = [r for b in batches[:-1] for r in b]
     gen_prompts = [p for r in reqs for p in r.generation_prompts[:1]]
     return {
         "efficacy": scores["efficacy"],
@@ -158,7 +146,85 @@ def _run_method(
         "specificity": scores["specificity"],
         "retention": retention(model, tok, earlier) if earlier else scores["efficacy"],
         "fluency": fluency(model, tok, gen_prompts) if gen_prompts else float("nan"),
+    }
+
+
+def _zsre_reference(model, tok, reqs) -> list[torch.Tensor]:
+    """The unedited model's tokens along each locality answer, which the edited model must reproduce."""
+    from evaluation.metrics import reference_predictions
+
+    loc = [(n.prompt, n.answer) for r in reqs for n in r.neighborhood]
+    return reference_predictions(model, tok, [p for p, _ in loc], [a for _, a in loc])
+
+
+def _zsre_scores(model, tok, reqs, earlier, reference) -> dict:
+    """The MEND / WISE zsRE protocol: teacher-forced token accuracy of the new answer on the question
+    (reliability) and its rephrasing (generalization); locality as agreement with the unedited model's
+    tokens on the unrelated question."""
+    from evaluation.metrics import locality_agreement, zsre_metrics
+
+    s = zsre_metrics(model, tok, reqs)
+    loc = [(n.prompt, n.answer) for r in reqs for n in r.neighborhood]
+    return {
+        "reliability": s["efficacy"],
+        "generalization": s["generalization"],
+        "locality": locality_agreement(model, tok, [p for p, _ in loc], [a for _, a in loc], reference),
+    }
+
+
+# protocol -> (what to read on the model before editing, the scores on the final model)
+PROTOCOLS = {
+    "counterfact": (lambda model, tok, reqs: None, _counterfact_scores),
+    "zsre": (_zsre_reference, _zsre_scores),
+}
+
+
+def forward_seconds(model, tok, prompts: list[str], repeats: int = 3) -> float:
+    """The median time of one batched forward over ``prompts``: what an edit adds to inference."""
+    from kedit.core.lm import model_device, pad_batch, pad_id_of
+
+    ids = tok(prompts, add_special_tokens=True)["input_ids"]
+    input_ids, mask, positions, _ = pad_batch(ids, pad_id_of(tok), "right", model_device(model))
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(input_ids=input_ids, attention_mask=mask, position_ids=positions)
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _run_method(
+    method: str,
+    model_ref: str,
+    data: str,
+    n: int,
+    batch_size: int,
+    corpus_path: str | None,
+    overrides: dict,
+    protocol: str = "counterfact",
+) -> dict:
+    """One editor on a fresh model, in its own process (so peak memory is its own)."""
+    import resource
+
+    model, tok, editor, t_stats = editor_on(model_ref, method, corpus_path, overrides)
+    reqs = _cases(data, n)
+    read, scores_of = PROTOCOLS[protocol]
+    reference = read(model, tok, reqs)
+    timed = [r.text for r in reqs[:64]]
+    t_before = forward_seconds(model, tok, timed)
+    t0 = time.perf_counter()
+    batches = [reqs[i : i + batch_size] for i in range(0, len(reqs), batch_size)]
+    for b in tqdm(batches, desc=f"{method}: batches of {batch_size}", unit="batch"):
+        editor.edit(b)
+        editor.commit()
+    t_edit = time.perf_counter() - t0
+    earlier = [r for b in batches[:-1] for r in b]
+    return {
+        **scores_of(model, tok, reqs, earlier, reference),
         "seconds_per_edit": t_edit / max(len(reqs), 1),
+        # the edited model's forward over the same prompts, against the unedited one's (memory lookups cost)
+        "latency_ratio": forward_seconds(model, tok, timed) / t_before,
         "statistics_s": t_stats,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
@@ -166,19 +232,12 @@ def _run_method(
     }
 
 
-def _unedited(model_ref: str, data: str, n: int) -> dict:
-    from evaluation.metrics import counterfact_metrics, fluency
-
+def _unedited(model_ref: str, data: str, n: int, protocol: str = "counterfact") -> dict:
     model, tok = load_model(model_ref)
     reqs = _cases(data, n)
-    scores = counterfact_metrics(model, tok, reqs)
-    gen_prompts = [p for r in reqs for p in r.generation_prompts[:1]]
-    return {
-        "efficacy": scores["efficacy"],
-        "generalization": scores["generalization"],
-        "specificity": scores["specificity"],
-        "fluency": fluency(model, tok, gen_prompts) if gen_prompts else float("nan"),
-    }
+    read, scores_of = PROTOCOLS[protocol]
+    scores = scores_of(model, tok, reqs, [], read(model, tok, reqs))
+    return {k: v for k, v in scores.items() if k != "retention"}
 
 
 def bench_editors(
@@ -189,9 +248,10 @@ def bench_editors(
     batch_size: int,
     corpus: Path | None = None,
     overrides: dict[str, dict] | None = None,
+    protocol: str = "counterfact",
 ) -> dict:
     """N edits in successive batches per method, each on a fresh model in its own process;
-    metrics on the final model. ``overrides`` maps a method to preset overrides."""
+    metrics on the final model (``protocol``: a key of ``PROTOCOLS``). ``overrides`` maps a method to preset overrides."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -199,10 +259,11 @@ def bench_editors(
         pull(model_ref)
     corpus_path = _corpus_file(corpus)
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-        unedited = pool.submit(_unedited, model_ref, str(data), n).result()
+        unedited = pool.submit(_unedited, model_ref, str(data), n, protocol).result()
     out = {
         "model": model_ref,
         "data": str(data),
+        "protocol": protocol,
         "n": n,
         "batch_size": batch_size,
         "corpus": corpus_path or "model samples",
@@ -214,7 +275,7 @@ def bench_editors(
         out,
         methods,
         _run_method,
-        lambda m: (model_ref, str(data), n, batch_size, corpus_path, (overrides or {}).get(m, {})),
+        lambda m: (model_ref, str(data), n, batch_size, corpus_path, (overrides or {}).get(m, {}), protocol),
         None,
     )
 

@@ -405,8 +405,16 @@ def bench_metrics(model: str, data: Path, n: int, batch_size: int, single_limit:
     multiple=True,
     help="Preset override METHOD.KEY=YAML_VALUE with dotted keys, e.g. memit.statistics.samples=500.",
 )
+@click.option(
+    "--protocol",
+    type=click.Choice(["counterfact", "zsre"]),
+    default="counterfact",
+    show_default=True,
+    help="counterfact: P(new) against P(true) (ROME); zsre: teacher-forced token accuracy, locality as agreement "
+    "with the unedited model (MEND / WISE).",
+)
 @JSON_OUT
-def bench_editors(model, data, methods, n, batch_size, sequential, corpus, sets, json_out) -> None:
+def bench_editors(model, data, methods, n, batch_size, sequential, corpus, sets, protocol, json_out) -> None:
     """N edits per method in successive batches; quality, speed and memory on the final model."""
     from evaluation.metrics import scores_table
     from kedit.app.bench import bench_editors as run
@@ -415,7 +423,7 @@ def bench_editors(model, data, methods, n, batch_size, sequential, corpus, sets,
         raise click.UsageError("only --sequential is implemented: batches accumulate on one model, as in a stream")
     chosen = methods.split(",") if methods else editor_names()
     overrides = _method_overrides(sets, chosen)
-    result = run(model, data, chosen, n, batch_size, corpus, overrides)
+    result = run(model, data, chosen, n, batch_size, corpus, overrides, protocol)
     click.echo(scores_table({"unedited": result["unedited"], **result["results"]}))
     _write_json(json_out, result)
 
