@@ -168,3 +168,22 @@ def test_bench_editors_zsre_protocol_scores_token_accuracy_and_locality_against_
     g = r["results"]["grace"]
     assert g["reliability"] == 1.0 and g["locality"] == 1.0  # an edit answered at its key, nowhere else
     assert {"generalization", "latency_ratio", "seconds_per_edit"} <= g.keys() and g["latency_ratio"] > 0
+
+
+def test_bench_keys_measures_distances_at_both_positions(setup, tmp_path):
+    import json
+
+    from kedit.app.bench_keys import POSITIONS, bench_keys
+
+    ck, _, _ = setup
+    records = [rome_record(i, s, "{} speaks", "german", "french", "P1") for i, s in enumerate(["alice", "bob", "carol"])]
+    for r, other in zip(records, ["bob", "carol", "alice"]):
+        r["neighborhood_prompts"] = [f"{other} speaks"]
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(records))
+    r = bench_keys(str(ck), data, 3, [1, 2])
+    assert list(r["layers"]) == ["1", "2"] and all(set(r["layers"][x]) == set(POSITIONS) for x in r["layers"])
+    last = r["layers"]["2"]["prompt_last_token"]
+    # each neighbourhood prompt is another fact's edit prompt: its distance is that of some other fact
+    assert last["nearest_neighbourhood"] >= last["nearest_other_fact"] - 1e-5 and last["n_facts"] == 3
+    assert 0.0 <= last["separable"] <= 1.0 and last["farthest_paraphrase"] > 0

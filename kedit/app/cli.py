@@ -471,6 +471,21 @@ def bench_mquake(model, data, methods, n, corpus, sets, json_out) -> None:
     click.echo(scores_table({"unedited": result["unedited"], **result["results"]}))
 
 
+@bench.command("keys")
+@MODEL
+@DATA
+@click.option("--n", type=int, default=40, show_default=True, help="CounterFact facts.")
+@click.option("--layers", default="3,7,16,22,27", show_default=True, help="Blocks, comma-separated.")
+@JSON_OUT
+def bench_keys(model, data, n, layers, json_out) -> None:
+    """Where memory editors' keys lie: paraphrases, neighbours and other facts, at two token positions."""
+    from kedit.app.bench_keys import bench_keys as run
+
+    result = run(model, data, n, [int(x) for x in layers.split(",")])
+    click.echo(json.dumps(result["layers"], indent=2))
+    _write_json(json_out, result)
+
+
 @bench.command("fill")
 @MODEL
 @DATA
