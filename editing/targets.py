@@ -38,17 +38,17 @@ class Targets:
     steps: torch.Tensor  # (n,) steps each request ran
 
 
-def _batch(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str], kl_prompt: str):
-    """Rows: every (template, request) with target_new appended, then one KL row per request."""
+def _batch(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str], kl_prompt: str | None):
+    """Rows: every (template, request) with target_new appended, then one KL row per request (none without
+    a KL term: a method that trains without it, GRACE's values, does not pay for those rows' forwards)."""
     n = len(requests)
     loc = locate(tokenizer, requests, templates)
     texts = [fill(t, r)[0] for t in templates for r in requests]
     enc = encode_pairs(tokenizer, texts, [requests[i].target_new for i in loc.owner])
-    kl_reqs = [EditRequest(r.id, r.subject, kl_prompt, "x") for r in requests]
-    kl = locate(tokenizer, kl_reqs, ["{}"])
-    ids = enc.ids + kl.ids
-    subject_pos = loc.subject_pos + kl.subject_pos
-    owner = loc.owner + list(range(n))
+    ids, subject_pos, owner = enc.ids, loc.subject_pos, loc.owner
+    if kl_prompt is not None:
+        kl = locate(tokenizer, [EditRequest(r.id, r.subject, kl_prompt, "x") for r in requests], ["{}"])
+        ids, subject_pos, owner = ids + kl.ids, subject_pos + kl.subject_pos, owner + list(range(n))
     return ids, enc.n_prompt, enc.n_target, subject_pos, owner, len(enc.ids)
 
 
@@ -88,7 +88,8 @@ def optimize_targets(
     """
     n = len(requests)
     device = model_device(model)
-    ids, n_prompt, n_target, subject_pos, owner, n_rw = _batch(tokenizer, requests, templates, cfg.kl_prompt)
+    kl_prompt = cfg.kl_prompt if cfg.kl_factor > 0 else None
+    ids, n_prompt, n_target, subject_pos, owner, n_rw = _batch(tokenizer, requests, templates, kl_prompt)
     input_ids, mask, positions, _ = pad_batch(ids, pad_id_of(tokenizer), "right", device)
     n_rows = len(ids)
     cols = torch.tensor(subject_pos, device=device)
@@ -124,6 +125,8 @@ def optimize_targets(
     originals = {p: originals_all[p][:n_rw][:n] for p in paths}  # template "{}" comes first
     norms = {p: originals[p].norm(dim=-1).clamp(min=1e-6) for p in paths}  # (n,)
 
+    has_kl = n_rows > n_rw
+
     def live_view(active: torch.Tensor) -> _Live:
         keep = active[own]  # (R,)
         sel = keep.nonzero().squeeze(1)
@@ -142,9 +145,9 @@ def optimize_targets(
             t_cols[t_keep],
             t_labels[t_keep],
             t_rows[t_keep],
-            remap[kl_rows[active]],
-            kl_cols[active],
-            active.nonzero().squeeze(1),
+            remap[kl_rows[active]] if has_kl else kl_rows,
+            kl_cols[active] if has_kl else kl_cols,
+            active.nonzero().squeeze(1) if has_kl else kl_rows,  # no KL rows: no request has one
         )
 
     deltas = {p: torch.zeros(n, originals[p].shape[-1], device=device, requires_grad=True) for p in paths}

@@ -330,6 +330,26 @@ def test_a_request_that_stops_early_leaves_the_batch():
         assert torch.allclose(joint.nll[i], alone.nll[0], atol=1e-5)
 
 
+def test_without_a_kl_term_the_kl_rows_are_not_run_and_nothing_else_changes():
+    tok = make_tokenizer()
+    model = trained_scale_llama(len(tok))
+    from kedit.core.arch import spec_for
+
+    spec = spec_for(model)
+    path = spec.module_path("mlp_out", 1)
+    templates = ("{}", "the city . {}")
+    rows_seen = []
+    h = model.model.layers[2].register_forward_hook(
+        lambda m, a, o: rows_seen.append((o[0] if isinstance(o, tuple) else o).shape[0])
+    )
+    tiny_kl = optimize_targets(model, tok, spec, REQUESTS, templates, [path], 1, TargetHyperParams(steps=6, kl_factor=1e-30))
+    with_kl, rows_seen = rows_seen[-1], []
+    none = optimize_targets(model, tok, spec, REQUESTS, templates, [path], 1, TargetHyperParams(steps=6, kl_factor=0.0))
+    h.remove()
+    assert rows_seen[-1] == with_kl - len(REQUESTS)  # one KL row per request fewer in every forward
+    assert torch.allclose(none.deltas[path], tiny_kl.deltas[path], atol=1e-5) and none.steps.tolist() == tiny_kl.steps.tolist()
+
+
 def test_layers_below_the_first_edited_block_are_not_run_during_optimization():
     tok = make_tokenizer()
     model = tiny_llama(len(tok))

@@ -172,7 +172,9 @@ class GRACE(Editor):
         book.values[torch.tensor([plan[i] for i in idx])] = values
         nll = torch.full((len(at),), float("nan"))  # a request that joined an entry trained no value
         nll[torch.tensor(idx)] = t.nll.cpu()
-        self.diagnostics["value_nll"] = nll.tolist()
+        steps = torch.zeros(len(at))
+        steps[torch.tensor(idx)] = t.steps.float()
+        self.diagnostics |= {"value_nll": nll.tolist(), "value_steps": steps.tolist()}
 
     def _write(self, book: _Book) -> None:
         """Changed rows of installed codebooks as row deltas (before any install: _apply refuses names inside one),

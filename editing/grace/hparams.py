@@ -15,5 +15,5 @@ class GRACEHyperParams(StrictConfig):
     # the value: the layer's output at the prompt's last token plus a vector trained so the model emits
     # target_new; GRACE trains it alone (no KL, no decay, no norm bound), about 100 steps at lr 1.0
     value: TargetHyperParams = TargetHyperParams(
-        steps=100, lr=1.0, weight_decay=0.0, kl_factor=0.0, clamp_norm=1e6, stop_loss=0.01
+        steps=100, lr=1.0, weight_decay=0.0, kl_factor=0.0, clamp_norm=1e6, stop_loss=0.05
     )
