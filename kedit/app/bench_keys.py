@@ -6,7 +6,8 @@ neighbourhood prompts (the same relation about other subjects: inputs that must 
 other fact's edit prompt. Two positions: the prompt's last token (GRACE's key) and the subject's last
 token (the key ROME and MEMIT edit at). A fact is *separable* at a position when its farthest paraphrase
 lies nearer than its nearest neighbourhood prompt and than the nearest other fact: only then does some
-radius give it generalization without a leak.
+radius give it generalization without a leak. (At the subject's token only the other facts count: a
+neighbourhood prompt is about a subject whose span the data does not give.)
 """
 
 from __future__ import annotations
@@ -60,8 +61,10 @@ def _distances(model, tok, path: str, reqs: list[EditRequest], position: str) ->
 
     para = farthest_or_nearest(lambda r: r.paraphrase_prompts, torch.max)  # (n,) farthest positive
     neigh = farthest_or_nearest(lambda r: [n.prompt for n in r.neighborhood], torch.min)  # (n,) nearest negative
-    have = ~para.isnan() & ~neigh.isnan()
-    separable = (para < neigh) & (para < other)
+    # at the subject's token a neighbourhood prompt (another subject) has no key of its own: NaN, and then the
+    # other facts' subjects are the negatives
+    have = ~para.isnan()
+    separable = (para < other) & (neigh.isnan() | (para < neigh))
     return {
         "key_norm": float(k.norm(dim=-1).mean()),
         "farthest_paraphrase": float(para[~para.isnan()].mean()),
