@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kedit.core.facts import EditRequest, Fact
+from kedit.core.facts.schema import normalize
 from kedit.core.lm import Scores, adds_bos, greedy_generate, model_device, pad_batch, pad_id_of, score_targets
 from kedit.core.routing import routers
 
@@ -208,6 +209,18 @@ def zsre_metrics(model: nn.Module, tokenizer, requests: Sequence[EditRequest], b
     }
 
 
+def begins_with(
+    model: nn.Module, tokenizer, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32
+) -> torch.Tensor:
+    """(n,) bool: greedy decoding after each prompt begins with its target, case and spacing folded (what a
+    user of the edited model sees; teacher forcing can score an edit that generation never produces)."""
+    if not prompts:
+        return torch.zeros(0, dtype=torch.bool)
+    n_new = max(len(tokenizer(" " + t, add_special_tokens=False)["input_ids"]) for t in targets) + 1
+    texts = greedy_generate(model, tokenizer, list(prompts), n_new, batch_size)
+    return torch.tensor([normalize(t).startswith(normalize(target)) for t, target in zip(texts, targets)])
+
+
 # ----------------------------------------------------------------------------- locality as agreement
 
 
@@ -387,6 +400,7 @@ __all__ = [
     "knowledge_accuracy",
     "knows",
     "locality_agreement",
+    "begins_with",
     "memory_routing",
     "mean",
     "multihop_metrics",

@@ -167,6 +167,8 @@ def test_bench_editors_zsre_protocol_scores_token_accuracy_and_locality_against_
     assert r["protocol"] == "zsre" and r["unedited"]["locality"] == 1.0  # the unedited model agrees with itself
     g = r["results"]["grace"]
     assert g["reliability"] == 1.0 and g["locality"] == 1.0  # an edit answered at its key, nowhere else
+    assert g["generated_locality"] == 1.0 and r["unedited"]["generated_locality"] == 1.0
+    assert 0.0 <= g["generated_reliability"] <= 1.0 and "generated_generalization" in g
     assert {"generalization", "latency_ratio", "seconds_per_edit"} <= g.keys() and g["latency_ratio"] > 0
 
 
@@ -187,3 +189,16 @@ def test_bench_keys_measures_distances_at_both_positions(setup, tmp_path):
     # each neighbourhood prompt is another fact's edit prompt: its distance is that of some other fact
     assert last["nearest_neighbourhood"] >= last["nearest_other_fact"] - 1e-5 and last["n_facts"] == 3
     assert 0.0 <= last["separable"] <= 1.0 and last["farthest_paraphrase"] > 0
+
+
+def test_begins_with_reads_what_greedy_decoding_says(setup):
+    from evaluation.metrics import begins_with
+    from kedit.app.tiny import KNOWN
+    from kedit.core.models import load_model
+
+    ck, _, _ = setup
+    model, tok = load_model(str(ck), "cpu")[:2]
+    prompt, answer = KNOWN[0]
+    wrong = next(a for _, a in KNOWN if a != answer)
+    assert begins_with(model, tok, [prompt, prompt], [answer, wrong]).tolist() == [True, False]
+    assert begins_with(model, tok, [], []).tolist() == []

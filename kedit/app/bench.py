@@ -149,26 +149,43 @@ def _counterfact_scores(model, tok, reqs, earlier, reference) -> dict:
     }
 
 
-def _zsre_reference(model, tok, reqs) -> list[torch.Tensor]:
-    """The unedited model's tokens along each locality answer, which the edited model must reproduce."""
+LOCALITY_TOKENS = 8  # generated after an unrelated question, compared with the unedited model's
+
+
+def _zsre_reference(model, tok, reqs) -> dict:
+    """What the unedited model does on the unrelated questions, which the edited model must reproduce: its
+    tokens along each teacher-forced answer, and its greedy continuation."""
     from evaluation.metrics import reference_predictions
+    from kedit.core.lm import greedy_generate
 
     loc = [(n.prompt, n.answer) for r in reqs for n in r.neighborhood]
-    return reference_predictions(model, tok, [p for p, _ in loc], [a for _, a in loc])
+    prompts = [p for p, _ in loc]
+    return {
+        "tokens": reference_predictions(model, tok, prompts, [a for _, a in loc]),
+        "generated": greedy_generate(model, tok, prompts, LOCALITY_TOKENS),
+    }
 
 
 def _zsre_scores(model, tok, reqs, earlier, reference) -> dict:
     """The MEND / WISE zsRE protocol: teacher-forced token accuracy of the new answer on the question
     (reliability) and its rephrasing (generalization); locality as agreement with the unedited model's
-    tokens on the unrelated question."""
-    from evaluation.metrics import locality_agreement, zsre_metrics
+    tokens on the unrelated question. The same three under live generation (``generated_*``): greedy
+    decoding must begin with the new answer, and decode the unrelated question as the unedited model did."""
+    from evaluation.metrics import begins_with, locality_agreement, mean, zsre_metrics
+    from kedit.core.lm import greedy_generate
 
     s = zsre_metrics(model, tok, reqs)
     loc = [(n.prompt, n.answer) for r in reqs for n in r.neighborhood]
+    prompts = [p for p, _ in loc]
+    para = [(p, r.target_new) for r in reqs for p in r.paraphrase_prompts]
+    same = [a == b for a, b in zip(greedy_generate(model, tok, prompts, LOCALITY_TOKENS), reference["generated"])]
     return {
         "reliability": s["efficacy"],
         "generalization": s["generalization"],
-        "locality": locality_agreement(model, tok, [p for p, _ in loc], [a for _, a in loc], reference),
+        "locality": locality_agreement(model, tok, prompts, [a for _, a in loc], reference["tokens"]),
+        "generated_reliability": mean(begins_with(model, tok, [r.text for r in reqs], [r.target_new for r in reqs])),
+        "generated_generalization": mean(begins_with(model, tok, [p for p, _ in para], [t for _, t in para])),
+        "generated_locality": mean(torch.tensor(same)),
     }
 
 
