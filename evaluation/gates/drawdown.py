@@ -16,6 +16,11 @@ from .base import Gate, GateReport, Outcome, Step, Threshold, at_most, register_
 log = logging.getLogger(__name__)
 
 
+def retain_path(configured: str | None) -> Path:
+    """The retain facts a gate reads: the configured file, else the project's data/retain_facts.jsonl."""
+    return Path(configured) if configured else project_data_dir() / "retain_facts.jsonl"
+
+
 class DrawdownConfig(StrictConfig):
     base_max: Threshold  # fraction of the retain set lost against the base model
     step_max: Threshold  # relative loss against the previous accepted version
@@ -34,7 +39,7 @@ class DrawdownGate(Gate):
         self.prev = 1.0  # accuracy on them of the previous accepted version (the base knows them all)
 
     def retain_path(self) -> Path:
-        return Path(self.cfg.retain_facts) if self.cfg.retain_facts else project_data_dir() / "retain_facts.jsonl"
+        return retain_path(self.cfg.retain_facts)
 
     def on_base(self, model, tok) -> None:
         self.retain = build_retain_set(model, tok, load_known_facts(self.retain_path()))

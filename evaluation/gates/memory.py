@@ -8,14 +8,12 @@ memory installed (weight editors) measures and checks nothing here.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from kedit.core.config import StrictConfig
 from kedit.core.facts import load_known_facts
-from kedit.core.paths import project_data_dir
 
 from ..metrics import memory_routing
 from .base import Gate, Outcome, Step, Threshold, at_most, register_gate
+from .drawdown import retain_path
 
 
 class MemoryConfig(StrictConfig):
@@ -33,12 +31,9 @@ class MemoryGate(Gate):
         super().__init__(cfg, source)
         self.prompts: list[str] = []
 
-    def retain_path(self) -> Path:
-        return Path(self.cfg.retain_facts) if self.cfg.retain_facts else project_data_dir() / "retain_facts.jsonl"
-
     def on_base(self, model, tok) -> None:
         # every prompt, known or not: a memory must not answer any of them
-        self.prompts = [f.prompt for f in load_known_facts(self.retain_path())]
+        self.prompts = [f.prompt for f in load_known_facts(retain_path(self.cfg.retain_facts))]
 
     def measure(self, step: Step, before: None) -> Outcome:
         metrics = memory_routing(step.model, step.tok, self.prompts)
