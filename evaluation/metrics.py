@@ -17,7 +17,7 @@ from torch import nn
 
 from kedit.core.facts import EditRequest, Fact
 from kedit.core.facts.schema import normalize
-from kedit.core.lm import Scores, adds_bos, greedy_generate, model_device, pad_batch, pad_id_of, score_targets
+from kedit.core.lm import Scores, encode_prompts, greedy_generate, model_device, pad_batch, pad_id_of, score_targets
 from kedit.core.routing import routers
 
 # ----------------------------------------------------------------------------- CounterFact
@@ -216,7 +216,7 @@ def begins_with(
     user of the edited model sees; teacher forcing can score an edit that generation never produces)."""
     if not prompts:
         return torch.zeros(0, dtype=torch.bool)
-    n_new = max(len(tokenizer(" " + t, add_special_tokens=False)["input_ids"]) for t in targets) + 1
+    n_new = max(len(ids) for ids in tokenizer([" " + t for t in targets], add_special_tokens=False)["input_ids"]) + 1
     texts = greedy_generate(model, tokenizer, list(prompts), n_new, batch_size)
     return torch.tensor([normalize(t).startswith(normalize(target)) for t, target in zip(texts, targets)])
 
@@ -367,8 +367,7 @@ def memory_routing(model: nn.Module, tokenizer, prompts: Sequence[str], batch_si
     found = routers(model)
     if not found:
         return {}
-    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
-    ids = [bos + e for e in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    ids = encode_prompts(tokenizer, prompts)
     hits = []
     for i in range(0, len(ids), batch_size):
         input_ids, mask, positions, _ = pad_batch(ids[i : i + batch_size], pad_id_of(tokenizer), "right", model_device(model))

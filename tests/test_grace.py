@@ -30,7 +30,7 @@ def logits(model, tok, text):
 
 
 def book(model, editor):
-    return codebooks(model.get_submodule(editor.path()))
+    return codebooks(model.get_submodule(editor.path()))[0]
 
 
 def test_an_input_far_from_every_key_gets_the_unedited_output_bit_for_bit():
@@ -49,7 +49,7 @@ def test_a_conflicting_target_inside_a_radius_splits_both_radii_to_half_the_dist
     assert editor.diagnostics["action"] == [ADD, SPLIT]
     d = editor.diagnostics["nearest_distance"][1]
     (cb,) = book(model, editor)
-    assert cb.n_used() == 2 and torch.allclose(cb.radii[:2], torch.tensor([d / 2, d / 2]))
+    assert cb.n_entries() == 2 and torch.allclose(cb.radii[:2], torch.tensor([d / 2, d / 2]))
 
 
 def test_the_same_target_inside_a_radius_grows_the_entry_and_adds_none():
@@ -58,7 +58,7 @@ def test_the_same_target_inside_a_radius_grows_the_entry_and_adds_none():
     editor.edit([BOB])
     assert editor.diagnostics["action"] == [GROW] and "value_nll" not in editor.diagnostics
     (cb,) = book(model, editor)
-    assert cb.n_used() == 1 and float(cb.radii[0]) == pytest.approx(10.0)  # already wider than the distance
+    assert cb.n_entries() == 1 and float(cb.radii[0]) == pytest.approx(10.0)  # already wider than the distance
 
 
 def test_a_reedit_of_a_held_fact_replaces_its_entry_and_the_chain_rebuilds_it(tmp_path):
@@ -68,7 +68,7 @@ def test_a_reedit_of_a_held_fact_replaces_its_entry_and_the_chain_rebuilds_it(tm
     (cb,) = book(model, editor)
     value = cb.values[1].clone()
     patches.append(editor.edit([EditRequest("b2", "alice", "{} speaks", "english", "german")]))
-    assert editor.diagnostics["action"] == [REPLACE] and cb.n_used() == 2 and len(editor.state_dict()["slots"]) == 2
+    assert editor.diagnostics["action"] == [REPLACE] and cb.n_entries() == 2 and len(editor.state_dict()["slots"]) == 2
     assert not torch.equal(cb.values[1], value)
     assert patches[1].weights.parts.keys() == {f"{editor.path()}.{n}" for n in ("keys", "values", "radii")}  # rows, no install
     for i, p in enumerate(patches):
@@ -80,12 +80,12 @@ def test_a_full_codebook_is_wrapped_by_a_larger_one_and_the_chain_rebuilds_it(tm
     model, tok, editor = grace(radius=1e-3, capacity=1)
     base = copy.deepcopy(model)
     patches = [editor.edit([FRANCE]), editor.edit([ALICE, BOB])]
-    assert [(cb.capacity, cb.n_used()) for cb in book(model, editor)] == [(1, 1), (2, 2)]
+    assert [(cb.capacity, cb.n_entries()) for cb in book(model, editor)] == [(1, 1), (2, 2)]
     # a later edit changes rows in both: the inner one's entry (a re-edit) and a new one in a third codebook
     carol = EditRequest("d", "carol", "{} speaks", "english", "french")
     patches.append(editor.edit([carol, EditRequest("a2", "france", "the capital of {} is", "berlin", "rome")]))
     assert editor.diagnostics["action"] == [ADD, REPLACE]
-    assert [(cb.capacity, cb.n_used()) for cb in book(model, editor)] == [(1, 1), (2, 2), (4, 1)]
+    assert [(cb.capacity, cb.n_entries()) for cb in book(model, editor)] == [(1, 1), (2, 2), (4, 1)]
     # only the first codebook's rows changed, named as the model was before this edit wrapped a third around it
     inner = f"{editor.path()}.original"
     assert patches[2].weights.parts.keys() == {f"{inner}.{n}" for n in ("keys", "values", "radii")}
@@ -94,7 +94,7 @@ def test_a_full_codebook_is_wrapped_by_a_larger_one_and_the_chain_rebuilds_it(tm
     assert_same_bits(snapshot(base), snapshot(model))
     assert torch.equal(logits(base, tok, ALICE.text), logits(model, tok, ALICE.text))
     editor.revert()  # the last edit's codebook comes off, and the first one's entry is as it was
-    assert [(cb.capacity, cb.n_used()) for cb in book(model, editor)] == [(1, 1), (2, 2)]
+    assert [(cb.capacity, cb.n_entries()) for cb in book(model, editor)] == [(1, 1), (2, 2)]
 
 
 def test_state_that_does_not_match_the_model_is_refused():

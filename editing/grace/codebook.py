@@ -48,16 +48,11 @@ class Codebook(Installable):
     def config(self) -> dict[str, Any]:
         return {"capacity": self.capacity, "d_in": self.d_in, "d_out": self.d_out}
 
-    def n_used(self) -> int:
+    def n_entries(self) -> int:  # kedit.core.routing.Router
         return int((self.radii >= 0).sum())
 
-    def n_entries(self) -> int:  # kedit.core.routing.Router
-        return self.n_used()
-
     def routed(self, x: torch.Tensor) -> torch.Tensor:  # kedit.core.routing.Router
-        """(N, d_in) -> (N,) bool: the rows this codebook answers."""
-        if not bool((self.radii >= 0).any()):
-            return torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        """(N, d_in) -> (N,) bool: the rows this codebook answers (none while it is empty)."""
         return self.lookup(x)[1]
 
     def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,10 +73,11 @@ class Codebook(Installable):
         return torch.where(hit[:, None], self.values[idx].to(out.dtype), flat).view_as(out)
 
 
-def codebooks(module: nn.Module) -> list[Codebook]:
-    """The codebooks stacked at a path, innermost first (each full one wrapped by the next)."""
+def codebooks(module: nn.Module) -> tuple[list[Codebook], nn.Module]:
+    """The codebooks stacked at a path, innermost first (each full one wrapped by the next), and the layer
+    they wrap."""
     out: list[Codebook] = []
     while isinstance(module, Codebook):
         out.append(module)
         module = module.original
-    return out[::-1]
+    return out[::-1], module

@@ -65,9 +65,10 @@ class _Book:
     slots: torch.Tensor  # (n,) int64
     labels: torch.Tensor  # (n,) int64
 
-    def append(self, key, value, radius, slot, label) -> int:
+    def append(self, key, radius, slot, label) -> int:
+        """A new entry; its value is trained afterwards (``_train_values``) and starts at zero."""
         self.keys = torch.cat([self.keys, key[None]])
-        self.values = torch.cat([self.values, value[None]])
+        self.values = torch.cat([self.values, self.values.new_zeros(1, self.values.shape[-1])])
         self.radii = torch.cat([self.radii, radius.reshape(1)])
         self.slots = torch.cat([self.slots, torch.tensor([slot])])
         self.labels = torch.cat([self.labels, torch.tensor([label])])
@@ -101,28 +102,23 @@ class GRACE(Editor):
     def _edit(self, requests: list[EditRequest]) -> None:
         at = at_last_token(requests)
         keys = read_at_subject(self.model, self.tok, at, ("{}",), [self.path()], "input")[self.path()]  # (n, d_in)
-        book = self._working_copy(keys.shape[-1], self._width_out())
+        book = self._working_copy(keys.shape[-1])
         plan = self._place(book, keys, requests)
         self._train_values(book, plan, at)
         self._write(book)
         self.slots, self.labels = book.slots, book.labels
 
-    def _width_out(self) -> int:
-        """d_out of the wrapped projection (nn.Linear keeps (d_out, d_in), GPT-2's Conv1D (d_in, d_out))."""
-        module = self.model.get_submodule(self.path())
-        while isinstance(module, Codebook):
-            module = module.original
-        return module.out_features if isinstance(module, torch.nn.Linear) else module.weight.shape[1]
-
-    def _working_copy(self, d_in: int, d_out: int) -> _Book:
-        books = codebooks(self.model.get_submodule(self.path()))
-        n = sum(b.n_used() for b in books)
+    def _working_copy(self, d_in: int) -> _Book:
+        books, layer = codebooks(self.model.get_submodule(self.path()))
+        # nn.Linear keeps (d_out, d_in), GPT-2's Conv1D (d_in, d_out)
+        d_out = layer.out_features if isinstance(layer, torch.nn.Linear) else layer.weight.shape[1]
+        n = sum(b.n_entries() for b in books)
         if n != len(self.slots):
             raise EditError(f"grace: the model holds {n} codebook entries at {self.path()}, the editor's state {len(self.slots)}")
-        used = [b for b in books if b.n_used()]
+        used = [b for b in books if b.n_entries()]
 
         def cat(name: str, width: int | None) -> torch.Tensor:
-            parts = [getattr(b, name)[: b.n_used()].detach().float().cpu() for b in used]
+            parts = [getattr(b, name)[: b.n_entries()].detach().float().cpu() for b in used]
             empty = torch.zeros((0, width) if width is not None else (0,))
             return torch.cat(parts) if parts else empty
 
@@ -148,13 +144,13 @@ class GRACE(Editor):
                 book.keys[j], book.labels[j] = key, label
                 plan[i], action = j, REPLACE
             elif j < 0 or dist > book.radii[j] + eps:
-                plan[i], action = book.append(key, torch.zeros(book.values.shape[-1:]), eps, slot, label), ADD
+                plan[i], action = book.append(key, eps, slot, label), ADD
             elif book.labels[j] == label:
                 book.radii[j] = torch.maximum(book.radii[j], dist)
                 action = GROW
             else:
                 book.radii[j] = dist / 2
-                plan[i], action = book.append(key, torch.zeros(book.values.shape[-1:]), dist / 2, slot, label), SPLIT
+                plan[i], action = book.append(key, dist / 2, slot, label), SPLIT
             actions.append(float(action))
             distances.append(float(dist))
         self.diagnostics |= {"action": actions, "nearest_distance": distances}
@@ -180,7 +176,7 @@ class GRACE(Editor):
         """Changed rows of installed codebooks as row deltas (before any install: _apply refuses names inside one),
         then the rows that do not fit into a new codebook twice as large around the full one."""
         path = self.path()
-        books = codebooks(self.model.get_submodule(path))
+        books, _ = codebooks(self.model.get_submodule(path))
         start = 0
         for i, cb in enumerate(books):  # innermost first, as the entries are numbered
             depth = len(books) - 1 - i  # the outermost sits at path, the one inside it at path.original, ...
@@ -188,8 +184,7 @@ class GRACE(Editor):
             if stop > start:
                 self._write_rows(path + ".original" * depth, cb, book, start, stop)
             start += cb.capacity
-        # entries fill the codebooks innermost first, so rows past the installed capacity are all new
-        start = sum(cb.capacity for cb in books)
+        # entries fill the codebooks innermost first, so rows past the installed capacity (start) are all new
         if start < len(book.radii):
             spill = len(book.radii) - start
             capacity = max(2 * books[-1].capacity if books else self.hparams.codebook.capacity, spill)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
 from pydantic import Field
@@ -23,6 +24,7 @@ from pydantic import Field
 from kedit.core import registry
 from kedit.core.config import StrictConfig
 from kedit.core.facts import EditRequest
+from kedit.core.paths import project_data_dir
 
 from .measures import EditOutcomes, edit_outcomes
 
@@ -159,6 +161,12 @@ def at_most(gate: str, value: float, maximum: float | None, detail: str = "") ->
     if maximum is None or math.isnan(value):
         return None
     return GateResult(gate, value, maximum, value <= maximum + 1e-9, "max", detail)
+
+
+def retain_path(configured: str | None) -> Path:
+    """The retain facts a gate reads (drawdown, memory): the configured file, else the project's
+    data/retain_facts.jsonl."""
+    return Path(configured) if configured else project_data_dir() / "retain_facts.jsonl"
 
 
 def round_sig(value: float, digits: int = 6) -> float:

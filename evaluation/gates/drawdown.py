@@ -8,17 +8,11 @@ from pathlib import Path
 
 from kedit.core.config import StrictConfig
 from kedit.core.facts import EditRequest, Fact, load_known_facts
-from kedit.core.paths import project_data_dir
 
 from ..metrics import build_retain_set, drawdown, knowledge_accuracy
-from .base import Gate, GateReport, Outcome, Step, Threshold, at_most, register_gate
+from .base import Gate, GateReport, Outcome, Step, Threshold, at_most, register_gate, retain_path
 
 log = logging.getLogger(__name__)
-
-
-def retain_path(configured: str | None) -> Path:
-    """The retain facts a gate reads: the configured file, else the project's data/retain_facts.jsonl."""
-    return Path(configured) if configured else project_data_dir() / "retain_facts.jsonl"
 
 
 class DrawdownConfig(StrictConfig):

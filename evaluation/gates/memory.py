@@ -12,8 +12,7 @@ from kedit.core.config import StrictConfig
 from kedit.core.facts import load_known_facts
 
 from ..metrics import memory_routing
-from .base import Gate, Outcome, Step, Threshold, at_most, register_gate
-from .drawdown import retain_path
+from .base import Gate, Outcome, Step, Threshold, at_most, register_gate, retain_path
 
 
 class MemoryConfig(StrictConfig):

@@ -198,9 +198,9 @@ PROTOCOLS = {
 
 def forward_seconds(model, tok, prompts: list[str], repeats: int = 3) -> float:
     """The median time of one batched forward over ``prompts``: what an edit adds to inference."""
-    from kedit.core.lm import model_device, pad_batch, pad_id_of
+    from kedit.core.lm import encode_prompts, model_device, pad_batch, pad_id_of
 
-    ids = tok(prompts, add_special_tokens=True)["input_ids"]
+    ids = encode_prompts(tok, prompts)
     input_ids, mask, positions, _ = pad_batch(ids, pad_id_of(tok), "right", model_device(model))
     times = []
     with torch.no_grad():

@@ -34,45 +34,59 @@ POSITIONS: dict[str, Callable[[EditRequest, str], EditRequest | None]] = {
 }
 
 
-def _keys(model, tok, path: str, reqs: list[EditRequest]) -> torch.Tensor:
-    return read_at_subject(model, tok, reqs, ("{}",), [path], "input")[path]  # (n, d_in)
+def _keys(model, tok, paths: list[str], reqs: list[EditRequest]) -> dict[str, torch.Tensor]:
+    """Per path, (n, d_in): one forward for every layer asked."""
+    return read_at_subject(model, tok, reqs, ("{}",), paths, "input")
 
 
-def _distances(model, tok, path: str, reqs: list[EditRequest], position: str) -> dict[str, float]:
+def _rows(reqs: list[EditRequest], texts_of, make) -> tuple[list[EditRequest], torch.Tensor]:
+    """Each fact's other prompts as requests keyed at the position, and the fact each belongs to."""
+    rows, owner = [], []
+    for i, r in enumerate(reqs):
+        for t in texts_of(r):
+            q = make(r, t)
+            if q is not None:
+                rows.append(q)
+                owner.append(i)
+    return rows, torch.tensor(owner, dtype=torch.long)
+
+
+def _per_fact(d: torch.Tensor, owner: torch.Tensor, n: int, reduce: str) -> torch.Tensor:
+    """(n,) the farthest ("amax") or nearest ("amin") of each fact's distances d (m,); NaN for a fact with none."""
+    fill = float("-inf") if reduce == "amax" else float("inf")
+    out = torch.full((n,), fill).scatter_reduce(0, owner, d, reduce)
+    return out.masked_fill(out.isinf(), float("nan"))
+
+
+def _distances(model, tok, paths: list[str], reqs: list[EditRequest], position: str) -> dict[str, dict[str, float]]:
+    """Per path, the summary at one position; three forwards (edit prompts, paraphrases, neighbours) for all paths."""
     make = POSITIONS[position]
-    own = [make(r, r.text) for r in reqs]
-    k = _keys(model, tok, path, own)  # (n, d_in)
-    other = torch.cdist(k, k).fill_diagonal_(float("inf")).min(-1).values  # (n,)
-
-    def farthest_or_nearest(texts_of, reduce) -> torch.Tensor:
-        rows, owner = [], []
-        for i, r in enumerate(reqs):
-            for t in texts_of(r):
-                q = make(r, t)
-                if q is not None:
-                    rows.append(q)
-                    owner.append(i)
-        out = torch.full((len(reqs),), float("nan"))
-        if rows:
-            d = (_keys(model, tok, path, rows) - k[torch.tensor(owner)]).norm(dim=-1)  # (m,)
-            for i in set(owner):  # per fact: a handful of prompts
-                out[i] = reduce(d[torch.tensor(owner) == i])
-        return out
-
-    para = farthest_or_nearest(lambda r: r.paraphrase_prompts, torch.max)  # (n,) farthest positive
-    neigh = farthest_or_nearest(lambda r: [n.prompt for n in r.neighborhood], torch.min)  # (n,) nearest negative
-    # at the subject's token a neighbourhood prompt (another subject) has no key of its own: NaN, and then the
-    # other facts' subjects are the negatives
-    have = ~para.isnan()
-    separable = (para < other) & (neigh.isnan() | (para < neigh))
-    return {
-        "key_norm": float(k.norm(dim=-1).mean()),
-        "farthest_paraphrase": float(para[~para.isnan()].mean()),
-        "nearest_neighbourhood": float(neigh[~neigh.isnan()].mean()),
-        "nearest_other_fact": float(other.mean()),
-        "separable": float(separable[have].float().mean()),
-        "n_facts": float(int(have.sum())),
-    }
+    n = len(reqs)
+    own = _keys(model, tok, paths, [make(r, r.text) for r in reqs])  # path -> (n, d_in)
+    para_rows, para_owner = _rows(reqs, lambda r: r.paraphrase_prompts, make)
+    neigh_rows, neigh_owner = _rows(reqs, lambda r: [n.prompt for n in r.neighborhood], make)
+    para_keys = _keys(model, tok, paths, para_rows) if para_rows else {}
+    neigh_keys = _keys(model, tok, paths, neigh_rows) if neigh_rows else {}
+    out = {}
+    for p in paths:
+        k = own[p]
+        other = torch.cdist(k, k).fill_diagonal_(float("inf")).min(-1).values  # (n,)
+        nan = torch.full((n,), float("nan"))
+        para = _per_fact((para_keys[p] - k[para_owner]).norm(dim=-1), para_owner, n, "amax") if para_rows else nan
+        neigh = _per_fact((neigh_keys[p] - k[neigh_owner]).norm(dim=-1), neigh_owner, n, "amin") if neigh_rows else nan
+        # at the subject's token a neighbourhood prompt (another subject) has no key of its own: NaN, and then the
+        # other facts' subjects are the negatives
+        have = ~para.isnan()
+        separable = (para < other) & (neigh.isnan() | (para < neigh))
+        out[p] = {
+            "key_norm": float(k.norm(dim=-1).mean()),
+            "farthest_paraphrase": float(para[have].mean()),
+            "nearest_neighbourhood": float(neigh[~neigh.isnan()].mean()),
+            "nearest_other_fact": float(other.mean()),
+            "separable": float(separable[have].float().mean()),
+            "n_facts": float(int(have.sum())),
+        }
+    return out
 
 
 def bench_keys(model_ref: str, data, n: int, layers: list[int]) -> dict:
@@ -82,7 +96,7 @@ def bench_keys(model_ref: str, data, n: int, layers: list[int]) -> dict:
     spec = spec_for(model)
     reqs = _cases(data, n)
     out = {"model": model_ref, "data": str(data), "n": len(reqs), "layers": {}, "machine": machine()}
-    for layer in layers:
-        path = spec.module_path("mlp_out", layer)
-        out["layers"][str(layer)] = {pos: _distances(model, tok, path, reqs, pos) for pos in POSITIONS}
+    paths = {layer: spec.module_path("mlp_out", layer) for layer in layers}
+    by_position = {pos: _distances(model, tok, list(paths.values()), reqs, pos) for pos in POSITIONS}
+    out["layers"] = {str(layer): {pos: by_position[pos][p] for pos in POSITIONS} for layer, p in paths.items()}
     return out

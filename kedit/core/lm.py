@@ -8,6 +8,7 @@ predicts, and the argmax tokens themselves (for agreement with a reference model
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -258,17 +259,22 @@ def score_targets(
 
 
 @torch.inference_mode()
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt, with the BOS token where the tokenizer's model expects one."""
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    return [bos + e for e in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+
+
 def greedy_generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 40, batch_size: int = 32) -> list[str]:
     """Greedy continuations, batched with left padding; returns only the generated text."""
-    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
-    enc = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    enc = encode_prompts(tokenizer, prompts)
     device = model_device(model)
     pad = pad_id_of(tokenizer)
     out: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(enc[i]))
     for start in range(0, len(prompts), batch_size):
         idx = order[start : start + batch_size]
-        input_ids, attn, _, _ = pad_batch([bos + enc[i] for i in idx], pad, "left", device)
+        input_ids, attn, _, _ = pad_batch([enc[i] for i in idx], pad, "left", device)
         gen = model.generate(
             input_ids=input_ids,
             attention_mask=attn,
