@@ -1,6 +1,7 @@
 """Editors, one folder per method; importing this package registers them all."""
 
 from .alphaedit.alphaedit import AlphaEdit
+from .balancedit.balancedit import BalancEdit
 from .base import EDITORS, EditError, Editor, get_editor, make_editor, register
 from .come.come import CoMEMEMIT, CoMEPMET
 from .ft_l.ft_l import FTL
@@ -23,6 +24,7 @@ __all__ = [
     "CoMEPMET",
     "ROME",
     "AlphaEdit",
+    "BalancEdit",
     "PatchIntegrityError",
     "Dense",
     "EditError",

@@ -42,6 +42,9 @@ class Editor(ABC):
     edit exactly. State that must survive between batches goes in ``state_dict`` / ``load_state_dict``.
     What an edit measures about itself per request (a target's final NLL, the optimizer steps it took)
     goes in ``self.diagnostics``: name -> one float per request of the last ``edit``, in order.
+    Texts an edit generated and read besides the requests' own prompts (an editor's positive samples) go in
+    ``self.samples``; ``held_out`` names texts (normalized) no edit may use, so that a benchmark can keep what
+    it scores out of everything the editor sees (``kedit.app.bench`` sets it and checks ``samples``).
 
     ``assets`` names inputs that are not weights (a text corpus for key statistics; later a trained
     network): each is a keyword argument of ``__init__``, and ``make_editor`` passes only the ones
@@ -62,6 +65,8 @@ class Editor(ABC):
         self.hparams = hparams if hparams is not None else self.preset(model)
         self._history: list[_Step] = []
         self.diagnostics: dict[str, list[float]] = {}
+        self.samples: list[str] = []
+        self.held_out: frozenset[str] = frozenset()
 
     @classmethod
     def preset(cls, model: nn.Module, overrides: dict[str, Any] | None = None):
@@ -81,6 +86,7 @@ class Editor(ABC):
         self._installed: list[tuple[str, Installable]] = []
         self._undo = Undo()
         self.diagnostics = {}
+        self.samples = []
         try:
             self._edit(list(requests))
             # recorded after _edit: an installed module may be trained after its install

@@ -75,6 +75,21 @@ def read_at_subject(
     return {p: average_by_owner(store[p][rows, cols].float(), loc.owner, len(requests)) for p in paths}
 
 
+@torch.no_grad()
+def read_every_position(
+    model: nn.Module, tokenizer, requests: Sequence[EditRequest], path: str, what: str = "input"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The module's input or output at every token of each request's prompt, in one padded forward.
+
+    Returns states (n, T, d) fp32, the subject's last token per row (n,) and which columns are real tokens (n, T).
+    """
+    loc = locate(tokenizer, requests, ("{}",))
+    input_ids, mask, positions, _ = pad_batch(loc.ids, pad_id_of(tokenizer), "right", model_device(model))
+    with capture(model, [path], what) as store:
+        model(input_ids=input_ids, attention_mask=mask, position_ids=positions)
+    return store[path].float(), torch.tensor(loc.subject_pos, device=input_ids.device), mask.bool()
+
+
 def subject_keys(
     model: nn.Module, tokenizer, spec: ArchSpec, layers: Sequence[int], requests: Sequence[EditRequest], templates: Sequence[str]
 ) -> dict[int, torch.Tensor]:
@@ -89,6 +104,8 @@ def context_templates(model: nn.Module, tokenizer, n: int = 5, length: int = 10)
     from kedit.core.lm import greedy_generate
 
     seeds = ["The", "Therefore", "Because", "I", "You", "It", "When", "In", "This", "A"][:n]
+    if not seeds:  # no prefixes asked: the prompt alone
+        return ("{}",)
     gens = greedy_generate(model, tokenizer, seeds, max_new_tokens=length)
     joined = [s + (g if g[:1].isspace() else " " + g) for s, g in zip(seeds, gens)]
     prefixes = [" ".join(j.replace("{", " ").replace("}", " ").split()) for j in joined]

@@ -47,6 +47,7 @@ OVERRIDES = {
     "ft-l": {"layers": (1,), "lr": 0.01, "norm_constraint": 0.05},
     "ft-m": {"layers": (1,), "lr": 0.01},
     "grace": {"layer": 2, "codebook.radius": 0.5, "codebook.capacity": 2},
+    "balancedit": {"layer": 1, "scope.capacity": 2, "templates.count": 2, "templates.length": 3, "value.clamp_norm": 200.0},
 }
 
 

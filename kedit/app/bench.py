@@ -13,7 +13,9 @@ import torch
 from tqdm import tqdm
 
 from evaluation.metrics import counterfact_from_probs, counterfact_pairs
+from kedit.core.errors import KeditError
 from kedit.core.facts import load_facts
+from kedit.core.facts.schema import normalize
 from kedit.core.lm import score_targets
 from kedit.core.models import KNOWN_MODELS, load_model, pull
 
@@ -196,6 +198,21 @@ PROTOCOLS = {
 }
 
 
+def scored_texts(reqs) -> frozenset[str]:
+    """What a benchmark scores besides the edit prompts (rephrasings, neighbourhood and unrelated prompts),
+    normalized: an editor must not see any of it."""
+    return frozenset(normalize(t) for r in reqs for t in (*r.paraphrase_prompts, *(x.prompt for x in r.neighborhood)))
+
+
+def require_held_out(method: str, scored: frozenset[str], seen: set[str]) -> None:
+    """Refuse a result scored on inputs the editor generated and used as samples: it would measure recall."""
+    leaked = sorted(scored & seen)
+    if leaked:
+        raise KeditError(
+            f"{method} used {len(leaked)} scored prompt(s) as samples (first: {leaked[0]!r}): the score would not hold out"
+        )
+
+
 def forward_seconds(model, tok, prompts: list[str], repeats: int = 3) -> float:
     """The median time of one batched forward over ``prompts``: what an edit adds to inference."""
     from kedit.core.lm import encode_prompts, model_device, pad_batch, pad_id_of
@@ -230,12 +247,16 @@ def _run_method(
     reference = read(model, tok, reqs)
     timed = [r.text for r in reqs[:64]]
     t_before = forward_seconds(model, tok, timed)
+    editor.held_out = scored_texts(reqs)
+    seen: set[str] = set()
     t0 = time.perf_counter()
     batches = [reqs[i : i + batch_size] for i in range(0, len(reqs), batch_size)]
     for b in tqdm(batches, desc=f"{method}: batches of {batch_size}", unit="batch"):
         editor.edit(b)
         editor.commit()
+        seen.update(normalize(t) for t in editor.samples)
     t_edit = time.perf_counter() - t0
+    require_held_out(method, editor.held_out, seen)
     earlier = [r for b in batches[:-1] for r in b]
     return {
         **scores_of(model, tok, reqs, earlier, reference),
@@ -409,7 +430,6 @@ def bench_targets(
     bit for bit between the two runs (checked by fingerprint)."""
     from editing import DEFAULT_EDITOR
     from evaluation.metrics import counterfact_metrics
-    from kedit.core.errors import KeditError
     from kedit.store.versions import model_fingerprint
 
     method = method or DEFAULT_EDITOR

@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from editing.hparams import TargetHyperParams, TemplateHyperParams
+from kedit.core.config import StrictConfig
+
+
+class ScopeHyperParams(StrictConfig):
+    # where a fact's radius sits between its farthest positive sample p* and its nearest negative n*:
+    # r = p* + balance (n* - p*); 0 keeps only what the samples reached, 1 reaches the nearest negative
+    balance: float = 0.5
+    capacity: int = 64  # entries of the first codebook; a full one is wrapped by one twice as large
+
+
+class BalancEditHyperParams(StrictConfig):
+    layer: int  # block whose MLP output projection the codebook wraps; the key is its input at the subject
+    scope: ScopeHyperParams = ScopeHyperParams()
+    # the model's own generated prefixes: context for the value (as ROME's) and positive samples of the scope
+    templates: TemplateHyperParams = TemplateHyperParams()
+    # the value: the layer's output at the subject plus ROME's target vector (KL on the subject's essence)
+    value: TargetHyperParams = TargetHyperParams()

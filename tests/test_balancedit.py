@@ -1,0 +1,134 @@
+"""BalancEdit's defining properties on a tiny model: each fact's scope is learned from its own samples, and a
+benchmark never scores what the editor used as a sample."""
+
+import copy
+import json
+
+import pytest
+import torch
+from test_editors import CONTRACT, build
+
+from editing import EditError, get_editor
+from editing.balancedit import balancedit as balancedit_module
+from editing.grace.codebook import codebooks
+from editing.grace.grace import ADD, REPLACE
+from editing.keys import read_every_position
+from kedit.core.errors import KeditError
+from kedit.core.facts import EditRequest
+from kedit.core.facts.schema import normalize
+
+ALICE = EditRequest("a", "alice", "{} speaks", "german", "french")
+BOB = EditRequest("b", "bob", "{} speaks", "french", "german")
+PARIS = EditRequest("c", "france", "the capital of {} is", "rome", "paris")
+
+
+def balancedit(**overrides):
+    model, tok, _ = build("balancedit")
+    cls = get_editor("balancedit")
+    return model, tok, cls(model, tok, cls.preset(model, CONTRACT["balancedit"] | overrides))
+
+
+def the_book(model, editor):
+    (cb,) = codebooks(model.get_submodule(editor.path()))[0]
+    return cb
+
+
+def routed(model, tok, editor, requests):
+    """(n, T) which tokens of each request's prompt the codebook answers, the subject's last token per row."""
+    states, at, real = read_every_position(model, tok, requests, editor.path())
+    hit = the_book(model, editor).routed(states.reshape(-1, states.shape[-1])).reshape(real.shape)
+    return hit & real, at
+
+
+def test_the_scope_takes_in_the_positives_and_leaves_out_every_negative():
+    model, tok, editor = balancedit()
+    editor.edit([ALICE, BOB])
+    d = editor.diagnostics
+    assert d["action"] == [ADD, ADD] and min(d["positives"]) > 0
+    # the radius sits strictly between what must be taken in and the nearest thing that must not
+    for r, far, near, sep in zip(d["radius"], d["farthest_positive"], d["nearest_negative"], d["separable"]):
+        assert r < near and (r > far if sep else True)
+    # the edit prompt is answered at its subject's token only, and the other subject of the batch not at all
+    pos = [EditRequest(q, "alice", p, "german") for q, p in [("p", "{} speaks"), ("q", "Q: {} speaks A:")]]
+    hit, at = routed(model, tok, editor, pos)
+    expected = torch.zeros_like(hit)
+    expected[torch.arange(len(pos)), at] = True
+    assert torch.equal(hit, expected)
+    # the same prompt about the batch's other subject is a negative of each: there, only that subject's entry answers
+    states, at, _ = read_every_position(model, tok, [ALICE, BOB], editor.path())
+    idx, hit = the_book(model, editor).lookup(states[torch.arange(2), at])
+    assert hit.all() and idx.tolist() == [0, 1]
+
+
+def test_an_input_outside_every_scope_gets_the_unedited_output_bit_for_bit():
+    model, tok, editor = balancedit()
+    base = copy.deepcopy(model)
+    editor.edit([PARIS])
+    ids = tok("bob speaks german", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def test_a_reedit_replaces_the_entry_and_recomputes_its_scope():
+    model, tok, editor = balancedit()
+    editor.edit([ALICE])
+    editor.commit()
+    editor.edit([EditRequest("a2", "alice", "{} speaks", "english", "german")])
+    assert editor.diagnostics["action"] == [REPLACE] and the_book(model, editor).n_entries() == 1
+
+
+def test_held_out_texts_are_never_samples():
+    model, tok, editor = balancedit()
+    editor.edit([ALICE])
+    assert "Q: alice speaks A:" in editor.samples
+    editor.revert()
+    editor.held_out = frozenset({normalize("Q: alice speaks A:")})
+    editor.edit([ALICE])
+    assert editor.samples and "Q: alice speaks A:" not in editor.samples
+
+
+def test_a_request_without_a_subject_token_and_an_empty_state_are_refused():
+    model, tok, editor = balancedit()
+    with pytest.raises(EditError, match="no subject token"):
+        editor.edit([EditRequest("e", " ", "{} speaks", "german")])
+    with pytest.raises(EditError, match="'slots' and 'labels'"):
+        editor.load_state_dict({})
+
+
+def _zsre(tmp_path, rephrase):
+    records = [
+        {
+            "subject": "alice",
+            "src": "alice speaks",
+            "rephrase": rephrase,
+            "alt": "german",
+            "answers": ["french"],
+            "loc": "the capital of france is",
+            "loc_ans": "paris",
+        }
+    ]
+    data = tmp_path / "zsre.json"
+    data.write_text(json.dumps(records))
+    return data
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from kedit.app.tiny import train_tiny
+
+    return str(train_tiny(tmp_path_factory.mktemp("balancedit") / "model"))
+
+
+def test_a_benchmark_scoring_a_rephrasing_the_editor_saw_as_a_positive_fails(tiny, tmp_path, monkeypatch):
+    from kedit.app.bench import _run_method
+
+    overrides = {"layer": 1, "templates.count": 1, "templates.length": 2, "value.steps": 2}
+    data = _zsre(tmp_path, "Q: alice speaks A:")  # a rephrasing the editor's own frames generate
+    # held out, the editor leaves it out of its samples and the run scores it
+    ok = _run_method("balancedit", tiny, str(data), 1, 1, None, overrides, "zsre")
+    assert ok["n_edits"] == 1 and 0.0 <= ok["generalization"] <= 1.0
+    # an editor that ignores what is held out makes the benchmark fail rather than score recall
+    leaking = balancedit_module.positives
+    monkeypatch.setattr(balancedit_module, "positives", lambda reqs, prefixes, held_out: leaking(reqs, prefixes, frozenset()))
+    with pytest.raises(KeditError, match="used 1 scored prompt"):
+        _run_method("balancedit", tiny, str(data), 1, 1, None, overrides, "zsre")
