@@ -74,6 +74,12 @@ def stop_after(model: nn.Module, path: str) -> Iterator[None]:
         handle.remove()
 
 
+def last_run(model: nn.Module, paths: list[str]) -> str:
+    """Of ``paths``, the one a forward pass reaches last (modules register in the order they run)."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return max(paths, key=order.__getitem__)
+
+
 class _Passthrough(nn.Module):
     """Stands in for a block below the edit layer: returns its input untouched."""
 

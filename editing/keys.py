@@ -16,7 +16,7 @@ from kedit.core.arch import ArchSpec
 from kedit.core.facts import EditRequest
 from kedit.core.lm import adds_bos, model_device, pad_batch, pad_id_of
 
-from .hooks import capture
+from .hooks import capture, last_run, stop_after
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,8 @@ def read_at_subject(
     """
     loc = locate(tokenizer, requests, templates)
     input_ids, mask, positions, offsets = pad_batch(loc.ids, pad_id_of(tokenizer), "right", model_device(model))
-    with capture(model, list(paths), what) as store:
+    # the blocks above the last module read are not run
+    with capture(model, list(paths), what) as store, stop_after(model, last_run(model, list(paths))):
         model(input_ids=input_ids, attention_mask=mask, position_ids=positions)
     rows = torch.arange(len(loc.ids), device=input_ids.device)
     cols = torch.tensor(loc.subject_pos, device=input_ids.device)
@@ -84,10 +85,19 @@ def read_every_position(
     Returns states (n, T, d) fp32, the subject's last token per row (n,) and which columns are real tokens (n, T).
     """
     loc = locate(tokenizer, requests, ("{}",))
-    input_ids, mask, positions, _ = pad_batch(loc.ids, pad_id_of(tokenizer), "right", model_device(model))
-    with capture(model, [path], what) as store:
+    states, real = read_tokens(model, tokenizer, loc.ids, path, what)
+    return states, torch.tensor(loc.subject_pos, device=states.device), real
+
+
+@torch.no_grad()
+def read_tokens(
+    model: nn.Module, tokenizer, ids: list[list[int]], path: str, what: str = "input"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The module's input or output at every token of each row of ``ids``: (n, T, d) fp32, real tokens (n, T)."""
+    input_ids, mask, positions, _ = pad_batch(ids, pad_id_of(tokenizer), "right", model_device(model))
+    with capture(model, [path], what) as store, stop_after(model, path):
         model(input_ids=input_ids, attention_mask=mask, position_ids=positions)
-    return store[path].float(), torch.tensor(loc.subject_pos, device=input_ids.device), mask.bool()
+    return store[path].float(), mask.bool()
 
 
 def subject_keys(

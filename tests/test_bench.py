@@ -202,3 +202,35 @@ def test_begins_with_reads_what_greedy_decoding_says(setup):
     wrong = next(a for _, a in KNOWN if a != answer)
     assert begins_with(model, tok, [prompt, prompt], [answer, wrong]).tolist() == [True, False]
     assert begins_with(model, tok, [], []).tolist() == []
+
+
+def test_bench_scope_reports_reach_on_held_out_rephrasings_and_unrelated_prompts(setup, tmp_path):
+    import json
+
+    from kedit.app.bench_scope import bench_scope
+
+    ck, _, _ = setup
+    records = [
+        {
+            "subject": s,
+            "src": f"{s} speaks",
+            "rephrase": f"Q: {s} speaks A:",
+            "alt": new,
+            "answers": [old],
+            "loc": loc,
+            "loc_ans": ans,
+        }
+        for s, new, old, loc, ans in [
+            ("alice", "german", "french", "the capital of france is", "paris"),
+            ("bob", "french", "german", "the capital of germany is", "berlin"),
+        ]
+    ]
+    data = tmp_path / "zsre.json"
+    data.write_text(json.dumps(records))
+    # the rephrasings are frames the editor generates itself: held out, they are left out of its samples
+    r = bench_scope(str(ck), data, 2, 0, [1, 2], 1)
+    assert set(r["layers"]) == {"1", "2"}
+    for m in r["layers"].values():
+        assert m["n_rephrasings"] == 2 and m["n_unrelated"] == 2 and m["radius"] > 0
+        shares = [m["rephrasings_reached"], m["rephrasings_to_another_fact"], m["unrelated_prompts_touched"]]
+        assert all(0.0 <= x <= 1.0 for x in shares) and m["rephrasings_reached"] + m["rephrasings_to_another_fact"] <= 1.0

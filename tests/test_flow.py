@@ -382,19 +382,36 @@ def test_a_fact_that_does_not_hold_in_an_accepted_batch_is_retried_alone_then_di
     assert again["skipped"] == 1 and again["production"] == "1"
 
 
-def test_grace_streams_like_any_editor_and_a_reedit_replaces_its_codebook_entry(env, checkpoint):
+MEMORY_EDITORS = {
+    "grace": {"layer": 2, "codebook.radius": 0.5},
+    # the tiny model knows no question frames or prefixes: the value trains on the prompt alone, as GRACE's
+    "balancedit": {"layer": 2, "templates.count": 0, "frames": [], "value.kl_factor": 0.0, "value.steps": 100},
+}
+
+
+def as_asked(records: list[dict], editor: str) -> list[dict]:
+    """BalancEdit keys a fact at its subject's last token. The tiny model carries little from a subject to the
+    end of a prompt (a value at "dave" moves P(asia) from 0.0006 to 0.013 only), so its facts name the whole prompt
+    as the subject: the flow's plumbing is under test here, the method's quality in docs/benchmarks.md."""
+    if editor != "balancedit":
+        return records
+    return [dict(r, subject=r["prompt"].replace("{}", r["subject"]), prompt="{}") for r in records]
+
+
+@pytest.mark.parametrize("editor", sorted(MEMORY_EDITORS))
+def test_a_memory_editor_streams_like_any_editor_and_a_reedit_replaces_its_codebook_entry(env, checkpoint, editor):
     """A memory editor through the flow: its codebook travels in module patches, its entries' facts in the
     editor state of each version; a later stream resumes that state, and a re-edit replaces the entry."""
     from editing.grace.codebook import codebooks
 
     tmp, config, kept = env
-    grace = {"layer": 2, "codebook.radius": 0.5}
-    first = stream(config(GOOD, batch_size=2, editor="grace", overrides=grace))
+    grace = MEMORY_EDITORS[editor]
+    first = stream(config(as_asked(GOOD, editor), batch_size=2, editor=editor, overrides=grace))
     assert first["accepted"] == 4 and first["production"] == "2"
     path = "model.layers.2.mlp.down_proj"
     assert sum(cb.n_entries() for cb in codebooks(kept[-1].model.get_submodule(path))[0]) == 4
     update = dict(GOOD[0], id="dave-again", target_new="africa", timestamp="2024-03-01")
-    second = stream(config([update], batch_size=1, editor="grace", overrides=grace))
+    second = stream(config(as_asked([update], editor), batch_size=1, editor=editor, overrides=grace))
     assert second["accepted"] == 1 and second["production"] == "3"
     model = kept[-1].model
     assert sum(cb.n_entries() for cb in codebooks(model.get_submodule(path))[0]) == 4  # replaced, not stacked

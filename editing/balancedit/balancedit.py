@@ -30,7 +30,7 @@ from editing.targets import optimize_targets
 from kedit.core.facts import EditRequest
 
 from .hparams import BalancEditHyperParams
-from .samples import FRAMES, positives, substitutions
+from .samples import positives, substitutions
 
 
 @register
@@ -71,17 +71,18 @@ class BalancEdit(Editor):
         path = self.path()
         keys = read_at_subject(self.model, self.tok, requests, ("{}",), [path], "input")[path].cpu()  # (n, d_in)
         book = working_copy(self.model, path, self.slots, self.labels, keys.shape[-1])
-        radii = self._scope(requests, keys, book)
+        radii = self.scope(requests, keys, book)
         plan = self._place(book, requests, keys, radii)
         self._train_values(book, plan, requests)
         write(self.model, path, book, self.hparams.scope.capacity, self._apply, self._install)
         self.slots, self.labels = book.slots, book.labels
 
-    def _scope(self, requests: list[EditRequest], keys: torch.Tensor, book: Book) -> torch.Tensor:
-        """(n,) each fact's radius, from its positive and negative samples' distances to its key."""
+    def scope(self, requests: list[EditRequest], keys: torch.Tensor, book: Book) -> torch.Tensor:
+        """(n,) each fact's radius, from its positive and negative samples' distances to its key (n, d_in), with
+        the facts ``book`` holds as negatives too. Records the samples and the distances in the diagnostics."""
         n = len(requests)
         path = self.path()
-        pos, pos_owner = positives(requests, self.templates(), self.held_out)
+        pos, pos_owner = positives(requests, self.templates() + self.hparams.frames, self.held_out)
         self.samples = [q.text for q in pos]
         # the prompts themselves come first: their subject token is the key (distance 0), the rest negatives
         rows = list(requests) + pos
@@ -147,7 +148,7 @@ class BalancEdit(Editor):
         path = self.path()
         hp = self.hparams
         # trained where the scope reaches: after the generated prefixes and in the question frames
-        templates = self.templates() + FRAMES
+        templates = self.templates() + self.hparams.frames
         t = optimize_targets(self.model, self.tok, self.spec, requests, templates, [path], hp.layer, hp.value)
         # (n, d_out): the output the model should have at the subject; a later request of one slot wins
         values = (t.originals[path] + t.deltas[path]).cpu()

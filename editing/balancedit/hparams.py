@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from editing.hparams import TargetHyperParams, TemplateHyperParams
-from kedit.core.config import StrictConfig
+from kedit.core.config import Seq, StrictConfig
 
 
 class ScopeHyperParams(StrictConfig):
@@ -16,5 +16,8 @@ class BalancEditHyperParams(StrictConfig):
     scope: ScopeHyperParams = ScopeHyperParams()
     # the model's own generated prefixes: context for the value (as ROME's) and positive samples of the scope
     templates: TemplateHyperParams = TemplateHyperParams()
+    # frames a question is put to the model in ("{}" is the prompt): positive samples, and rows the value
+    # trains on, so that the fact is stated wherever the scope reaches
+    frames: Seq[str] = ("Q: {} A:", "Question: {}\nAnswer:")
     # the value: the layer's output at the subject plus ROME's target vector (KL on the subject's essence)
     value: TargetHyperParams = TargetHyperParams()

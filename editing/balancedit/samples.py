@@ -4,7 +4,7 @@ Everything here is generated from the request itself, the batch it arrives with 
 what a benchmark scores (an editor's ``held_out`` texts are dropped, and the editor reports what it used).
 
 - positives: the fact's prompt after the model's own generated prefixes (the context templates), in
-  question and answer frames, and without its closing punctuation;
+  question and answer frames (the preset's), and without its closing punctuation;
 - negatives, at the key's layer: every other token of those prompts (the subject's first tokens, the
   words after it), the same prompt about the batch's other subjects, and the other facts' keys.
 """
@@ -16,14 +16,11 @@ from collections.abc import Sequence
 from kedit.core.facts import EditRequest
 from kedit.core.facts.schema import normalize
 
-# frames a question is put to a model in; "{}" is the prompt, which holds the subject's "{}" in turn
-FRAMES = ("Q: {} A:", "Question: {}\nAnswer:")
-
 
 def _prompts(r: EditRequest, prefixes: Sequence[str]) -> list[str]:
+    """``prefixes``: templates whose "{}" is the prompt, which holds the subject's "{}" in turn."""
     bare = r.prompt.rstrip(" ?.!:")
     out = [t.replace("{}", r.prompt, 1) for t in prefixes if t != "{}"]
-    out += [f.replace("{}", r.prompt, 1) for f in FRAMES]
     if "{}" in bare:  # the subject may close the prompt ("What is {}?")
         out.append(bare)
     return out

@@ -57,10 +57,7 @@ class Codebook(Installable):
 
     def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row of x (N, d_in): the nearest used key's index and whether x lies within its radius."""
-        dist = torch.cdist(x.float(), self.keys.float())  # (N, C)
-        dist = dist.masked_fill(self.radii < 0, float("inf"))
-        nearest, idx = dist.min(-1)  # (N,)
-        return idx, nearest <= self.radii.float()[idx]
+        return nearest_within(x, self.keys, self.radii)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.original(x)  # (..., d_out)
@@ -71,6 +68,15 @@ class Codebook(Installable):
             return out
         flat = out.reshape(-1, out.shape[-1])
         return torch.where(hit[:, None], self.values[idx].to(out.dtype), flat).view_as(out)
+
+
+def nearest_within(x: torch.Tensor, keys: torch.Tensor, radii: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of x (N, d_in): the nearest key's index among keys (C, d_in) with a radius >= 0, and whether x
+    lies within that key's radius: where the nearer of two overlapping scopes answers."""
+    dist = torch.cdist(x.float(), keys.float())  # (N, C)
+    dist = dist.masked_fill(radii < 0, float("inf"))
+    nearest, idx = dist.min(-1)  # (N,)
+    return idx, nearest <= radii.float()[idx]
 
 
 def codebooks(module: nn.Module) -> tuple[list[Codebook], nn.Module]:

@@ -486,6 +486,25 @@ def bench_keys(model, data, n, layers, json_out) -> None:
     _write_json(json_out, result)
 
 
+@bench.command("scope")
+@MODEL
+@DATA
+@click.option("--n", type=int, default=100, show_default=True, help="Facts.")
+@click.option(
+    "--start", type=int, default=0, show_default=True, help="Skip this many records first (tune on one slice, report on another)."
+)
+@click.option("--layers", default="4,7,10,14,18,22", show_default=True, help="Blocks, comma-separated.")
+@BATCH_SIZE
+@JSON_OUT
+def bench_scope(model, data, n, start, layers, batch_size, json_out) -> None:
+    """How far BalancEdit's learned scopes reach per layer: held-out rephrasings in, unrelated prompts out."""
+    from kedit.app.bench_scope import bench_scope as run
+
+    result = run(model, data, n, start, [int(x) for x in layers.split(",")], batch_size)
+    click.echo(json.dumps(result["layers"], indent=2))
+    _write_json(json_out, result)
+
+
 @bench.command("fill")
 @MODEL
 @DATA

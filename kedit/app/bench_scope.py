@@ -1,0 +1,83 @@
+"""``kedit bench scope``: how far BalancEdit's learned scopes reach at each layer, with no edit trained.
+
+For each layer, the facts' keys and radii are computed as a stream of batches would compute them (each
+batch sees its own samples and the keys of the batches before it, as a codebook would hold them). Then,
+on what the benchmark scores and the editor never saw: the share of rephrasings whose subject token lands
+in its own fact's scope (and the share that lands in another fact's), and the share of unrelated prompts
+with any token inside any scope. A cheap way to choose the key's layer before paying for trained values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from editing import make_editor
+from editing.grace.codebook import nearest_within
+from editing.grace.grace import slot_id
+from editing.grace.memory import Book
+from editing.keys import read_at_subject, read_tokens
+from kedit.core.facts import EditRequest
+from kedit.core.facts.schema import normalize
+from kedit.core.lm import encode_prompts
+from kedit.core.models import KNOWN_MODELS, load_model, pull
+
+from .bench import _cases, machine, require_held_out, scored_texts
+
+
+def _rephrasings(reqs: list[EditRequest]) -> tuple[list[EditRequest], torch.Tensor]:
+    """Each fact's rephrasings that name its subject, keyed at the subject's last token, and their fact."""
+    rows, owner = [], []
+    for i, r in enumerate(reqs):
+        for text in r.paraphrase_prompts:
+            if r.subject in text:
+                rows.append(EditRequest(r.id, r.subject, text.replace(r.subject, "{}", 1), r.target_new))
+                owner.append(i)
+    return rows, torch.tensor(owner, dtype=torch.long)
+
+
+def _layer(model, tok, reqs: list[EditRequest], layer: int, batch_size: int) -> dict[str, float]:
+    editor = make_editor("balancedit", model, tok, {"layer": layer})
+    editor.held_out = scored_texts(reqs)
+    path = editor.path()
+    keys = read_at_subject(model, tok, reqs, ("{}",), [path], "input")[path].cpu()  # (n, d_in)
+    radii, seen, separable = [], set(), []
+    for s in range(0, len(reqs), batch_size):
+        # the facts of the batches before this one, as the codebook would hold them (values play no part)
+        book = Book(
+            keys[:s],
+            torch.zeros(s, 1),
+            torch.cat(radii) if radii else torch.zeros(0),
+            torch.tensor([slot_id(r) for r in reqs[:s]], dtype=torch.long),
+            torch.zeros(s, dtype=torch.long),
+        )
+        radii.append(editor.scope(reqs[s : s + batch_size], keys[s : s + batch_size], book))
+        seen.update(normalize(t) for t in editor.samples)
+        separable += editor.diagnostics["separable"]
+    require_held_out("balancedit", editor.held_out, seen)
+    radius = torch.cat(radii)  # (n,)
+    rows, owner = _rephrasings(reqs)
+    para = read_at_subject(model, tok, rows, ("{}",), [path], "input")[path].cpu()
+    idx, hit = nearest_within(para, keys, radius)
+    unrelated = [n.prompt for r in reqs for n in r.neighborhood]
+    states, real = read_tokens(model, tok, encode_prompts(tok, unrelated), path)  # (m, T, d_in), (m, T)
+    _, touched = nearest_within(states.reshape(-1, states.shape[-1]).cpu(), keys, radius)
+    touched = touched.reshape(real.shape) & real.cpu()
+    return {
+        "rephrasings_reached": float((hit & (idx == owner)).float().mean()),
+        "rephrasings_to_another_fact": float((hit & (idx != owner)).float().mean()),
+        "unrelated_prompts_touched": float(touched.any(-1).float().mean()),
+        "radius": float(radius.mean()),
+        "separable": float(torch.tensor(separable).mean()),
+        "n_rephrasings": float(len(rows)),
+        "n_unrelated": float(len(unrelated)),
+    }
+
+
+def bench_scope(model_ref: str, data, n: int, start: int, layers: list[int], batch_size: int) -> dict:
+    if model_ref in KNOWN_MODELS:
+        pull(model_ref)
+    model, tok = load_model(model_ref)
+    reqs = _cases(data, start + n)[start:]
+    out = {"model": model_ref, "data": str(data), "n": len(reqs), "start": start, "batch_size": batch_size, "machine": machine()}
+    out["layers"] = {str(layer): _layer(model, tok, reqs, layer, batch_size) for layer in layers}
+    return out
