@@ -2,10 +2,10 @@
 benchmark never scores what the editor used as a sample."""
 
 import copy
-import json
 
 import pytest
 import torch
+from test_bench import write_zsre
 from test_editors import CONTRACT, build
 
 from editing import EditError, get_editor
@@ -95,23 +95,6 @@ def test_a_request_without_a_subject_token_and_an_empty_state_are_refused():
         editor.load_state_dict({})
 
 
-def _zsre(tmp_path, rephrase):
-    records = [
-        {
-            "subject": "alice",
-            "src": "alice speaks",
-            "rephrase": rephrase,
-            "alt": "german",
-            "answers": ["french"],
-            "loc": "the capital of france is",
-            "loc_ans": "paris",
-        }
-    ]
-    data = tmp_path / "zsre.json"
-    data.write_text(json.dumps(records))
-    return data
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from kedit.app.tiny import train_tiny
@@ -123,7 +106,7 @@ def test_a_benchmark_scoring_a_rephrasing_the_editor_saw_as_a_positive_fails(tin
     from kedit.app.bench import _run_method
 
     overrides = {"layer": 1, "templates.count": 1, "templates.length": 2, "value.steps": 2}
-    data = _zsre(tmp_path, "Q: alice speaks A:")  # a rephrasing the editor's own frames generate
+    data = write_zsre(tmp_path / "zsre.json", "Q: {} speaks A:", n=1)  # a rephrasing the editor's own frames generate
     # held out, the editor leaves it out of its samples and the run scores it
     ok = _run_method("balancedit", tiny, str(data), 1, 1, None, overrides, "zsre")
     assert ok["n_edits"] == 1 and 0.0 <= ok["generalization"] <= 1.0

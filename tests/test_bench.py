@@ -25,6 +25,32 @@ MEMIT = {
 }
 
 
+ZSRE = [
+    ("alice", "german", "french", "the capital of france is", "paris"),
+    ("bob", "french", "german", "the capital of germany is", "berlin"),
+]
+
+
+def write_zsre(path, rephrase: str, n: int = 2):
+    """zsRE records (MEND's format) about the tiny model's people; ``rephrase`` holds "{}" for the subject."""
+    import json
+
+    records = [
+        {
+            "subject": s,
+            "src": f"{s} speaks",
+            "rephrase": rephrase.format(s),
+            "alt": new,
+            "answers": [old],
+            "loc": loc,
+            "loc_ans": ans,
+        }
+        for s, new, old, loc, ans in ZSRE[:n]
+    ]
+    path.write_text(json.dumps(records))
+    return path
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
@@ -141,28 +167,10 @@ def test_bench_editors_runs_each_method_on_a_fresh_model(setup):
 
 
 def test_bench_editors_zsre_protocol_scores_token_accuracy_and_locality_against_the_unedited_model(setup, tmp_path):
-    import json
-
     from kedit.app.bench import bench_editors
 
     ck, _, corpus = setup
-    records = [
-        {
-            "subject": s,
-            "src": f"{s} speaks",
-            "rephrase": f"so {s} speaks",
-            "alt": new,
-            "answers": [old],
-            "loc": loc,
-            "loc_ans": ans,
-        }
-        for s, new, old, loc, ans in [
-            ("alice", "german", "french", "the capital of france is", "paris"),
-            ("bob", "french", "german", "the capital of germany is", "berlin"),
-        ]
-    ]
-    data = tmp_path / "zsre.json"
-    data.write_text(json.dumps(records))
+    data = write_zsre(tmp_path / "zsre.json", "so {} speaks")
     r = bench_editors(str(ck), data, ["grace"], 2, 1, corpus, {"grace": {"layer": 2, "codebook.radius": 1e-3}}, "zsre")
     assert r["protocol"] == "zsre" and r["unedited"]["locality"] == 1.0  # the unedited model agrees with itself
     g = r["results"]["grace"]
@@ -205,28 +213,10 @@ def test_begins_with_reads_what_greedy_decoding_says(setup):
 
 
 def test_bench_scope_reports_reach_on_held_out_rephrasings_and_unrelated_prompts(setup, tmp_path):
-    import json
-
     from kedit.app.bench_scope import bench_scope
 
     ck, _, _ = setup
-    records = [
-        {
-            "subject": s,
-            "src": f"{s} speaks",
-            "rephrase": f"Q: {s} speaks A:",
-            "alt": new,
-            "answers": [old],
-            "loc": loc,
-            "loc_ans": ans,
-        }
-        for s, new, old, loc, ans in [
-            ("alice", "german", "french", "the capital of france is", "paris"),
-            ("bob", "french", "german", "the capital of germany is", "berlin"),
-        ]
-    ]
-    data = tmp_path / "zsre.json"
-    data.write_text(json.dumps(records))
+    data = write_zsre(tmp_path / "zsre.json", "Q: {} speaks A:")
     # the rephrasings are frames the editor generates itself: held out, they are left out of its samples
     r = bench_scope(str(ck), data, 2, 0, [1, 2], 1)
     assert set(r["layers"]) == {"1", "2"}

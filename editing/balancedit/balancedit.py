@@ -18,13 +18,12 @@ The text version keys on a hidden state of any layer: an image-conditioned key i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from editing.base import EditError, Editor, register
+from editing.base import EditError, register
 from editing.grace.grace import ADD, REPLACE, label_id, slot_id
-from editing.grace.memory import Book, load_state, working_copy, write
+from editing.grace.memory import Book, CodebookEditor, working_copy, write
 from editing.keys import context_templates, read_at_subject, read_every_position
 from editing.targets import optimize_targets
 from kedit.core.facts import EditRequest
@@ -34,25 +33,14 @@ from .samples import positives, substitutions
 
 
 @register
-class BalancEdit(Editor):
+class BalancEdit(CodebookEditor):
     name = "balancedit"
     hparams_cls = BalancEditHyperParams
     method_dir = Path(__file__).parent
 
     def __init__(self, model, tokenizer, hparams=None):
         super().__init__(model, tokenizer, hparams)
-        self.slots = torch.zeros(0, dtype=torch.int64)  # (n,) which fact each entry holds, innermost codebook first
-        self.labels = torch.zeros(0, dtype=torch.int64)  # (n,) which target
         self._templates: tuple[str, ...] | None = None
-
-    def path(self) -> str:
-        return self.spec.module_path("mlp_out", self.hparams.layer)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"slots": self.slots.clone(), "labels": self.labels.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.slots, self.labels = load_state(self.name, state)
 
     def require_supported(self, requests) -> None:
         for r in requests:

@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from editing.base import Editor, register
+from editing.base import register
 from editing.keys import read_at_subject
 from editing.targets import optimize_targets
 from kedit.core.facts import EditRequest
 from kedit.core.facts.schema import normalize
 
 from .hparams import GRACEHyperParams
-from .memory import Book, load_state, working_copy, write
+from .memory import Book, CodebookEditor, working_copy, write
 
 ADD, GROW, SPLIT, REPLACE = 0, 1, 2, 3  # what a request did to the codebook (diagnostics["action"])
 
@@ -53,24 +52,10 @@ def at_last_token(requests: list[EditRequest]) -> list[EditRequest]:
 
 
 @register
-class GRACE(Editor):
+class GRACE(CodebookEditor):
     name = "grace"
     hparams_cls = GRACEHyperParams
     method_dir = Path(__file__).parent
-
-    def __init__(self, model, tokenizer, hparams=None):
-        super().__init__(model, tokenizer, hparams)
-        self.slots = torch.zeros(0, dtype=torch.int64)  # (n,) which fact each entry holds, innermost codebook first
-        self.labels = torch.zeros(0, dtype=torch.int64)  # (n,) which target
-
-    def path(self) -> str:
-        return self.spec.module_path("mlp_out", self.hparams.layer)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"slots": self.slots.clone(), "labels": self.labels.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.slots, self.labels = load_state(self.name, state)
 
     # ------------------------------------------------------------------ the method, in the paper's order
 

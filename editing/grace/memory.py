@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from editing.base import EditError
+from editing.base import EditError, Editor
 from editing.patches import Dense, LowRank
 
 from .codebook import Codebook, codebooks
@@ -107,8 +107,24 @@ def _write_rows(prefix: str, cb: Codebook, book: Book, start: int, stop: int, ap
     apply(f"{prefix}.radii", Dense(radii))
 
 
-def load_state(editor: str, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """A codebook editor's state: which fact (``slots``) and target (``labels``) each entry holds, hashed."""
-    if set(state) != {"slots", "labels"} or state["slots"].shape != state["labels"].shape:
-        raise EditError(f"{editor} state holds 'slots' and 'labels' of one length, got {sorted(state)}")
-    return state["slots"].clone(), state["labels"].clone()
+class CodebookEditor(Editor):
+    """An editor whose facts live in a codebook at one block's MLP output projection (``hparams.layer``).
+
+    Its state is which fact (``slots``) and which target (``labels``) each entry holds, hashed, innermost
+    codebook first: saved with every version, it is what a later stream resumes from."""
+
+    def __init__(self, model, tokenizer, hparams=None):
+        super().__init__(model, tokenizer, hparams)
+        self.slots = torch.zeros(0, dtype=torch.int64)  # (n,)
+        self.labels = torch.zeros(0, dtype=torch.int64)  # (n,)
+
+    def path(self) -> str:
+        return self.spec.module_path("mlp_out", self.hparams.layer)
+
+    def state_dict(self) -> dict:
+        return {"slots": self.slots.clone(), "labels": self.labels.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"slots", "labels"} or state["slots"].shape != state["labels"].shape:
+            raise EditError(f"{self.name} state holds 'slots' and 'labels' of one length, got {sorted(state)}")
+        self.slots, self.labels = state["slots"].clone(), state["labels"].clone()
