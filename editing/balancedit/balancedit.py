@@ -23,7 +23,7 @@ import torch
 
 from editing.base import EditError, register
 from editing.grace.grace import ADD, REPLACE, label_id, slot_id
-from editing.grace.memory import Book, CodebookEditor, working_copy, write
+from editing.grace.memory import Book, CodebookEditor
 from editing.keys import context_templates, read_at_subject, read_every_position
 from editing.targets import optimize_targets
 from kedit.core.facts import EditRequest
@@ -58,12 +58,11 @@ class BalancEdit(CodebookEditor):
     def _edit(self, requests: list[EditRequest]) -> None:
         path = self.path()
         keys = read_at_subject(self.model, self.tok, requests, ("{}",), [path], "input")[path].cpu()  # (n, d_in)
-        book = working_copy(self.model, path, self.slots, self.labels, keys.shape[-1])
+        book = self._working_copy()
         radii = self.scope(requests, keys, book)
         plan = self._place(book, requests, keys, radii)
         self._train_values(book, plan, requests)
-        write(self.model, path, book, self.hparams.scope.capacity, self._apply, self._install)
-        self.slots, self.labels = book.slots, book.labels
+        self._write(book, self.hparams.scope.capacity)
 
     def scope(self, requests: list[EditRequest], keys: torch.Tensor, book: Book) -> torch.Tensor:
         """(n,) each fact's radius, from its positive and negative samples' distances to its key (n, d_in), with
@@ -71,25 +70,26 @@ class BalancEdit(CodebookEditor):
         n = len(requests)
         path = self.path()
         pos, pos_owner = positives(requests, self.templates() + self.hparams.frames, self.held_out)
+        subs, sub_owner = substitutions(requests)
         self.samples = [q.text for q in pos]
-        # the prompts themselves come first: their subject token is the key (distance 0), the rest negatives
-        rows = list(requests) + pos
-        owner = torch.tensor(list(range(n)) + pos_owner, dtype=torch.long)  # (R,)
+        # one forward for every row: the prompts themselves (their subject's token is the key, distance 0) and
+        # their positives, whose subject's token should be taken in and every other token left out; then the
+        # prompts about the batch's other subjects, whose subject's token must be left out
+        rows = list(requests) + pos + subs
+        owner = torch.tensor(list(range(n)) + pos_owner + sub_owner, dtype=torch.long)  # (R,)
         states, at, real = read_every_position(self.model, self.tok, rows, path)  # (R, T, d_in), (R,), (R, T)
         d = torch.linalg.vector_norm(states.cpu() - keys[owner][:, None], dim=-1)  # (R, T)
         ar = torch.arange(len(rows))
         at, real = at.cpu(), real.cpu()
-        d_pos = d[ar, at]  # (R,) the subject's token: where the fact should be found
-        other = real.clone()
-        other[ar, at] = False
-        d_neg_rows = d.masked_fill(~other, float("inf")).amin(-1)  # (R,) nearest other token of each row
-        inf = torch.full((n,), float("inf"))
-        nearest_neg = inf.scatter_reduce(0, owner, d_neg_rows, "amin")
-        subs, sub_owner = substitutions(requests)
-        if subs:
-            sub_keys = read_at_subject(self.model, self.tok, subs, ("{}",), [path], "input")[path].cpu()
-            sub_d = torch.linalg.vector_norm(sub_keys - keys[sub_owner], dim=-1)
-            nearest_neg = nearest_neg.scatter_reduce(0, torch.tensor(sub_owner), sub_d, "amin")
+        is_sub = ar >= n + len(pos)  # (R,)
+        d_at = d[ar, at]  # (R,) the subject's token
+        negative = real.clone()
+        negative[is_sub] = False  # of a prompt about another subject, only that subject's token is a negative
+        negative[ar, at] = is_sub
+        nearest_neg = torch.full((n,), float("inf")).scatter_reduce(
+            0, owner, d.masked_fill(~negative, float("inf")).amin(-1), "amin"
+        )
+        d_pos, owner = d_at[~is_sub], owner[~is_sub]  # the prompts and their positives
         nearest_neg = torch.minimum(nearest_neg, self._nearest_other_fact(requests, keys, book))
         # p*: the farthest positive that is still nearer than the nearest negative (0: the key alone)
         inside = d_pos < nearest_neg[owner]
@@ -136,7 +136,7 @@ class BalancEdit(CodebookEditor):
         path = self.path()
         hp = self.hparams
         # trained where the scope reaches: after the generated prefixes and in the question frames
-        templates = self.templates() + self.hparams.frames
+        templates = self.templates() + hp.frames
         t = optimize_targets(self.model, self.tok, self.spec, requests, templates, [path], hp.layer, hp.value)
         # (n, d_out): the output the model should have at the subject; a later request of one slot wins
         values = (t.originals[path] + t.deltas[path]).cpu()

@@ -28,7 +28,7 @@ from kedit.core.facts import EditRequest
 from kedit.core.facts.schema import normalize
 
 from .hparams import GRACEHyperParams
-from .memory import Book, CodebookEditor, working_copy, write
+from .memory import Book, CodebookEditor
 
 ADD, GROW, SPLIT, REPLACE = 0, 1, 2, 3  # what a request did to the codebook (diagnostics["action"])
 
@@ -62,11 +62,10 @@ class GRACE(CodebookEditor):
     def _edit(self, requests: list[EditRequest]) -> None:
         at = at_last_token(requests)
         keys = read_at_subject(self.model, self.tok, at, ("{}",), [self.path()], "input")[self.path()]  # (n, d_in)
-        book = working_copy(self.model, self.path(), self.slots, self.labels, keys.shape[-1])
+        book = self._working_copy()
         plan = self._place(book, keys, requests)
         self._train_values(book, plan, at)
-        write(self.model, self.path(), book, self.hparams.codebook.capacity, self._apply, self._install)
-        self.slots, self.labels = book.slots, book.labels
+        self._write(book, self.hparams.codebook.capacity)
 
     def _place(self, book: Book, keys: torch.Tensor, requests: list[EditRequest]) -> dict[int, int]:
         """Apply the codebook rules request by request (each sees the ones before it); request -> entry

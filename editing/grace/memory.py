@@ -1,5 +1,5 @@
-"""The codebook as an editor reads and writes it: a flat working copy of every installed codebook's entries
-(innermost first), and the write that turns a changed copy back into patches.
+"""The codebook as an editor reads and writes it (``CodebookEditor``): a flat working copy of every installed
+codebook's entries (innermost first), and the write that turns a changed copy back into patches.
 
 Shared by the codebook editors (GRACE, BalancEdit): they differ in where a key is read, how its radius is
 set and how a value is trained, not in how entries are stored.
@@ -40,59 +40,7 @@ class Book:
         return len(self.radii) - 1
 
 
-def out_features(layer: nn.Module) -> int:
-    # nn.Linear keeps (d_out, d_in), GPT-2's Conv1D (d_in, d_out)
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.weight.shape[1]
-
-
-def working_copy(model: nn.Module, path: str, slots: torch.Tensor, labels: torch.Tensor, d_in: int) -> Book:
-    """The entries installed at ``path`` with the editor's record of what each holds; they must agree in number."""
-    books, layer = codebooks(model.get_submodule(path))
-    d_out = out_features(layer)
-    n = sum(b.n_entries() for b in books)
-    if n != len(slots):
-        raise EditError(f"the model holds {n} codebook entries at {path}, the editor's state {len(slots)}")
-    used = [b for b in books if b.n_entries()]
-
-    def cat(name: str, width: int | None) -> torch.Tensor:
-        parts = [getattr(b, name)[: b.n_entries()].detach().float().cpu() for b in used]
-        empty = torch.zeros((0, width) if width is not None else (0,))
-        return torch.cat(parts) if parts else empty
-
-    return Book(cat("keys", d_in), cat("values", d_out), cat("radii", None), slots.clone(), labels.clone())
-
-
-def write(
-    model: nn.Module,
-    path: str,
-    book: Book,
-    first_capacity: int,
-    apply: Callable[[str, object], None],
-    install: Callable[[str, nn.Module], None],
-) -> None:
-    """Changed rows of installed codebooks as row deltas (before any install: an editor's apply refuses names
-    inside a module installed in the same edit), then the rows that do not fit into a new codebook twice as
-    large around the full one."""
-    books, _ = codebooks(model.get_submodule(path))
-    start = 0
-    for i, cb in enumerate(books):  # innermost first, as the entries are numbered
-        depth = len(books) - 1 - i  # the outermost sits at path, the one inside it at path.original, ...
-        stop = min(start + cb.capacity, len(book.radii))
-        if stop > start:
-            _write_rows(path + ".original" * depth, cb, book, start, stop, apply)
-        start += cb.capacity
-    # entries fill the codebooks innermost first, so rows past the installed capacity (start) are all new
-    if start < len(book.radii):
-        spill = len(book.radii) - start
-        capacity = max(2 * books[-1].capacity if books else first_capacity, spill)
-        cb = Codebook(model.get_submodule(path), capacity, book.keys.shape[-1], book.values.shape[-1])
-        with torch.no_grad():
-            for name in ("keys", "values", "radii"):
-                getattr(cb, name)[:spill] = getattr(book, name)[start:].to(getattr(cb, name))
-        install(path, cb)
-
-
-def _write_rows(prefix: str, cb: Codebook, book: Book, start: int, stop: int, apply) -> None:
+def _write_rows(prefix: str, cb: Codebook, book: Book, start: int, stop: int, apply: Callable[[str, object], None]) -> None:
     new = {name: getattr(book, name)[start:stop] for name in ("keys", "values", "radii")}
     old = {name: getattr(cb, name)[: stop - start].detach().float().cpu() for name in ("keys", "values", "radii")}
     changed = (new["keys"] != old["keys"]).any(-1) | (new["values"] != old["values"]).any(-1) | (new["radii"] != old["radii"])
@@ -128,3 +76,45 @@ class CodebookEditor(Editor):
         if set(state) != {"slots", "labels"} or state["slots"].shape != state["labels"].shape:
             raise EditError(f"{self.name} state holds 'slots' and 'labels' of one length, got {sorted(state)}")
         self.slots, self.labels = state["slots"].clone(), state["labels"].clone()
+
+    def _working_copy(self) -> Book:
+        """The entries installed at ``path()`` with the record of what each holds; they must agree in number."""
+        path = self.path()
+        books, layer = codebooks(self.model.get_submodule(path))
+        # nn.Linear keeps (d_out, d_in), GPT-2's Conv1D (d_in, d_out)
+        d_in, d_out = layer.weight.shape[::-1] if isinstance(layer, nn.Linear) else layer.weight.shape
+        n = sum(b.n_entries() for b in books)
+        if n != len(self.slots):
+            raise EditError(f"the model holds {n} codebook entries at {path}, the editor's state {len(self.slots)}")
+        used = [b for b in books if b.n_entries()]
+
+        def cat(name: str, width: int | None) -> torch.Tensor:
+            parts = [getattr(b, name)[: b.n_entries()].detach().float().cpu() for b in used]
+            empty = torch.zeros((0, width) if width is not None else (0,))
+            return torch.cat(parts) if parts else empty
+
+        return Book(cat("keys", d_in), cat("values", d_out), cat("radii", None), self.slots.clone(), self.labels.clone())
+
+    def _write(self, book: Book, first_capacity: int) -> None:
+        """Changed rows of installed codebooks as row deltas (before any install: ``_apply`` refuses names inside a
+        module installed in the same edit), then the rows that do not fit into a new codebook twice as large
+        around the full one; the book's record of what each entry holds becomes the editor's state."""
+        path = self.path()
+        books, _ = codebooks(self.model.get_submodule(path))
+        start = 0
+        for i, cb in enumerate(books):  # innermost first, as the entries are numbered
+            depth = len(books) - 1 - i  # the outermost sits at path, the one inside it at path.original, ...
+            stop = min(start + cb.capacity, len(book.radii))
+            if stop > start:
+                _write_rows(path + ".original" * depth, cb, book, start, stop, self._apply)
+            start += cb.capacity
+        # entries fill the codebooks innermost first, so rows past the installed capacity (start) are all new
+        if start < len(book.radii):
+            spill = len(book.radii) - start
+            capacity = max(2 * books[-1].capacity if books else first_capacity, spill)
+            cb = Codebook(self.model.get_submodule(path), capacity, book.keys.shape[-1], book.values.shape[-1])
+            with torch.no_grad():
+                for name in ("keys", "values", "radii"):
+                    getattr(cb, name)[:spill] = getattr(book, name)[start:].to(getattr(cb, name))
+            self._install(path, cb)
+        self.slots, self.labels = book.slots, book.labels

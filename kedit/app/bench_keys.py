@@ -39,7 +39,7 @@ def _keys(model, tok, paths: list[str], reqs: list[EditRequest]) -> dict[str, to
     return read_at_subject(model, tok, reqs, ("{}",), paths, "input")
 
 
-def _rows(reqs: list[EditRequest], texts_of, make) -> tuple[list[EditRequest], torch.Tensor]:
+def prompt_rows(reqs: list[EditRequest], texts_of, make) -> tuple[list[EditRequest], torch.Tensor]:
     """Each fact's other prompts as requests keyed at the position, and the fact each belongs to."""
     rows, owner = [], []
     for i, r in enumerate(reqs):
@@ -63,8 +63,8 @@ def _distances(model, tok, paths: list[str], reqs: list[EditRequest], position: 
     make = POSITIONS[position]
     n = len(reqs)
     own = _keys(model, tok, paths, [make(r, r.text) for r in reqs])  # path -> (n, d_in)
-    para_rows, para_owner = _rows(reqs, lambda r: r.paraphrase_prompts, make)
-    neigh_rows, neigh_owner = _rows(reqs, lambda r: [n.prompt for n in r.neighborhood], make)
+    para_rows, para_owner = prompt_rows(reqs, lambda r: r.paraphrase_prompts, make)
+    neigh_rows, neigh_owner = prompt_rows(reqs, lambda r: [n.prompt for n in r.neighborhood], make)
     para_keys = _keys(model, tok, paths, para_rows) if para_rows else {}
     neigh_keys = _keys(model, tok, paths, neigh_rows) if neigh_rows else {}
     out = {}

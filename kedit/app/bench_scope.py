@@ -22,17 +22,7 @@ from kedit.core.lm import encode_prompts
 from kedit.core.models import KNOWN_MODELS, load_model, pull
 
 from .bench import _cases, machine, require_held_out, scored_texts
-
-
-def _rephrasings(reqs: list[EditRequest]) -> tuple[list[EditRequest], torch.Tensor]:
-    """Each fact's rephrasings that name its subject, keyed at the subject's last token, and their fact."""
-    rows, owner = [], []
-    for i, r in enumerate(reqs):
-        for text in r.paraphrase_prompts:
-            if r.subject in text:
-                rows.append(EditRequest(r.id, r.subject, text.replace(r.subject, "{}", 1), r.target_new))
-                owner.append(i)
-    return rows, torch.tensor(owner, dtype=torch.long)
+from .bench_keys import POSITIONS, prompt_rows
 
 
 def _layer(model, tok, reqs: list[EditRequest], layer: int, batch_size: int) -> dict[str, float]:
@@ -55,7 +45,8 @@ def _layer(model, tok, reqs: list[EditRequest], layer: int, batch_size: int) -> 
         separable += editor.diagnostics["separable"]
     require_held_out("balancedit", editor.held_out, seen)
     radius = torch.cat(radii)  # (n,)
-    rows, owner = _rephrasings(reqs)
+    # the rephrasings that name their subject, keyed at its last token (as `kedit bench keys` reads them)
+    rows, owner = prompt_rows(reqs, lambda r: r.paraphrase_prompts, POSITIONS["subject_last_token"])
     para = read_at_subject(model, tok, rows, ("{}",), [path], "input")[path].cpu()
     idx, hit = nearest_within(para, keys, radius)
     unrelated = [n.prompt for r in reqs for n in r.neighborhood]
