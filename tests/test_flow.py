@@ -391,7 +391,7 @@ MEMORY_EDITORS = {
 
 def as_asked(records: list[dict], editor: str) -> list[dict]:
     """BalancEdit keys a fact at its subject's last token. The tiny model carries little from a subject to the
-    end of a prompt (a value at "dave" moves P(asia) from 0.0006 to 0.013 only), so its facts name the whole prompt
+    end of a prompt (a value trained at "dave" leaves P(asia) near 0.01), so its facts name the whole prompt
     as the subject: the flow's plumbing is under test here, the method's quality in docs/benchmarks.md."""
     if editor != "balancedit":
         return records
