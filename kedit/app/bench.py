@@ -17,7 +17,7 @@ from kedit.core.errors import KeditError
 from kedit.core.facts import load_facts
 from kedit.core.facts.schema import normalize
 from kedit.core.lm import score_targets
-from kedit.core.models import KNOWN_MODELS, load_model, pull
+from kedit.core.models import KNOWN_MODELS, default_device, default_dtype, load_model, pull
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ def machine() -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "dtype": str(default_dtype(default_device())).removeprefix("torch."),
     }
 
 

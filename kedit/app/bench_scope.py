@@ -25,8 +25,8 @@ from .bench import _cases, machine, require_held_out, scored_texts
 from .bench_keys import POSITIONS, prompt_rows
 
 
-def _layer(model, tok, reqs: list[EditRequest], layer: int, batch_size: int) -> dict[str, float]:
-    editor = make_editor("balancedit", model, tok, {"layer": layer})
+def _layer(model, tok, reqs: list[EditRequest], layer: int, batch_size: int, overrides: dict) -> dict[str, float]:
+    editor = make_editor("balancedit", model, tok, {**overrides, "layer": layer})
     editor.held_out = scored_texts(reqs)
     path = editor.path()
     keys = read_at_subject(model, tok, reqs, ("{}",), [path], "input")[path].cpu()  # (n, d_in)
@@ -64,11 +64,15 @@ def _layer(model, tok, reqs: list[EditRequest], layer: int, batch_size: int) -> 
     }
 
 
-def bench_scope(model_ref: str, data, n: int, start: int, layers: list[int], batch_size: int) -> dict:
+def bench_scope(
+    model_ref: str, data, n: int, start: int, layers: list[int], batch_size: int, overrides: dict | None = None
+) -> dict:
+    """``overrides``: BalancEdit preset overrides (``scope.balance`` ...), recorded in the result."""
     if model_ref in KNOWN_MODELS:
         pull(model_ref)
     model, tok = load_model(model_ref)
     reqs = _cases(data, start + n)[start:]
-    out = {"model": model_ref, "data": str(data), "n": len(reqs), "start": start, "batch_size": batch_size, "machine": machine()}
-    out["layers"] = {str(layer): _layer(model, tok, reqs, layer, batch_size) for layer in layers}
+    out = {"model": model_ref, "data": str(data), "n": len(reqs), "start": start, "batch_size": batch_size}
+    out |= {"overrides": overrides or {}, "machine": machine()}
+    out["layers"] = {str(layer): _layer(model, tok, reqs, layer, batch_size, overrides or {}) for layer in layers}
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -224,7 +225,17 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
+    """``$KEDIT_DTYPE`` if set (``float32`` on CUDA makes a benchmark comparable with a CPU run), else
+    bf16 (fp16 without bf16 support) on CUDA and fp32 elsewhere. Read on every call, never at import."""
+    name = os.environ.get("KEDIT_DTYPE")
+    if name:
+        if name not in DTYPES:
+            raise ModelError(f"KEDIT_DTYPE={name!r} is not one of {', '.join(DTYPES)}")
+        return DTYPES[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
