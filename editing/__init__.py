@@ -11,6 +11,7 @@ from .memit.memit import MEMIT
 from .patches import Dense, LinearAdapter, LowRank, ModulePatch, PatchIntegrityError, PatchSet, Undo, WeightDelta
 from .pmet.pmet import PMET
 from .rome.rome import ROME
+from .wise.wise import WISE
 
 # what a stream edits with when no editor is named: the batch method measured best on the project's models
 DEFAULT_EDITOR = MEMIT.name
@@ -38,6 +39,7 @@ __all__ = [
     "PatchSet",
     "Undo",
     "WeightDelta",
+    "WISE",
     "get_editor",
     "make_editor",
     "register",

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from editing.hparams import TemplateHyperParams
+from kedit.core.config import Seq, StrictConfig
+
+
+class MemoryHyperParams(StrictConfig):
+    """The side memory and its knowledge shards (WISE's ``mask_ratio``, ``save_freq``, ``merge_freq``, ``densities``)."""
+
+    mask_ratio: float = 0.2  # share of the side memory's elements one shard may write (a random mask per shard)
+    shard_edits: int = 500  # edits written into one shard before it closes and the next opens
+    shards: int = 2  # closed shards that are TIES-merged into the side memory at once (merge_freq / save_freq)
+    density: float = 0.53  # TIES: the share of each shard's largest-magnitude elements kept before the sign vote
+    seed: int = 0  # the shard masks are drawn from this seed and the side memory's history, so a chain is reproducible
+
+
+class RouterHyperParams(StrictConfig):
+    """Δact(x) = ‖(W' - W) a(x)‖: how far a memory moves the layer's output at a token. A token whose largest Δact
+    exceeds ε = act_ratio × (the smallest mean Δact an edit reached on its own tokens) reads that memory."""
+
+    act_ratio: float = 0.88
+    # WISE's margins: unrelated tokens below irrelevant_max (α), edited tokens above edit_min (β), and an edit's
+    # mean above an unrelated text's by gap (γ); the gap also separates the open shard from every other memory
+    irrelevant_max: float = 5.0
+    edit_min: float = 20.0
+    gap: float = 10.0
+
+
+class TrainHyperParams(StrictConfig):
+    """The shard's values: SGD on the masked elements only, each kept within ``norm_constraint`` of where it began."""
+
+    steps: int = 70  # n_iter
+    lr: float = 1.0
+    weight_decay: float = 1e-5
+    norm_constraint: float = 1.0  # elementwise bound on a shard's change in one edit
+    stop_loss: float = 0.05  # stop once the target's NLL is below this and every margin holds
+
+
+class IrrelevantHyperParams(StrictConfig):
+    """Unrelated inputs the router must leave on the main memory: the model's own greedy continuations of these
+    seeds (generated once per editor), never a benchmark's locality prompts."""
+
+    seeds: Seq[str] = ("The", "In", "It", "When", "Q: What", "Q: Who", "Q: Where", "Q: Which")
+    length: int = 16  # tokens generated per seed
+
+
+class WISEHyperParams(StrictConfig):
+    layer: int  # block whose MLP output projection (the value matrix W_v) gets a side memory
+    memory: MemoryHyperParams = MemoryHyperParams()
+    router: RouterHyperParams = RouterHyperParams()
+    train: TrainHyperParams = TrainHyperParams()
+    # the fact's prompt after the model's own generated prefixes (WISE's context templates): rows the shard trains on
+    templates: TemplateHyperParams = TemplateHyperParams(count=10, length=5)
+    irrelevant: IrrelevantHyperParams = IrrelevantHyperParams()
