@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Literal
+
 from editing.hparams import TemplateHyperParams
 from kedit.core.config import Seq, StrictConfig
 
@@ -16,7 +18,7 @@ class MemoryHyperParams(StrictConfig):
 
 class RouterHyperParams(StrictConfig):
     """Δact(x) = ‖(W' - W) a(x)‖: how far a memory moves the layer's output at a token. A token whose largest Δact
-    exceeds ε = act_ratio × (the smallest mean Δact an edit reached on its own tokens) reads that memory."""
+    exceeds ε = act_ratio × (the smallest Δact an edit reached on one of its own tokens) reads that memory."""
 
     act_ratio: float = 0.88
     # WISE's margins: unrelated tokens below irrelevant_max (α), edited tokens above edit_min (β), and an edit's
@@ -30,18 +32,22 @@ class TrainHyperParams(StrictConfig):
     """The shard's values: SGD on the masked elements only, each kept within ``norm_constraint`` of where it began."""
 
     steps: int = 70  # n_iter
+    optimizer: Literal["sgd", "adam"] = "sgd"  # the reference's SGD; Adam moves each element by about lr a step
     lr: float = 1.0
     weight_decay: float = 1e-5
     norm_constraint: float = 1.0  # elementwise bound on a shard's change in one edit
-    stop_loss: float = 0.05  # stop once the target's NLL is below this and every margin holds
+    stop_loss: float = 0.05  # stop once the target's NLL and the margins' loss are both below this
 
 
 class IrrelevantHyperParams(StrictConfig):
-    """Unrelated inputs the router must leave on the main memory: the model's own greedy continuations of these
-    seeds (generated once per editor), never a benchmark's locality prompts."""
+    """Unrelated inputs the router must leave on the main memory, never a benchmark's locality prompts: the model's
+    own greedy continuations of these seeds (generated once per editor) and passages of the editor's text corpus
+    (the one key statistics read; without one, text the model generates)."""
 
     seeds: Seq[str] = ("The", "In", "It", "When", "Q: What", "Q: Who", "Q: Where", "Q: Which")
     length: int = 16  # tokens generated per seed
+    passages: int = 32  # corpus passages, spread evenly over the corpus
+    max_tokens: int = 32  # every unrelated row is cut to this many tokens
 
 
 class WISEHyperParams(StrictConfig):

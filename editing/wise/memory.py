@@ -4,7 +4,7 @@ It holds, as differences from the wrapped layer's weight (W' - W, laid out (d_ou
 layout): the merged side memory, and the knowledge shards edits are written into until they are merged. At every
 token the router compares how far each memory would move the layer's output there, Δact = ‖(W' - W) a‖ for the
 layer's input a, and the memory that moves it most answers when its Δact exceeds the threshold ε (``act_ratio``
-times the smallest mean Δact an edit reached on its own tokens); everywhere else the output is the wrapped
+times the smallest Δact an edit reached on one of its own tokens); everywhere else the output is the wrapped
 layer's, bit for bit.
 
 WISE routes a whole input on its mean Δact; kedit scores several prompts packed into one row and generates one
@@ -54,7 +54,7 @@ class SideMemory(Installable):
         self.shards = nn.ParameterList([frozen(self.d_out, self.d_in) for _ in range(self.n_shards)])
         # counts and min_act stay fp32 in a bf16 model: a count of 257 is not a bf16 number
         self.edits = frozen(1 + self.n_shards, dtype=torch.float32)  # (1 + S,) edits each memory holds
-        self.min_act = frozen(1, dtype=torch.float32)  # (1,) the smallest mean Δact an edit reached on its tokens
+        self.min_act = frozen(1, dtype=torch.float32)  # (1,) the smallest Δact an edit reached on one of its tokens
 
     @classmethod
     def from_config(cls, config: dict[str, Any], original: nn.Module) -> SideMemory:

@@ -8,7 +8,8 @@
    plus the routing margins on Δact = ‖(W' - W) a‖ (WISE's activation loss): the edit's tokens above ``edit_min``,
    the model's own unrelated generations below ``irrelevant_max``, and an edit's mean above an unrelated text's
    (and above every other memory's Δact on the edit's tokens) by ``gap``; each element within ``norm_constraint``;
-4. threshold: ε = act_ratio × the smallest mean Δact any edit reached on its own tokens;
+4. threshold: ε = act_ratio × the smallest Δact any edit reached on one of its own tokens (WISE takes each edit's
+   mean over its tokens; a token routed on its own Δact needs every edited token above ε);
 5. close and merge: a shard that holds ``shard_edits`` edits closes and the next opens; when all ``shards`` are
    closed they are TIES-merged into the side memory and emptied.
 
@@ -30,6 +31,7 @@ from editing.base import EditError, Editor, register
 from editing.hooks import capture, frozen, start_at_block, stop_after
 from editing.keys import average_by_owner, context_templates
 from editing.patches import Dense, Installable
+from editing.stats import Corpus, corpus_from_model
 from kedit.core.facts import EditRequest
 from kedit.core.facts.schema import normalize
 from kedit.core.lm import encode_pairs, encode_prompts, greedy_generate, logits_at, model_device, pad_batch, pad_id_of
@@ -78,8 +80,11 @@ class WISE(Editor):
     hparams_cls = WISEHyperParams
     method_dir = Path(__file__).parent
 
-    def __init__(self, model, tokenizer, hparams=None):
+    assets = ("corpus",)  # unrelated passages the router must leave alone; None: text the model generates
+
+    def __init__(self, model, tokenizer, hparams=None, corpus: Corpus | None = None):
         super().__init__(model, tokenizer, hparams)
+        self.corpus = corpus
         self._templates: tuple[str, ...] | None = None
         self._irrelevant: list[str] | None = None
         self._returns_tuple: bool | None = None
@@ -94,11 +99,15 @@ class WISE(Editor):
         return self._templates
 
     def irrelevant(self) -> list[str]:
-        """The model's own continuations of the preset's seeds (generated once): text no edit is about."""
+        """Text no edit is about (found once per editor): the model's own continuations of the preset's seeds, and
+        corpus passages spread evenly over the corpus."""
         if self._irrelevant is None:
-            seeds = list(self.hparams.irrelevant.seeds)
-            gens = greedy_generate(self.model, self.tok, seeds, max_new_tokens=self.hparams.irrelevant.length)
-            self._irrelevant = [s + g for s, g in zip(seeds, gens)]
+            hp = self.hparams.irrelevant
+            seeds = list(hp.seeds)
+            gens = greedy_generate(self.model, self.tok, seeds, max_new_tokens=hp.length)
+            corpus = self.corpus or corpus_from_model(self.model, self.tok, hp.passages, hp.max_tokens)
+            step = max(1, len(corpus.texts) // max(1, hp.passages))
+            self._irrelevant = [s + g for s, g in zip(seeds, gens)] + list(corpus.texts[::step][: hp.passages])
         return self._irrelevant
 
     # ------------------------------------------------------------------ the method, in the paper's order
@@ -161,7 +170,7 @@ class WISE(Editor):
         own = {normalize(r.text) for r in requests}
         self.samples = [t for t in texts if normalize(t) not in own] + unrelated
         enc = encode_pairs(self.tok, texts, targets)
-        ids = enc.ids + encode_prompts(self.tok, unrelated)
+        ids = enc.ids + [u[: self.hparams.irrelevant.max_tokens] for u in encode_prompts(self.tok, unrelated)]
         device = model_device(self.model)
         input_ids, mask, positions, _ = pad_batch(ids, pad_id_of(self.tok), "right", device)
         # the edit's tokens: target token j of row b is predicted at n_prompt[b] - 1 + j
@@ -194,7 +203,7 @@ class WISE(Editor):
     def _train(
         self, state: State, shard: int, rows: Rows, a: torch.Tensor, h: torch.Tensor, installed: SideMemory | None, n: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The open shard after this edit (d_out, d_in) and each request's mean Δact on its own tokens (n,)."""
+        """The open shard after this edit (d_out, d_in) and each request's smallest Δact on its own tokens (n,)."""
         hp, tr = self.hparams, self.hparams.train
         start = state.slots[shard]  # (d_out, d_in)
         seed = _seed(hp.memory.seed, int(state.edits[MEMORY]), shard)
@@ -210,7 +219,8 @@ class WISE(Editor):
         other_act = torch.stack([(a_in @ d.T).norm(dim=-1) for d in others]).amax(0) if others else None  # (N,)
 
         free = torch.zeros_like(start, requires_grad=True)  # (d_out, d_in): only its masked elements matter
-        opt = torch.optim.SGD([free], lr=tr.lr, weight_decay=tr.weight_decay)
+        make = torch.optim.SGD if tr.optimizer == "sgd" else torch.optim.Adam
+        opt = make([free], lr=tr.lr, weight_decay=tr.weight_decay)
         side: dict[str, torch.Tensor] = {}
 
         def apply_side(mod, args, out):
@@ -220,20 +230,24 @@ class WISE(Editor):
 
         steps, nll = 0, torch.full((n,), float("inf"))
         returns_tuple = self._block_returns_tuple()
+        # only the edit rows run the blocks (the unrelated rows' Δact needs their input a alone), right padded:
+        # columns past the longest edit row are padding there
+        e, width = rows.n_edit_rows, int(rows.mask[: rows.n_edit_rows].sum(-1).max())
+        ids, attn, pos = (t[:e, :width] for t in (rows.input_ids, rows.mask, rows.positions))
         handle = self.model.get_submodule(self.path()).register_forward_hook(apply_side)
         try:
-            with frozen(self.model), start_at_block(self.model, self.spec.blocks, hp.layer, h, returns_tuple):
+            with frozen(self.model), start_at_block(self.model, self.spec.blocks, hp.layer, h[:e, :width], returns_tuple):
                 for _ in range(tr.steps):
                     d = start + mask * free
                     side["s"] = a_in @ d.T  # (N, d_out)
                     act_in = side["s"].norm(dim=-1)  # (N,) Δact on the edit's tokens
                     act_un = (a_un @ d.T).norm(dim=-1)  # (M,) on the unrelated tokens
-                    logits = logits_at(self.model, rows.input_ids, rows.mask, rows.positions, rows.t_rows, rows.t_cols)
+                    logits = logits_at(self.model, ids, attn, pos, rows.t_rows, rows.t_cols)
                     tok_nll = torch.nn.functional.cross_entropy(logits, rows.t_labels, reduction="none")  # (N,)
                     row_nll = average_by_owner(tok_nll, rows.t_rows, rows.n_edit_rows)
                     nll = average_by_owner(row_nll, row_own, n)  # (n,)
                     margins = self._margins(act_in, act_un, rows, u_row, n_un, other_act)
-                    if float(nll.detach().max()) < tr.stop_loss and float(margins.detach()) == 0.0:
+                    if float(nll.detach().max()) < tr.stop_loss and float(margins.detach()) < tr.stop_loss:
                         break
                     opt.zero_grad()
                     (nll.mean() + margins).backward()
@@ -244,7 +258,9 @@ class WISE(Editor):
         finally:
             handle.remove()
         final = (start + mask * free).detach()
-        edit_act = average_by_owner((a_in @ final.T).norm(dim=-1), rows.t_owner, n)  # (n,)
+        # per request, its least-moved token: a token is routed on its own Δact, so ε must sit below every one
+        tok_act = (a_in @ final.T).norm(dim=-1)  # (N,)
+        edit_act = torch.full((n,), float("inf"), device=tok_act.device).scatter_reduce(0, rows.t_owner, tok_act, "amin")
         un_act = (a_un @ final.T).norm(dim=-1)
         self.diagnostics |= {
             "value_nll": nll.detach().cpu().tolist(),
@@ -287,7 +303,7 @@ class WISE(Editor):
         return self._returns_tuple
 
     def _set_threshold(self, state: State, edit_act: torch.Tensor) -> None:
-        """min_act: the smallest mean Δact any edit reached on its own tokens (ε is act_ratio times it)."""
+        """min_act: the smallest Δact any edit reached on one of its own tokens (ε is act_ratio times it)."""
         new = edit_act.min().reshape(1).to(state.min_act)
         state.min_act = torch.minimum(state.min_act, new) if bool(state.edits.sum() > 0) else new
 
