@@ -11,7 +11,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from editing import PatchIntegrityError
 from flows.stream import stream
-from kedit.app.tiny import CORPUS, FTM, GOOD, HARMFUL, train_tiny, write_gates, write_jsonl
+from kedit.app.tiny import CORPUS, FTM, GOOD, HARMFUL, good, train_tiny, write_gates, write_jsonl
 from kedit.core.facts import EditRequest
 from kedit.core.models import load_model
 from kedit.pipeline import session as sessions
@@ -386,7 +386,32 @@ MEMORY_EDITORS = {
     "grace": {"layer": 2, "codebook.radius": 0.5},
     # the tiny model knows no question frames or prefixes: the value trains on the prompt alone, as GRACE's
     "balancedit": {"layer": 2, "templates.count": 0, "frames": [], "value.kl_factor": 0.0, "value.steps": 100},
+    # margins at the tiny model's scale; a shard per batch of two, three shards: the re-edit opens the third
+    # (merges and their chains are tested in tests/test_wise.py)
+    "wise": {
+        "layer": 2,
+        "memory.shard_edits": 2,
+        "memory.shards": 3,
+        "router.irrelevant_max": 0.05,
+        "router.edit_min": 0.5,
+        "router.gap": 0.2,
+        "train.optimizer": "adam",
+        "train.lr": 0.5,
+        "templates.count": 0,
+        "irrelevant.length": 4,
+        "irrelevant.passages": 4,
+    },
 }
+# WISE writes a fact at the prompt's last token: two of GOOD's facts end "was born in", whose state carries
+# little of the subject in the tiny model, so one written value cannot state both (and "is located in" is
+# beyond what one token's write moves it to); its stream edits facts whose prompts end apart
+WISE_FACTS = [
+    good(1, "eve", "{} speaks", "german", None, "2024-01-01"),
+    good(2, "dave", "{} was born in", "asia", None, "2024-01-02"),
+    good(3, "frank", "{} leads the", "company", None, "2024-01-03"),
+    good(4, "carol", "{} leads the", "company", None, "2024-01-04"),
+]
+ENTRIES = {"grace": [2.0, 4.0, 4.0], "balancedit": [2.0, 4.0, 4.0], "wise": [2.0, 4.0, 5.0]}
 
 
 def as_asked(records: list[dict], editor: str) -> list[dict]:
@@ -400,27 +425,30 @@ def as_asked(records: list[dict], editor: str) -> list[dict]:
 
 @pytest.mark.parametrize("editor", sorted(MEMORY_EDITORS))
 def test_a_memory_editor_streams_like_any_editor_and_a_reedit_replaces_its_codebook_entry(env, checkpoint, editor):
-    """A memory editor through the flow: its codebook travels in module patches, its entries' facts in the
-    editor state of each version; a later stream resumes that state, and a re-edit replaces the entry."""
-    from editing.grace.codebook import codebooks
+    """A memory editor through the flow: its memory travels in module patches (a codebook's entries' facts in
+    the editor state of each version); a later stream resumes it, and a re-edit replaces a codebook's entry."""
+    from kedit.core.routing import routers
+
+    def entries(model) -> float:
+        return float(sum(m.n_entries() for m in routers(model).values()))
 
     tmp, config, kept = env
     grace = MEMORY_EDITORS[editor]
-    first = stream(config(as_asked(GOOD, editor), batch_size=2, editor=editor, overrides=grace))
+    facts = WISE_FACTS if editor == "wise" else GOOD
+    first = stream(config(as_asked(facts, editor), batch_size=2, editor=editor, overrides=grace))
     assert first["accepted"] == 4 and first["production"] == "2"
-    path = "model.layers.2.mlp.down_proj"
-    assert sum(cb.n_entries() for cb in codebooks(kept[-1].model.get_submodule(path))[0]) == 4
-    update = dict(GOOD[0], id="dave-again", target_new="africa", timestamp="2024-03-01")
+    assert entries(kept[-1].model) == ENTRIES[editor][1]
+    update = dict(facts[0], id="first-again", target_new="english" if editor == "wise" else "africa", timestamp="2024-03-01")
     second = stream(config(as_asked([update], editor), batch_size=1, editor=editor, overrides=grace))
     assert second["accepted"] == 1 and second["production"] == "3"
     model = kept[-1].model
-    assert sum(cb.n_entries() for cb in codebooks(model.get_submodule(path))[0]) == 4  # replaced, not stacked
+    assert entries(model) == ENTRIES[editor][2]  # a codebook's entry replaced, not stacked
 
     tracker = Tracker(f"sqlite:///{tmp}/mlruns/mlflow.db")
     name = second["registered_model"]
     # the memory gate's series on the stream runs: the codebook's size at each accepted step
     sizes = tracker.metric_history(first["run_id"], "memory_entries") + tracker.metric_history(second["run_id"], "memory_entries")
-    assert [(step, v) for step, v in sizes] == [(2, 2.0), (4, 4.0), (5, 4.0)]
+    assert [(step, v) for step, v in sizes] == list(zip([2, 4, 5], ENTRIES[editor]))
     assert tracker.metric_history(second["run_id"], "memory_retain_hit_rate")
     base = fresh_base(checkpoint)
     rebuild(base, tracker, name, "3", None)

@@ -37,6 +37,9 @@ class TrainHyperParams(StrictConfig):
     weight_decay: float = 1e-5
     norm_constraint: float = 1.0  # elementwise bound on a shard's change in one edit
     stop_loss: float = 0.05  # stop once the target's NLL and the margins' loss are both below this
+    # the open shard's earlier edits, kept: the change's Δact on their tokens, (‖Δ a‖ / edit_min)², weighs this much
+    # (WISE replays earlier edits; here their tokens' inputs are kept, as AlphaEdit keeps its keys)
+    keep: float = 1.0
 
 
 class IrrelevantHyperParams(StrictConfig):

@@ -7,7 +7,8 @@
 3. train: SGD on the shard's masked elements for the new target's NLL after the prompt in every context template,
    plus the routing margins on Δact = ‖(W' - W) a‖ (WISE's activation loss): the edit's tokens above ``edit_min``,
    the model's own unrelated generations below ``irrelevant_max``, and an edit's mean above an unrelated text's
-   (and above every other memory's Δact on the edit's tokens) by ``gap``; each element within ``norm_constraint``;
+   (and above every other memory's Δact on the edit's tokens) by ``gap``, while the shard's earlier edits keep
+   their outputs (their tokens' inputs are kept: WISE's replay); each element within ``norm_constraint``;
 4. threshold: ε = act_ratio × the smallest Δact any edit reached on one of its own tokens (WISE takes each edit's
    mean over its tokens; a token routed on its own Δact needs every edited token above ε);
 5. close and merge: a shard that holds ``shard_edits`` edits closes and the next opens; when all ``shards`` are
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from editing.base import EditError, Editor, register
+from editing.grace.grace import slot_id
 from editing.hooks import capture, frozen, start_at_block, stop_after
 from editing.keys import average_by_owner, context_templates
 from editing.patches import Dense, Installable
@@ -88,9 +90,23 @@ class WISE(Editor):
         self._templates: tuple[str, ...] | None = None
         self._irrelevant: list[str] | None = None
         self._returns_tuple: bool | None = None
+        # the edited tokens' inputs of every edit in a shard not yet merged, and its shard: what a later edit of
+        # the same shard must keep (the editor's state, saved with every version)
+        self.keys = torch.zeros(0, 0)  # (n, d_in)
+        self.key_shard = torch.zeros(0, dtype=torch.int64)  # (n,)
+        self.key_slot = torch.zeros(0, dtype=torch.int64)  # (n,) which fact (hashed subject and prompt)
 
     def path(self) -> str:
         return self.spec.module_path("mlp_out", self.hparams.layer)
+
+    def state_dict(self) -> dict:
+        return {"keys": self.keys.clone(), "key_shard": self.key_shard.clone(), "key_slot": self.key_slot.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        names = ("keys", "key_shard", "key_slot")
+        if set(state) != set(names) or len({len(state[k]) for k in names}) != 1:
+            raise EditError(f"{self.name} state holds {', '.join(names)} of one length, got {sorted(state)}")
+        self.keys, self.key_shard, self.key_slot = (state[k].clone() for k in names)
 
     def templates(self) -> tuple[str, ...]:
         if self._templates is None:
@@ -118,11 +134,12 @@ class WISE(Editor):
         shard = self._open_shard(state)
         rows = self._rows(requests)
         a, h = self._read(rows)
-        state.slots[shard], edit_act = self._train(state, shard, rows, a, h, installed, len(requests))
+        state.slots[shard], edit_act = self._train(state, shard, rows, a, h, installed, requests)
         self._set_threshold(state, edit_act)
         state.edits[shard] += len(requests)
-        self._close_and_merge(state, shard)
+        merged = self._close_and_merge(state, shard)
         self._write(state, installed)
+        self._keep(requests, rows, a, shard, merged)
 
     def _side_memory(self) -> SideMemory | None:
         """The side memory at ``path()``, or None before the first edit; one built with other settings is refused."""
@@ -201,10 +218,17 @@ class WISE(Editor):
         return a[path].float(), h[block].detach()
 
     def _train(
-        self, state: State, shard: int, rows: Rows, a: torch.Tensor, h: torch.Tensor, installed: SideMemory | None, n: int
+        self,
+        state: State,
+        shard: int,
+        rows: Rows,
+        a: torch.Tensor,
+        h: torch.Tensor,
+        installed: SideMemory | None,
+        requests: list[EditRequest],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The open shard after this edit (d_out, d_in) and each request's smallest Δact on its own tokens (n,)."""
-        hp, tr = self.hparams, self.hparams.train
+        hp, tr, n = self.hparams, self.hparams.train, len(requests)
         start = state.slots[shard]  # (d_out, d_in)
         seed = _seed(hp.memory.seed, int(state.edits[MEMORY]), shard)
         mask = shard_mask(tuple(start.shape), hp.memory.mask_ratio, seed, start.device).float()
@@ -215,6 +239,17 @@ class WISE(Editor):
         u_row = rows.u_rows - rows.n_edit_rows  # (M,) which unrelated row
         n_un = int(u_row.max()) + 1 if len(u_row) else 0
         # every other memory that holds an edit: the open shard must move the edit's tokens more than they do
+        kept = self.keys[self.key_shard == shard].to(a.device)  # (K, d_in): the shard's earlier edits' tokens
+        # other facts' tokens held by other shards: there this shard must stay below their own shard by the gap,
+        # or the router would send them here
+        mine = torch.tensor([slot_id(r) for r in requests])
+        elsewhere = (self.key_shard != shard) & ~torch.isin(self.key_slot, mine)
+        theirs = self.keys[elsewhere].to(a.device)  # (E, d_in)
+        their_shard = self.key_shard[elsewhere].to(a.device)
+        theirs_act = torch.zeros(len(theirs), device=a.device)  # (E,) each token's Δact in its own shard
+        for j in their_shard.unique().tolist():  # at most ``shards`` of them
+            at = their_shard == j
+            theirs_act[at] = (theirs[at] @ state.slots[j].T).norm(dim=-1)
         others = [state.slots[j] for j in range(len(state.slots)) if j != shard and state.edits[j] > 0]
         other_act = torch.stack([(a_in @ d.T).norm(dim=-1) for d in others]).amax(0) if others else None  # (N,)
 
@@ -247,6 +282,11 @@ class WISE(Editor):
                     row_nll = average_by_owner(tok_nll, rows.t_rows, rows.n_edit_rows)
                     nll = average_by_owner(row_nll, row_own, n)  # (n,)
                     margins = self._margins(act_in, act_un, rows, u_row, n_un, other_act)
+                    if len(theirs):
+                        margins = margins + torch.relu((theirs @ d.T).norm(dim=-1) + hp.router.gap - theirs_act).mean()
+                    if len(kept):
+                        margins = margins + tr.keep * ((kept @ (mask * free).T).norm(dim=-1) / hp.router.edit_min).pow(2).mean()
+                    log.debug("wise step %d: NLL %s margins %.4f", steps, nll.detach().cpu().tolist(), float(margins.detach()))
                     if float(nll.detach().max()) < tr.stop_loss and float(margins.detach()) < tr.stop_loss:
                         break
                     opt.zero_grad()
@@ -307,15 +347,30 @@ class WISE(Editor):
         new = edit_act.min().reshape(1).to(state.min_act)
         state.min_act = torch.minimum(state.min_act, new) if bool(state.edits.sum() > 0) else new
 
-    def _close_and_merge(self, state: State, shard: int) -> None:
+    def _keep(self, requests: list[EditRequest], rows: Rows, a: torch.Tensor, shard: int, merged: bool) -> None:
+        """Record the edit's tokens (of its prompt without a prefix: the first n rows) for later edits of its shard;
+        a merge empties every shard, and what they held is no longer trained."""
+        if merged:
+            self.keys, self.key_shard, self.key_slot = torch.zeros(0, 0), *(torch.zeros(0, dtype=torch.int64),) * 2
+            return
+        own = rows.t_rows < len(requests)
+        new = a[rows.t_rows[own], rows.t_cols[own]].cpu()  # (k, d_in)
+        slots = torch.tensor([slot_id(r) for r in requests])[rows.t_owner[own].cpu()]  # (k,)
+        keys = self.keys if len(self.keys) else torch.zeros(0, new.shape[-1])
+        self.keys = torch.cat([keys, new])
+        self.key_shard = torch.cat([self.key_shard, torch.full((len(new),), shard, dtype=torch.int64)])
+        self.key_slot = torch.cat([self.key_slot, slots])
+
+    def _close_and_merge(self, state: State, shard: int) -> bool:
         """A shard at ``shard_edits`` closes (the next edit opens the next); the last one closing merges them all."""
         if shard < len(state.slots) - 1 or state.edits[shard] < self.hparams.memory.shard_edits:
-            return
+            return False
         parts = ([state.slots[MEMORY]] if state.edits[MEMORY] > 0 else []) + state.slots[1:]
         merged = merge(parts, self.hparams.memory.density).to(state.slots[0])
         state.slots = [merged] + [torch.zeros_like(s) for s in state.slots[1:]]
         state.edits = torch.cat([state.edits.sum().reshape(1), torch.zeros_like(state.edits[1:])])
         log.info("wise: %d shards TIES-merged into the side memory (%d edits)", len(parts), int(state.edits[MEMORY]))
+        return True
 
     def _write(self, state: State, installed: SideMemory | None) -> None:
         """Changed tensors of an installed side memory as weight deltas; on the first edit, a new one installed."""

@@ -1,0 +1,143 @@
+"""WISE's defining properties on a tiny model: a side memory that answers only the tokens its router sends there,
+shards written through their own masks and TIES-merged, and a chain that rebuilds it bit for bit."""
+
+import copy
+
+import pytest
+import torch
+from peft.utils.merge_utils import ties
+from test_editors import CONTRACT, assert_same_bits, build, snapshot
+
+from editing import EditError, PatchSet, get_editor
+from editing.hooks import capture
+from editing.wise.memory import SideMemory, shard_mask
+from editing.wise.wise import _seed
+from kedit.core.facts import EditRequest
+from kedit.core.facts.schema import normalize
+
+FRANCE = EditRequest("a", "france", "the capital of {} is", "rome", "paris")
+ALICE = EditRequest("b", "alice", "{} speaks", "german", "french")
+BOB = EditRequest("c", "bob", "{} speaks", "english", "german")
+CAROL = EditRequest("d", "carol", "{} leads the company", "eve", "dave")
+
+
+def wise(**overrides):
+    model, tok, _ = build("wise")
+    cls = get_editor("wise")
+    return model, tok, cls(model, tok, cls.preset(model, CONTRACT["wise"] | overrides))
+
+
+def memory_of(model, editor) -> SideMemory:
+    module = model.get_submodule(editor.path())
+    assert isinstance(module, SideMemory)
+    return module
+
+
+def routed_tokens(model, tok, editor, text):
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad(), capture(model, [editor.path()], "input") as seen:
+        logits = model(input_ids=ids).logits
+    return memory_of(model, editor).routed(seen[editor.path()][0]), logits[0]
+
+
+def test_tokens_the_router_leaves_get_the_unedited_output_bit_for_bit_and_the_edit_is_routed():
+    model, tok, editor = wise()
+    base = copy.deepcopy(model)
+    editor.edit([FRANCE])
+    hit, edited = routed_tokens(model, tok, editor, FRANCE.text)
+    assert bool(hit[-1]), "the edited prompt's last token, where the answer is read, goes to the side memory"
+    assert not torch.equal(edited[-1], base(input_ids=tok(FRANCE.text, return_tensors="pt")["input_ids"]).logits[0, -1])
+    # the unrelated texts it trained against stay on the main memory, every token of them
+    for text in editor.irrelevant()[:4]:
+        hit, edited = routed_tokens(model, tok, editor, text)
+        with torch.no_grad():
+            unedited = base(input_ids=tok(text, return_tensors="pt")["input_ids"]).logits[0]
+        assert not bool(hit.any()), text
+        assert torch.equal(edited, unedited), text
+
+
+def test_a_shard_writes_only_its_own_masked_elements_and_the_next_shard_draws_another_mask():
+    model, tok, editor = wise(**{"memory.shard_edits": 1})
+    editor.edit([FRANCE])
+    mem = memory_of(model, editor)
+    written = mem.shards[0] != 0
+    mask = shard_mask(tuple(written.shape), editor.hparams.memory.mask_ratio, _seed(0, 0, 1), written.device)
+    assert bool(written.any()) and not bool((written & ~mask).any())
+    assert mem.edits.tolist() == [0.0, 1.0, 0.0] and bool((mem.memory == 0).all())
+    editor.edit([ALICE])  # shard 0 is full: the edit goes to shard 1, through a different mask
+    second = mem.shards[1] != 0
+    other = shard_mask(tuple(second.shape), editor.hparams.memory.mask_ratio, _seed(0, 0, 2), second.device)
+    assert not torch.equal(mask, other) and not bool((second & ~other).any())
+
+
+def test_closed_shards_are_ties_merged_into_the_side_memory_and_the_chain_rebuilds_it(tmp_path, monkeypatch):
+    import editing.wise.wise as method
+
+    merged = []
+    real = method.merge
+    monkeypatch.setattr(method, "merge", lambda parts, density: merged.append([p.clone() for p in parts]) or real(parts, density))
+    model, tok, editor = wise(**{"memory.shard_edits": 1, "memory.density": 0.5})
+    base = copy.deepcopy(model)
+    patches = [editor.edit([FRANCE])]
+    mem = memory_of(model, editor)
+    first = mem.shards[0].detach().float().clone()
+    patches.append(editor.edit([ALICE]))  # the second shard closes: both merge into the empty side memory
+    assert editor.diagnostics["shard"] == [2.0] and len(merged) == 1
+    (parts,) = merged
+    assert len(parts) == 2 and torch.equal(parts[0], first) and bool(parts[1].any())
+    assert torch.equal(mem.memory.float(), ties(parts, torch.ones(2), 0.5))  # peft's TIES, equal weights
+    assert mem.edits.tolist() == [2.0, 0.0, 0.0] and all(bool((s == 0).all()) for s in mem.shards)
+    patches += [editor.edit([BOB]), editor.edit([CAROL])]  # a second cycle merges with the side memory
+    assert len(merged) == 2 and len(merged[1]) == 3 and mem.edits.tolist() == [4.0, 0.0, 0.0]
+    for i, p in enumerate(patches):
+        PatchSet.load(tmp_path / str(i), p.save(tmp_path / str(i))).apply(base)
+    assert_same_bits(snapshot(base), snapshot(model))
+    editor.revert()  # the merge comes off with the edit that made it
+    assert mem.edits.tolist() == [2.0, 1.0, 0.0] and torch.equal(mem.memory.float(), ties(parts, torch.ones(2), 0.5))
+
+
+def test_the_threshold_is_act_ratio_times_the_least_moved_edited_token():
+    model, tok, editor = wise()
+    acts = []
+    for r in (FRANCE, CAROL):
+        editor.edit([r])
+        acts += editor.diagnostics["edit_act"]
+    mem = memory_of(model, editor)
+    assert float(mem.min_act) == pytest.approx(min(acts))
+    assert float(mem.threshold()) == pytest.approx(editor.hparams.router.act_ratio * min(acts))
+
+
+def test_a_side_memory_installed_with_other_settings_is_refused():
+    model, tok, editor = wise()
+    editor.edit([FRANCE])
+    other = get_editor("wise")(model, tok, get_editor("wise").preset(model, CONTRACT["wise"] | {"router.act_ratio": 0.5}))
+    with pytest.raises(EditError, match="act_ratio 0.88, the preset 2 and 0.5"):
+        other.edit([ALICE])
+
+
+def test_held_out_texts_are_never_samples():
+    model, tok, editor = wise()
+    held = editor.irrelevant()[0]
+    framed = editor.templates()[1].replace("{}", FRANCE.text, 1)
+    editor.edit([FRANCE])
+    assert {normalize(held), normalize(framed)} <= {normalize(s) for s in editor.samples}  # used unless held out
+    editor.revert()
+    editor.held_out = frozenset({normalize(held), normalize(framed)})
+    editor.edit([FRANCE])
+    seen = {normalize(s) for s in editor.samples}
+    assert editor.samples and not seen & editor.held_out
+
+
+def test_a_reedit_moves_its_tokens_more_than_the_memory_holding_the_old_value():
+    from kedit.core.lm import score_targets
+
+    model, tok, editor = wise(**{"memory.shard_edits": 1, "memory.shards": 3})
+    editor.edit([FRANCE])  # rome, into shard 0, which closes
+    editor.edit([EditRequest("a2", "france", "the capital of {} is", "berlin", "rome")])  # into shard 1
+    ids = tok(FRANCE.text, return_tensors="pt")["input_ids"]
+    with torch.no_grad(), capture(model, [editor.path()], "input") as seen:
+        model(input_ids=ids)
+    _, act = memory_of(model, editor).activations(seen[editor.path()][0][-1:])  # (1, 2): shard 0, shard 1
+    assert float(act[0, 1]) > float(act[0, 0]), "the router picks the shard holding the latest value"
+    lp = score_targets(model, tok, [FRANCE.text] * 2, ["berlin", "rome"]).mean_logprob
+    assert float(lp[0]) > float(lp[1])
