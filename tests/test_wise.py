@@ -141,3 +141,27 @@ def test_a_reedit_moves_its_tokens_more_than_the_memory_holding_the_old_value():
     assert float(act[0, 1]) > float(act[0, 0]), "the router picks the shard holding the latest value"
     lp = score_targets(model, tok, [FRANCE.text] * 2, ["berlin", "rome"]).mean_logprob
     assert float(lp[0]) > float(lp[1])
+
+
+def test_a_later_edit_of_the_same_shard_keeps_what_the_shard_wrote_there():
+    """The shard's earlier edits' tokens are kept (the editor's state): a second edit into the same shard moves
+    the shard's output there less than the same edit without them does."""
+    moved = {}
+    for k in (1.0, 0.0):
+        model, tok, editor = wise(**{"memory.shard_edits": 4, "train.keep": k})
+        editor.edit([FRANCE])
+        kept = editor.state_dict()["keys"]  # (k, d_in): the first edit's tokens
+        assert len(kept) and editor.state_dict()["key_shard"].tolist() == [1] * len(kept)
+        before = memory_of(model, editor).shards[0].detach().float().clone()
+        editor.edit([ALICE])
+        after = memory_of(model, editor).shards[0].detach().float()
+        moved[k] = float(((after - before) @ kept.T).norm() / (before @ kept.T).norm())
+    assert moved[1.0] < moved[0.0]
+
+
+def test_a_malformed_state_is_refused():
+    _, _, editor = wise()
+    with pytest.raises(EditError, match="keys, key_shard, key_slot of one length"):
+        editor.load_state_dict({})
+    with pytest.raises(EditError, match="of one length"):
+        editor.load_state_dict({"keys": torch.zeros(2, 3), "key_shard": torch.zeros(1), "key_slot": torch.zeros(2)})
