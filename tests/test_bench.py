@@ -224,3 +224,18 @@ def test_bench_scope_reports_reach_on_held_out_rephrasings_and_unrelated_prompts
         assert m["n_rephrasings"] == 2 and m["n_unrelated"] == 2 and m["radius"] > 0
         shares = [m["rephrasings_reached"], m["rephrasings_to_another_fact"], m["unrelated_prompts_touched"]]
         assert all(0.0 <= x <= 1.0 for x in shares) and m["rephrasings_reached"] + m["rephrasings_to_another_fact"] <= 1.0
+
+
+def test_a_benchmark_worker_exits_when_its_parent_is_gone():
+    """A worker whose parent was killed does not run on as an orphan beside the next run (a killed
+    ``kedit bench`` once left its worker computing for an hour)."""
+    import subprocess
+    import sys
+    import time
+
+    code = "import time; from kedit.app.bench import exit_with_parent; exit_with_parent(-1, 0.05); time.sleep(30)"
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], timeout=25)
+    assert done.returncode == 1 and time.monotonic() - start < 20  # -1 is never the parent: it exits at once
+    alive = "import os, time; from kedit.app.bench import exit_with_parent; exit_with_parent(os.getppid(), 0.05); time.sleep(0.5)"
+    assert subprocess.run([sys.executable, "-c", alive], timeout=25).returncode == 0  # its parent lives: it runs on

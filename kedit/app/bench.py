@@ -119,17 +119,39 @@ def save_json(json_out: Path | None, out: dict) -> None:
         Path(json_out).write_text(json.dumps(out, indent=2))
 
 
+def exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """In a benchmark's worker process: exit as soon as ``parent`` is no longer the process's parent (it was
+    killed), rather than run on for an hour as an orphan beside whatever runs next."""
+    import os
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+def worker_pool():
+    """One fresh spawned process that ends with the benchmark that started it."""
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(
+        max_workers=1, mp_context=mp.get_context("spawn"), initializer=exit_with_parent, initargs=(os.getpid(),)
+    )
+
+
 def each_method_alone(out: dict, methods: list[str], run, args, json_out: Path | None) -> dict:
     """``out["results"][m] = run(m, *args(m))`` for each method not there yet, each in a fresh process (its peak
     memory is its own), rewriting ``json_out`` after each so that a stopped run resumes per method."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    ctx = mp.get_context("spawn")
     for method in methods:
         if method in out["results"]:
             continue
-        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        with worker_pool() as pool:
             out["results"][method] = pool.submit(run, method, *args(method)).result()
         log.info("%s: %s", method, out["results"][method])
         save_json(json_out, out)
@@ -291,13 +313,10 @@ def bench_editors(
 ) -> dict:
     """N edits in successive batches per method, each on a fresh model in its own process;
     metrics on the final model (``protocol``: a key of ``PROTOCOLS``). ``overrides`` maps a method to preset overrides."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     if model_ref in KNOWN_MODELS:
         pull(model_ref)
     corpus_path = _corpus_file(corpus)
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+    with worker_pool() as pool:
         unedited = pool.submit(_unedited, model_ref, str(data), n, protocol).result()
     out = {
         "model": model_ref,

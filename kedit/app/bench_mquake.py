@@ -18,7 +18,7 @@ import torch
 from kedit.core.facts.formats.mquake import MultiHopCase, load_multihop
 from kedit.core.models import KNOWN_MODELS, load_model, pull
 
-from .bench import _corpus_file, each_method_alone, editor_on, machine, resumed, save_json
+from .bench import _corpus_file, each_method_alone, editor_on, machine, resumed, save_json, worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,6 @@ def bench_mquake(
     json_out: Path | None = None,
 ) -> dict:
     """The unedited model and each method on the first ``n`` cases (see the module's docstring); resumes from ``json_out``."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     if model_ref in KNOWN_MODELS:
         pull(model_ref)
     cases = load_multihop(data, n)
@@ -85,7 +82,7 @@ def bench_mquake(
     settings = {"model": model_ref, "data": str(data), "n": len(cases), "corpus": corpus_path or "model samples"}
     settings["overrides"] = overrides or {}
     out = {**settings, "results": resumed(json_out, settings), "machine": machine()}
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:  # scoring only: cheap to redo
+    with worker_pool() as pool:  # scoring only: cheap to redo
         out["unedited"] = pool.submit(_unedited, model_ref, cases).result()
     save_json(json_out, out)
     return each_method_alone(
