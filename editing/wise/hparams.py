@@ -40,6 +40,7 @@ class TrainHyperParams(StrictConfig):
     # the open shard's earlier edits, kept: the change's Δact on their tokens, (‖Δ a‖ / edit_min)², weighs this much
     # (WISE replays earlier edits; here their tokens' inputs are kept, as AlphaEdit keeps its keys)
     keep: float = 1.0
+    project: bool = False  # keep them exactly instead: the change projected off their inputs (no longer masked)
 
 
 class IrrelevantHyperParams(StrictConfig):

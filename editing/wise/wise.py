@@ -253,6 +253,14 @@ class WISE(Editor):
         others = [state.slots[j] for j in range(len(state.slots)) if j != shard and state.edits[j] > 0]
         other_act = torch.stack([(a_in @ d.T).norm(dim=-1) for d in others]).amax(0) if others else None  # (N,)
 
+        # with project, the change leaves the shard's output on its earlier edits' tokens exactly as it was:
+        # (mask ⊙ F)(I - Q Qᵀ), Q an orthonormal basis of the kept tokens' inputs (at the cost of the mask)
+        basis = torch.linalg.qr(kept.T).Q if (tr.project and len(kept)) else None  # (d_in, k)
+
+        def change(f: torch.Tensor) -> torch.Tensor:
+            m = mask * f
+            return m if basis is None else m - (m @ basis) @ basis.T
+
         free = torch.zeros_like(start, requires_grad=True)  # (d_out, d_in): only its masked elements matter
         make = torch.optim.SGD if tr.optimizer == "sgd" else torch.optim.Adam
         opt = make([free], lr=tr.lr, weight_decay=tr.weight_decay)
@@ -273,7 +281,7 @@ class WISE(Editor):
         try:
             with frozen(self.model), start_at_block(self.model, self.spec.blocks, hp.layer, h[:e, :width], returns_tuple):
                 for _ in range(tr.steps):
-                    d = start + mask * free
+                    d = start + change(free)
                     side["s"] = a_in @ d.T  # (N, d_out)
                     act_in = side["s"].norm(dim=-1)  # (N,) Δact on the edit's tokens
                     act_un = (a_un @ d.T).norm(dim=-1)  # (M,) on the unrelated tokens
@@ -297,7 +305,7 @@ class WISE(Editor):
                         free.copy_(mask * ((start + free).clamp(-tr.norm_constraint, tr.norm_constraint) - start))
         finally:
             handle.remove()
-        final = (start + mask * free).detach()
+        final = (start + change(free)).detach()
         # per request, its least-moved token: a token is routed on its own Δact, so ε must sit below every one
         tok_act = (a_in @ final.T).norm(dim=-1)  # (N,)
         edit_act = torch.full((n,), float("inf"), device=tok_act.device).scatter_reduce(0, rows.t_owner, tok_act, "amin")
