@@ -144,19 +144,21 @@ def test_a_reedit_moves_its_tokens_more_than_the_memory_holding_the_old_value():
 
 
 def test_a_later_edit_of_the_same_shard_keeps_what_the_shard_wrote_there():
-    """The shard's earlier edits' tokens are kept (the editor's state): a second edit into the same shard moves
-    the shard's output there less than the same edit without them does."""
+    """The shard's earlier edits' tokens are kept (the editor's state): projected, a second edit into the same
+    shard leaves the shard's output there as it was; as a penalty, it moves it less than with neither."""
     moved = {}
-    for k in (1.0, 0.0):
-        model, tok, editor = wise(**{"memory.shard_edits": 4, "train.keep": k})
+    for name, settings in {"project": (0.0, True), "penalty": (1.0, False), "neither": (0.0, False)}.items():
+        keep, project = settings
+        model, tok, editor = wise(**{"memory.shard_edits": 4, "train.keep": keep, "train.project": project})
         editor.edit([FRANCE])
         kept = editor.state_dict()["keys"]  # (k, d_in): the first edit's tokens
         assert len(kept) and editor.state_dict()["key_shard"].tolist() == [1] * len(kept)
         before = memory_of(model, editor).shards[0].detach().float().clone()
         editor.edit([ALICE])
         after = memory_of(model, editor).shards[0].detach().float()
-        moved[k] = float(((after - before) @ kept.T).norm() / (before @ kept.T).norm())
-    assert moved[1.0] < moved[0.0]
+        assert bool((after != before).any())
+        moved[name] = float(((after - before) @ kept.T).norm() / (before @ kept.T).norm())
+    assert moved["project"] < 1e-4 < moved["penalty"] < moved["neither"]
 
 
 def test_a_malformed_state_is_refused():
