@@ -54,6 +54,22 @@ def edit_output(model: nn.Module, path: str, fn: Callable[[torch.Tensor], torch.
         handle.remove()
 
 
+@contextmanager
+def output_kind(model: nn.Module, path: str) -> Iterator[dict[str, bool]]:
+    """Record under ``"tuple"`` whether the module returns a tuple (GPT-2's blocks) or the hidden states (Llama's),
+    during the forwards inside: what a module standing in for a skipped block must return."""
+    kind: dict[str, bool] = {}
+
+    def hook(mod, args, out) -> None:
+        kind.setdefault("tuple", isinstance(out, tuple))
+
+    handle = model.get_submodule(path).register_forward_hook(hook)
+    try:
+        yield kind
+    finally:
+        handle.remove()
+
+
 class StopForward(Exception):
     pass
 

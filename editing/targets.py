@@ -23,7 +23,7 @@ from kedit.core.arch import ArchSpec
 from kedit.core.facts import EditRequest
 from kedit.core.lm import encode_pairs, logits_at, model_device, pad_batch, pad_id_of
 
-from .hooks import capture, edit_output, frozen, start_at_block
+from .hooks import capture, edit_output, frozen, output_kind, start_at_block
 from .hparams import TargetHyperParams
 from .keys import average_by_owner, fill, locate
 
@@ -104,19 +104,9 @@ def optimize_targets(
     kl_cols = mask[n_rw:].sum(-1) - 1  # last real token of each KL row
 
     blocks_path = spec.blocks
-    block = model.get_submodule(spec.block(first_block))
-    kind = {}
-
-    def probe_hook(mod, args, out) -> None:
-        kind["tuple"] = isinstance(out, tuple)
-
-    probe = block.register_forward_hook(probe_hook)
-    try:
-        with torch.no_grad(), capture(model, list(paths), "output") as out0:
-            with capture(model, [spec.block(first_block)], "input") as in0:
-                base_kl_logits = logits_at(model, input_ids, mask, positions, kl_rows, kl_cols)  # (n, V)
-    finally:
-        probe.remove()
+    with torch.no_grad(), output_kind(model, spec.block(first_block)) as kind, capture(model, list(paths), "output") as out0:
+        with capture(model, [spec.block(first_block)], "input") as in0:
+            base_kl_logits = logits_at(model, input_ids, mask, positions, kl_rows, kl_cols)  # (n, V)
     hidden_in = in0[spec.block(first_block)].detach()  # (R, T, d)
     returns_tuple = kind["tuple"]
     base_kl = torch.log_softmax(base_kl_logits, -1).detach()  # (n, V)

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from editing.base import EditError, register
-from editing.grace.grace import ADD, REPLACE, label_id, slot_id
+from editing.grace.grace import ADD, REPLACE
 from editing.grace.memory import Book, CodebookEditor
+from editing.ids import label_id, slot_id
 from editing.keys import context_templates, read_at_subject, read_every_position
 from editing.targets import optimize_targets
 from kedit.core.facts import EditRequest

@@ -16,34 +16,20 @@ Which fact and target each entry holds (hashed) is the editor's state, saved wit
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 
 from editing.base import register
+from editing.ids import label_id, slot_id
 from editing.keys import read_at_subject
 from editing.targets import optimize_targets
 from kedit.core.facts import EditRequest
-from kedit.core.facts.schema import normalize
 
 from .hparams import GRACEHyperParams
 from .memory import Book, CodebookEditor
 
 ADD, GROW, SPLIT, REPLACE = 0, 1, 2, 3  # what a request did to the codebook (diagnostics["action"])
-
-
-def hash64(text: str) -> int:
-    """A stable 64-bit id of a string, for editor state that must be tensors."""
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little", signed=True)
-
-
-def slot_id(r: EditRequest) -> int:
-    return hash64("\x1f".join(r.slot))
-
-
-def label_id(r: EditRequest) -> int:
-    return hash64(normalize(r.target_new))
 
 
 def at_last_token(requests: list[EditRequest]) -> list[EditRequest]:

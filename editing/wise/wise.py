@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from editing.base import EditError, Editor, register
-from editing.grace.grace import slot_id
-from editing.hooks import capture, frozen, start_at_block, stop_after
+from editing.hooks import capture, frozen, output_kind, start_at_block, stop_after
+from editing.ids import slot_id
 from editing.keys import average_by_owner, context_templates
 from editing.patches import Dense, Installable
 from editing.stats import Corpus, corpus_from_model
@@ -338,16 +338,11 @@ class WISE(Editor):
     def _block_returns_tuple(self) -> bool:
         """Whether a decoder block returns a tuple (GPT-2) or the hidden states (Llama): what a skipped block returns."""
         if self._returns_tuple is None:
-            seen = {}
-            block = self.model.get_submodule(self.spec.block(0))
-            handle = block.register_forward_hook(lambda mod, args, out: seen.setdefault("tuple", isinstance(out, tuple)))
             ids = torch.tensor([[pad_id_of(self.tok)]], device=model_device(self.model))
-            try:
-                with torch.no_grad(), stop_after(self.model, self.spec.block(0)):
-                    self.model(input_ids=ids)
-            finally:
-                handle.remove()
-            self._returns_tuple = seen["tuple"]
+            path = self.spec.block(0)
+            with torch.no_grad(), output_kind(self.model, path) as kind, stop_after(self.model, path):
+                self.model(input_ids=ids)
+            self._returns_tuple = kind["tuple"]
         return self._returns_tuple
 
     def _set_threshold(self, state: State, edit_act: torch.Tensor) -> None:

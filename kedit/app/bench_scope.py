@@ -13,8 +13,8 @@ import torch
 
 from editing import make_editor
 from editing.grace.codebook import nearest_within
-from editing.grace.grace import slot_id
 from editing.grace.memory import Book
+from editing.ids import slot_id
 from editing.keys import read_at_subject, read_tokens
 from kedit.core.facts import EditRequest
 from kedit.core.facts.schema import normalize
