@@ -468,6 +468,48 @@ def test_come_reports_what_its_unlearning_removed():
     assert none.diagnostics["removed_norm_ratio"] == [0.0] * len(REQUESTS)
 
 
+def test_come_reedit_unlearns_what_its_earlier_edit_installed(monkeypatch):
+    """With unlearning.outdated: installed, a re-edit's δ′ is the target its fact's earlier edit set at the
+    subject (the editor's state), not an optimization for a value the model already states."""
+    import dataclasses
+
+    import editing.come.come as come_module
+    from editing.ids import slot_id
+
+    seen = []
+    removal = come_module.removal
+    monkeypatch.setattr(come_module, "removal", lambda d, o, a, p: seen.append(o.clone()) or removal(d, o, a, p))
+    model, tok, _ = build("come-memit")
+    cls = get_editor("come-memit")
+    come = cls(model, tok, cls.preset(model, OVERRIDES["come-memit"] | {"unlearning.outdated": "installed"}), CORPUS)
+    come.edit(REQUESTS)
+    assert come.diagnostics["outdated_installed"] == [0.0, 0.0] and min(come.diagnostics["outdated_steps"]) >= 1
+    first = come.state_dict()
+    row = {int(s): i for i, s in enumerate(first["installed_slot"])}
+    a, b = row[slot_id(REQUESTS[0])], row[slot_id(REQUESTS[1])]
+    assert first["installed"].shape == (2, model.config.hidden_size)
+
+    reedit = dataclasses.replace(REQUESTS[0], target_new="berlin", target_true=REQUESTS[0].target_new)
+    come.edit([reedit])
+    assert come.diagnostics["outdated_installed"] == [1.0] and come.diagnostics["outdated_steps"] == [0.0]
+    assert torch.equal(seen[-1], first["installed"][a : a + 1])  # δ′: what the first edit installed
+    second = come.state_dict()
+    assert torch.equal(second["installed_slot"], first["installed_slot"])  # the same fact keeps its row
+    assert torch.equal(second["installed"][b], first["installed"][b])
+    assert not torch.equal(second["installed"][a], first["installed"][a])  # it now sums both edits' targets
+
+    fresh = cls(model, tok, come.hparams, CORPUS)
+    fresh.load_state_dict(second)
+    assert all(torch.equal(fresh.state_dict()[k], second[k]) for k in second)
+    with pytest.raises(EditError, match="installed_slot"):
+        fresh.load_state_dict({"installed": second["installed"]})
+    come.revert()
+    assert all(torch.equal(come.state_dict()[k], first[k]) for k in first)
+    plain = cls(model, tok, cls.preset(model, OVERRIDES["come-memit"]), CORPUS)
+    with pytest.raises(EditError, match="keeps no state"):  # the paper's δ′ keeps none
+        plain.load_state_dict(second)
+
+
 def test_come_needs_target_true():
     _, _, editor = build("come-memit")
     with pytest.raises(editing.EditError, match="target_true.*missing for: x"):
