@@ -60,6 +60,9 @@ def test_the_shipped_files_keep_their_thresholds():
         "edits.generalization_min": 0.25,
         "edits.specificity_max_drop": 0.3,
         "retention.min": 0.8,
+        "retention.sample": 50,
+        "retention.full_every": 10,
+        "retention.detect": 0.3,
         "drawdown.base_max": 0.15,
         "drawdown.step_max": 0.05,
         "drawdown.retain_facts": None,
@@ -292,3 +295,58 @@ def test_a_gate_not_registered_is_an_error_listing_the_registered_ones(tmp_path)
         ConfigError, match=r"unknown gate 'toy' \(registered: capability, drawdown, edits, memory, portability, retention\)"
     ):
         load_gates(path)
+
+
+# ----------------------------------------------------------------------------- sampled retention
+
+
+def test_detection_power_counts_every_sample():
+    """The hypergeometric tail against enumerating every sample of 4 of 10 edits, 3 of them broken."""
+    import itertools
+
+    from evaluation.gates.retention import detection_power
+
+    broken = set(range(3))
+    samples = list(itertools.combinations(range(10), 4))
+    failing = sum(len(broken & set(s)) / 4 > 1 - 0.75 for s in samples)  # retention 1 - broken share < 0.75
+    assert detection_power(10, 4, 0.3, 0.75) == pytest.approx(failing / len(samples))
+    assert detection_power(10, 10, 0.3, 0.75) == 1.0 and detection_power(10, 4, 0.0, 0.75) == 0.0
+
+
+def test_sampled_retention_catches_a_planted_regression_at_the_stated_rate(monkeypatch):
+    """200 earlier edits held; a planted step breaks 60 of them (30%). Each step scores a sample of 20 drawn from
+    its batch, and over 300 steps the gate fails as often as ``detection_power`` says; every 5th accepted
+    version scores all 200."""
+    from evaluation.gates import retention as retention_gate
+
+    tok = make_tokenizer()
+    model = bigram(tok, {"is": {"rome": 5.0, "paris": 1.0}})
+    earlier = [EditRequest(f"e{i}", f"s{i}", "the capital of {} is", "rome", "paris") for i in range(200)]
+    broken = {r.key for r in earlier[::10]} | {r.key for r in earlier[1::10]} | {r.key for r in earlier[2::10]}
+    scored: list[int] = []
+
+    def planted(model, tok, requests):
+        scored.append(len(requests))
+        return torch.tensor([r.key not in broken for r in requests])
+
+    monkeypatch.setattr(retention_gate, "edit_success", planted)
+    s = suite({**RETENTION, "min": 0.8, "sample": 20, "full_every": 5, "detect": 0.3})
+    s.on_accept(GateReport([], {}, {}, [r.key for r in earlier]))  # the previous version: all 200 held
+    failed = 0
+    for i in range(300):
+        batch = [EditRequest(f"b{i}", f"t{i}", "the capital of {} is", "rome", "paris")]
+        report = s.measure(model, tok, batch, earlier, s.before(model, tok, batch))
+        failed += "retention" in {c.gate for c in report.failed}
+    assert scored == [20] * 300  # a sample per step, never the whole chain
+    power = retention_gate.detection_power(200, 20, 0.3, 0.8)
+    assert report.metrics["retention_power"] == pytest.approx(power)
+    assert 0.5 < power < 0.95  # a rate the check below can tell from 0 and from 1
+    sd = (power * (1 - power) / 300) ** 0.5
+    assert abs(failed / 300 - power) < 4 * sd, (failed, power)
+
+    for _ in range(3):  # versions 2..4 accepted (all 200 held there): the 5th's step scores all of them
+        s.on_accept(GateReport([], {}, {}, [r.key for r in earlier]))
+    scored.clear()
+    report = s.measure(model, tok, batch, earlier, s.before(model, tok, batch))
+    assert scored == [200] and report.metrics["retention"] == pytest.approx(0.7)
+    assert not set(report.holding) & broken
