@@ -239,3 +239,24 @@ def test_a_benchmark_worker_exits_when_its_parent_is_gone():
     assert done.returncode == 1 and time.monotonic() - start < 20  # -1 is never the parent: it exits at once
     alive = "import os, time; from kedit.app.bench import exit_with_parent; exit_with_parent(os.getppid(), 0.05); time.sleep(0.5)"
     assert subprocess.run([sys.executable, "-c", alive], timeout=25).returncode == 0  # its parent lives: it runs on
+
+
+def test_bench_retention_scores_a_sample_where_the_chain_is_longer(setup, tmp_path):
+    import json
+
+    from kedit.app.bench_retention import bench_retention
+
+    ck, _, _ = setup
+    facts = [
+        {"id": f"f{i}", "subject": f"p{i}", "prompt": "{} speaks", "target_new": "german", "target_true": "french"}
+        for i in range(9)
+    ]
+    data = write_jsonl(tmp_path / "chain.jsonl", facts)
+    r = bench_retention(str(ck), data, [2, 8], sample=4, repeat=1, json_out=tmp_path / "r.json")
+    short, long = r["rows"]
+    assert (short["scored"], short["power"]) == (2, 1.0)  # a chain shorter than the sample is scored whole
+    assert long["scored"] == 4 and 0 < long["power"] < 1
+    assert all(x["full_s"] > 0 and x["sampled_s"] > 0 for x in r["rows"])
+    assert json.loads((tmp_path / "r.json").read_text())["rows"] == r["rows"]
+    with pytest.raises(ValueError, match="the longest chain needs 10"):
+        bench_retention(str(ck), data, [9])

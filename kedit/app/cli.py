@@ -471,6 +471,20 @@ def bench_mquake(model, data, methods, n, corpus, sets, json_out) -> None:
     click.echo(scores_table({"unedited": result["unedited"], **result["results"]}))
 
 
+@bench.command("retention")
+@MODEL
+@DATA
+@click.option("--lengths", default="200,1000,2000", show_default=True, help="Earlier edits on the chain, comma-separated.")
+@click.option("--sample", type=int, default=50, show_default=True, help="Holding edits a sampled step scores.")
+@JSON_OUT
+def bench_retention(model, data, lengths, sample, json_out) -> None:
+    """The retention gate's seconds per step as the chain grows: every earlier edit scored, against a sample."""
+    from kedit.app.bench_retention import bench_retention as run
+    from kedit.app.bench_retention import table
+
+    click.echo(table(run(model, data, [int(x) for x in lengths.split(",")], sample, json_out=json_out)))
+
+
 @bench.command("keys")
 @MODEL
 @DATA
