@@ -485,6 +485,18 @@ def bench_retention(model, data, lengths, sample, json_out) -> None:
     click.echo(table(run(model, data, [int(x) for x in lengths.split(",")], sample, json_out=json_out)))
 
 
+@bench.command("chain")
+@MODEL
+@click.option("--versions", type=int, default=200, show_default=True, help="Versions on the chain.")
+@click.option("--rank", type=int, default=10, show_default=True, help="Edits (and the delta's rank) per version.")
+@JSON_OUT
+def bench_chain(model, versions, rank, json_out) -> None:
+    """Rebuilding production from a long chain of versions, and showing it (kedit status), in a fresh store."""
+    from kedit.app.bench_chain import bench_chain as run
+
+    click.echo(json.dumps({k: v for k, v in run(model, versions, rank, json_out=json_out).items() if k != "machine"}, indent=2))
+
+
 @bench.command("keys")
 @MODEL
 @DATA
