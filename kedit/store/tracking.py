@@ -281,17 +281,23 @@ class Tracker:
         found = self._paged(self.client.search_model_versions, filter_string=f"name = '{name}'")
         return sorted((self._info(mv) for mv in found), key=lambda v: int(v.version))
 
+    def version_index(self, name: str) -> dict[str, VersionInfo]:
+        """Every version of ``name`` by number, in one paged search: a chain walk then asks the registry
+        once, not once per version (200 lookups took a third of rebuilding a 200-version chain)."""
+        return {v.version: v for v in self.versions(name)}
+
     def chain(self, name: str, version: str | None) -> list[VersionInfo]:
         """The versions from the first edit of the base model up to ``version``, oldest first, as the registry's
         parent tags link them: for display. What is applied to a model is walked and verified from the
         manifests themselves (``kedit.store.versions``)."""
         out: list[VersionInfo] = []
         seen = set()
+        index = self.version_index(name) if version else {}
         while version:
             if version in seen:
                 raise TrackingError(f"{name}: version chain has a cycle at {version}")
             seen.add(version)
-            info = self.version(name, version)
+            info = index.get(version) or self.version(name, version)
             out.append(info)
             version = info.parent
         return out[::-1]

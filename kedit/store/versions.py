@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -270,12 +271,15 @@ def _fetch_chain(tracker: Tracker, name: str, version: str | None, fingerprint: 
     named: str | None = None  # the manifest sha256 the child's manifest names for this version
     child: str | None = None
     base_fp = fingerprint
-    with tempfile.TemporaryDirectory(prefix="kedit-chain-") as tmp:
+    index = tracker.version_index(name) if version else {}
+    walked: set[str] = set()
+    with tempfile.TemporaryDirectory(prefix="kedit-chain-") as tmp, ThreadPoolExecutor(FETCH_WORKERS) as pool:
+        fetched = _prefetch(pool, tracker, index, version, Path(tmp))
         while version:
             where = f"{name} v{version}"
-            if version in {i.version for i in infos}:
+            if version in walked:
                 raise PatchIntegrityError(f"{where}: the chain comes back to this version (a cycle)")
-            info = tracker.version(name, version)
+            info = index.get(version) or tracker.version(name, version)
             tag = info.tags.get(T_MANIFEST_SHA)
             if child is None:
                 want = tag  # the head: the registry's tag is all there is to start from
@@ -293,7 +297,13 @@ def _fetch_chain(tracker: Tracker, name: str, version: str | None, fingerprint: 
                     "registry's tag only",
                     name, child, version,
                 )  # fmt: skip
-            v = read_version(tracker.fetch_version(info, Path(tmp) / f"v{len(infos)}"), want, base_fp)
+            got = fetched.get(version)
+            path = (
+                got.result()
+                if got is not None and index.get(version) is info
+                else tracker.fetch_version(info, Path(tmp) / f"v{version}")
+            )
+            v = read_version(path, want, base_fp)
             m = v.manifest
             if want in seen:
                 raise PatchIntegrityError(f"{where}: manifest {want[:16]}… appears twice in the chain")
@@ -311,10 +321,26 @@ def _fetch_chain(tracker: Tracker, name: str, version: str | None, fingerprint: 
                 raise PatchIntegrityError(f"{where}: made for other base weights than the rest of the chain")
             named = _named_parent(m, parent, where)
             infos.append(info)
+            walked.add(info.version)
             loaded.append(v)
             shas.append(want)
             child, version = version, parent
     return infos[::-1], loaded[::-1], shas[::-1]
+
+
+FETCH_WORKERS = 4  # artifact downloads in flight while the chain is verified (I/O: copies or HTTP requests)
+
+
+def _prefetch(pool: ThreadPoolExecutor, tracker: Tracker, index: dict[str, VersionInfo], head: str | None, tmp: Path):
+    """Start downloading the versions the registry's parent tags link below ``head``, into ``tmp/v<N>``.
+
+    Only the downloads run ahead: each version is still verified in the walk, against the manifest hash its
+    child names, so a registry whose tags lie gets nothing past the check."""
+    fetched: dict[str, Future] = {}
+    while head and head in index and head not in fetched:
+        fetched[head] = pool.submit(tracker.fetch_version, index[head], tmp / f"v{head}")
+        head = index[head].parent
+    return fetched
 
 
 def _v(version: str | None) -> str:
