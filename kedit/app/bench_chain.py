@@ -87,7 +87,8 @@ def bench_chain(
         t0 = time.perf_counter()
         chain = rebuild(model, tracker, name, parent, fp)
         out["rebuild_s"] = time.perf_counter() - t0
-        assert len(chain.versions) == versions and len(chain.requests) == versions * rank
+        if len(chain.versions) != versions or len(chain.requests) != versions * rank:
+            raise RuntimeError(f"rebuilt {len(chain.versions)} versions and {len(chain.requests)} requests of {versions}")
         t0 = time.perf_counter()
         tracker.chain(name, parent)
         out["registry_chain_s"] = time.perf_counter() - t0
