@@ -270,3 +270,48 @@ def test_bench_chain_rebuilds_what_it_wrote(setup, tmp_path, monkeypatch):
     r = bench_chain(str(ck), versions=3, rank=2, layers=(1, 2), json_out=tmp_path / "c.json")
     assert r["versions"] == 3 and r["version_kb"] > 0
     assert all(r[k] > 0 for k in ("write_s_per_version", "rebuild_s", "registry_chain_s", "status_s"))
+
+
+def test_bench_editors_resumes_a_method_stopped_mid_run_with_the_same_result(setup, tmp_path, monkeypatch):
+    """AlphaEdit (patches and a key cache in its state), 3 batches: stopped after the 2nd and rerun, it replays the
+    saved steps and ends with the uninterrupted run's scores exactly; other settings start afresh."""
+    from editing.base import Editor
+    from kedit.app.bench import _run_method
+
+    ck, data, corpus = setup
+    hp = {"layers": [1, 2], "solve.l2": 1e-6, **{k: v for k, v in MEMIT.items() if k not in ("layers", "solve.mom2_weight")}}
+    args = (str(ck), str(data), 3, 1, str(corpus), hp)
+    whole = _run_method("alphaedit", *args, steps_dir=str(tmp_path / "whole"))
+
+    edit, calls = Editor.edit, []
+
+    def stopped(self, requests):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the run killed in its 3rd batch
+        return edit(self, requests)
+
+    monkeypatch.setattr(Editor, "edit", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        _run_method("alphaedit", *args, steps_dir=str(tmp_path / "parts"))
+    monkeypatch.setattr(Editor, "edit", edit)
+    assert sorted(p.name for p in (tmp_path / "parts").glob("step-*")) == ["step-00000", "step-00001"]
+    resumed_run = _run_method("alphaedit", *args, steps_dir=str(tmp_path / "parts"))
+    timing = {"seconds_per_edit", "latency_ratio", "statistics_s", "peak_rss_mb", "peak_gpu_mb"}
+    scores = sorted(set(whole) - timing)
+    assert sorted(set(resumed_run) - timing) == scores and whole["efficacy"] > 0
+
+    def same(a, b):
+        return a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
+
+    assert all(same(resumed_run[k], whole[k]) for k in scores), {k: (resumed_run[k], whole[k]) for k in scores}
+    assert len(list((tmp_path / "parts").glob("step-*"))) == 3
+
+    def files(run):  # the 3rd batch's patches and the state after it: made on the replayed model and key cache
+        d = tmp_path / run / "step-00002"
+        return {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file() and p.name != "step.json"}
+
+    assert files("parts") == files("whole") and len(files("whole")) >= 3
+
+    _run_method("alphaedit", str(ck), str(data), 2, 1, str(corpus), hp, steps_dir=str(tmp_path / "parts"))
+    assert len(list((tmp_path / "parts").glob("step-*"))) == 2  # other settings (n): the old steps cleared

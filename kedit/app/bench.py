@@ -260,9 +260,13 @@ def _run_method(
     corpus_path: str | None,
     overrides: dict,
     protocol: str = "counterfact",
+    steps_dir: str | None = None,
 ) -> dict:
-    """One editor on a fresh model, in its own process (so peak memory is its own)."""
+    """One editor on a fresh model, in its own process (so peak memory is its own). With ``steps_dir`` each
+    batch's patches and the editor's state are kept there, and a rerun with the same settings resumes."""
     import resource
+
+    from .bench_steps import open_steps, replay, save_step
 
     model, tok, editor, t_stats = editor_on(model_ref, method, corpus_path, overrides)
     reqs = _cases(data, n)
@@ -272,13 +276,27 @@ def _run_method(
     t_before = forward_seconds(model, tok, timed)
     editor.held_out = scored_texts(reqs)
     seen: set[str] = set()
-    t0 = time.perf_counter()
     batches = [reqs[i : i + batch_size] for i in range(0, len(reqs), batch_size)]
-    for b in tqdm(batches, desc=f"{method}: batches of {batch_size}", unit="batch"):
-        editor.edit(b)
+    done, t_edit = 0, 0.0
+    root = Path(steps_dir) if steps_dir else None
+    if root is not None:
+        settings = {"method": method, "model": model_ref, "data": data, "n": n, "batch_size": batch_size}
+        settings |= {"corpus": corpus_path, "overrides": overrides, "protocol": protocol}
+        saved = open_steps(root, settings)
+        if saved:
+            counts = replay(saved, model, editor)
+            done, t_edit = len(saved), counts["edit_s"]
+            seen |= counts["samples"]
+    bar = tqdm(batches[done:], desc=f"{method}: batches of {batch_size}", unit="batch", initial=done, total=len(batches))
+    for i, b in enumerate(bar, start=done):
+        t0 = time.perf_counter()
+        patches = editor.edit(b)
         editor.commit()
-        seen.update(normalize(t) for t in editor.samples)
-    t_edit = time.perf_counter() - t0
+        t_edit += time.perf_counter() - t0
+        mine = {normalize(t) for t in editor.samples}
+        seen |= mine
+        if root is not None:
+            save_step(root, i, patches, editor.state_dict(), {"edit_s": t_edit, "samples": sorted(mine)})
     require_held_out(method, editor.held_out, seen)
     earlier = [r for b in batches[:-1] for r in b]
     return {
@@ -310,32 +328,34 @@ def bench_editors(
     corpus: Path | None = None,
     overrides: dict[str, dict] | None = None,
     protocol: str = "counterfact",
+    json_out: Path | None = None,
 ) -> dict:
     """N edits in successive batches per method, each on a fresh model in its own process;
-    metrics on the final model (``protocol``: a key of ``PROTOCOLS``). ``overrides`` maps a method to preset overrides."""
+    metrics on the final model (``protocol``: a key of ``PROTOCOLS``). ``overrides`` maps a method to preset overrides.
+
+    With ``json_out`` the JSON is rewritten after each method and a rerun with the same settings skips the
+    methods there; a method stopped mid-run resumes after its last batch from ``<json_out>.steps/<method>``."""
     if model_ref in KNOWN_MODELS:
         pull(model_ref)
     corpus_path = _corpus_file(corpus)
     with worker_pool() as pool:
         unedited = pool.submit(_unedited, model_ref, str(data), n, protocol).result()
-    out = {
+    settings = {
         "model": model_ref,
         "data": str(data),
         "protocol": protocol,
         "n": n,
         "batch_size": batch_size,
         "corpus": corpus_path or "model samples",
-        "unedited": unedited,
-        "results": {},
-        "machine": machine(),
+        "overrides": overrides or {},
     }
-    return each_method_alone(
-        out,
-        methods,
-        _run_method,
-        lambda m: (model_ref, str(data), n, batch_size, corpus_path, (overrides or {}).get(m, {}), protocol),
-        None,
-    )
+    out = {**settings, "unedited": unedited, "results": resumed(json_out, settings), "machine": machine()}
+
+    def args(m: str) -> tuple:
+        steps = f"{json_out}.steps/{m}" if json_out else None
+        return model_ref, str(data), n, batch_size, corpus_path, (overrides or {}).get(m, {}), protocol, steps
+
+    return each_method_alone(out, methods, _run_method, args, json_out)
 
 
 def bench_stream(

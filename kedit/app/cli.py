@@ -423,9 +423,8 @@ def bench_editors(model, data, methods, n, batch_size, sequential, corpus, sets,
         raise click.UsageError("only --sequential is implemented: batches accumulate on one model, as in a stream")
     chosen = methods.split(",") if methods else editor_names()
     overrides = _method_overrides(sets, chosen)
-    result = run(model, data, chosen, n, batch_size, corpus, overrides, protocol)
+    result = run(model, data, chosen, n, batch_size, corpus, overrides, protocol, json_out)
     click.echo(scores_table({"unedited": result["unedited"], **result["results"]}))
-    _write_json(json_out, result)
 
 
 @bench.command("reedit")
