@@ -315,3 +315,14 @@ def test_bench_editors_resumes_a_method_stopped_mid_run_with_the_same_result(set
 
     _run_method("alphaedit", str(ck), str(data), 2, 1, str(corpus), hp, steps_dir=str(tmp_path / "parts"))
     assert len(list((tmp_path / "parts").glob("step-*"))) == 2  # other settings (n): the old steps cleared
+
+
+def test_bench_phases_profiles_the_editing_package(setup):
+    from kedit.app.bench_phases import bench_phases, table
+
+    ck, data, corpus = setup
+    r = bench_phases(str(ck), data, "memit", 3, 2, corpus, MEMIT)
+    names = [f["function"] for f in r["functions"]]
+    assert all(n.startswith("editing/") for n in names) and any("optimize_targets" in n for n in names)
+    assert r["functions"] == sorted(r["functions"], key=lambda f: -f["cumulative_s"])
+    assert r["diagnostics"]["target_steps"] >= 1 and "memit" in table(r)
