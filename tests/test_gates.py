@@ -350,3 +350,23 @@ def test_sampled_retention_catches_a_planted_regression_at_the_stated_rate(monke
     report = s.measure(model, tok, batch, earlier, s.before(model, tok, batch))
     assert scored == [200] and report.metrics["retention"] == pytest.approx(0.7)
     assert not set(report.holding) & broken
+
+
+def test_the_end_of_a_stream_scores_in_full_what_steps_only_sampled(monkeypatch):
+    from evaluation.gates import retention as retention_gate
+
+    tok = make_tokenizer()
+    model = bigram(tok, {"is": {"rome": 5.0, "paris": 1.0}})
+    earlier = [EditRequest(f"e{i}", f"s{i}", "the capital of {} is", "rome", "paris") for i in range(30)]
+    broken = {r.key for r in earlier[:6]}
+    monkeypatch.setattr(retention_gate, "edit_success", lambda m, t, reqs: torch.tensor([r.key not in broken for r in reqs]))
+    s = suite({**RETENTION, "min": 0.5, "sample": 5, "full_every": 100, "detect": 0.3})
+    s.on_accept(GateReport([], {}, {}, [r.key for r in earlier]))
+    assert s.on_end(model, tok, earlier) == {}  # nothing accepted on a sample yet: nothing to check again
+    report = s.measure(model, tok, [REQ], earlier, s.before(model, tok, [REQ]))
+    assert report.metrics["retention_scored"] == 5
+    s.on_accept(report)
+    final = s.on_end(model, tok, earlier)
+    held = {r.key for r in earlier} & set(report.holding)  # all 30 less the broken ones the sample found
+    lost = len(broken & held)  # the broken edits the sample did not see
+    assert lost > 0 and final == {"retention_final": pytest.approx(1 - lost / len(held)), "retention_final_lost": lost}

@@ -8,7 +8,9 @@ every gate named in the gates file, in file order. The hooks, and when they run:
   (the previous version's numbers: which earlier edits hold, its retain-set accuracy, its lm-eval values);
 - ``before(model, tok, batch)``: just before a batch is edited in (the neighbours' answers);
 - ``measure(step, before)``: on the edited model; returns the gate's metrics and results;
-- ``on_accept(report)``: the batch became a version: move the previous-version baseline on from the report.
+- ``on_accept(report)``: the batch became a version: move the previous-version baseline on from the report;
+- ``on_end(model, tok, earlier)``: the stream ends; metrics of a last check on production (retention scores all
+  it sampled).
 """
 
 from __future__ import annotations
@@ -141,6 +143,10 @@ class Gate:
 
     def on_accept(self, report: GateReport) -> None:
         pass
+
+    def on_end(self, model, tok, earlier: Sequence[EditRequest]) -> dict[str, float]:
+        """When the stream ends, on the production model: a last check of what steps only sampled."""
+        return {}
 
 
 GATES: dict[str, type[Gate]] = {}

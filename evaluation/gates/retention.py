@@ -2,7 +2,8 @@
 
 Scoring every earlier edit at every step costs O(N²) prompts over an N-edit stream. With ``sample: s`` a step
 scores s of the edits that held, drawn uniformly without replacement (seeded by the batch, so a rerun draws
-the same), and every ``full_every``-th accepted version scores them all; between full checks an unsampled edit
+the same), and every ``full_every``-th accepted version scores them all, and so does the stream's end (``on_end``) after a
+sampled version; between full checks an unsampled edit
 counts as holding until a sample or a full check finds otherwise. What a sample can miss is exact:
 ``detection_power`` (hypergeometric) is the probability that a step breaking a share f of the holding edits
 fails the gate, reported with each sampled step for the share ``detect``.
@@ -61,6 +62,7 @@ class RetentionGate(Gate):
         # efficacy threshold) must not fail every later step
         self.holding: set[str] = set()
         self.accepted = 0  # versions accepted since this stream started: when the next full check falls
+        self.unchecked = False  # a version was accepted on a sample since the last full check
 
     def on_production(self, model, tok, earlier: Sequence[EditRequest]) -> None:
         ok = edit_success(model, tok, earlier).tolist() if earlier else []
@@ -102,3 +104,13 @@ class RetentionGate(Gate):
     def on_accept(self, report: GateReport) -> None:
         self.holding = set(report.holding)
         self.accepted += 1
+        if "retention_scored" in report.metrics:
+            self.unchecked = "retention_power" in report.metrics  # a sampled step reports its power
+
+    def on_end(self, model, tok, earlier: Sequence[EditRequest]) -> dict[str, float]:
+        """After sampled steps, every edit that was holding scored once more on production."""
+        if not self.unchecked:
+            return {}
+        held = [r for r in earlier if r.key in self.holding]
+        ok = edit_success(model, tok, held) if held else torch.zeros(0, dtype=torch.bool)
+        return {"retention_final": mean(ok), "retention_final_lost": float((~ok).sum())}

@@ -134,3 +134,10 @@ class GateSuite:
     def on_accept(self, report: GateReport) -> None:
         for g in self.gates:
             g.on_accept(report)
+
+    def on_end(self, model, tok, earlier: Sequence[EditRequest]) -> dict[str, float]:
+        """Each gate's last check on the production model when the stream ends, merged."""
+        out: dict[str, float] = {}
+        for g in self.gates:
+            out |= g.on_end(model, tok, earlier)
+        return out

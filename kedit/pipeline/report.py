@@ -53,6 +53,8 @@ def finish_stream(session_id: str, plan: Plan) -> dict:
         session.progress.close()
     work = Path(plan.path).parent
     summary = summarize(session, plan)
+    # what steps only sampled (retention on a long chain), checked in full on production
+    summary["final_checks"] = session.gates.on_end(session.model, session.tokenizer, session.earlier)
     (work / "stream_quarantine.jsonl").write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in session.quarantined))
     (work / "accepted.json").write_text(json.dumps(session.accepted, indent=2))
     tracker.log_dict(session.run_id, session.quarantined, "quarantine_gates.json")
@@ -62,6 +64,7 @@ def finish_stream(session_id: str, plan: Plan) -> dict:
     summary["feeds"] = plan.feeds
     totals = {k: summary[k] for k in ("accepted", "did_not_hold", "quarantined", "superseded", "skipped")}
     totals["n_edits"] = session.n_edits
+    totals |= summary["final_checks"]
     monitor.log_point(session, session.n_edits, {k: float(v) for k, v in totals.items()})
     if session.rejected:  # the picture holds every rejection, also those after the last version
         monitor.plot_drawdown(session)
