@@ -155,13 +155,18 @@ def test_bench_fill_times_reading_the_old_value_against_the_edit(setup):
     assert all(a["recorded"] == e["target_true"] for a, e in zip(r["answers"], EDITS))  # the data's old value, kept apart
 
 
-def test_bench_editors_runs_each_method_on_a_fresh_model(setup):
+def test_bench_editors_runs_each_method_on_a_fresh_model(setup, tmp_path):
+    import json
+
     from kedit.app.bench import bench_editors
 
     ck, data, corpus = setup
-    r = bench_editors(
-        str(ck), data, ["ft-m", "ft-l"], 2, 1, corpus, {"ft-m": {"layers": [2], "lr": 0.02}, "ft-l": {"layers": [2]}}
-    )
+    out = tmp_path / "editors.json"
+    overrides = {"ft-m": {"layers": [2], "lr": 0.02}, "ft-l": {"layers": [2]}}
+    r = bench_editors(str(ck), data, ["ft-m", "ft-l"], 2, 1, corpus, overrides, json_out=out)
+    written = json.loads(out.read_text())["results"]  # NaN metrics (no paraphrases here) never compare equal
+    assert list(written) == ["ft-m", "ft-l"] and written["ft-m"]["efficacy"] == r["results"]["ft-m"]["efficacy"]
+    assert not (tmp_path / "editors.json.steps").exists()  # the finished methods' saved steps are removed
     assert list(r["results"]) == ["ft-m", "ft-l"] and r["unedited"]["efficacy"] == 0.0
     assert r["results"]["ft-m"]["n_edits"] == 2 and r["results"]["ft-m"]["efficacy"] == 1.0
 
@@ -244,6 +249,7 @@ def test_a_benchmark_worker_exits_when_its_parent_is_gone():
 def test_bench_retention_scores_a_sample_where_the_chain_is_longer(setup, tmp_path):
     import json
 
+    from evaluation.gates.retention import detection_power
     from kedit.app.bench_retention import bench_retention
 
     ck, _, _ = setup
@@ -255,7 +261,8 @@ def test_bench_retention_scores_a_sample_where_the_chain_is_longer(setup, tmp_pa
     r = bench_retention(str(ck), data, [2, 8], sample=4, repeat=1, json_out=tmp_path / "r.json")
     short, long = r["rows"]
     assert (short["scored"], short["power"]) == (2, 1.0)  # a chain shorter than the sample is scored whole
-    assert long["scored"] == 4 and 0 < long["power"] < 1
+    assert long["scored"] == 4 and 0 < long["power"] < 1 and short["false_alarm"] == 0.0
+    assert long["false_alarm"] == detection_power(8, 4, 0.1, 0.8) < long["power"]
     assert all(x["full_s"] > 0 and x["sampled_s"] > 0 for x in r["rows"])
     assert json.loads((tmp_path / "r.json").read_text())["rows"] == r["rows"]
     with pytest.raises(ValueError, match="the longest chain needs 10"):

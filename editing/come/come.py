@@ -71,9 +71,9 @@ class _CoME:
 
     def _held_rows(self, requests: list[EditRequest]) -> torch.Tensor:
         """Per request, the row of ``installed`` holding its fact, or -1: (n,)."""
-        ids = torch.tensor([slot_id(r) for r in requests], dtype=torch.int64)
         if not self._keeps_installed() or len(self.installed_slot) == 0:
             return torch.full((len(requests),), -1, dtype=torch.int64)
+        ids = torch.tensor([slot_id(r) for r in requests], dtype=torch.int64)
         match = ids[:, None] == self.installed_slot[None, :]  # (n, m)
         return torch.where(match.any(1), match.int().argmax(1), -1)
 

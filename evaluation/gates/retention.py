@@ -2,9 +2,9 @@
 
 Scoring every earlier edit at every step costs O(N²) prompts over an N-edit stream. With ``sample: s`` a step
 scores s of the edits that held, drawn uniformly without replacement (seeded by the batch, so a rerun draws
-the same), and every ``full_every``-th accepted version scores them all, and so does the stream's end (``on_end``) after a
-sampled version; between full checks an unsampled edit
-counts as holding until a sample or a full check finds otherwise. What a sample can miss is exact:
+the same); every ``full_every``-th accepted version scores them all, and so does the stream's end (``on_end``)
+after a version accepted on a sample. Between full checks an unsampled edit counts as holding until a sample
+or a full check finds otherwise. What a sample can miss is exact:
 ``detection_power`` (hypergeometric) is the probability that a step breaking a share f of the holding edits
 fails the gate, reported with each sampled step for the share ``detect``.
 """
@@ -43,10 +43,10 @@ def detection_power(holding: int, sample: int, broken: float, minimum: float) ->
     return 1.0 - passes / total
 
 
-def draw(keys: Sequence[str], sample: int, batch: Sequence[EditRequest]) -> list[int]:
-    """Indices of ``sample`` of ``keys``, uniformly without replacement, the same for the same batch."""
+def draw(n: int, sample: int, batch: Sequence[EditRequest]) -> list[int]:
+    """``sample`` indices of ``range(n)``, uniformly without replacement, the same for the same batch."""
     seed = int.from_bytes(hashlib.sha256("\x1f".join(sorted(r.key for r in batch)).encode()).digest()[:8], "little")
-    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return sorted(order[:sample].tolist())
 
 
@@ -86,7 +86,7 @@ class RetentionGate(Gate):
 
     def _measure_sample(self, step: Step, held_list: list[EditRequest]) -> Outcome:
         s = self.cfg.sample
-        picked = [held_list[i] for i in draw([r.key for r in held_list], s, step.batch)]
+        picked = [held_list[i] for i in draw(len(held_list), s, step.batch)]
         ok = edit_success(step.model, step.tok, picked)
         power = detection_power(len(held_list), s, self.cfg.detect, self.cfg.min or 0.0)
         metrics = {"retention": mean(ok), "retention_scored": float(s), "retention_power": power}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -355,7 +357,13 @@ def bench_editors(
         steps = f"{json_out}.steps/{m}" if json_out else None
         return model_ref, str(data), n, batch_size, corpus_path, (overrides or {}).get(m, {}), protocol, steps
 
-    return each_method_alone(out, methods, _run_method, args, json_out)
+    out = each_method_alone(out, methods, _run_method, args, json_out)
+    if json_out:  # a method in the JSON needs its steps no more (and a run written into docs/ must not leave them)
+        for m in out["results"]:
+            shutil.rmtree(f"{json_out}.steps/{m}", ignore_errors=True)
+        with contextlib.suppress(OSError):
+            Path(f"{json_out}.steps").rmdir()  # only when empty
+    return out
 
 
 def bench_stream(

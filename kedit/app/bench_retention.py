@@ -3,7 +3,8 @@
 The gate's cost does not depend on whether the earlier edits hold, only on how many prompts it scores, so the
 chain is stood in for by the first N facts of a file, all taken as holding on the previous version (no edit is
 made). Per chain length: the gate scoring all N (``sample: null``) and scoring its sample, timed on the same
-model in one run (their ratio), with the sample's detection power for the configured broken share.
+model in one run (their ratio), with the sample's detection power for the configured broken share and its false
+alarm rate (the same probability for a step that breaks only the share ``healthy``, which the gate should pass).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from evaluation.gates.retention import detection_power
 from kedit.core.facts import load_facts
 from kedit.core.models import KNOWN_MODELS, load_model, pull
 
@@ -37,6 +39,7 @@ def bench_retention(
     sample: int = 50,
     minimum: float = 0.8,
     detect: float = 0.3,
+    healthy: float = 0.1,
     repeat: int = 2,
     json_out: Path | None = None,
 ) -> dict:
@@ -48,7 +51,8 @@ def bench_retention(
     model, tok = load_model(model_ref)
     batch = facts[:1]
     sampled = {"min": minimum, "sample": sample, "full_every": 10**9, "detect": detect}
-    out = {"model": model_ref, "data": str(data), "sample": sample, "min": minimum, "detect": detect, "rows": []}
+    out = {"model": model_ref, "data": str(data), "sample": sample, "min": minimum, "detect": detect, "healthy": healthy}
+    out["rows"] = []
     out["machine"] = machine()
     for n in lengths:
         earlier = facts[1 : n + 1]
@@ -62,6 +66,7 @@ def bench_retention(
                 "speedup": full_s / sample_s,
                 "scored": metrics["retention_scored"],
                 "power": metrics.get("retention_power", 1.0),  # no sample below its size: every edit scored
+                "false_alarm": detection_power(n, sample, healthy, minimum) if n > sample else 0.0,
             }
         )
         save_json(json_out, out)
@@ -69,8 +74,14 @@ def bench_retention(
 
 
 def table(result: dict) -> str:
-    rows = [f"| earlier edits | all scored | a sample of {result['sample']} | ratio | power at {result['detect']:.0%} broken |"]
-    rows.append("|---:|---:|---:|---:|---:|")
+    rows = [
+        f"| earlier edits | all scored | a sample of {result['sample']} | ratio | P(fail) at {result['detect']:.0%} broken"
+        f" | P(fail) at {result['healthy']:.0%} broken |"
+    ]
+    rows.append("|---:|---:|---:|---:|---:|---:|")
     for r in result["rows"]:
-        rows.append(f"| {r['earlier']} | {r['full_s']:.2f} s | {r['sampled_s']:.2f} s | {r['speedup']:.1f}x | {r['power']:.3f} |")
+        rows.append(
+            f"| {r['earlier']} | {r['full_s']:.2f} s | {r['sampled_s']:.2f} s | {r['speedup']:.1f}x | {r['power']:.3f}"
+            f" | {r['false_alarm']:.4f} |"
+        )
     return "\n".join(rows)

@@ -503,14 +503,15 @@ def bench_chain(model, versions, rank, json_out) -> None:
 @click.option("--n", type=int, default=20, show_default=True, help="CounterFact cases.")
 @BATCH_SIZE
 @corpus_option(default_corpus, SHARED_CORPUS)
-@click.option("--set", "sets", multiple=True, help="Preset override KEY=YAML_VALUE.")
+@click.option("--set", "sets", multiple=True, help="Preset override METHOD.KEY=YAML_VALUE.")
 @JSON_OUT
 def bench_phases(model, data, method, n, batch_size, corpus, sets, json_out) -> None:
     """Where an editor's time goes: the editing package's functions by cumulative time, over real batches."""
     from kedit.app.bench_phases import bench_phases as run
     from kedit.app.bench_phases import table
 
-    click.echo(table(run(model, data, method, n, batch_size, corpus, sets_to_overrides(sets), json_out=json_out)))
+    overrides = _method_overrides(sets, [method]).get(method, {})
+    click.echo(table(run(model, data, method, n, batch_size, corpus, overrides, json_out=json_out)))
 
 
 @bench.command("keys")

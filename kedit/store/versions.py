@@ -297,12 +297,8 @@ def _fetch_chain(tracker: Tracker, name: str, version: str | None, fingerprint: 
                     "registry's tag only",
                     name, child, version,
                 )  # fmt: skip
-            got = fetched.get(version)
-            path = (
-                got.result()
-                if got is not None and index.get(version) is info
-                else tracker.fetch_version(info, Path(tmp) / f"v{version}")
-            )
+            got = fetched.get(version)  # started from the same registry entry as ``info``
+            path = got.result() if got is not None else tracker.fetch_version(info, Path(tmp) / f"v{version}")
             v = read_version(path, want, base_fp)
             m = v.manifest
             if want in seen:
