@@ -8,6 +8,7 @@ from .ft_l.ft_l import FTL
 from .ft_m.ft_m import FTM
 from .grace.grace import GRACE
 from .memit.memit import MEMIT
+from .mend.mend import MEND
 from .patches import Dense, LinearAdapter, LowRank, ModulePatch, PatchIntegrityError, PatchSet, Undo, WeightDelta
 from .pmet.pmet import PMET
 from .rome.rome import ROME
@@ -20,6 +21,7 @@ __all__ = [
     "DEFAULT_EDITOR",
     "EDITORS",
     "MEMIT",
+    "MEND",
     "PMET",
     "CoMEMEMIT",
     "CoMEPMET",

@@ -57,6 +57,7 @@ class Editor(ABC):
     hparams_cls: ClassVar[type]
     method_dir: ClassVar[Path]
     assets: ClassVar[tuple[str, ...]] = ()
+    trains: ClassVar[str | None] = None  # the asset this method trains itself (kedit train NAME), if any
 
     def __init__(self, model: nn.Module, tokenizer, hparams=None):
         self.model = model
@@ -82,6 +83,8 @@ class Editor(ABC):
         self.require_supported(requests)
         state = self.state_dict()
         meta = {"editor": self.name, "request_ids": [r.id for r in requests]}
+        if self.provenance():
+            meta["assets"] = self.provenance()
         self._pending = WeightDelta(meta=meta)
         self._installed: list[tuple[str, Installable]] = []
         self._undo = Undo()
@@ -117,6 +120,34 @@ class Editor(ABC):
 
     def require_supported(self, requests: Sequence[EditRequest]) -> None:  # noqa: B027 - optional hook
         """Reject requests this method cannot handle, with a clear message."""
+
+    @classmethod
+    def trainable_facts(cls, facts: Sequence[EditRequest]) -> list[EditRequest]:
+        """Of ``facts``, those the method's training can use (a trained method overrides this)."""
+        return []
+
+    @classmethod
+    def train_asset(
+        cls, model, tokenizer, hparams, train, val, checkpoints: Path, out: Path, fingerprint: str, info, on_metrics, max_seconds
+    ):
+        """Train the asset ``trains`` names into ``out`` (resuming from ``checkpoints``); returns a summary with
+        ``step``, ``best_step`` and ``stopped``. Only methods with ``trains`` set implement it."""
+        raise EditError(f"{cls.name} has nothing to train")
+
+    @classmethod
+    def open_asset(cls, name: str, directory: Path, fingerprint: str, provenance: dict[str, str]) -> Any:
+        """Load the file asset ``name`` (a trained network) from ``directory`` for the base model ``fingerprint``,
+        verified; ``provenance`` says where it was fetched from. Editors with such an asset override this."""
+        raise EditError(f"{cls.name} has no file asset {name!r}")
+
+    def trained_on(self) -> frozenset[str]:
+        """Ids of the facts a trained asset of this editor learned from: a benchmark refuses to score them."""
+        return frozenset()
+
+    def provenance(self) -> dict[str, str]:
+        """Where the assets an edit depends on come from (a trained network's registered name, version and
+        sha256): recorded in each patch's meta and in each version made with this editor."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -13,6 +13,7 @@ from editing.base import EditError, Editor
 from editing.finetune import model_device, target_batch
 from editing.hparams import TargetHyperParams
 from editing.keys import subject_keys
+from editing.mend.mend import MENDNetwork
 from editing.stats import Corpus, second_moments
 from editing.targets import optimize_targets
 from kedit.core.config import ConfigError, StrictConfig
@@ -58,6 +59,8 @@ OVERRIDES = {
     "come-pmet": {"layers": (1, 2), "solve.mom2_weight": 1.0, **TINY},
     "ft-l": {"layers": (1,), "lr": 0.01, "norm_constraint": 0.05},
     "ft-m": {"layers": (1,), "lr": 0.01},
+    # an untrained network (the identity maps): one gradient step of rate edit_lr on two layers' MLPs
+    "mend": {"layers": (2, 3), "network.rank": 16, "edit_lr": 0.01},
     "grace": {"layer": 2, "codebook.radius": 0.5, "codebook.capacity": 2},
     "balancedit": {"layer": 1, "scope.capacity": 2, "templates.count": 2, "templates.length": 3, "value.clamp_norm": 200.0},
     # a tiny model's outputs are small: margins to its scale, two edits per shard, two shards per merge
@@ -137,8 +140,11 @@ def build(name, make=trained_scale_llama, seed=0):
     tok = make_tokenizer()
     model = make(len(tok), seed=seed)
     cls = editor_class(name)
+    hp = cls.preset(model, CONTRACT[name])
     kwargs = {"corpus": CORPUS} if "corpus" in cls.assets else {}
-    return model, tok, cls(model, tok, cls.preset(model, CONTRACT[name]), **kwargs)
+    if cls.trains:  # what it would load from the registry: here its untrained network
+        kwargs[cls.trains] = MENDNetwork(cls.new_network(model, hp), {"network": "untrained"})
+    return model, tok, cls(model, tok, hp, **kwargs)
 
 
 def snapshot(model):

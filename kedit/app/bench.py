@@ -98,10 +98,24 @@ def editor_on(model_ref: str, method: str, corpus_path: str | None, overrides: d
 
     model, tok = load_model(model_ref, device)
     corpus = corpus_from_files([corpus_path]) if corpus_path else None
-    editor = make_editor(method, model, tok, overrides, assets={"corpus": corpus})
+    editor = make_editor(method, model, tok, overrides, assets={"corpus": corpus, **_trained(model_ref, model, method)})
     t0 = time.perf_counter()
     editor.prepare()
     return model, tok, editor, time.perf_counter() - t0
+
+
+def _trained(model_ref: str, model, method: str) -> dict:
+    """A trained editor's network, from the registry of $MLFLOW_TRACKING_URI (default ./mlruns) for this base."""
+    from editing import get_editor
+    from kedit.store.naming import identify
+    from kedit.store.networks import trained_assets
+    from kedit.store.tracking import Tracker
+
+    cls = get_editor(method)
+    if not cls.trains:
+        return {}
+    registered, fingerprint = identify(model_ref, model)
+    return trained_assets(Tracker(), cls, registered, fingerprint)
 
 
 def resumed(json_out: Path | None, settings: dict) -> dict:
@@ -238,6 +252,16 @@ def require_held_out(method: str, scored: frozenset[str], seen: set[str]) -> Non
         )
 
 
+def require_not_trained_on(editor, reqs) -> None:
+    """Refuse to score requests that the editor's trained network learned from: it would measure recall."""
+    seen = sorted({r.id for r in reqs} & editor.trained_on())
+    if seen:
+        raise KeditError(
+            f"{editor.name}'s network was trained on {len(seen)} of the scored records (first: {seen[0]}); "
+            "train it with --holdout on this data"
+        )
+
+
 def forward_seconds(model, tok, prompts: list[str], repeats: int = 3) -> float:
     """The median time of one batched forward over ``prompts``: what an edit adds to inference."""
     from kedit.core.lm import encode_prompts, model_device, pad_batch, pad_id_of
@@ -263,9 +287,11 @@ def _run_method(
     overrides: dict,
     protocol: str = "counterfact",
     steps_dir: str | None = None,
+    sequential: bool = True,
 ) -> dict:
     """One editor on a fresh model, in its own process (so peak memory is its own). With ``steps_dir`` each
-    batch's patches and the editor's state are kept there, and a rerun with the same settings resumes."""
+    batch's patches and the editor's state are kept there, and a rerun with the same settings resumes.
+    Not ``sequential``: each batch is edited on the unedited model, scored, and reverted."""
     import resource
 
     from .bench_steps import open_steps, replay, save_step
@@ -273,6 +299,9 @@ def _run_method(
     model, tok, editor, t_stats = editor_on(model_ref, method, corpus_path, overrides)
     reqs = _cases(data, n)
     read, scores_of = PROTOCOLS[protocol]
+    require_not_trained_on(editor, reqs)
+    if not sequential:
+        return _independent(model, tok, editor, reqs, batch_size, read, scores_of) | {"statistics_s": t_stats}
     reference = read(model, tok, reqs)
     timed = [r.text for r in reqs[:64]]
     t_before = forward_seconds(model, tok, timed)
@@ -313,6 +342,37 @@ def _run_method(
     }
 
 
+def _independent(model, tok, editor, reqs, batch_size: int, read, scores_of) -> dict:
+    """Each batch edited on the unedited model, scored, reverted (bit for bit): the single-edit protocol of
+    MEND's and ROME's papers. Scores are means over requests; there is no retention (nothing accumulates)."""
+    import resource
+
+    editor.held_out = scored_texts(reqs)
+    seen: set[str] = set()
+    batches = [reqs[i : i + batch_size] for i in range(0, len(reqs), batch_size)]
+    totals: dict[str, float] = {}
+    t_edit = 0.0
+    for b in tqdm(batches, desc=f"{editor.name}: independent batches of {batch_size}", unit="batch"):
+        reference = read(model, tok, b)
+        t0 = time.perf_counter()
+        editor.edit(b)
+        t_edit += time.perf_counter() - t0
+        seen |= {normalize(t) for t in editor.samples}
+        scores = scores_of(model, tok, b, [], reference)
+        editor.revert()
+        for k, v in scores.items():
+            if k != "retention":
+                totals[k] = totals.get(k, 0.0) + float(v) * len(b)
+    require_held_out(editor.name, editor.held_out, seen)
+    return {
+        **{k: v / len(reqs) for k, v in totals.items()},
+        "seconds_per_edit": t_edit / max(len(reqs), 1),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "n_edits": len(reqs),
+        "sequential": False,
+    }
+
+
 def _unedited(model_ref: str, data: str, n: int, protocol: str = "counterfact") -> dict:
     model, tok = load_model(model_ref)
     reqs = _cases(data, n)
@@ -331,8 +391,10 @@ def bench_editors(
     overrides: dict[str, dict] | None = None,
     protocol: str = "counterfact",
     json_out: Path | None = None,
+    sequential: bool = True,
 ) -> dict:
-    """N edits in successive batches per method, each on a fresh model in its own process;
+    """N edits in successive batches per method (not ``sequential``: each batch alone on the unedited model,
+    reverted after scoring), each method on a fresh model in its own process;
     metrics on the final model (``protocol``: a key of ``PROTOCOLS``). ``overrides`` maps a method to preset overrides.
 
     With ``json_out`` the JSON is rewritten after each method and a rerun with the same settings skips the
@@ -350,12 +412,13 @@ def bench_editors(
         "batch_size": batch_size,
         "corpus": corpus_path or "model samples",
         "overrides": overrides or {},
+        "sequential": sequential,
     }
     out = {**settings, "unedited": unedited, "results": resumed(json_out, settings), "machine": machine()}
 
     def args(m: str) -> tuple:
         steps = f"{json_out}.steps/{m}" if json_out else None
-        return model_ref, str(data), n, batch_size, corpus_path, (overrides or {}).get(m, {}), protocol, steps
+        return model_ref, str(data), n, batch_size, corpus_path, (overrides or {}).get(m, {}), protocol, steps, sequential
 
     out = each_method_alone(out, methods, _run_method, args, json_out)
     if json_out:  # a method in the JSON needs its steps no more (and a run written into docs/ must not leave them)

@@ -369,6 +369,56 @@ def down() -> None:
 
 
 @cli.group()
+def train() -> None:
+    """Train an editor's network for a base model, as a tracked, resumable flow (MEND)."""
+
+
+@train.command("mend")
+@MODEL
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    type=PathArg,
+    default=("../shared/data/counterfact/counterfact-train.easyedit.json",),
+    show_default=True,
+    help="Training facts with a rephrasing and an unrelated prompt each (repeatable).",
+)
+@click.option(
+    "--holdout",
+    multiple=True,
+    type=PathArg,
+    help="Evaluation data never to train on: its records are dropped by id and by subject (repeatable).",
+)
+@click.option("--limit", "n_facts", type=int, default=None, help="Train on the first N usable facts only.")
+@click.option("--max-minutes", type=float, default=None, help="End this sitting after that long; the same command resumes.")
+@click.option("--out", type=PathArg, default=Path("out/train-mend"), show_default=True, help="Checkpoints and the network.")
+@TRACKING_URI
+@SETS
+@DEVICE
+@THREADS
+def train_mend(model, data, holdout, n_facts, max_minutes, out, tracking_uri, sets, device, threads) -> None:
+    """Meta-train MEND's editor network for MODEL; registers it as <model>-mend with alias production."""
+    from flows.train import train as train_flow
+    from kedit.pipeline.training import TrainConfig
+
+    _threads(threads)
+    cfg = TrainConfig(
+        model=model,
+        data=tuple(str(d) for d in data),
+        editor="mend",
+        holdout=tuple(str(h) for h in holdout),
+        out=str(out),
+        tracking_uri=tracking_uri,
+        overrides=sets_to_overrides(sets),
+        device=device,
+        limit=n_facts,
+        max_minutes=max_minutes,
+    )
+    click.echo(json.dumps(train_flow(cfg), indent=2))
+
+
+@cli.group()
 def bench() -> None:
     """Benchmarks on real models (not part of the test suite)."""
 
@@ -397,7 +447,12 @@ def bench_metrics(model: str, data: Path, n: int, batch_size: int, single_limit:
 @click.option("--methods", default=None, help="Comma-separated editors (default: every registered editor).")
 @click.option("--n", type=int, default=20, show_default=True)
 @BATCH_SIZE
-@click.option("--sequential/--no-sequential", default=True, show_default=True, help="Batches one after another on one model.")
+@click.option(
+    "--sequential/--no-sequential",
+    default=True,
+    show_default=True,
+    help="Batches one after another on one model; --no-sequential: each batch alone on the unedited model, then reverted.",
+)
 @corpus_option(default_corpus, SHARED_CORPUS)
 @click.option(
     "--set",
@@ -419,11 +474,9 @@ def bench_editors(model, data, methods, n, batch_size, sequential, corpus, sets,
     from evaluation.metrics import scores_table
     from kedit.app.bench import bench_editors as run
 
-    if not sequential:
-        raise click.UsageError("only --sequential is implemented: batches accumulate on one model, as in a stream")
     chosen = methods.split(",") if methods else editor_names()
     overrides = _method_overrides(sets, chosen)
-    result = run(model, data, chosen, n, batch_size, corpus, overrides, protocol, json_out)
+    result = run(model, data, chosen, n, batch_size, corpus, overrides, protocol, json_out, sequential)
     click.echo(scores_table({"unedited": result["unedited"], **result["results"]}))
 
 

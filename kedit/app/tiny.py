@@ -149,3 +149,31 @@ def write_gates(path: Path, **overrides) -> Path:
     gates = {"gates": [{"gate": name, **section} for name, section in sections.items() if section is not None], "bisect": bisect}
     path.write_text(yaml.safe_dump(gates, sort_keys=False))
     return path
+
+
+def training_facts(n: int = 30) -> list[dict]:
+    """Feed records with a rephrasing and an unrelated prompt each, in the tiny tokenizer's words: what a
+    trained editor (MEND) learns from in the tests. Deterministic; ids ``train-<i>``; one fact per subject and
+    relation, so up to 30."""
+    subjects = ["france", "germany", "italy", "spain", "england", "alice", "bob", "carol", "dave", "eve"]
+    relations = [
+        ("the capital of {} is", "the city of {} is", ["paris", "london", "rome", "berlin", "madrid"]),
+        ("{} speaks", "{} speaks the language", ["french", "english", "german"]),
+        ("{} is located in", "{} is in the continent", ["europe", "asia", "africa", "antarctica"]),
+    ]
+    out = []
+    for i in range(n):
+        prompt, rephrase, values = relations[(i // len(subjects)) % len(relations)]
+        subject = subjects[i % len(subjects)]
+        other = subjects[(i + 3) % len(subjects)]
+        out.append(
+            {
+                "id": f"train-{i}",
+                "subject": subject,
+                "prompt": prompt,
+                "target_new": values[(i * 7) % len(values)],
+                "paraphrase_prompts": [rephrase.format(subject)],
+                "neighborhood": [{"prompt": prompt.format(other), "answer": values[(i * 7 + 1) % len(values)]}],
+            }
+        )
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
@@ -16,6 +17,7 @@ from kedit.core.facts.reedit import Held
 from kedit.store.tracking import (
     T_ATTEMPT_RUN,
     T_EDITOR,
+    T_EDITOR_ASSETS,
     T_KIND,
     T_MANIFEST_SHA,
     T_N_EDITS,
@@ -152,6 +154,8 @@ def commit_version(session_id: str, report: GateReport) -> str:
             **{metric_tag(k): f"{v:.6g}" for k, v in history.items()},
         }
         tags[T_ATTEMPT_RUN] = attempt.run_id
+        if session.editor.provenance():  # a trained network's name, version and sha256
+            tags[T_EDITOR_ASSETS] = json.dumps(session.editor.provenance(), sort_keys=True)
         if supersedes:
             tags[T_SUPERSEDES] = _versions_named(supersedes)
         where = f"{VERSION_ARTIFACT}s/{attempt.name}"  # on the stream run, beside its other versions

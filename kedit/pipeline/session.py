@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from editing import EditError, Editor, make_editor
+from editing import EditError, Editor, get_editor, make_editor
 from evaluation.gates import GateReport, GateSuite, load_gates
 from kedit.core.config import flatten
 from kedit.core.facts import EditRequest
@@ -27,6 +27,7 @@ from kedit.core.facts.schema import normalize
 from kedit.core.lm import current_answers
 from kedit.core.models import load_model
 from kedit.store.naming import identify
+from kedit.store.networks import trained_assets
 from kedit.store.tracking import (
     T_FINGERPRINT,
     T_KIND,
@@ -134,7 +135,8 @@ def open_session(cfg: StreamConfig) -> Opened:
     tracker.ensure_registered(registered, fingerprint, cfg.model)
 
     gates.on_base(model, tokenizer)
-    editor = make_editor(cfg.editor, model, tokenizer, cfg.overrides, assets=_assets(cfg))
+    assets = _assets(cfg) | trained_assets(tracker, get_editor(cfg.editor), registered, fingerprint)
+    editor = make_editor(cfg.editor, model, tokenizer, cfg.overrides, assets=assets)
     with torch.no_grad():
         editor.prepare()  # statistics of the *base* model, so they are cached once per base
     session_id = uuid.uuid4().hex[:12]

@@ -43,6 +43,7 @@ T_FEED_STATUS = "kedit.feed_status"  # processed | invalid | refused
 T_N_FACTS = "kedit.n_facts"  # facts in an attempt
 T_N_EDITS = "kedit.n_edits"  # edits the version holds, from the base
 T_EDITOR = "kedit.editor"
+T_EDITOR_ASSETS = "kedit.editor_assets"  # on a version: where the editor's trained assets came from (JSON)
 T_SUPERSEDES = "kedit.supersedes"  # on a re-edit's attempt run and version: the versions whose facts it replaces
 T_N_NOT_HELD = "kedit.n_not_held"  # on an accepted attempt: facts of the batch whose own edit did not hold
 T_ATTEMPT_RUN = "kedit.attempt_run"  # on a version: the attempt run whose artifact it is (the version links to the stream run)
@@ -148,6 +149,13 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
+
+    def reopen_run(self, run_id: str) -> None:
+        """Mark a run RUNNING again: a resumed training continues its own run."""
+        self.client.update_run(run_id, "RUNNING")
+
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        return dict(self.client.get_run(run_id).data.tags)
 
     def rename_run(self, run_id: str, name: str) -> None:
         """A run's name as the runs table shows it (a verdict in the name makes a rejection stand out)."""

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from typing import Literal
+
+from kedit.core.config import Seq, StrictConfig
+
+
+class NetworkHyperParams(StrictConfig):
+    """One gradient map per weight shape: [u; δ] -> [ũ; δ̃] by residual low-rank layers (identity at the start)."""
+
+    rank: int = 256  # inner width of each residual layer
+    n_hidden: int = 1  # residual layers besides the output one
+    norm: bool = True  # standardize u and δ with running statistics gathered while training
+
+
+class TrainHyperParams(StrictConfig):
+    """The meta-training of the network (``kedit train mend``): Adam on the maps and the per-weight edit rates."""
+
+    steps: int = 6000  # at most; early stopping on validation usually ends it before
+    batch: int = 1  # facts edited together per step (their update is one)
+    lr: float = 1e-4  # Adam, the maps' parameters
+    lr_lr: float = 1e-4  # Adam, the per-weight edit learning rates
+    c_edit: float = 0.1  # weight of the edit loss (the target's NLL after the update, prompt and rephrasing)
+    c_loc: float = 1.0  # weight of KL(unedited || edited) on unrelated text
+    val_every: int = 250  # steps between validations
+    val_facts: int = 48  # held-out training facts scored at each validation
+    patience: int = 5  # validations without improvement before stopping
+    checkpoint_every: int = 50  # steps between checkpoints (and at every validation)
+    seed: int = 0
+    grad_clip: float = 100.0  # on the network's gradient norm; MEND's reference clips as well
+
+
+class MENDHyperParams(StrictConfig):
+    """MEND (Mitchell et al., 2022): a trained network maps an edit's fine-tuning gradient to a weight update."""
+
+    layers: Seq[int]  # blocks whose MLP projections are edited (the reference: the last three)
+    kinds: Seq[Literal["mlp_in", "mlp_out"]] = ("mlp_in", "mlp_out")
+    edit_lr: float = 1e-4  # initial per-weight edit learning rate (learned in training)
+    network: NetworkHyperParams = NetworkHyperParams()
+    train: TrainHyperParams = TrainHyperParams()

@@ -1,0 +1,135 @@
+"""MEND (Mitchell et al., 2022): a trained editor network turns an edit's fine-tuning gradient into a weight update.
+
+The edit, in the paper's order:
+1. the edit loss: the new target's NLL after the prompt, teacher-forced (``edit_loss``);
+2. its gradient at each edited weight, as the rank-one factors (u_t, δ_t) per token (``gradient_factors``);
+3. the network maps them to (ũ_t, δ̃_t) and the update is ΔW = -α_w Σ_t δ̃_t ũ_tᵀ, a low-rank weight delta.
+
+The network is trained once per base model (``kedit train mend``, editing/mend/training.py) and reaches the
+editor as its asset ``network``: a ``MENDNetwork`` loaded and verified for this base by the pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from editing.base import EditError, Editor, linear_update, register
+from editing.finetune import model_device, target_batch
+from editing.hooks import frozen
+from kedit.core.arch import ArchSpec, spec_for
+from kedit.core.facts import EditRequest
+
+from .files import load_network, save_network
+from .gradients import gradient_factors
+from .hparams import MENDHyperParams
+from .network import HyperNet
+from .training import train, trainable
+
+
+@dataclass
+class MENDNetwork:
+    """A network and where it comes from: what a version names (registered name, version, sha256 of its file)."""
+
+    net: HyperNet
+    provenance: dict[str, str]
+    trained_on: frozenset[str] = frozenset()  # ids of the facts it was trained (and validated) on
+
+
+def edited_weights(model: nn.Module, spec: ArchSpec, hp: MENDHyperParams) -> dict[str, tuple[int, int]]:
+    """Module path -> (d_in, d_out) of every weight MEND edits, in forward order."""
+    out = {}
+    for layer in hp.layers:
+        for kind in hp.kinds:
+            path = spec.module_path(kind, layer)
+            w = model.get_submodule(path).weight
+            # nn.Linear stores (d_out, d_in); GPT-2's Conv1D (d_in, d_out)
+            out[path] = (w.shape[1], w.shape[0]) if isinstance(model.get_submodule(path), nn.Linear) else tuple(w.shape)
+    return out
+
+
+def edit_loss(model: nn.Module, batch) -> torch.Tensor:
+    """Mean NLL of the target tokens, each predicted from its true prefix."""
+    ids, mask, pos, rows, cols, labels, _ = batch
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    logp = torch.log_softmax(logits[rows, cols].float(), -1)  # (n_target_tokens, V)
+    return -logp.gather(-1, labels[:, None]).mean()
+
+
+@register
+class MEND(Editor):
+    name = "mend"
+    hparams_cls = MENDHyperParams
+    method_dir = Path(__file__).parent
+    assets = ("network",)  # a MENDNetwork trained for this base model (the pipeline resolves it)
+    trains = "network"
+
+    def __init__(self, model, tokenizer, hparams=None, network: MENDNetwork | None = None):
+        super().__init__(model, tokenizer, hparams)
+        self.network = network
+        self.weights = edited_weights(model, self.spec, self.hparams)
+        if network is not None:
+            self._check(network.net)
+
+    def _check(self, net: HyperNet) -> None:
+        want = {p: tuple(s) for p, s in self.weights.items()}
+        have = {p: tuple(s) for p, s in net.weights.items()}
+        if have != want:
+            raise EditError(
+                f"the MEND network edits {sorted(have)} with shapes {sorted(have.values())}; "
+                f"this model and preset need {sorted(want)} with shapes {sorted(want.values())}"
+            )
+
+    @classmethod
+    def new_network(cls, model: nn.Module, hp: MENDHyperParams) -> HyperNet:
+        """An untrained network for this model: every map the identity, every edit rate ``hp.edit_lr``."""
+        n = hp.network
+        return HyperNet(edited_weights(model, spec_for(model), hp), n.rank, n.n_hidden, n.norm, hp.edit_lr, hp.train.seed)
+
+    @classmethod
+    def trainable_facts(cls, facts):
+        return trainable(facts)
+
+    @classmethod
+    def train_asset(
+        cls, model, tokenizer, hparams, train_facts, val_facts, checkpoints, out, fingerprint, info, on_metrics, max_seconds
+    ):
+        net = cls.new_network(model, hparams)
+        progress = train(
+            model, tokenizer, spec_for(model), net, train_facts, val_facts, hparams, checkpoints, on_metrics, max_seconds
+        )
+        if progress.stopped != "time":
+            meta = {"hparams": hparams.model_dump(mode="json"), "trained_steps": progress.step, "best_step": progress.best_step}
+            save_network(net, out, fingerprint, {**meta, **info})
+        return asdict(progress)
+
+    @classmethod
+    def open_asset(cls, name: str, directory: Path, fingerprint: str, provenance: dict[str, str]) -> MENDNetwork:
+        if name != "network":
+            return super().open_asset(name, directory, fingerprint, provenance)
+        net, manifest = load_network(directory, fingerprint)
+        return MENDNetwork(net, dict(provenance), frozenset(manifest.get("training_ids", ())))
+
+    def trained_on(self) -> frozenset[str]:
+        return self.network.trained_on if self.network else frozenset()
+
+    def provenance(self) -> dict[str, str]:
+        return dict(self.network.provenance) if self.network else {}
+
+    def require_supported(self, requests) -> None:
+        if self.network is None:
+            raise EditError("mend needs a network trained for this base model; train one with: kedit train mend --model MODEL")
+
+    def _edit(self, requests: list[EditRequest]) -> None:
+        net = self.network.net.eval()
+        batch = target_batch(self.tok, requests, model_device(self.model))
+        with frozen(self.model):
+            factors = gradient_factors(self.model, list(self.weights), lambda: edit_loss(self.model, batch), batch[1])
+        with torch.no_grad():
+            for path, (u, d) in factors.items():
+                out, inp = net.factors(path, u, d)
+                module = self.model.get_submodule(path)
+                self._apply(f"{path}.weight", linear_update(module, out.contiguous(), inp.contiguous()))

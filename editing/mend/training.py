@@ -1,0 +1,266 @@
+"""MEND's meta-training (Mitchell et al., 2022, Alg. 1): learn the network so that one mapped gradient step
+makes the edit hold on the fact and its rephrasing while unrelated text keeps its distribution.
+
+One step over a batch of facts:
+1. the unedited model runs once over the edit prompts, their rephrasings and unrelated prompts; the hidden
+   states entering the lowest edited block are kept, and the unrelated prompts' next-token distributions;
+2. the edit loss's gradient factors at the edited weights (only the blocks from the lowest edited one run);
+3. the network maps them to an update ΔW per weight;
+4. the edited model runs from that block again, with ΔW added: L = c_edit·NLL(targets | prompt, rephrasing)
+   + c_loc·KL(unedited || edited on unrelated text); Adam on the network and its edit rates.
+
+Checkpoints hold the network, the optimizer and the step; the batch of step s depends on s and the seed only,
+so a resumed run continues exactly where an uninterrupted one would be.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from editing.hooks import capture, frozen, output_kind, start_at_block
+from kedit.core.arch import ArchSpec
+from kedit.core.facts import EditRequest
+from kedit.core.lm import encode_pairs, model_device, pad_batch, pad_id_of
+
+from .gradients import added_updates, gradient_factors
+from .hparams import MENDHyperParams
+from .network import HyperNet
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+
+
+def trainable(requests: Sequence[EditRequest]) -> list[EditRequest]:
+    """The facts a training step can use: with a rephrasing and an unrelated prompt."""
+    return [r for r in requests if r.paraphrase_prompts and r.neighborhood]
+
+
+@dataclass
+class StepRows:
+    """One step's rows, padded together: B edit prompts, B rephrasings, B unrelated prompts (in that order)."""
+
+    ids: torch.Tensor  # (3B, L)
+    mask: torch.Tensor
+    pos: torch.Tensor
+    n: int  # B
+    rows: torch.Tensor  # target tokens of the first 2B rows: row, predicting column, label
+    cols: torch.Tensor
+    labels: torch.Tensor
+    loc_rows: torch.Tensor  # every real position of the unrelated rows
+    loc_cols: torch.Tensor
+
+
+def step_rows(tok, requests: Sequence[EditRequest], device: torch.device) -> StepRows:
+    n = len(requests)
+    prompts = [r.text for r in requests] + [r.paraphrase_prompts[0] for r in requests]
+    prompts += [r.neighborhood[0].prompt for r in requests]
+    targets = [r.target_new for r in requests] * 2 + [r.neighborhood[0].answer for r in requests]
+    enc = encode_pairs(tok, prompts, targets)
+    ids, mask, pos, _ = pad_batch(enc.ids, pad_id_of(tok), "right", device)
+    lens = torch.tensor(enc.n_target[: 2 * n])
+    rows = torch.repeat_interleave(torch.arange(2 * n), lens).to(device)
+    cols = torch.cat([torch.arange(p - 1, p - 1 + t) for p, t in zip(enc.n_prompt[: 2 * n], enc.n_target[: 2 * n])]).to(device)
+    loc = mask[2 * n :].bool().nonzero()  # (n_loc_tokens, 2): row within the unrelated rows, column
+    return StepRows(ids, mask, pos, n, rows, cols, ids[rows, cols + 1], loc[:, 0] + 2 * n, loc[:, 1])
+
+
+def _nll(logits: torch.Tensor, rows, cols, labels) -> torch.Tensor:
+    logp = torch.log_softmax(logits[rows, cols].float(), -1)
+    return -logp.gather(-1, labels[:, None]).squeeze(-1)  # (n_tokens,)
+
+
+def meta_step(
+    model: nn.Module, spec: ArchSpec, net: HyperNet, b: StepRows, c_edit: float, c_loc: float
+) -> dict[str, torch.Tensor]:
+    """The losses of one step (``loss`` differentiable in the network) and detached accuracies."""
+    paths = list(net.weights)
+    first = min(int(p.removeprefix(spec.blocks + ".").split(".")[0]) for p in paths)
+    block = spec.block(first)
+    n = b.n
+    with frozen(model):
+        # 1. the unedited model, once over every row
+        with torch.no_grad(), capture(model, [block], "input") as seen, output_kind(model, block) as kind:
+            base = model(input_ids=b.ids, attention_mask=b.mask, position_ids=b.pos).logits
+        hidden = seen[block].detach()  # (3B, L, d) entering the lowest edited block
+        base_loc = torch.log_softmax(base[b.loc_rows, b.loc_cols].float(), -1)  # (n_loc, V)
+        edit = b.rows < n
+        # 2. the edit loss's gradient factors, from the lowest edited block on
+        with start_at_block(model, spec.blocks, first, hidden[:n], kind["tuple"]):
+
+            def edit_nll():
+                logits = model(input_ids=b.ids[:n], attention_mask=b.mask[:n], position_ids=b.pos[:n]).logits
+                return _nll(logits, b.rows[edit], b.cols[edit], b.labels[edit]).mean()
+
+            factors = gradient_factors(model, paths, edit_nll, b.mask[:n])
+        # 3. the network's updates
+        updates = {p: net.factors(p, u, d) for p, (u, d) in factors.items()}
+        # 4. the edited model on every row
+        with start_at_block(model, spec.blocks, first, hidden, kind["tuple"]), added_updates(model, updates):
+            post = model(input_ids=b.ids, attention_mask=b.mask, position_ids=b.pos).logits
+    nll = _nll(post, b.rows, b.cols, b.labels)
+    post_loc = torch.log_softmax(post[b.loc_rows, b.loc_cols].float(), -1)
+    kl = (base_loc.exp() * (base_loc - post_loc)).sum(-1).mean()
+    with torch.no_grad():
+        right = (post[b.rows, b.cols].argmax(-1) == b.labels).float()
+        wrong = torch.zeros(2 * n, device=right.device).index_add_(0, b.rows, 1 - right)  # (2B,) wrong tokens per row
+        per_row = (wrong == 0).float()
+        agree = (post[b.loc_rows, b.loc_cols].argmax(-1) == base[b.loc_rows, b.loc_cols].argmax(-1)).float().mean()
+    return {
+        "loss": c_edit * nll.mean() + c_loc * kl,
+        "edit_loss": nll.mean().detach(),
+        "loc_loss": kl.detach(),
+        "edit_success": per_row[:n].mean(),  # every target token the argmax, on the edit prompt
+        "rephrase_success": per_row[n:].mean(),
+        "loc_agreement": agree,
+    }
+
+
+def _metrics(out: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {("total_loss" if k == "loss" else k): float(v.detach()) for k, v in out.items()}
+
+
+class BatchOrder:
+    """Step s's facts: a fresh permutation per epoch, drawn from the seed and the epoch only."""
+
+    def __init__(self, n: int, batch: int, seed: int):
+        self.n, self.batch, self.seed = n, batch, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def __call__(self, step: int) -> list[int]:
+        out = []
+        for i in range(step * self.batch, (step + 1) * self.batch):
+            epoch = i // self.n
+            if epoch not in self._perms:
+                self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))}
+            out.append(int(self._perms[epoch][i % self.n]))
+        return out
+
+
+@dataclass
+class Progress:
+    step: int = 0  # steps done
+    best: float = math.inf  # the lowest validation loss so far
+    best_step: int = 0
+    bad: int = 0  # validations since the best
+    stopped: str = ""  # why training ended: "" while it runs
+
+
+def validate(model, tok, spec, net: HyperNet, requests: Sequence[EditRequest], hp: MENDHyperParams) -> dict[str, float]:
+    """The step's losses and successes averaged over the validation facts, in batches as in training."""
+    was = net.training
+    net.eval()
+    sums: dict[str, float] = {}
+    batches = [requests[i : i + hp.train.batch] for i in range(0, len(requests), hp.train.batch)]
+    try:
+        with torch.no_grad():
+            for chunk in batches:
+                out = _metrics(
+                    meta_step(model, spec, net, step_rows(tok, chunk, model_device(model)), hp.train.c_edit, hp.train.c_loc)
+                )
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(chunk)
+    finally:
+        net.train(was)
+    return {f"val_{k}": v / len(requests) for k, v in sums.items()}
+
+
+def _save(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint
+
+
+def optimizer(net: HyperNet, hp: MENDHyperParams) -> torch.optim.Optimizer:
+    maps = [p for n, p in net.named_parameters() if n != "edit_lrs"]
+    return torch.optim.Adam([{"params": maps, "lr": hp.train.lr}, {"params": [net.edit_lrs], "lr": hp.train.lr_lr}])
+
+
+def train(
+    model: nn.Module,
+    tok,
+    spec: ArchSpec,
+    net: HyperNet,
+    train_facts: Sequence[EditRequest],
+    val_facts: Sequence[EditRequest],
+    hp: MENDHyperParams,
+    directory: Path,
+    on_metrics: Callable[[int, dict[str, float]], None] = lambda step, m: None,
+    max_seconds: float | None = None,
+) -> Progress:
+    """Train ``net`` in place, checkpointing into ``directory`` (resumed from there when a checkpoint exists);
+    at the end ``net`` holds the best validated weights. ``on_metrics(step, metrics)`` sees every step's
+    losses and every validation. Returns where training stopped and why."""
+    t = hp.train
+    directory.mkdir(parents=True, exist_ok=True)
+    opt = optimizer(net, hp)
+    state = Progress()
+    if (directory / CHECKPOINT).is_file():
+        ck = torch.load(directory / CHECKPOINT, weights_only=True)  # our own file; still never unpickle code
+        net.load_state_dict(ck["net"])
+        opt.load_state_dict(ck["opt"])
+        state = Progress(**ck["progress"])
+        if state.stopped == "time":  # a time budget ends a sitting, not the training
+            state.stopped = ""
+        log.info(
+            "resuming MEND training at step %d (best validation loss %.4g at step %d)", state.step, state.best, state.best_step
+        )
+    order = BatchOrder(len(train_facts), t.batch, t.seed)
+    device = model_device(model)
+    t0 = time.monotonic()
+
+    def checkpoint() -> None:
+        _save(directory / CHECKPOINT, {"net": net.state_dict(), "opt": opt.state_dict(), "progress": asdict(state)})
+
+    net.train()
+    bar = tqdm(total=t.steps, initial=state.step, desc="MEND training", unit="step")
+    try:
+        while not state.stopped:
+            if state.step >= t.steps:
+                state.stopped = "steps"
+                break
+            if max_seconds is not None and time.monotonic() - t0 > max_seconds:
+                state.stopped = "time"
+                break
+            batch = [train_facts[i] for i in order(state.step)]
+            out = meta_step(model, spec, net, step_rows(tok, batch, device), t.c_edit, t.c_loc)
+            opt.zero_grad()
+            out["loss"].backward()
+            metrics = _metrics(out)
+            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip))
+            opt.step()
+            state.step += 1
+            on_metrics(state.step, metrics)
+            bar.update(1)
+            bar.set_postfix(edit=f"{metrics['edit_loss']:.3f}", loc=f"{metrics['loc_loss']:.4f}")
+            if state.step % t.val_every == 0:
+                val = validate(model, tok, spec, net, val_facts, hp)
+                if val["val_total_loss"] < state.best:
+                    state.best, state.best_step, state.bad = val["val_total_loss"], state.step, 0
+                    _save(directory / BEST, {"net": net.state_dict(), "step": state.step})
+                else:
+                    state.bad += 1
+                    if state.bad >= t.patience:
+                        state.stopped = "early"
+                on_metrics(state.step, val)
+                log.info("step %d: %s", state.step, {k: round(v, 4) for k, v in val.items()})
+            if state.step % t.checkpoint_every == 0 or state.step % t.val_every == 0 or state.stopped:
+                checkpoint()
+    finally:
+        bar.close()
+    checkpoint()
+    if (directory / BEST).is_file():
+        net.load_state_dict(torch.load(directory / BEST, weights_only=True)["net"])
+    net.eval()
+    return state

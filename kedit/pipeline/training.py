@@ -1,0 +1,209 @@
+"""Training an editor's network as a tracked pipeline (``kedit train mend``, flows/train.py).
+
+The steps the flow runs, each a function here:
+1. ``prepare_data``: the training facts, minus every record that a held-out file (a benchmark's evaluation data)
+   holds by id or by subject; a seeded validation split; written to ``split.json`` with the files' hashes;
+2. ``open_run``: the MLflow training run (reopened when the same output directory is trained again);
+3. ``train_network``: the editor's own training, checkpointed under the output directory and resumed from it,
+   its losses per step and its validations logged to the run (a step logged before a kill is not logged twice);
+4. ``publish``: the trained network registered as a version of ``<model>-<editor>``, alias ``production``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kedit.core.errors import KeditError
+from kedit.core.facts import EditRequest
+from kedit.core.facts.load import load_facts
+from kedit.core.facts.schema import normalize
+from kedit.core.models import load_model
+from kedit.store.naming import identify
+from kedit.store.networks import network_name, publish_network
+from kedit.store.tracking import T_KIND, Tracker
+
+log = logging.getLogger(__name__)
+
+SPLIT = "split.json"
+RUN = "run.json"
+NETWORK = "network"
+T_PUBLISHED = "kedit.published_version"  # on a training run: the network version it registered
+
+
+class TrainingError(KeditError):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str
+    data: tuple[str, ...]
+    editor: str = "mend"
+    holdout: tuple[str, ...] = ()  # files whose records (by id and by subject) are never trained on
+    out: str = "out/train"
+    tracking_uri: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # editor hparams, dotted keys (train.steps=...)
+    device: str | None = None
+    limit: int | None = None  # use only the first N usable training facts
+    max_minutes: float | None = None  # end this sitting after that long; a rerun resumes
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _editor(cfg: TrainConfig):
+    from editing import get_editor
+
+    cls = get_editor(cfg.editor)
+    if not cls.trains:
+        raise TrainingError(f"{cfg.editor} has nothing to train (editors with a trained network: see kedit editors)")
+    return cls
+
+
+def _facts(paths: tuple[str, ...]) -> tuple[list[EditRequest], dict[str, str]]:
+    facts, hashes = [], {}
+    for p in paths:
+        loaded = load_facts(p)
+        facts.extend(loaded.accepted)
+        hashes.update(loaded.sha256)
+    return facts, hashes
+
+
+def prepare_data(cfg: TrainConfig) -> dict[str, Any]:
+    """Choose the training and validation facts and write them (by id) to ``<out>/split.json``."""
+    import torch
+
+    cls = _editor(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    facts, data_sha = _facts(cfg.data)
+    held, holdout_sha = _facts(cfg.holdout)
+    held_ids = {r.id for r in held}
+    held_subjects = {normalize(r.subject) for r in held}
+    usable = cls.trainable_facts(facts)
+    kept = [r for r in usable if r.id not in held_ids and normalize(r.subject) not in held_subjects]
+    n_held_out = len(usable) - len(kept)
+    if cfg.limit is not None:
+        kept = kept[: cfg.limit]
+    hp = cls.hparams_cls(**_preset_dict(cls, cfg))  # validated before anything long starts
+    n_val = hp.train.val_facts
+    if len(kept) <= n_val:
+        raise TrainingError(f"{len(kept)} usable training facts; validation alone needs {n_val}")
+    order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(hp.train.seed)).tolist()
+    val = [kept[i].id for i in order[:n_val]]
+    train = [kept[i].id for i in order[n_val:]]
+    split = {
+        "train": train,
+        "val": val,
+        "n_read": len(facts),
+        "n_unusable": len(facts) - len(usable),
+        "n_held_out": n_held_out,
+        "data_sha256": data_sha,
+        "holdout_sha256": holdout_sha,
+    }
+    (out / SPLIT).write_text(json.dumps(split))
+    log.info(
+        "training facts: %d train, %d validation, %d held out, %d unusable",
+        len(train),
+        len(val),
+        split["n_held_out"],
+        split["n_unusable"],
+    )
+    return {k: v for k, v in split.items() if k not in ("train", "val")} | {"n_train": len(train), "n_val": len(val)}
+
+
+def _preset_dict(cls, cfg: TrainConfig) -> dict[str, Any]:
+    """The editor's preset for the model family plus the overrides, as a dict."""
+    model, _ = load_model(cfg.model, "cpu")
+    return cls.preset(model, cfg.overrides or None).model_dump()
+
+
+def open_run(cfg: TrainConfig, split: dict[str, Any]) -> str:
+    """The training run of ``<out>``: created once, reopened when the same output directory trains again."""
+    out = Path(cfg.out)
+    tracker = Tracker(cfg.tracking_uri)
+    registered, fingerprint = identify(cfg.model)
+    saved = json.loads((out / RUN).read_text()) if (out / RUN).is_file() else {}
+    if saved.get("run_id") and saved.get("config") == _run_config(cfg):
+        log.info("reopening training run %s", saved["run_id"])
+        tracker.reopen_run(saved["run_id"])
+        return saved["run_id"]
+    name = network_name(registered, cfg.editor)
+    run = tracker.start_run(registered, f"train-{cfg.editor}", {T_KIND: "train", "kedit.network": name})
+    params = {"model": cfg.model, "editor": cfg.editor, "base_fingerprint": fingerprint, "data": ",".join(cfg.data)}
+    params |= {"holdout": ",".join(cfg.holdout), **{f"set.{k}": v for k, v in cfg.overrides.items()}}
+    params |= {f"data_sha256.{Path(k).name}": v for k, v in split["data_sha256"].items()}
+    params |= {f"holdout_sha256.{Path(k).name}": v for k, v in split["holdout_sha256"].items()}
+    params |= {k: split[k] for k in ("n_train", "n_val", "n_held_out", "n_unusable")}
+    tracker.log_params(run, params)
+    (out / RUN).write_text(json.dumps({"run_id": run, "config": _run_config(cfg)}))
+    return run
+
+
+def _run_config(cfg: TrainConfig) -> dict[str, Any]:
+    """What makes two sittings one training: everything but the sitting's time budget."""
+    return json.loads(json.dumps({k: v for k, v in cfg.to_dict().items() if k != "max_minutes"}))  # as run.json holds it
+
+
+def _last_logged(tracker: Tracker, run_id: str, key: str) -> int:
+    history = tracker.metric_history(run_id, key)
+    return max((s for s, _ in history), default=0)
+
+
+def train_network(cfg: TrainConfig, run_id: str) -> dict[str, Any]:
+    """Train (or resume) the editor's network under ``<out>``; logs to the run; returns the summary."""
+    cls = _editor(cfg)
+    out = Path(cfg.out)
+    split = json.loads((out / SPLIT).read_text())
+    model, tok = load_model(cfg.model, cfg.device)
+    registered, fingerprint = identify(cfg.model, model)
+    facts = {r.id: r for r in _facts(cfg.data)[0]}
+    train = [facts[i] for i in split["train"]]
+    val = [facts[i] for i in split["val"]]
+    tracker = Tracker(cfg.tracking_uri)
+    # the steps a killed sitting logged after its last checkpoint are replayed exactly; log them once
+    logged = {key: _last_logged(tracker, run_id, key) for key in ("total_loss", "val_total_loss")}
+
+    def on_metrics(step: int, metrics: dict[str, float]) -> None:
+        key = "val_total_loss" if "val_total_loss" in metrics else "total_loss"
+        if step > logged[key]:
+            tracker.log_metrics(run_id, metrics, step)
+
+    hp = cls.preset(model, cfg.overrides or None)
+    summary = cls.train_asset(
+        model,
+        tok,
+        hp,
+        train,
+        val,
+        out / "checkpoints",
+        out / NETWORK,
+        fingerprint,
+        {"training_run": run_id, "training_ids": sorted(split["train"] + split["val"])},
+        on_metrics,
+        cfg.max_minutes * 60 if cfg.max_minutes else None,
+    )
+    tracker.log_metrics(run_id, {"best_step": summary["best_step"], "steps_done": summary["step"]}, summary["step"])
+    tracker.set_tags(run_id, {"kedit.stopped": summary["stopped"]})
+    return summary
+
+
+def publish(cfg: TrainConfig, run_id: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """Register the trained network (only once training has ended, not when a time budget cut it short)."""
+    tracker = Tracker(cfg.tracking_uri)
+    if summary["stopped"] == "time":
+        tracker.end_run(run_id, "KILLED")
+        return {"published": None, "why": "time budget reached; rerun the same command to resume"}
+    registered, fingerprint = identify(cfg.model)
+    name = network_name(registered, cfg.editor)
+    done = tracker.run_tags(run_id).get(T_PUBLISHED)
+    if done:  # a rerun of a finished training publishes nothing twice
+        return {"published": name, "version": done}
+    version = publish_network(tracker, registered, cfg.editor, fingerprint, cfg.model, run_id, Path(cfg.out) / NETWORK)
+    tracker.set_tags(run_id, {T_PUBLISHED: version})
+    tracker.end_run(run_id)
+    return {"published": name, "version": version}
