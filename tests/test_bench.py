@@ -333,3 +333,38 @@ def test_bench_phases_profiles_the_editing_package(setup):
     assert all(n.startswith("editing/") for n in names) and any("optimize_targets" in n for n in names)
     assert r["functions"] == sorted(r["functions"], key=lambda f: -f["cumulative_s"])
     assert r["diagnostics"]["target_steps"] >= 1 and "memit" in table(r)
+
+
+def test_bench_editors_without_sequential_edits_each_batch_alone_and_reverts(setup, tmp_path):
+    import torch
+
+    from editing import make_editor
+    from kedit.app.bench import PROTOCOLS, _cases, _independent, bench_editors
+    from kedit.core.models import load_model
+
+    ck, data, corpus = setup
+    r = bench_editors(str(ck), data, ["ft-m"], 3, 1, corpus, {"ft-m": {"layers": [2], "lr": 0.02}}, sequential=False)
+    assert r["sequential"] is False and r["results"]["ft-m"]["n_edits"] == 3 and "retention" not in r["results"]["ft-m"]
+    model, tok = load_model(str(ck), "cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    editor = make_editor("ft-m", model, tok, {"layers": [2], "lr": 0.02})
+    read, scores_of = PROTOCOLS["counterfact"]
+    out = _independent(model, tok, editor, _cases(data, 3), 1, read, scores_of)
+    assert out["efficacy"] == r["results"]["ft-m"]["efficacy"]  # the same protocol in and out of a worker
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # every batch reverted
+
+
+def test_a_benchmark_refuses_records_a_trained_network_learned_from(setup):
+    from kedit.app.bench import _cases, require_not_trained_on
+
+    ck, data, corpus = setup
+
+    class Trained:
+        name = "mend"
+
+        def trained_on(self):
+            return frozenset({"b"})
+
+    with pytest.raises(KeditError, match="trained on 1 of the scored records"):
+        require_not_trained_on(Trained(), _cases(data, 3))
+    require_not_trained_on(Trained(), _cases(data, 1))  # "a" alone: fine
