@@ -480,7 +480,7 @@ def test_mend_trains_as_a_tracked_flow_publishes_and_a_stream_edits_with_it(env,
     cfg = dict(model=str(checkpoint), data=(str(data),), holdout=(str(holdout),), out=str(tmp / "train"), tracking_uri=uri)
     over = {**MEND_TINY, **MEND_TRAIN, "train.steps": 20, "train.checkpoint_every": 5}
     first = train(TrainConfig(**cfg, overrides=over, max_minutes=1e-9))  # a sitting cut short before its first step
-    assert first["stopped"] == "time" and first["published"] is None
+    assert first["stopped"] == "time" and first["published"] is None  # nothing validated: nothing published
     done = train(TrainConfig(**cfg, overrides=over))  # the same training, resumed: same run
     assert done["run_id"] == first["run_id"] and done["stopped"] == "steps" and done["step"] == 20
     held_subjects = {r["subject"] for r in records[:3]}

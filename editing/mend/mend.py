@@ -101,9 +101,9 @@ class MEND(Editor):
         progress = train(
             model, tokenizer, spec_for(model), net, train_facts, val_facts, hparams, checkpoints, on_metrics, max_seconds
         )
-        if progress.stopped != "time":
+        if progress.best_step:  # the best validated network so far (a sitting cut short by time has one too)
             meta = {"hparams": hparams.model_dump(mode="json"), "trained_steps": progress.step, "best_step": progress.best_step}
-            save_network(net, out, fingerprint, {**meta, **info})
+            save_network(net, out, fingerprint, {**meta, "stopped": progress.stopped, **info})
         return asdict(progress)
 
     @classmethod

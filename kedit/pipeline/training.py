@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 SPLIT = "split.json"
 RUN = "run.json"
 NETWORK = "network"
-T_PUBLISHED = "kedit.published_version"  # on a training run: the network version it registered
+T_PUBLISHED = "kedit.published_version"  # on a training run: the network version it registered last
+T_PUBLISHED_STEP = "kedit.published_step"  # ... and the validated step that network is from
 
 
 class TrainingError(KeditError):
@@ -193,17 +194,22 @@ def train_network(cfg: TrainConfig, run_id: str) -> dict[str, Any]:
 
 
 def publish(cfg: TrainConfig, run_id: str, summary: dict[str, Any]) -> dict[str, Any]:
-    """Register the trained network (only once training has ended, not when a time budget cut it short)."""
+    """Register the best validated network as a version of ``<model>-<editor>`` with alias ``production``.
+
+    A sitting cut short by its time budget publishes its best network so far (the manifest says it stopped on
+    time) and a resumed training publishes again when it ends; nothing is published twice for one step, and
+    nothing before the first validation."""
     tracker = Tracker(cfg.tracking_uri)
-    if summary["stopped"] == "time":
-        tracker.end_run(run_id, "KILLED")
-        return {"published": None, "why": "time budget reached; rerun the same command to resume"}
     registered, fingerprint = identify(cfg.model)
     name = network_name(registered, cfg.editor)
-    done = tracker.run_tags(run_id).get(T_PUBLISHED)
-    if done:  # a rerun of a finished training publishes nothing twice
-        return {"published": name, "version": done}
+    if not summary["best_step"]:
+        if summary["stopped"] == "time":
+            tracker.end_run(run_id, "KILLED")
+        return {"published": None, "why": "no validation yet; rerun the same command to resume"}
+    tags = tracker.run_tags(run_id)
+    if tags.get(T_PUBLISHED_STEP) == str(summary["best_step"]):  # a rerun of a finished training
+        return {"published": name, "version": tags[T_PUBLISHED]}
     version = publish_network(tracker, registered, cfg.editor, fingerprint, cfg.model, run_id, Path(cfg.out) / NETWORK)
-    tracker.set_tags(run_id, {T_PUBLISHED: version})
-    tracker.end_run(run_id)
+    tracker.set_tags(run_id, {T_PUBLISHED: version, T_PUBLISHED_STEP: summary["best_step"]})
+    tracker.end_run(run_id, "KILLED" if summary["stopped"] == "time" else "FINISHED")
     return {"published": name, "version": version}
