@@ -502,6 +502,12 @@ def test_mend_trains_as_a_tracked_flow_publishes_and_a_stream_edits_with_it(env,
     assert params["base_fingerprint"] == fingerprint and "data_sha256.train.jsonl" in params
     again = train(TrainConfig(**cfg, overrides=over))  # finished: nothing trained or published twice
     assert again["version"] == "1" and len(tracker.versions(name)) == 1
+    # a benchmark's scratch store gets the same network, verified on the way
+    from kedit.store.networks import copy_network
+
+    scratch = Tracker(f"sqlite:///{tmp}/scratch/mlflow.db")
+    assert copy_network(tracker, scratch, registered, "mend", fingerprint, str(checkpoint)) == "1"
+    assert scratch.production(name).tags["kedit.manifest_sha256"] == prod.tags["kedit.manifest_sha256"]
 
     # facts the tiny model does not know (its known capitals and languages stay out of the way): the gates here
     # check that the stream takes the editor, not the tiny network's quality

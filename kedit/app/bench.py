@@ -118,6 +118,20 @@ def _trained(model_ref: str, model, method: str) -> dict:
     return trained_assets(Tracker(), cls, registered, fingerprint)
 
 
+def _copy_trained(model_ref: str, editor: str | None, uri: str) -> None:
+    """A trained editor's network, from the registry of $MLFLOW_TRACKING_URI (default ./mlruns), into the
+    benchmark's scratch store, where its stream will look for it."""
+    from editing import get_editor
+    from kedit.store.naming import identify
+    from kedit.store.networks import copy_network
+    from kedit.store.tracking import Tracker
+
+    if editor is None or not get_editor(editor).trains:
+        return
+    registered, fingerprint = identify(model_ref)
+    copy_network(Tracker(), Tracker(uri), registered, editor, fingerprint, model_ref)
+
+
 def resumed(json_out: Path | None, settings: dict) -> dict:
     """The per-method results of an earlier run written to ``json_out`` with the same ``settings`` (else none)."""
     if not (json_out and Path(json_out).is_file()):
@@ -460,6 +474,7 @@ def bench_stream(
         feed = root / "feed.jsonl"
         feed.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in reqs))
         uri = f"sqlite:///{root}/mlruns/mlflow.db"
+        _copy_trained(model_ref, editor, uri)
         cfg = StreamConfig(
             feeds=(str(feed),),
             model=model_ref,

@@ -71,3 +71,16 @@ def trained_assets(tracker: Tracker, editor_cls, registered: str, fingerprint: s
     with tempfile.TemporaryDirectory(prefix="kedit-network-") as tmp:
         directory, provenance = fetch_network(tracker, registered, editor_cls.name, fingerprint, Path(tmp))
         return {name: editor_cls.open_asset(name, directory, fingerprint, provenance)}
+
+
+def copy_network(source: Tracker, target: Tracker, registered: str, editor: str, fingerprint: str, base_ref: str) -> str:
+    """Publish the production network of ``source`` (verified as ``fetch_network`` does) into ``target``'s
+    registry under the same name, on a run of its own there: a benchmark's scratch store gets the operator's
+    network without training again. Returns the version in ``target``."""
+    with tempfile.TemporaryDirectory(prefix="kedit-network-") as tmp:
+        directory, provenance = fetch_network(source, registered, editor, fingerprint, Path(tmp))
+        run = target.start_run(registered, f"copy-{editor}-network", {T_KIND: "network-copy"})
+        target.log_params(run, {f"source.{k}": v for k, v in provenance.items()} | {"source.uri": source.uri})
+        version = publish_network(target, registered, editor, fingerprint, base_ref, run, directory)
+        target.end_run(run)
+        return version
