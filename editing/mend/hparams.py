@@ -22,6 +22,9 @@ class TrainHyperParams(StrictConfig):
     lr_lr: float = 1e-4  # Adam, the per-weight edit learning rates
     c_edit: float = 0.1  # weight of the edit loss (the target's NLL after the update, prompt and rephrasing)
     c_loc: float = 1.0  # weight of KL(unedited || edited) on unrelated text
+    # where that KL is taken: "answer", the positions that predict the unrelated prompt's answer (what
+    # specificity scores); "all", every position of it (the reference; most of them a local edit cannot move)
+    loc_positions: Literal["answer", "all"] = "answer"
     val_every: int = 250  # steps between validations
     val_facts: int = 48  # held-out training facts scored at each validation
     patience: int = 5  # validations without improvement before stopping

@@ -62,7 +62,7 @@ class StepRows:
     loc_cols: torch.Tensor
 
 
-def step_rows(tok, requests: Sequence[EditRequest], device: torch.device) -> StepRows:
+def step_rows(tok, requests: Sequence[EditRequest], device: torch.device, loc_positions: str = "answer") -> StepRows:
     n = len(requests)
     prompts = [r.text for r in requests] + [r.paraphrase_prompts[0] for r in requests]
     prompts += [r.neighborhood[0].prompt for r in requests]
@@ -72,8 +72,14 @@ def step_rows(tok, requests: Sequence[EditRequest], device: torch.device) -> Ste
     lens = torch.tensor(enc.n_target[: 2 * n])
     rows = torch.repeat_interleave(torch.arange(2 * n), lens).to(device)
     cols = torch.cat([torch.arange(p - 1, p - 1 + t) for p, t in zip(enc.n_prompt[: 2 * n], enc.n_target[: 2 * n])]).to(device)
-    loc = mask[2 * n :].bool().nonzero()  # (n_loc_tokens, 2): row within the unrelated rows, column
-    return StepRows(ids, mask, pos, n, rows, cols, ids[rows, cols + 1], loc[:, 0] + 2 * n, loc[:, 1])
+    if loc_positions == "all":
+        loc = mask[2 * n :].bool().nonzero()  # (n_loc_tokens, 2): row within the unrelated rows, column
+        loc_rows, loc_cols = loc[:, 0] + 2 * n, loc[:, 1]
+    else:  # the positions that predict the unrelated prompt's answer tokens
+        spans = list(zip(enc.n_prompt[2 * n :], enc.n_target[2 * n :]))
+        loc_rows = torch.repeat_interleave(torch.arange(2 * n, 3 * n), torch.tensor([t for _, t in spans])).to(device)
+        loc_cols = torch.cat([torch.arange(p - 1, p - 1 + t) for p, t in spans]).to(device)
+    return StepRows(ids, mask, pos, n, rows, cols, ids[rows, cols + 1], loc_rows, loc_cols)
 
 
 def _nll(logits: torch.Tensor, rows, cols, labels) -> torch.Tensor:
@@ -166,9 +172,8 @@ def validate(model, tok, spec, net: HyperNet, requests: Sequence[EditRequest], h
     try:
         with torch.no_grad():
             for chunk in batches:
-                out = _metrics(
-                    meta_step(model, spec, net, step_rows(tok, chunk, model_device(model)), hp.train.c_edit, hp.train.c_loc)
-                )
+                rows = step_rows(tok, chunk, model_device(model), hp.train.loc_positions)
+                out = _metrics(meta_step(model, spec, net, rows, hp.train.c_edit, hp.train.c_loc))
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + v * len(chunk)
     finally:
@@ -208,6 +213,8 @@ def train(
     state = Progress()
     if (directory / CHECKPOINT).is_file():
         ck = torch.load(directory / CHECKPOINT, weights_only=True)  # our own file; still never unpickle code
+        if ck.get("hparams") != hp.model_dump(mode="json"):
+            raise ValueError(f"{directory / CHECKPOINT} was made with other hparams; train into a new directory")
         net.load_state_dict(ck["net"])
         opt.load_state_dict(ck["opt"])
         state = Progress(**ck["progress"])
@@ -221,7 +228,8 @@ def train(
     t0 = time.monotonic()
 
     def checkpoint() -> None:
-        _save(directory / CHECKPOINT, {"net": net.state_dict(), "opt": opt.state_dict(), "progress": asdict(state)})
+        saved = {"net": net.state_dict(), "opt": opt.state_dict(), "progress": asdict(state)}
+        _save(directory / CHECKPOINT, saved | {"hparams": hp.model_dump(mode="json")})
 
     net.train()
     bar = tqdm(total=t.steps, initial=state.step, desc="MEND training", unit="step")
@@ -234,7 +242,7 @@ def train(
                 state.stopped = "time"
                 break
             batch = [train_facts[i] for i in order(state.step)]
-            out = meta_step(model, spec, net, step_rows(tok, batch, device), t.c_edit, t.c_loc)
+            out = meta_step(model, spec, net, step_rows(tok, batch, device, t.loc_positions), t.c_edit, t.c_loc)
             opt.zero_grad()
             out["loss"].backward()
             metrics = _metrics(out)
