@@ -1,4 +1,4 @@
-"""Training an editor's network (MEND's): prepare the data → open the run → train (resumable) → publish.
+"""Training an editor's network (MEND's): prepare the data → open the run → train (resumable) → publish → plot.
 
 Each task calls one function of ``kedit.pipeline.training`` with the config and what the last task returned
 (ids stay in ``<out>/split.json``; the model never leaves the training task). Rerunning the flow with the same
@@ -36,9 +36,15 @@ def publish(cfg: TrainConfig, run_id: str, summary: dict) -> dict:
     return training.publish(cfg, run_id, summary)
 
 
+@task(name="plot-training", **ONCE)
+def plot_training(cfg: TrainConfig, run_id: str) -> str:
+    return training.plot_training(cfg, run_id)
+
+
 @flow(name="kedit-train", log_prints=False)
 def train(cfg: TrainConfig) -> dict:
     split = prepare_data(cfg)
     run_id = open_run(cfg, split)
     summary = train_network(cfg, run_id)
-    return {"run_id": run_id, **split, **summary, **publish(cfg, run_id, summary)}
+    published = publish(cfg, run_id, summary)
+    return {"run_id": run_id, **split, **summary, **published, "plot": plot_training(cfg, run_id)}

@@ -500,6 +500,7 @@ def test_mend_trains_as_a_tracked_flow_publishes_and_a_stream_edits_with_it(env,
     assert [s for s, _ in tracker.metric_history(done["run_id"], "val_edit_success")] == [10, 20]
     params = tracker.client.get_run(done["run_id"]).data.params
     assert params["base_fingerprint"] == fingerprint and "data_sha256.train.jsonl" in params
+    assert Path(done["plot"]).is_file() and "training.png" in {a.path for a in tracker.client.list_artifacts(done["run_id"])}
     again = train(TrainConfig(**cfg, overrides=over))  # finished: nothing trained or published twice
     assert again["version"] == "1" and len(tracker.versions(name)) == 1
     # a benchmark's scratch store gets the same network, verified on the way

@@ -6,7 +6,8 @@ The steps the flow runs, each a function here:
 2. ``open_run``: the MLflow training run (reopened when the same output directory is trained again);
 3. ``train_network``: the editor's own training, checkpointed under the output directory and resumed from it,
    its losses per step and its validations logged to the run (a step logged before a kill is not logged twice);
-4. ``publish``: the trained network registered as a version of ``<model>-<editor>``, alias ``production``.
+4. ``publish``: the trained network registered as a version of ``<model>-<editor>``, alias ``production``;
+5. ``plot_training``: the run's loss curves and validations as ``training.png`` (on the run and in ``<out>``).
 """
 
 from __future__ import annotations
@@ -213,3 +214,50 @@ def publish(cfg: TrainConfig, run_id: str, summary: dict[str, Any]) -> dict[str,
     tracker.set_tags(run_id, {T_PUBLISHED: version, T_PUBLISHED_STEP: summary["best_step"]})
     tracker.end_run(run_id, "KILLED" if summary["stopped"] == "time" else "FINISHED")
     return {"published": name, "version": version}
+
+
+LOSSES = ("total_loss", "edit_loss", "loc_loss")
+VALIDATIONS = ("val_edit_success", "val_rephrase_success", "val_loc_agreement")
+SMOOTH = 50  # steps in the running mean of the per-step losses
+
+
+def plot_training(cfg: TrainConfig, run_id: str) -> str:
+    """Per-step losses (running mean over ``SMOOTH`` steps, log scale) above the validations, from the run's
+    metric histories; logged to the run and written to ``<out>/training.png``; returns that path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tracker = Tracker(cfg.tracking_uri)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6), sharex=True, height_ratios=(3, 2))
+    for key in LOSSES:
+        hist = tracker.metric_history(run_id, key)
+        if len(hist) >= 2:
+            steps, values = np.array(hist).T
+            width = min(SMOOTH, len(values))
+            smooth = np.convolve(values, np.ones(width) / width, mode="valid")
+            top.plot(steps[width - 1 :], smooth, label=f"{key} (mean of {width} steps)")
+    top.set_yscale("log")
+    top.set_ylabel("loss")
+    for key in VALIDATIONS:
+        hist = tracker.metric_history(run_id, key)
+        if hist:
+            bottom.plot(*np.array(hist).T, marker="o", label=key.removeprefix("val_"))
+    best = tracker.metric_history(run_id, "best_step")
+    if best:
+        bottom.axvline(best[-1][1], color="grey", linestyle=":", label="best validation (published)")
+    bottom.set_ylim(-0.02, 1.05)
+    bottom.set_ylabel("held-out training facts")
+    bottom.set_xlabel("training step")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    top.set_title(f"{cfg.editor} training on {cfg.model}")
+    fig.tight_layout()
+    path = Path(cfg.out) / "training.png"
+    fig.savefig(path, dpi=110)
+    tracker.log_figure(run_id, fig, "training.png")
+    plt.close(fig)
+    return str(path)
