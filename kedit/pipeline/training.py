@@ -209,6 +209,7 @@ def publish(cfg: TrainConfig, run_id: str, summary: dict[str, Any]) -> dict[str,
         return {"published": None, "why": "no validation yet; rerun the same command to resume"}
     tags = tracker.run_tags(run_id)
     if tags.get(T_PUBLISHED_STEP) == str(summary["best_step"]):  # a rerun of a finished training
+        tracker.end_run(run_id, "KILLED" if summary["stopped"] == "time" else "FINISHED")
         return {"published": name, "version": tags[T_PUBLISHED]}
     version = publish_network(tracker, registered, cfg.editor, fingerprint, cfg.model, run_id, Path(cfg.out) / NETWORK)
     tracker.set_tags(run_id, {T_PUBLISHED: version, T_PUBLISHED_STEP: summary["best_step"]})
