@@ -36,7 +36,7 @@ def load_network(directory: str | Path, base_fingerprint: str) -> tuple[HyperNet
         manifest, tensors = load_tensors(directory, TENSORS, MANIFEST, FORMAT)
     except PatchIntegrityError:
         raise
-    except Exception as e:  # a truncated safetensors file that still matches no hash cannot get here; anything else
+    except Exception as e:  # hashes that match a file safetensors cannot parse (a forged manifest)
         raise PatchIntegrityError(f"{directory / TENSORS}: cannot be read ({e})") from None
     have = manifest.get("base_fingerprint")
     if have != base_fingerprint:

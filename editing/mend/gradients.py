@@ -12,6 +12,12 @@ from torch import nn
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (u (T, d_in), δ (T, d_out))
 
 
+def target_nll(logits: torch.Tensor, rows, cols, labels) -> torch.Tensor:
+    """Per target token, its NLL predicted from its true prefix: (n_tokens,)."""
+    logp = torch.log_softmax(logits[rows, cols].float(), -1)  # (n_tokens, V)
+    return -logp.gather(-1, labels[:, None]).squeeze(-1)
+
+
 def gradient_factors(model: nn.Module, paths: list[str], loss_fn: Callable[[], torch.Tensor], mask: torch.Tensor) -> Factors:
     """Per module path, the inputs u_t and output gradients δ_t of ``loss_fn()``'s forward, at the real tokens
     (``mask`` (B, L)) whose two factors are both non-zero: Σ_t δ_t u_tᵀ is the module's weight gradient.

@@ -24,7 +24,7 @@ from kedit.core.arch import ArchSpec, spec_for
 from kedit.core.facts import EditRequest
 
 from .files import load_network, save_network
-from .gradients import gradient_factors
+from .gradients import gradient_factors, target_nll
 from .hparams import MENDHyperParams
 from .network import HyperNet
 from .training import train, trainable
@@ -45,18 +45,17 @@ def edited_weights(model: nn.Module, spec: ArchSpec, hp: MENDHyperParams) -> dic
     for layer in hp.layers:
         for kind in hp.kinds:
             path = spec.module_path(kind, layer)
-            w = model.get_submodule(path).weight
+            module = model.get_submodule(path)
             # nn.Linear stores (d_out, d_in); GPT-2's Conv1D (d_in, d_out)
-            out[path] = (w.shape[1], w.shape[0]) if isinstance(model.get_submodule(path), nn.Linear) else tuple(w.shape)
+            rows, cols = module.weight.shape
+            out[path] = (cols, rows) if isinstance(module, nn.Linear) else (rows, cols)
     return out
 
 
 def edit_loss(model: nn.Module, batch) -> torch.Tensor:
     """Mean NLL of the target tokens, each predicted from its true prefix."""
     ids, mask, pos, rows, cols, labels, _ = batch
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    logp = torch.log_softmax(logits[rows, cols].float(), -1)  # (n_target_tokens, V)
-    return -logp.gather(-1, labels[:, None]).mean()
+    return target_nll(model(input_ids=ids, attention_mask=mask, position_ids=pos).logits, rows, cols, labels).mean()
 
 
 @register

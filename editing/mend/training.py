@@ -32,7 +32,7 @@ from kedit.core.arch import ArchSpec
 from kedit.core.facts import EditRequest
 from kedit.core.lm import encode_pairs, model_device, pad_batch, pad_id_of
 
-from .gradients import added_updates, gradient_factors
+from .gradients import added_updates, gradient_factors, target_nll
 from .hparams import MENDHyperParams
 from .network import HyperNet
 
@@ -82,17 +82,12 @@ def step_rows(tok, requests: Sequence[EditRequest], device: torch.device, loc_po
     return StepRows(ids, mask, pos, n, rows, cols, ids[rows, cols + 1], loc_rows, loc_cols)
 
 
-def _nll(logits: torch.Tensor, rows, cols, labels) -> torch.Tensor:
-    logp = torch.log_softmax(logits[rows, cols].float(), -1)
-    return -logp.gather(-1, labels[:, None]).squeeze(-1)  # (n_tokens,)
-
-
 def meta_step(
-    model: nn.Module, spec: ArchSpec, net: HyperNet, b: StepRows, c_edit: float, c_loc: float
+    model: nn.Module, spec: ArchSpec, net: HyperNet, b: StepRows, first: int, c_edit: float, c_loc: float
 ) -> dict[str, torch.Tensor]:
-    """The losses of one step (``loss`` differentiable in the network) and detached accuracies."""
+    """The losses of one step (``loss`` differentiable in the network) and detached accuracies; ``first`` is
+    the lowest edited block."""
     paths = list(net.weights)
-    first = min(int(p.removeprefix(spec.blocks + ".").split(".")[0]) for p in paths)
     block = spec.block(first)
     n = b.n
     with frozen(model):
@@ -107,7 +102,7 @@ def meta_step(
 
             def edit_nll():
                 logits = model(input_ids=b.ids[:n], attention_mask=b.mask[:n], position_ids=b.pos[:n]).logits
-                return _nll(logits, b.rows[edit], b.cols[edit], b.labels[edit]).mean()
+                return target_nll(logits, b.rows[edit], b.cols[edit], b.labels[edit]).mean()
 
             factors = gradient_factors(model, paths, edit_nll, b.mask[:n])
         # 3. the network's updates
@@ -115,7 +110,7 @@ def meta_step(
         # 4. the edited model on every row
         with start_at_block(model, spec.blocks, first, hidden, kind["tuple"]), added_updates(model, updates):
             post = model(input_ids=b.ids, attention_mask=b.mask, position_ids=b.pos).logits
-    nll = _nll(post, b.rows, b.cols, b.labels)
+    nll = target_nll(post, b.rows, b.cols, b.labels)
     post_loc = torch.log_softmax(post[b.loc_rows, b.loc_cols].float(), -1)
     kl = (base_loc.exp() * (base_loc - post_loc)).sum(-1).mean()
     with torch.no_grad():
@@ -173,7 +168,7 @@ def validate(model, tok, spec, net: HyperNet, requests: Sequence[EditRequest], h
         with torch.no_grad():
             for chunk in batches:
                 rows = step_rows(tok, chunk, model_device(model), hp.train.loc_positions)
-                out = _metrics(meta_step(model, spec, net, rows, hp.train.c_edit, hp.train.c_loc))
+                out = _metrics(meta_step(model, spec, net, rows, min(hp.layers), hp.train.c_edit, hp.train.c_loc))
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + v * len(chunk)
     finally:
@@ -242,7 +237,7 @@ def train(
                 state.stopped = "time"
                 break
             batch = [train_facts[i] for i in order(state.step)]
-            out = meta_step(model, spec, net, step_rows(tok, batch, device, t.loc_positions), t.c_edit, t.c_loc)
+            out = meta_step(model, spec, net, step_rows(tok, batch, device, t.loc_positions), min(hp.layers), t.c_edit, t.c_loc)
             opt.zero_grad()
             out["loss"].backward()
             metrics = _metrics(out)

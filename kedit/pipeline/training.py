@@ -91,7 +91,7 @@ def prepare_data(cfg: TrainConfig) -> dict[str, Any]:
     n_held_out = len(usable) - len(kept)
     if cfg.limit is not None:
         kept = kept[: cfg.limit]
-    hp = cls.hparams_cls(**_preset_dict(cls, cfg))  # validated before anything long starts
+    hp = cls.preset(load_model(cfg.model, "cpu")[0], cfg.overrides or None)  # validated before anything long starts
     n_val = hp.train.val_facts
     if len(kept) <= n_val:
         raise TrainingError(f"{len(kept)} usable training facts; validation alone needs {n_val}")
@@ -116,12 +116,6 @@ def prepare_data(cfg: TrainConfig) -> dict[str, Any]:
         split["n_unusable"],
     )
     return {k: v for k, v in split.items() if k not in ("train", "val")} | {"n_train": len(train), "n_val": len(val)}
-
-
-def _preset_dict(cls, cfg: TrainConfig) -> dict[str, Any]:
-    """The editor's preset for the model family plus the overrides, as a dict."""
-    model, _ = load_model(cfg.model, "cpu")
-    return cls.preset(model, cfg.overrides or None).model_dump()
 
 
 def open_run(cfg: TrainConfig, split: dict[str, Any]) -> str:
@@ -229,23 +223,24 @@ def plot_training(cfg: TrainConfig, run_id: str) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
+    import torch
 
     tracker = Tracker(cfg.tracking_uri)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6), sharex=True, height_ratios=(3, 2))
     for key in LOSSES:
         hist = tracker.metric_history(run_id, key)
         if len(hist) >= 2:
-            steps, values = np.array(hist).T
+            steps, values = torch.tensor(hist, dtype=torch.float64).T
             width = min(SMOOTH, len(values))
-            smooth = np.convolve(values, np.ones(width) / width, mode="valid")
-            top.plot(steps[width - 1 :], smooth, label=f"{key} (mean of {width} steps)")
+            sums = torch.cat([torch.zeros(1, dtype=values.dtype), values.cumsum(0)])
+            smooth = (sums[width:] - sums[:-width]) / width  # running mean over `width` steps
+            top.plot(steps[width - 1 :].tolist(), smooth.tolist(), label=f"{key} (mean of {width} steps)")
     top.set_yscale("log")
     top.set_ylabel("loss")
     for key in VALIDATIONS:
         hist = tracker.metric_history(run_id, key)
         if hist:
-            bottom.plot(*np.array(hist).T, marker="o", label=key.removeprefix("val_"))
+            bottom.plot([h[0] for h in hist], [h[1] for h in hist], marker="o", label=key.removeprefix("val_"))
     best = tracker.metric_history(run_id, "best_step")
     if best:
         bottom.axvline(best[-1][1], color="grey", linestyle=":", label="best validation (published)")
