@@ -10,8 +10,9 @@ from conftest import make_tokenizer
 
 from editing import EditError, make_editor
 from editing.mend.files import MANIFEST, TENSORS, load_network, save_network
+from editing.mend.gradients import target_nll
 from editing.mend.mend import MEND, MENDNetwork, edit_loss
-from editing.mend.training import train, validate
+from editing.mend.training import Augment, train, validate
 from editing.patches import PatchIntegrityError
 from kedit.app.tiny import tiny_llama, train_tiny, training_facts
 from kedit.core.arch import spec_for
@@ -51,6 +52,43 @@ def test_an_untrained_network_makes_the_fine_tuning_step_exactly():
         assert torch.allclose(delta.parts[name].dense(), -hp.edit_lr * g, atol=1e-6, rtol=1e-4), name
 
 
+def test_the_edit_loss_reads_only_the_target_positions_and_gets_the_full_heads_value():
+    """The head runs on the target positions only (``logits_to_keep``); the loss is the one over all logits."""
+    from editing.finetune import target_batch
+
+    model, tok, _ = setup()
+    batch = target_batch(tok, facts()[:3], torch.device("cpu"))
+    ids, mask, pos, rows, cols, labels, _ = batch
+    full = target_nll(model(input_ids=ids, attention_mask=mask, position_ids=pos).logits, rows, cols, labels).mean()
+    assert torch.allclose(edit_loss(model, batch), full, atol=1e-6)
+
+
+def _fact(i, subject, prompt, rephrase):
+    nb = [{"prompt": "eve speaks", "answer": "french"}]
+    return EditRequest.from_dict(
+        {"id": f"a{i}", "subject": subject, "prompt": prompt, "target_new": "asia", "target_true": "europe"}
+        | {"paraphrase_prompts": [rephrase], "neighborhood": nb}
+    )
+
+
+def test_augment_draws_negatives_of_the_fact_template_and_prefixes_from_the_training_facts():
+    located = [_fact(i, s, "{} is located in", f"{s} is in") for i, s in enumerate(["alice", "bob", "carol", "dave"])]
+    prefixed = _fact(4, "eve", "{} is located in", "Last updated 2017. eve is in")
+    speaks = [_fact(5 + i, s, "{} speaks", f"{s} talks") for i, s in enumerate(["alice", "bob"])]
+    data = [*located, prefixed, *speaks]
+    always = Augment(data, negatives=2, prefixed=1.0, seed=0)
+    rephrasings, negatives = always(7, [located[0], speaks[0]])
+    assert rephrasings == ["Last updated 2017. alice is in", "Last updated 2017. alice talks"]
+    assert len(negatives) == 3  # two of "{} is located in", the one other-subject fact of "{} speaks"
+    assert [o.prompt for o in negatives] == ["{} is located in"] * 2 + ["{} speaks"]
+    assert all(o.subject != "alice" for o in negatives)
+    assert always(7, [prefixed])[0] == ["Last updated 2017. eve is in"]  # already prefixed: left as it is
+    assert always(7, [located[1]]) == always(7, [located[1]])  # the key decides the draw
+    assert len({tuple(o.id for o in always(k, [located[1]])[1]) for k in range(20)}) > 1
+    never = Augment(data, negatives=0, prefixed=0.0, seed=0)
+    assert never(7, [located[0]]) == (["alice is in"], [])
+
+
 @pytest.fixture(scope="module")
 def trained_tiny(tmp_path_factory):
     """The tiny Llama trained on its known facts (a random one's outputs are too flat to learn edits on)."""
@@ -61,7 +99,10 @@ def test_training_lowers_the_edit_loss_and_raises_edit_success_on_held_out_facts
     """150 steps on 24 facts; scored on 6 others: the edit loss at most half of the untrained network's, and
     at least half of the edits exact (every target token the argmax), from one in six untrained."""
     model, tok = load_model(str(trained_tiny), "cpu")
-    hp = MEND.preset(model, {"layers": (2, 3), "network.rank": 16, **TRAIN, "train.steps": 150, "train.val_every": 50})
+    # without negatives: ten one-token subjects per relation are too alike in a 4-layer model for 150 steps to
+    # separate them, and with same-template negatives the network learns not to edit at all
+    over = {"layers": (2, 3), "network.rank": 16, **TRAIN, "train.steps": 150, "train.val_every": 50, "train.negatives": 0}
+    hp = MEND.preset(model, over)
     spec = spec_for(model)
     net = MEND.new_network(model, hp)
     data = facts()

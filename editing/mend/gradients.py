@@ -18,6 +18,15 @@ def target_nll(logits: torch.Tensor, rows, cols, labels) -> torch.Tensor:
     return -logp.gather(-1, labels[:, None]).squeeze(-1)
 
 
+def kept(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions a loss reads logits at, once each, and each read's index among them.
+
+    Passed as ``logits_to_keep``, the vocabulary head runs on K positions instead of L: above the lowest
+    edited block the head is most of a forward's work (SmolLM2: 28M of its parameters against 3.5M a block).
+    """
+    return torch.unique(cols, return_inverse=True)  # (K,), (len(cols),)
+
+
 def gradient_factors(model: nn.Module, paths: list[str], loss_fn: Callable[[], torch.Tensor], mask: torch.Tensor) -> Factors:
     """Per module path, the inputs u_t and output gradients δ_t of ``loss_fn()``'s forward, at the real tokens
     (``mask`` (B, L)) whose two factors are both non-zero: Σ_t δ_t u_tᵀ is the module's weight gradient.

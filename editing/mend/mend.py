@@ -24,7 +24,7 @@ from kedit.core.arch import ArchSpec, spec_for
 from kedit.core.facts import EditRequest
 
 from .files import load_network, save_network
-from .gradients import gradient_factors, target_nll
+from .gradients import gradient_factors, kept, target_nll
 from .hparams import MENDHyperParams
 from .network import HyperNet
 from .training import train, trainable
@@ -55,7 +55,9 @@ def edited_weights(model: nn.Module, spec: ArchSpec, hp: MENDHyperParams) -> dic
 def edit_loss(model: nn.Module, batch) -> torch.Tensor:
     """Mean NLL of the target tokens, each predicted from its true prefix."""
     ids, mask, pos, rows, cols, labels, _ = batch
-    return target_nll(model(input_ids=ids, attention_mask=mask, position_ids=pos).logits, rows, cols, labels).mean()
+    keep, where = kept(cols)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits  # (B, K, V)
+    return target_nll(logits, rows, where, labels).mean()
 
 
 @register

@@ -32,7 +32,7 @@ from kedit.core.arch import ArchSpec
 from kedit.core.facts import EditRequest
 from kedit.core.lm import encode_pairs, model_device, pad_batch, pad_id_of
 
-from .gradients import added_updates, gradient_factors, target_nll
+from .gradients import added_updates, gradient_factors, kept, target_nll
 from .hparams import MENDHyperParams
 from .network import HyperNet
 
@@ -47,39 +47,105 @@ def trainable(requests: Sequence[EditRequest]) -> list[EditRequest]:
     return [r for r in requests if r.paraphrase_prompts and r.neighborhood]
 
 
+class Augment:
+    """What a step adds to each of its facts, from the training facts alone:
+
+    - ``negatives`` other facts of the same prompt template (the same relation, another subject), whose
+      prompts join the locality KL: an edit must move its subject, not its relation;
+    - with probability ``prefixed``, an unrelated sentence before the rephrasing, taken from the training
+      facts' own rephrasings that start with one: an edit must hold after unrelated context.
+
+    Draws depend on the seed and a key (the step, or a validation fact's index) only, so a resumed run
+    draws what an uninterrupted one would.
+    """
+
+    def __init__(self, facts: Sequence[EditRequest], negatives: int, prefixed: float, seed: int):
+        self.negatives, self.prefixed, self.seed = negatives, prefixed, seed
+        self.groups: dict[str, list[EditRequest]] = {}
+        for r in facts:
+            if r.target_true:
+                self.groups.setdefault(r.prompt, []).append(r)
+        heads = (_prefix(q, r.subject) for r in facts for q in r.paraphrase_prompts)
+        self.prefixes = sorted({h for h in heads if h})
+
+    def __call__(self, key: int, batch: Sequence[EditRequest]) -> tuple[list[str], list[EditRequest]]:
+        """The batch's rephrasings and its negatives (``negatives`` per fact at most, no subject of the batch)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
+        rephrasings = [r.paraphrase_prompts[0] for r in batch]
+        if self.prefixes:
+            draw = torch.rand(len(batch), generator=g) < self.prefixed
+            picks = torch.randint(len(self.prefixes), (len(batch),), generator=g)
+            rephrasings = [
+                self.prefixes[int(i)] + q if d and not _prefix(q, r.subject) else q
+                for q, r, d, i in zip(rephrasings, batch, draw, picks)
+            ]
+        subjects = {r.subject for r in batch}
+        negatives = []
+        for r in batch:
+            pool = [o for o in self.groups.get(r.prompt, ()) if o.subject not in subjects]
+            if pool and self.negatives:
+                picks = torch.randperm(len(pool), generator=g)[: self.negatives]
+                negatives += [pool[int(i)] for i in picks]
+        return rephrasings, negatives
+
+
+def _prefix(prompt: str, subject: str) -> str:
+    """The unrelated sentence a prompt starts with before its subject ("Last updated 2017. "), or ""."""
+    at = prompt.find(subject)
+    head = prompt[:at] if at > 0 else ""
+    return head if head.rstrip().endswith(".") else ""
+
+
 @dataclass
 class StepRows:
-    """One step's rows, padded together: B edit prompts, B rephrasings, B unrelated prompts (in that order)."""
+    """One step's rows, padded together: B edit prompts, B rephrasings, then the unrelated prompts (each
+    fact's own, then its negatives). Columns index ``keep``, the positions whose logits a loss reads."""
 
-    ids: torch.Tensor  # (3B, L)
+    ids: torch.Tensor  # (2B + n_unrelated, L)
     mask: torch.Tensor
     pos: torch.Tensor
     n: int  # B
-    rows: torch.Tensor  # target tokens of the first 2B rows: row, predicting column, label
+    keep: torch.Tensor  # (K,) positions passed as logits_to_keep
+    rows: torch.Tensor  # target tokens of the first 2B rows: row, predicting column (into keep), label
     cols: torch.Tensor
     labels: torch.Tensor
-    loc_rows: torch.Tensor  # every real position of the unrelated rows
+    loc_rows: torch.Tensor  # the unrelated rows' KL positions: row, column (into keep)
     loc_cols: torch.Tensor
 
 
-def step_rows(tok, requests: Sequence[EditRequest], device: torch.device, loc_positions: str = "answer") -> StepRows:
+def step_rows(
+    tok,
+    requests: Sequence[EditRequest],
+    device: torch.device,
+    loc_positions: str = "answer",
+    rephrasings: Sequence[str] | None = None,
+    negatives: Sequence[EditRequest] = (),
+) -> StepRows:
     n = len(requests)
-    prompts = [r.text for r in requests] + [r.paraphrase_prompts[0] for r in requests]
-    prompts += [r.neighborhood[0].prompt for r in requests]
+    prompts = [r.text for r in requests] + list(rephrasings or [r.paraphrase_prompts[0] for r in requests])
+    prompts += [r.neighborhood[0].prompt for r in requests] + [o.text for o in negatives]
     targets = [r.target_new for r in requests] * 2 + [r.neighborhood[0].answer for r in requests]
+    targets += [o.target_true for o in negatives]
     enc = encode_pairs(tok, prompts, targets)
     ids, mask, pos, _ = pad_batch(enc.ids, pad_id_of(tok), "right", device)
     lens = torch.tensor(enc.n_target[: 2 * n])
     rows = torch.repeat_interleave(torch.arange(2 * n), lens).to(device)
     cols = torch.cat([torch.arange(p - 1, p - 1 + t) for p, t in zip(enc.n_prompt[: 2 * n], enc.n_target[: 2 * n])]).to(device)
+    labels = ids[rows, cols + 1]
     if loc_positions == "all":
         loc = mask[2 * n :].bool().nonzero()  # (n_loc_tokens, 2): row within the unrelated rows, column
         loc_rows, loc_cols = loc[:, 0] + 2 * n, loc[:, 1]
     else:  # the positions that predict the unrelated prompt's answer tokens
         spans = list(zip(enc.n_prompt[2 * n :], enc.n_target[2 * n :]))
-        loc_rows = torch.repeat_interleave(torch.arange(2 * n, 3 * n), torch.tensor([t for _, t in spans])).to(device)
+        loc_rows = torch.repeat_interleave(torch.arange(2 * n, len(prompts)), torch.tensor([t for _, t in spans])).to(device)
         loc_cols = torch.cat([torch.arange(p - 1, p - 1 + t) for p, t in spans]).to(device)
-    return StepRows(ids, mask, pos, n, rows, cols, ids[rows, cols + 1], loc_rows, loc_cols)
+    keep, where = kept(torch.cat([cols, loc_cols]))
+    return StepRows(ids, mask, pos, n, keep, rows, where[: len(cols)], labels, loc_rows, where[len(cols) :])
+
+
+def _logits(model: nn.Module, b: StepRows, rows: slice = slice(None)) -> torch.Tensor:
+    """The logits of ``rows`` at ``b.keep``: (rows, K, V)."""
+    return model(input_ids=b.ids[rows], attention_mask=b.mask[rows], position_ids=b.pos[rows], logits_to_keep=b.keep).logits
 
 
 def meta_step(
@@ -93,23 +159,22 @@ def meta_step(
     with frozen(model):
         # 1. the unedited model, once over every row
         with torch.no_grad(), capture(model, [block], "input") as seen, output_kind(model, block) as kind:
-            base = model(input_ids=b.ids, attention_mask=b.mask, position_ids=b.pos).logits
-        hidden = seen[block].detach()  # (3B, L, d) entering the lowest edited block
+            base = _logits(model, b)
+        hidden = seen[block].detach()  # (rows, L, d) entering the lowest edited block
         base_loc = torch.log_softmax(base[b.loc_rows, b.loc_cols].float(), -1)  # (n_loc, V)
         edit = b.rows < n
         # 2. the edit loss's gradient factors, from the lowest edited block on
         with start_at_block(model, spec.blocks, first, hidden[:n], kind["tuple"]):
 
             def edit_nll():
-                logits = model(input_ids=b.ids[:n], attention_mask=b.mask[:n], position_ids=b.pos[:n]).logits
-                return target_nll(logits, b.rows[edit], b.cols[edit], b.labels[edit]).mean()
+                return target_nll(_logits(model, b, slice(0, n)), b.rows[edit], b.cols[edit], b.labels[edit]).mean()
 
             factors = gradient_factors(model, paths, edit_nll, b.mask[:n])
         # 3. the network's updates
         updates = {p: net.factors(p, u, d) for p, (u, d) in factors.items()}
         # 4. the edited model on every row
         with start_at_block(model, spec.blocks, first, hidden, kind["tuple"]), added_updates(model, updates):
-            post = model(input_ids=b.ids, attention_mask=b.mask, position_ids=b.pos).logits
+            post = _logits(model, b)
     nll = target_nll(post, b.rows, b.cols, b.labels)
     post_loc = torch.log_softmax(post[b.loc_rows, b.loc_cols].float(), -1)
     kl = (base_loc.exp() * (base_loc - post_loc)).sum(-1).mean()
@@ -158,16 +223,23 @@ class Progress:
     stopped: str = ""  # why training ended: "" while it runs
 
 
-def validate(model, tok, spec, net: HyperNet, requests: Sequence[EditRequest], hp: MENDHyperParams) -> dict[str, float]:
-    """The step's losses and successes averaged over the validation facts, in batches as in training."""
+VALIDATION_KEYS = 10**9  # validation batch i draws its augmentation with key VALIDATION_KEYS + i, apart from steps
+
+
+def validate(
+    model, tok, spec, net: HyperNet, requests: Sequence[EditRequest], hp: MENDHyperParams, augment: Augment | None = None
+) -> dict[str, float]:
+    """The step's losses and successes averaged over the validation facts, in batches as in training (with
+    ``augment``'s rephrasings and negatives; without it, each fact's own)."""
     was = net.training
     net.eval()
     sums: dict[str, float] = {}
     batches = [requests[i : i + hp.train.batch] for i in range(0, len(requests), hp.train.batch)]
     try:
         with torch.no_grad():
-            for chunk in batches:
-                rows = step_rows(tok, chunk, model_device(model), hp.train.loc_positions)
+            for i, chunk in enumerate(batches):
+                extra = augment(VALIDATION_KEYS + i, chunk) if augment else (None, ())
+                rows = step_rows(tok, chunk, model_device(model), hp.train.loc_positions, *extra)
                 out = _metrics(meta_step(model, spec, net, rows, min(hp.layers), hp.train.c_edit, hp.train.c_loc))
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + v * len(chunk)
@@ -219,6 +291,7 @@ def train(
             "resuming MEND training at step %d (best validation loss %.4g at step %d)", state.step, state.best, state.best_step
         )
     order = BatchOrder(len(train_facts), t.batch, t.seed)
+    augment = Augment(train_facts, t.negatives, t.prefixed, t.seed)
     device = model_device(model)
     t0 = time.monotonic()
 
@@ -237,7 +310,8 @@ def train(
                 state.stopped = "time"
                 break
             batch = [train_facts[i] for i in order(state.step)]
-            out = meta_step(model, spec, net, step_rows(tok, batch, device, t.loc_positions), min(hp.layers), t.c_edit, t.c_loc)
+            rows = step_rows(tok, batch, device, t.loc_positions, *augment(state.step, batch))
+            out = meta_step(model, spec, net, rows, min(hp.layers), t.c_edit, t.c_loc)
             opt.zero_grad()
             out["loss"].backward()
             metrics = _metrics(out)
@@ -248,7 +322,7 @@ def train(
             bar.update(1)
             bar.set_postfix(edit=f"{metrics['edit_loss']:.3f}", loc=f"{metrics['loc_loss']:.4f}")
             if state.step % t.val_every == 0:
-                val = validate(model, tok, spec, net, val_facts, hp)
+                val = validate(model, tok, spec, net, val_facts, hp, augment)
                 if val["val_total_loss"] < state.best:
                     state.best, state.best_step, state.bad = val["val_total_loss"], state.step, 0
                     _save(directory / BEST, {"net": net.state_dict(), "step": state.step})

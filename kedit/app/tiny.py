@@ -152,9 +152,9 @@ def write_gates(path: Path, **overrides) -> Path:
 
 
 def training_facts(n: int = 30) -> list[dict]:
-    """Feed records with a rephrasing and an unrelated prompt each, in the tiny tokenizer's words: what a
-    trained editor (MEND) learns from in the tests. Deterministic; ids ``train-<i>``; one fact per subject and
-    relation, so up to 30."""
+    """Feed records with a rephrasing, an unrelated prompt and a true value each, in the tiny tokenizer's
+    words: what a trained editor (MEND) learns from in the tests (ten subjects per relation, so each fact has
+    negatives of its template). Deterministic; ids ``train-<i>``; one fact per subject and relation, so up to 30."""
     subjects = ["france", "germany", "italy", "spain", "england", "alice", "bob", "carol", "dave", "eve"]
     relations = [
         ("the capital of {} is", "the city of {} is", ["paris", "london", "rome", "berlin", "madrid"]),
@@ -172,6 +172,7 @@ def training_facts(n: int = 30) -> list[dict]:
                 "subject": subject,
                 "prompt": prompt,
                 "target_new": values[(i * 7) % len(values)],
+                "target_true": values[(i * 7 + 2) % len(values)],
                 "paraphrase_prompts": [rephrase.format(subject)],
                 "neighborhood": [{"prompt": prompt.format(other), "answer": values[(i * 7 + 1) % len(values)]}],
             }
