@@ -210,3 +210,31 @@ def test_a_version_names_the_network_it_was_made_with():
     editor = MEND(model, tok, hp, MENDNetwork(MEND.new_network(model, hp), prov))
     patches = editor.edit(facts()[:1])
     assert patches.meta["assets"] == prov and patches.weights.meta["assets"] == prov
+
+
+def test_training_on_zsre_records_holds_out_exactly_what_the_benchmark_scores(tmp_path, trained_tiny):
+    """``kedit train mend --data Z --holdout Z --holdout-first 5``: the first 5 scored cases of the zsRE file
+    (what ``kedit bench --n 5`` scores), and every record about their subjects, are never trained on; the
+    rest of the file is."""
+    from kedit.app.bench import _cases
+    from kedit.pipeline.training import TrainConfig, prepare_data
+
+    records = [
+        {"subject": r["subject"], "src": r["prompt"].format(r["subject"]), "alt": r["target_new"]}
+        | {"answers": [r["target_true"]], "rephrase": r["paraphrase_prompts"][0]}
+        | {"loc": r["neighborhood"][0]["prompt"], "loc_ans": r["neighborhood"][0]["answer"]}
+        for r in training_facts()
+    ]
+    data = tmp_path / "zsre.json"
+    data.write_text(json.dumps(records))
+    over = {**TINY, "train.val_facts": 6}
+    out = str(tmp_path / "t")
+    cfg = TrainConfig(str(trained_tiny), (str(data),), holdout=(str(data),), holdout_first=5, out=out, overrides=over)
+    summary = prepare_data(cfg)
+    split = json.loads((tmp_path / "t" / "split.json").read_text())
+    scored = _cases(data, 5)
+    trained = set(split["train"]) | set(split["val"])
+    assert len(scored) == 5 and not trained & {r.id for r in scored}
+    by_id = {f"zsre-{i}": r for i, r in enumerate(records)}
+    assert not {by_id[i]["subject"] for i in trained} & {r.subject for r in scored}
+    assert len(trained) == 30 - 15 and summary["n_held_out"] == 15  # 5 subjects, 3 relations each

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from evaluation.metrics import counterfact_from_probs, counterfact_pairs
 from kedit.core.errors import KeditError
-from kedit.core.facts import load_facts
+from kedit.core.facts import load_facts, scored_cases
 from kedit.core.facts.schema import normalize
 from kedit.core.lm import score_targets
 from kedit.core.models import KNOWN_MODELS, default_device, default_dtype, load_model, pull
@@ -77,8 +77,8 @@ def bench_metrics(model_ref: str, data: Path, n: int, batch_size: int = 32, sing
 
 
 def _cases(data: Path | str, n: int) -> list:
-    """The first n CounterFact cases of a file that have an outdated answer (every protocol metric needs it)."""
-    return [r for r in load_facts(data).accepted if r.target_true is not None][:n]
+    """The first n cases of a file that have an outdated answer (every protocol metric needs it)."""
+    return scored_cases(load_facts(data).accepted, n)
 
 
 def _corpus_file(corpus: Path | str | None) -> str | None:

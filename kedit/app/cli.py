@@ -390,6 +390,12 @@ def train() -> None:
     type=PathArg,
     help="Evaluation data never to train on: its records are dropped by id and by subject (repeatable).",
 )
+@click.option(
+    "--holdout-first",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Hold out only the cases `kedit bench --n N` scores of each --holdout file (train on the rest of it).",
+)
 @click.option("--limit", "n_facts", type=int, default=None, help="Train on the first N usable facts only.")
 @click.option("--max-minutes", type=float, default=None, help="End this sitting after that long; the same command resumes.")
 @click.option("--out", type=PathArg, default=Path("out/train-mend"), show_default=True, help="Checkpoints and the network.")
@@ -397,7 +403,7 @@ def train() -> None:
 @SETS
 @DEVICE
 @THREADS
-def train_mend(model, data, holdout, n_facts, max_minutes, out, tracking_uri, sets, device, threads) -> None:
+def train_mend(model, data, holdout, holdout_first, n_facts, max_minutes, out, tracking_uri, sets, device, threads) -> None:
     """Meta-train MEND's editor network for MODEL; registers it as <model>-mend with alias production."""
     from flows.train import train as train_flow
     from kedit.pipeline.training import TrainConfig
@@ -408,6 +414,7 @@ def train_mend(model, data, holdout, n_facts, max_minutes, out, tracking_uri, se
         data=tuple(str(d) for d in data),
         editor="mend",
         holdout=tuple(str(h) for h in holdout),
+        holdout_first=holdout_first,
         out=str(out),
         tracking_uri=tracking_uri,
         overrides=sets_to_overrides(sets),

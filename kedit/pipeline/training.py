@@ -20,7 +20,7 @@ from typing import Any
 
 from kedit.core.errors import KeditError
 from kedit.core.facts import EditRequest
-from kedit.core.facts.load import load_facts
+from kedit.core.facts.load import load_facts, scored_cases
 from kedit.core.facts.schema import normalize
 from kedit.core.models import load_model
 from kedit.store.naming import identify
@@ -46,6 +46,7 @@ class TrainConfig:
     data: tuple[str, ...]
     editor: str = "mend"
     holdout: tuple[str, ...] = ()  # files whose records (by id and by subject) are never trained on
+    holdout_first: int | None = None  # of each holdout file, only the cases ``kedit bench --n N`` scores
     out: str = "out/train"
     tracking_uri: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # editor hparams, dotted keys (train.steps=...)
@@ -66,11 +67,12 @@ def _editor(cfg: TrainConfig):
     return cls
 
 
-def _facts(paths: tuple[str, ...]) -> tuple[list[EditRequest], dict[str, str]]:
+def _facts(paths: tuple[str, ...], first: int | None = None) -> tuple[list[EditRequest], dict[str, str]]:
+    """The accepted facts of each file (with ``first``, its first scored cases only) and the files' sha256."""
     facts, hashes = [], {}
     for p in paths:
         loaded = load_facts(p)
-        facts.extend(loaded.accepted)
+        facts.extend(loaded.accepted if first is None else scored_cases(loaded.accepted, first))
         hashes.update(loaded.sha256)
     return facts, hashes
 
@@ -83,7 +85,7 @@ def prepare_data(cfg: TrainConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     facts, data_sha = _facts(cfg.data)
-    held, holdout_sha = _facts(cfg.holdout)
+    held, holdout_sha = _facts(cfg.holdout, cfg.holdout_first)
     held_ids = {r.id for r in held}
     held_subjects = {normalize(r.subject) for r in held}
     usable = cls.trainable_facts(facts)
@@ -131,7 +133,8 @@ def open_run(cfg: TrainConfig, split: dict[str, Any]) -> str:
     name = network_name(registered, cfg.editor)
     run = tracker.start_run(registered, f"train-{cfg.editor}", {T_KIND: "train", "kedit.network": name})
     params = {"model": cfg.model, "editor": cfg.editor, "base_fingerprint": fingerprint, "data": ",".join(cfg.data)}
-    params |= {"holdout": ",".join(cfg.holdout), **{f"set.{k}": v for k, v in cfg.overrides.items()}}
+    params |= {"holdout": ",".join(cfg.holdout), "holdout_first": cfg.holdout_first}
+    params |= {f"set.{k}": v for k, v in cfg.overrides.items()}
     params |= {f"data_sha256.{Path(k).name}": v for k, v in split["data_sha256"].items()}
     params |= {f"holdout_sha256.{Path(k).name}": v for k, v in split["holdout_sha256"].items()}
     params |= {k: split[k] for k in ("n_train", "n_val", "n_held_out", "n_unusable")}

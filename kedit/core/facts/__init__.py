@@ -16,7 +16,7 @@ One module per job:
 - ``formats``: one module per research format plus ``feed``, and their registry. A new format is
   one new module in ``formats/`` plus one line in the registrations of ``formats/__init__.py``;
 - ``readers``: JSONL, JSON array and CSV readers, chosen by file suffix (``READERS``);
-- ``load``: ``load_facts``, ``load_many``, ``resolve_superseded``, ``load_known_facts``;
+- ``load``: ``load_facts``, ``load_many``, ``resolve_superseded``, ``load_known_facts``, ``scored_cases``;
 - ``feeds``: feed file naming (``is_feed_name``, ``list_feeds``).
 
 Importing defines things only: no file is read until a loader is called.
@@ -25,7 +25,15 @@ Importing defines things only: no file is read until a loader is called.
 from kedit.core.facts.feeds import FEED_SUFFIXES, PARTIAL_SUFFIXES, is_feed_name, list_feeds
 from kedit.core.facts.formats import Format, format_names, get_format, register_format, sniff_format, unregister_format
 from kedit.core.facts.limits import Limits, parse_limits
-from kedit.core.facts.load import feed_sha256, load_facts, load_known_facts, load_many, read_fact_file, resolve_superseded
+from kedit.core.facts.load import (
+    feed_sha256,
+    load_facts,
+    load_known_facts,
+    load_many,
+    read_fact_file,
+    resolve_superseded,
+    scored_cases,
+)
 from kedit.core.facts.schema import (
     FEED_FIELDS,
     EditRequest,
@@ -60,6 +68,7 @@ __all__ = [
     "is_feed_name",
     "list_feeds",
     "load_facts",
+    "scored_cases",
     "load_known_facts",
     "load_many",
     "parse_limits",

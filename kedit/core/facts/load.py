@@ -7,7 +7,7 @@ import hashlib
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -216,3 +216,9 @@ def load_known_facts(path: str | Path) -> list[Fact]:
         except FieldError as e:
             raise FactFileError(f"{where}: field {e.field!r}: {e.reason}") from None
     return out
+
+
+def scored_cases(requests: Sequence[EditRequest], n: int | None) -> list[EditRequest]:
+    """The first ``n`` requests that have an outdated answer (every protocol metric needs one): what
+    ``kedit bench --n n`` scores, and what ``kedit train --holdout-first n`` keeps out of training."""
+    return [r for r in requests if r.target_true is not None][:n]
