@@ -155,12 +155,27 @@ def _saved(tmp_path, fingerprint="f" * 64):
     return model, tok, hp, net, d
 
 
-def test_a_saved_network_loads_back_exactly(tmp_path):
-    model, tok, hp, net, d = _saved(tmp_path)
+def test_a_saved_network_loads_back_exactly_and_makes_the_same_edit(tmp_path):
+    """Each weight keeps its own edit rate through the file (equal tensors are not enough: the order of the
+    weights says which rate is whose, and a manifest written with sorted keys once swapped them)."""
+    model, tok, hp = setup()
+    net = MEND.new_network(model, hp)
+    with torch.no_grad():
+        net.edit_lrs.copy_(torch.tensor([0.01, -0.02, 0.03, -0.04]))  # one rate per weight, all different
+    d = save_network(net, tmp_path / "net", "f" * 64, {"training_ids": ["train-1"]}).parent
     loaded, manifest = load_network(d, "f" * 64)
-    assert manifest["training_ids"] == ["train-1"]
+    assert manifest["training_ids"] == ["train-1"] and list(loaded.weights) == list(net.weights)
     a, b = net.state_dict(), loaded.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    req = facts()[:1]
+    deltas = []
+    for n in (net, loaded):
+        editor = MEND(model, tok, hp, MENDNetwork(n, {}))
+        deltas.append(editor.edit(req).weights)
+        editor.revert()
+    saved_delta, loaded_delta = deltas
+    for name, part in saved_delta.parts.items():
+        assert torch.equal(part.dense(), loaded_delta.parts[name].dense()), name
     network = MEND.open_asset("network", d, "f" * 64, {"network": "x", "network_version": "1"})
     assert network.trained_on == frozenset({"train-1"}) and network.provenance["network_version"] == "1"
 

@@ -17,7 +17,7 @@ from editing.patches.base import load_tensors, save_tensors
 
 from .network import HyperNet
 
-FORMAT = "kedit-mend-network/1"
+FORMAT = "kedit-mend-network/2"  # /1 listed the weights as a mapping, read back in another order
 TENSORS = "network.safetensors"
 MANIFEST = "network.json"
 

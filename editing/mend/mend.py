@@ -76,12 +76,11 @@ class MEND(Editor):
             self._check(network.net)
 
     def _check(self, net: HyperNet) -> None:
-        want = {p: tuple(s) for p, s in self.weights.items()}
-        have = {p: tuple(s) for p, s in net.weights.items()}
-        if have != want:
+        want = [(p, tuple(s)) for p, s in self.weights.items()]
+        have = [(p, tuple(s)) for p, s in net.weights.items()]
+        if have != want:  # in order: the order gives each weight its edit rate
             raise EditError(
-                f"the MEND network edits {sorted(have)} with shapes {sorted(have.values())}; "
-                f"this model and preset need {sorted(want)} with shapes {sorted(want.values())}"
+                f"the MEND network edits {have} (module path, (d_in, d_out)), in that order; this model and preset need {want}"
             )
 
     @classmethod

@@ -91,7 +91,9 @@ class HyperNet(nn.Module):
     def __init__(self, weights: dict[str, tuple[int, int]], rank: int, n_hidden: int, norm: bool, edit_lr: float, seed: int = 0):
         super().__init__()
         self.weights = dict(weights)
-        self.config = {"weights": {k: list(v) for k, v in weights.items()}, "rank": rank, "n_hidden": n_hidden, "norm": norm}
+        # a list, not a mapping: the order gives each weight its edit rate and mode, and manifests are written with
+        # sorted keys (a mapping came back alphabetical: up and down projections swapped their edit rates)
+        self.config = {"weights": [[k, *v] for k, v in weights.items()], "rank": rank, "n_hidden": n_hidden, "norm": norm}
         groups: dict[str, list[str]] = {}
         for name, (d_in, d_out) in self.weights.items():
             groups.setdefault(shape_key(d_in, d_out), []).append(name)
@@ -105,7 +107,9 @@ class HyperNet(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict) -> HyperNet:
-        weights = {k: (int(v[0]), int(v[1])) for k, v in config["weights"].items()}
+        if not isinstance(config["weights"], list):
+            raise ValueError("weights must be a list of [module path, d_in, d_out] in forward order")
+        weights = {str(k): (int(a), int(b)) for k, a, b in config["weights"]}
         return cls(weights, int(config["rank"]), int(config["n_hidden"]), bool(config["norm"]), edit_lr=0.0)
 
     def factors(self, name: str, u: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,8 +24,8 @@ from kedit.core.facts.load import load_facts, scored_cases
 from kedit.core.facts.schema import normalize
 from kedit.core.models import load_model
 from kedit.store.naming import identify
-from kedit.store.networks import network_name, publish_network
-from kedit.store.tracking import T_KIND, Tracker
+from kedit.store.networks import network_name, publish_network, tree_sha256
+from kedit.store.tracking import T_KIND, T_MANIFEST_SHA, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def publish(cfg: TrainConfig, run_id: str, summary: dict[str, Any]) -> dict[str,
     """Register the best validated network as a version of ``<model>-<editor>`` with alias ``production``.
 
     A sitting cut short by its time budget publishes its best network so far (the manifest says it stopped on
-    time) and a resumed training publishes again when it ends; nothing is published twice for one step, and
+    time) and a resumed training publishes again when it ends; the same files are never published twice, and
     nothing before the first validation."""
     tracker = Tracker(cfg.tracking_uri)
     registered, fingerprint = identify(cfg.model)
@@ -205,13 +205,19 @@ def publish(cfg: TrainConfig, run_id: str, summary: dict[str, Any]) -> dict[str,
             tracker.end_run(run_id, "KILLED")
         return {"published": None, "why": "no validation yet; rerun the same command to resume"}
     tags = tracker.run_tags(run_id)
-    if tags.get(T_PUBLISHED_STEP) == str(summary["best_step"]):  # a rerun of a finished training
+    if tags.get(T_PUBLISHED_STEP) == str(summary["best_step"]) and _same_files(tracker, name, tags[T_PUBLISHED], cfg):
+        # a rerun of a finished training; the same step in other files (written by a fixed serializer) publishes
         tracker.end_run(run_id, "KILLED" if summary["stopped"] == "time" else "FINISHED")
         return {"published": name, "version": tags[T_PUBLISHED]}
     version = publish_network(tracker, registered, cfg.editor, fingerprint, cfg.model, run_id, Path(cfg.out) / NETWORK)
     tracker.set_tags(run_id, {T_PUBLISHED: version, T_PUBLISHED_STEP: summary["best_step"]})
     tracker.end_run(run_id, "KILLED" if summary["stopped"] == "time" else "FINISHED")
     return {"published": name, "version": version}
+
+
+def _same_files(tracker: Tracker, name: str, version: str, cfg: TrainConfig) -> bool:
+    """Whether the registered ``version`` holds exactly the network files under ``<out>`` now."""
+    return tracker.version(name, version).tags.get(T_MANIFEST_SHA) == tree_sha256(Path(cfg.out) / NETWORK)
 
 
 LOSSES = ("total_loss", "edit_loss", "loc_loss")
