@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -368,3 +369,23 @@ def test_a_benchmark_refuses_records_a_trained_network_learned_from(setup):
     with pytest.raises(KeditError, match="trained on 1 of the scored records"):
         require_not_trained_on(Trained(), _cases(data, 3))
     require_not_trained_on(Trained(), _cases(data, 1))  # "a" alone: fine
+
+
+def test_a_stored_result_made_with_another_network_is_run_again(setup, tmp_path):
+    """A rerun resumes the methods its JSON holds, unless a method's result names other editor assets (a
+    network) than the editor would use now: then that result is stale and the method runs again."""
+    from kedit.app.bench import bench_editors
+
+    ck, data, corpus = setup
+    out = tmp_path / "r.json"
+    over = {"ft-m": {"layers": [2], "lr": 0.02}}
+    first = bench_editors(str(ck), data, ["ft-m"], 1, 1, corpus, over, json_out=out)
+    assert first["results"]["ft-m"]["assets"] == {}  # ft-m trains nothing
+    stored = json.loads(out.read_text())
+    stored["results"]["ft-m"]["efficacy"] = 123.0  # planted: kept only if the result is reused
+    out.write_text(json.dumps(stored))
+    assert bench_editors(str(ck), data, ["ft-m"], 1, 1, corpus, over, json_out=out)["results"]["ft-m"]["efficacy"] == 123.0
+    stored["results"]["ft-m"]["assets"] = {"network": "kedit-tiny-mend", "network_version": "1"}
+    out.write_text(json.dumps(stored))
+    again = bench_editors(str(ck), data, ["ft-m"], 1, 1, corpus, over, json_out=out)["results"]["ft-m"]
+    assert again["efficacy"] == first["results"]["ft-m"]["efficacy"] != 123.0 and again["assets"] == {}

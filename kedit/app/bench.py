@@ -118,6 +118,19 @@ def _trained(model_ref: str, model, method: str) -> dict:
     return trained_assets(Tracker(), cls, registered, fingerprint)
 
 
+def _assets_now(model_ref: str, method: str) -> dict:
+    """The provenance a run of ``method`` would record now (its production network's name, version and sha256;
+    {} for an editor that trains nothing): a stored result made with another network is stale."""
+    from editing import get_editor
+    from kedit.store.naming import identify
+    from kedit.store.networks import production_provenance
+    from kedit.store.tracking import Tracker
+
+    if not get_editor(method).trains:
+        return {}
+    return production_provenance(Tracker(), identify(model_ref)[0], method) or {}
+
+
 def _copy_trained(model_ref: str, editor: str | None, uri: str) -> None:
     """A trained editor's network, from the registry of $MLFLOW_TRACKING_URI (default ./mlruns), into the
     benchmark's scratch store, where its stream will look for it."""
@@ -314,8 +327,9 @@ def _run_method(
     reqs = _cases(data, n)
     read, scores_of = PROTOCOLS[protocol]
     require_not_trained_on(editor, reqs)
+    assets = editor.provenance()  # the network a trained editor edits with: part of what a result depends on
     if not sequential:
-        return _independent(model, tok, editor, reqs, batch_size, read, scores_of) | {"statistics_s": t_stats}
+        return _independent(model, tok, editor, reqs, batch_size, read, scores_of) | {"statistics_s": t_stats, "assets": assets}
     reference = read(model, tok, reqs)
     timed = [r.text for r in reqs[:64]]
     t_before = forward_seconds(model, tok, timed)
@@ -326,7 +340,7 @@ def _run_method(
     root = Path(steps_dir) if steps_dir else None
     if root is not None:
         settings = {"method": method, "model": model_ref, "data": data, "n": n, "batch_size": batch_size}
-        settings |= {"corpus": corpus_path, "overrides": overrides, "protocol": protocol}
+        settings |= {"corpus": corpus_path, "overrides": overrides, "protocol": protocol, "assets": assets}
         saved = open_steps(root, settings)
         if saved:
             counts = replay(saved, model, editor)
@@ -353,6 +367,7 @@ def _run_method(
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "n_edits": len(reqs),
+        "assets": assets,
     }
 
 
@@ -428,7 +443,11 @@ def bench_editors(
         "overrides": overrides or {},
         "sequential": sequential,
     }
-    out = {**settings, "unedited": unedited, "results": resumed(json_out, settings), "machine": machine()}
+    results = resumed(json_out, settings)
+    for m in [m for m, r in results.items() if r.get("assets", {}) != _assets_now(model_ref, m)]:
+        log.info("%s: the stored result was made with another network; running it again", m)
+        del results[m]
+    out = {**settings, "unedited": unedited, "results": results, "machine": machine()}
 
     def args(m: str) -> tuple:
         steps = f"{json_out}.steps/{m}" if json_out else None

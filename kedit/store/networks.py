@@ -43,6 +43,16 @@ def publish_network(
     return version
 
 
+def production_provenance(tracker: Tracker, registered: str, editor: str) -> dict[str, str] | None:
+    """What an editor using the production network for this base would record (as ``fetch_network`` returns it
+    once the files are verified), read from the registry alone; None when there is none."""
+    name = network_name(registered, editor)
+    info = tracker.production(name)
+    if info is None:
+        return None
+    return {"network": name, "network_version": info.version, "network_sha256": info.tags.get(T_MANIFEST_SHA, "")}
+
+
 def fetch_network(tracker: Tracker, registered: str, editor: str, fingerprint: str, dst: Path) -> tuple[Path, dict]:
     """The production network for this base and editor, downloaded to ``dst`` and checked against the registry:
     its fingerprint tag and the sha256 of its files. Returns the directory and its provenance."""
