@@ -348,8 +348,9 @@ def fluency(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int
 
 
 def scores_table(rows: dict[str, dict[str, float]]) -> str:
-    """A plain-text table: one row per name, one column per metric."""
-    cols = sorted({k for r in rows.values() for k in r})
+    """A plain-text table: one row per name, one column per metric (numbers only: provenance and other
+    records in a result are for the JSON)."""
+    cols = sorted({k for r in rows.values() for k, v in r.items() if v is None or isinstance(v, int | float)})
     head = ["", *cols]
     body = [[name, *("-" if r.get(c) is None else f"{r[c]:.3f}" for c in cols)] for name, r in rows.items()]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
