@@ -35,7 +35,8 @@ class TrainHyperParams(StrictConfig):
     val_every: int = 250  # steps between validations
     val_facts: int = 48  # held-out training facts scored at each validation
     # validations without improvement before stopping: the first ones favour a network that barely edits
-    # (its KL is near 0); the total loss climbs while edits strengthen, then falls (SmolLM2: best at step 3,500)
+    # (its KL is near 0); the total loss climbs while edits strengthen, then falls (SmolLM2: up from step 250 to
+    # 1,000, below step 250's from 1,250)
     patience: int = 12
     checkpoint_every: int = 50  # steps between checkpoints (and at every validation)
     seed: int = 0
