@@ -26,11 +26,10 @@ class TrainHyperParams(StrictConfig):
     # specificity scores); "all", every position of it (the reference; most of them a local edit cannot move)
     loc_positions: Literal["answer", "all"] = "answer"
     # per fact, other training facts of its prompt template (same relation, other subjects) added to that KL:
-    # CounterFact's specificity asks exactly those prompts, and one unrelated prompt per fact leaves the
-    # network free to edit the relation rather than the subject
+    # CounterFact's specificity asks exactly those prompts (an edit must move its subject, not its relation)
     negatives: int = 2
     # the share of rephrasings that get an unrelated sentence in front, taken from the training facts' own
-    # prefixed rephrasings (ROME's CounterFact paraphrases all start with one; EasyEdit's training split, 16%)
+    # prefixed rephrasings (ROME's CounterFact paraphrases all start with one; EasyEdit's training split, some)
     prefixed: float = 0.5
     val_every: int = 250  # steps between validations
     val_facts: int = 48  # held-out training facts scored at each validation

@@ -48,8 +48,11 @@ def production_provenance(tracker: Tracker, registered: str, editor: str) -> dic
     once the files are verified), read from the registry alone; None when there is none."""
     name = network_name(registered, editor)
     info = tracker.production(name)
-    if info is None:
-        return None
+    return None if info is None else _provenance(name, info)
+
+
+def _provenance(name: str, info) -> dict[str, str]:
+    """What a version made with this network records: its registered name, version and files' sha256."""
     return {"network": name, "network_version": info.version, "network_sha256": info.tags.get(T_MANIFEST_SHA, "")}
 
 
@@ -69,7 +72,7 @@ def fetch_network(tracker: Tracker, registered: str, editor: str, fingerprint: s
     actual = tree_sha256(directory)
     if actual != info.tags.get(T_MANIFEST_SHA):
         raise TrackingError(f"{name} v{info.version}: its files' sha256 {actual[:12]} does not match the registry's")
-    return directory, {"network": name, "network_version": info.version, "network_sha256": actual}
+    return directory, _provenance(name, info)  # the tag's sha256, just checked equal to the files'
 
 
 def trained_assets(tracker: Tracker, editor_cls, registered: str, fingerprint: str) -> dict[str, Any]:
