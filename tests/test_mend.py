@@ -12,7 +12,7 @@ from editing import EditError, make_editor
 from editing.mend.files import MANIFEST, TENSORS, load_network, save_network
 from editing.mend.gradients import target_nll
 from editing.mend.mend import MEND, MENDNetwork, edit_loss
-from editing.mend.training import Augment, train, validate
+from editing.mend.training import Augment, meta_step, step_rows, train, validate
 from editing.patches import PatchIntegrityError
 from kedit.app.tiny import tiny_llama, train_tiny, training_facts
 from kedit.core.arch import spec_for
@@ -100,8 +100,10 @@ def test_training_lowers_the_edit_loss_and_raises_edit_success_on_held_out_facts
     at least half of the edits exact (every target token the argmax), from one in six untrained."""
     model, tok = load_model(str(trained_tiny), "cpu")
     # without negatives: ten one-token subjects per relation are too alike in a 4-layer model for 150 steps to
-    # separate them, and with same-template negatives the network learns not to edit at all
-    over = {"layers": (2, 3), "network.rank": 16, **TRAIN, "train.steps": 150, "train.val_every": 50, "train.negatives": 0}
+    # separate them, and with same-template negatives the network learns not to edit at all; without the
+    # after-target KL (its own test below): the reference's losses
+    over = {"layers": (2, 3), "network.rank": 16, **TRAIN, "train.steps": 150, "train.val_every": 50}
+    over |= {"train.negatives": 0, "train.after_target": False}
     hp = MEND.preset(model, over)
     spec = spec_for(model)
     net = MEND.new_network(model, hp)
@@ -114,6 +116,28 @@ def test_training_lowers_the_edit_loss_and_raises_edit_success_on_held_out_facts
     assert after["val_edit_loss"] < 0.5 * before["val_edit_loss"]
     assert after["val_edit_success"] >= 0.5 > before["val_edit_success"]
     assert after["val_loc_agreement"] >= 0.8
+
+
+def test_the_after_target_kl_reads_the_position_after_each_new_target_and_only_moves_with_an_edit():
+    """With ``after_target`` the KL also reads, in the edit and rephrasing rows, the last target token's position
+    (what follows the target); the identity network leaves it 0, a trained-rate update moves it."""
+    model, tok, hp = setup(TRAIN)
+    spec = spec_for(model)
+    batch = facts()[:2]
+    plain = step_rows(tok, batch, torch.device("cpu"), "answer")
+    after = step_rows(tok, batch, torch.device("cpu"), "answer", after_target=True)
+    assert plain.n_unrelated == after.n_unrelated == len(plain.loc_rows)
+    assert after.loc_rows[after.n_unrelated :].tolist() == [0, 1, 2, 3]  # the 2B edit rows, once each
+    ends = after.keep[after.loc_cols[after.n_unrelated :]]
+    predicting = after.keep[after.cols]  # the columns that predict a target token
+    last_target = [int(predicting[after.rows == r].max()) + 1 for r in range(4)]
+    assert ends.tolist() == last_target  # the last target token predicts what follows it
+    net = MEND.new_network(model, hp)
+    with torch.no_grad():
+        net.edit_lrs.zero_()  # no update: edited = unedited
+        assert float(meta_step(model, spec, net, after, min(hp.layers), 0.1, 1.0)["after_target_loss"]) == 0
+        net.edit_lrs.fill_(1.0)
+        assert float(meta_step(model, spec, net, after, min(hp.layers), 0.1, 1.0)["after_target_loss"]) > 1e-4
 
 
 class Killed(Exception):

@@ -25,6 +25,10 @@ class TrainHyperParams(StrictConfig):
     # where that KL is taken: "answer", the positions that predict the unrelated prompt's answer (what
     # specificity scores); "all", every position of it (the reference; most of them a local edit cannot move)
     loc_positions: Literal["answer", "all"] = "answer"
+    # the edit prompt's and rephrasing's position after the new target (what follows it) joins that KL: an
+    # edit that makes its target follow itself generates "Paris Paris Paris" (fluency falls though no
+    # scored prompt changes)
+    after_target: bool = True
     # per fact, other training facts of its prompt template (same relation, other subjects) added to that KL:
     # CounterFact's specificity asks exactly those prompts (an edit must move its subject, not its relation)
     negatives: int = 2

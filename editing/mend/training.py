@@ -7,7 +7,8 @@ One step over a batch of facts:
 2. the edit loss's gradient factors at the edited weights (only the blocks from the lowest edited one run);
 3. the network maps them to an update ΔW per weight;
 4. the edited model runs from that block again, with ΔW added: L = c_edit·NLL(targets | prompt, rephrasing)
-   + c_loc·KL(unedited || edited on unrelated text); Adam on the network and its edit rates.
+   + c_loc·KL(unedited || edited on unrelated text, and on what follows the new target); Adam on the network
+   and its edit rates.
 
 Checkpoints hold the network, the optimizer and the step; the batch of step s depends on s and the seed only,
 so a resumed run continues exactly where an uninterrupted one would be.
@@ -109,8 +110,9 @@ class StepRows:
     rows: torch.Tensor  # target tokens of the first 2B rows: row, predicting column (into keep), label
     cols: torch.Tensor
     labels: torch.Tensor
-    loc_rows: torch.Tensor  # the unrelated rows' KL positions: row, column (into keep)
+    loc_rows: torch.Tensor  # the KL positions: row, column (into keep); unrelated rows' first, then after-target ones
     loc_cols: torch.Tensor
+    n_unrelated: int  # how many of the KL positions are in unrelated rows
 
 
 def step_rows(
@@ -120,6 +122,7 @@ def step_rows(
     loc_positions: str = "answer",
     rephrasings: Sequence[str] | None = None,
     negatives: Sequence[EditRequest] = (),
+    after_target: bool = False,
 ) -> StepRows:
     n = len(requests)
     prompts = [r.text for r in requests] + list(rephrasings or [r.paraphrase_prompts[0] for r in requests])
@@ -139,8 +142,13 @@ def step_rows(
         spans = list(zip(enc.n_prompt[2 * n :], enc.n_target[2 * n :]))
         loc_rows = torch.repeat_interleave(torch.arange(2 * n, len(prompts)), torch.tensor([t for _, t in spans])).to(device)
         loc_cols = torch.cat([torch.arange(p - 1, p - 1 + t) for p, t in spans]).to(device)
+    n_unrelated = len(loc_cols)
+    if after_target:  # each edit row's last target token, which predicts what follows the target
+        ends = torch.tensor([p + t - 1 for p, t in zip(enc.n_prompt[: 2 * n], enc.n_target[: 2 * n])], device=device)
+        loc_rows = torch.cat([loc_rows, torch.arange(2 * n, device=device)])
+        loc_cols = torch.cat([loc_cols, ends])
     keep, where = kept(torch.cat([cols, loc_cols]))
-    return StepRows(ids, mask, pos, n, keep, rows, where[: len(cols)], labels, loc_rows, where[len(cols) :])
+    return StepRows(ids, mask, pos, n, keep, rows, where[: len(cols)], labels, loc_rows, where[len(cols) :], n_unrelated)
 
 
 def _logits(model: nn.Module, b: StepRows, rows: slice = slice(None)) -> torch.Tensor:
@@ -177,16 +185,21 @@ def meta_step(
             post = _logits(model, b)
     nll = target_nll(post, b.rows, b.cols, b.labels)
     post_loc = torch.log_softmax(post[b.loc_rows, b.loc_cols].float(), -1)
-    kl = (base_loc.exp() * (base_loc - post_loc)).sum(-1).mean()
+    kls = (base_loc.exp() * (base_loc - post_loc)).sum(-1)  # (n_loc,)
+    kl = kls[: b.n_unrelated].mean()
+    # after the target: its own mean, so that adding it leaves the unrelated text's weight as it was
+    kl_after = kls[b.n_unrelated :].mean() if len(kls) > b.n_unrelated else kls.new_zeros(())
     with torch.no_grad():
         right = (post[b.rows, b.cols].argmax(-1) == b.labels).float()
         wrong = torch.zeros(2 * n, device=right.device).index_add_(0, b.rows, 1 - right)  # (2B,) wrong tokens per row
         per_row = (wrong == 0).float()
-        agree = (post[b.loc_rows, b.loc_cols].argmax(-1) == base[b.loc_rows, b.loc_cols].argmax(-1)).float().mean()
+        r, c = b.loc_rows[: b.n_unrelated], b.loc_cols[: b.n_unrelated]  # agreement on unrelated text only
+        agree = (post[r, c].argmax(-1) == base[r, c].argmax(-1)).float().mean()
     return {
-        "loss": c_edit * nll.mean() + c_loc * kl,
+        "loss": c_edit * nll.mean() + c_loc * (kl + kl_after),
         "edit_loss": nll.mean().detach(),
         "loc_loss": kl.detach(),
+        "after_target_loss": kl_after.detach(),
         "edit_success": per_row[:n].mean(),  # every target token the argmax, on the edit prompt
         "rephrase_success": per_row[n:].mean(),
         "loc_agreement": agree,
@@ -239,7 +252,7 @@ def validate(
         with torch.no_grad():
             for i, chunk in enumerate(batches):
                 extra = augment(VALIDATION_KEYS + i, chunk) if augment else (None, ())
-                rows = step_rows(tok, chunk, model_device(model), hp.train.loc_positions, *extra)
+                rows = step_rows(tok, chunk, model_device(model), hp.train.loc_positions, *extra, hp.train.after_target)
                 out = _metrics(meta_step(model, spec, net, rows, min(hp.layers), hp.train.c_edit, hp.train.c_loc))
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + v * len(chunk)
@@ -310,7 +323,7 @@ def train(
                 state.stopped = "time"
                 break
             batch = [train_facts[i] for i in order(state.step)]
-            rows = step_rows(tok, batch, device, t.loc_positions, *augment(state.step, batch))
+            rows = step_rows(tok, batch, device, t.loc_positions, *augment(state.step, batch), t.after_target)
             out = meta_step(model, spec, net, rows, min(hp.layers), t.c_edit, t.c_loc)
             opt.zero_grad()
             out["loss"].backward()
