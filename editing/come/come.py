@@ -52,6 +52,8 @@ class _CoME:
     targets its edits of that fact set at the subject, (m,) ids and (m, d) vectors: a re-edit's δ′ is that
     vector instead of an optimization for a value the model already states."""
 
+    shares_targets = False  # δ depends on what this model already removed (its installed δ′): not another's
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.installed_slot = torch.zeros(0, dtype=torch.int64)  # (m,)

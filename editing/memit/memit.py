@@ -6,15 +6,20 @@
 3. solve: ΔW = Rᵀ K (λC + KᵀK)⁻¹, kept as factors Rᵀ (d_out, n) and K (λC + KᵀK)⁻¹ (n, d_in),
    so the update has rank <= n;
 4. apply it, then go up one layer.
+
+Given a ``TargetExchange`` (``exchange``, FLEKE's federation), step 1 first looks each fact up by its key
+and optimizes only the facts not found; the vectors it optimized are offered back (editing/exchange.py).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 
 from editing.base import Editor, linear_update, register
+from editing.exchange import TargetExchange, fact_keys, whitener
 from editing.hparams import TargetHyperParams
 from editing.keys import context_templates, read_at_subject, subject_keys
 from editing.stats import Corpus, corpus_from_model, second_moments
@@ -28,12 +33,15 @@ class MEMITFamily(Editor):
     """MEMIT's loop; subclasses change how the target is found or how a layer's update is solved."""
 
     assets = ("corpus",)  # text for key statistics; None: sampled from the model
+    shares_targets = True  # z depends on the fact and the base only: another client's z is this one's
 
     def __init__(self, model, tokenizer, hparams=None, corpus: Corpus | None = None):
         super().__init__(model, tokenizer, hparams)
         self.corpus = corpus
         self._templates: tuple[str, ...] | None = None
         self._cov: dict[int, torch.Tensor] | None = None
+        self._white: torch.Tensor | None = None
+        self.exchange: TargetExchange | None = None  # set by a federation: targets looked up before optimizing
 
     def templates(self) -> tuple[str, ...]:
         if self._templates is None:
@@ -77,6 +85,45 @@ class MEMITFamily(Editor):
             self.target_config(),
         )
 
+    def fact_keys(self, requests: list[EditRequest]) -> torch.Tensor:
+        """The text-free lookup key of each fact (n, 3 d_in): editing/exchange.py."""
+        first = self.hparams.layers[0]
+        if self._white is None:
+            self._white = whitener(self.covariances()[first])
+        return fact_keys(self.model, self.tok, self.spec, first, self._white, requests)
+
+    def target_layout(self) -> tuple[list[str], list[int], int]:
+        """Where the shared target is set, its width, and the key's width: what an exchange's vectors must fit."""
+        module = self.module("mlp_out", self.hparams.layers[0])
+        d_in = module.weight.shape[1] if isinstance(module, torch.nn.Linear) else module.weight.shape[0]  # Conv1D: (d_in, d_out)
+        return [self.target_path()], [self.model.config.hidden_size], 3 * int(d_in)  # z: the residual width
+
+    def targets(self, requests: list[EditRequest], h0: torch.Tensor) -> torch.Tensor:
+        """z (n, d): looked up in the exchange where found, optimized for the rest (and offered)."""
+        t0 = time.perf_counter()
+        if self.exchange is None:
+            z = h0 + self.compute_targets(requests)
+            self.diagnostics["target_s"] = [(time.perf_counter() - t0) / len(requests)] * len(requests)
+            return z
+        keys = self.fact_keys(requests)  # (n, d_k)
+        got = self.exchange.lookup(keys)
+        own = (~got.found).nonzero().squeeze(1).tolist()
+        z = got.z.to(h0).clone()  # (n, d)
+        diagnostics = {"target_nll": [float("nan")] * len(requests), "target_steps": [0.0] * len(requests)}
+        if own:
+            z[own] = h0[own] + self.compute_targets([requests[i] for i in own])
+            for name, values in self.diagnostics.items():  # the optimized facts' rows, in place
+                if name in diagnostics:
+                    for i, v in zip(own, values):
+                        diagnostics[name][i] = v
+            self.exchange.offer(keys[own], z[own])
+        seconds = time.perf_counter() - t0
+        self.diagnostics |= diagnostics | {
+            "target_reused": got.found.float().tolist(),
+            "target_s": [seconds / len(requests)] * len(requests),  # the phase's time, spread over the batch
+        }
+        return z
+
     def compute_targets(self, requests: list[EditRequest]) -> torch.Tensor:
         """z - h at the target path: (n, d)."""
         t = self.optimize(requests)
@@ -98,7 +145,7 @@ class MEMITFamily(Editor):
         self.covariances()
         top = self.target_path()
         h0 = read_at_subject(self.model, self.tok, requests, ("{}",), [top], "output")[top]  # (n, d)
-        z = h0 + self.compute_targets(requests)  # (n, d)
+        z = self.targets(requests, h0)  # (n, d)
         for i, layer in enumerate(hp.layers):
             keys = subject_keys(self.model, self.tok, self.spec, [layer], requests, self.templates())[layer]  # (n, d_in)
             h = read_at_subject(self.model, self.tok, requests, ("{}",), [top], "output")[top]

@@ -530,6 +530,43 @@ def bench_mquake(model, data, methods, n, corpus, sets, json_out) -> None:
     click.echo(scores_table({"unedited": result["unedited"], **result["results"]}))
 
 
+@bench.command("federated")
+@MODEL
+@DATA
+@click.option("--methods", default="memit,pmet", show_default=True, help="Editors that share targets, comma-separated.")
+@click.option("--clients", type=click.IntRange(2), default=8, show_default=True, help="Clients (the facts split by relation).")
+@click.option("--slots", type=click.IntRange(1), default=10, show_default=True, help="Time slots.")
+@click.option(
+    "--own", type=click.IntRange(1), default=2, show_default=True, help="New facts of its relations per client and slot."
+)
+@click.option(
+    "--shared",
+    type=click.IntRange(0),
+    default=2,
+    show_default=True,
+    help="Facts per client and slot (from slot 1) that another client had earlier.",
+)
+@click.option("--threshold", type=float, default=0.99, show_default=True, help="Cosine a key must reach to reuse a vector.")
+@click.option(
+    "--min-share", type=float, default=0.0, show_default=True, help="Share of a batch an upload must match to be drawn on."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@corpus_option(default_corpus, SHARED_CORPUS)
+@click.option("--set", "sets", multiple=True, help="Preset override METHOD.KEY=YAML_VALUE.")
+@JSON_OUT
+def bench_federated(
+    model, data, methods, clients, slots, own, shared, threshold, min_share, seed, corpus, sets, json_out
+) -> None:
+    """FLEKE: clients edit their own copies and reuse each other's target vectors (alone, federated, central)."""
+    from kedit.app.bench_federated import bench_federated as run
+    from kedit.app.bench_federated import table
+
+    chosen = methods.split(",")
+    overrides = _method_overrides(sets, chosen)
+    result = run(model, data, chosen, clients, slots, own, shared, threshold, min_share, seed, corpus, overrides, json_out)
+    click.echo(table(result))
+
+
 @bench.command("retention")
 @MODEL
 @DATA

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from editing.exchange import KEY_VERSION, Found
 from kedit.core.errors import KeditError
 from kedit.core.paths import sha256_file
 
@@ -88,6 +89,7 @@ class Lookup:
     source: list[str | None]  # "client/slot-t" of each found vector
     vectors: dict[str, torch.Tensor]  # module -> (n, d)
     refused: dict[str, int] = field(default_factory=dict)
+    source_row: list[int | None] = field(default_factory=list)  # each found vector's row in its upload
 
     @property
     def n_found(self) -> int:
@@ -238,4 +240,45 @@ class ClientStore:
             vectors[m] = torch.where(found[:, None], all_z[row], vectors[m])
         names = [f"{u.client}/slot-{u.slot}" for u in accepted]
         source = [names[int(src[r])] if f else None for r, f in zip(row, found)]
-        return Lookup(found, best, source, vectors, refused)
+        starts = torch.tensor([0, *[u.n for u in accepted]]).cumsum(0)  # first row of each upload in ``stored``
+        rows = [int(r - starts[src[r]]) if f else None for r, f in zip(row, found)]
+        return Lookup(found, best, source, vectors, refused, rows)
+
+
+def compat_for(editor, fingerprint: str) -> Compat:
+    """What ``editor``'s vectors need of a reuser: this base, this editor and layout, these hparams, this key."""
+    modules, dims, key_dim = editor.target_layout()
+    body = json.dumps({"hparams": editor.hparams.model_dump(mode="json"), "key": KEY_VERSION}, sort_keys=True)
+    return Compat(fingerprint, editor.name, tuple(modules), tuple(dims), key_dim, hashlib.sha256(body.encode()).hexdigest())
+
+
+class MKVExchange:
+    """An editor's ``TargetExchange`` on the store: lookups read the other clients' uploads; what the editor
+    optimizes is held until ``upload(slot)`` writes it as this client's upload of that slot. ``refused`` and
+    ``reused`` count over the exchange's life."""
+
+    def __init__(self, client: ClientStore, compat: Compat, threshold: float, min_share: float):
+        self.client, self.compat, self.threshold, self.min_share = client, compat, threshold, min_share
+        self.pending_keys: list[torch.Tensor] = []
+        self.pending_z: list[torch.Tensor] = []
+        self.refused: dict[str, int] = {}
+        self.sources: list[str | None] = []  # per looked-up fact, in order: "client/slot-t#row" or None
+
+    def lookup(self, keys: torch.Tensor) -> Found:
+        got = self.client.lookup(keys, self.compat, self.threshold, self.min_share)
+        for why, k in got.refused.items():
+            self.refused[why] = self.refused.get(why, 0) + k
+        self.sources += [f"{s}#{r}" if s else None for s, r in zip(got.source, got.source_row)]
+        return Found(got.found, got.vectors[self.compat.modules[0]])
+
+    def offer(self, keys: torch.Tensor, z: torch.Tensor) -> None:
+        self.pending_keys.append(keys.detach().float().cpu())
+        self.pending_z.append(z.detach().float().cpu())
+
+    def upload(self, slot: int) -> Path | None:
+        """This client's vectors of ``slot`` (none optimized: nothing written)."""
+        if not self.pending_keys:
+            return None
+        keys, z = torch.cat(self.pending_keys), torch.cat(self.pending_z)
+        self.pending_keys, self.pending_z = [], []
+        return self.client.upload(slot, self.compat, keys, {self.compat.modules[0]: z})

@@ -1,0 +1,101 @@
+"""Target vectors shared through an exchange (FLEKE): text-free keys that the family's edits do not move,
+a found vector that skips the optimization and gives the same edit, refusals that fall back to optimizing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editing import make_editor
+from editing.stats import Corpus
+from kedit.app.tiny import make_tokenizer, tiny_llama
+from kedit.core.facts import EditRequest
+from kedit.store.mkv import MKVExchange, MKVStore, compat_for
+
+CORPUS = Corpus(
+    "test",
+    ("the capital of france is paris and alice speaks french", "bob speaks german and rome is a city in italy") * 4,
+)
+MEMIT = {"layers": (1, 2), "solve.mom2_weight": 1.0, "statistics.samples": 40, "statistics.length": 16}
+MEMIT |= {"templates.count": 2, "templates.length": 3}
+FACTS = [
+    EditRequest("a", "france", "the capital of {} is", "rome", "paris"),
+    EditRequest("b", "alice", "{} speaks", "german", "french"),
+    EditRequest("c", "bob", "{} speaks", "french", "german"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("KEDIT_HOME", str(tmp_path / "home"))
+
+
+def client(method="memit", overrides=None):
+    """A client: its own copy of the same base (one seed) and an editor on it."""
+    tok = make_tokenizer()
+    model = tiny_llama(len(tok), seed=0, init=0.05)
+    return model, make_editor(method, model, tok, {**MEMIT, **(overrides or {})}, assets={"corpus": CORPUS})
+
+
+def exchange(store, name, editor, threshold=0.99, min_share=0.0):
+    return MKVExchange(store.client(name), compat_for(editor, "f" * 64), threshold, min_share)
+
+
+def test_fact_keys_hold_no_text_and_do_not_move_when_the_family_edits():
+    model, editor = client()
+    before = editor.fact_keys(FACTS)
+    assert before.shape == (3, editor.target_layout()[2]) and before.dtype == torch.float32
+    editor.edit(FACTS[:1])  # MEMIT writes the MLP outputs of blocks 1-2; the key is read below them
+    assert torch.allclose(editor.fact_keys(FACTS), before, atol=1e-6)
+    sims = before @ before.T
+    assert torch.allclose(sims.diagonal(), torch.ones(3), atol=1e-5)
+    assert (sims - 2 * torch.eye(3)).max() < 0.99  # different facts fall under the exchange's threshold
+    # another answer for the same question is another fact
+    other = editor.fact_keys([EditRequest("a2", "france", "the capital of {} is", "berlin", "paris")])
+    assert float(other[0] @ before[0]) < 0.99
+
+
+def test_a_found_vector_skips_the_optimization_and_makes_the_same_edit(tmp_path):
+    store = MKVStore(tmp_path)
+    model_a, a = client()
+    a.exchange = exchange(store, "a", a)
+    a.edit(FACTS[:2])
+    assert a.diagnostics["target_reused"] == [0.0, 0.0]  # nothing to find yet: both optimized, then offered
+    a.exchange.upload(0)
+
+    model_b, b = client()
+    b.exchange = exchange(store, "b", b)
+    patches = b.edit(FACTS)
+    assert b.diagnostics["target_reused"] == [1.0, 1.0, 0.0]
+    assert b.diagnostics["target_steps"][:2] == [0.0, 0.0] and b.diagnostics["target_steps"][2] > 0
+    assert b.exchange.sources[:2] == ["a/slot-0#0", "a/slot-0#1"] and b.exchange.sources[2] is None
+    assert len(b.exchange.pending_keys[0]) == 1  # only what b optimized itself is offered
+    b.revert()
+
+    model_c, c = client()  # the same two facts optimized by c itself: the edit b made with a's vectors
+    c.edit(FACTS[:2])
+    b.exchange.sources.clear()
+    b.edit(FACTS[:2])
+    assert b.diagnostics["target_reused"] == [1.0, 1.0]
+    for name in patches.weights.parts:
+        got = model_b.get_parameter(name)
+        assert torch.allclose(got, model_c.get_parameter(name), atol=1e-5), name
+
+
+def test_vectors_of_other_hparams_are_refused_and_the_fact_is_optimized(tmp_path):
+    store = MKVStore(tmp_path)
+    _, a = client()
+    a.exchange = exchange(store, "a", a)
+    a.edit(FACTS[:1])
+    a.exchange.upload(0)
+    _, b = client(overrides={"targets.steps": 7})  # another target optimization: a's vector is not b's
+    b.exchange = exchange(store, "b", b)
+    b.edit(FACTS[:1])
+    assert b.diagnostics["target_reused"] == [0.0] and b.diagnostics["target_steps"][0] > 0
+    assert b.exchange.refused == {"hparams_sha256": 1}
+
+
+def test_an_editor_whose_target_depends_on_its_own_state_does_not_share():
+    _, memit = client()
+    _, come = client("come-memit")
+    assert memit.shares_targets and not come.shares_targets
