@@ -58,6 +58,8 @@ class Editor(ABC):
     method_dir: ClassVar[Path]
     assets: ClassVar[tuple[str, ...]] = ()
     trains: ClassVar[str | None] = None  # the asset this method trains itself (kedit train NAME), if any
+    # whether its per-fact targets can be looked up and shared (editing/exchange.py): set ``exchange`` to use it
+    shares_targets: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, tokenizer, hparams=None):
         self.model = model

@@ -99,3 +99,28 @@ def test_an_editor_whose_target_depends_on_its_own_state_does_not_share():
     _, memit = client()
     _, come = client("come-memit")
     assert memit.shares_targets and not come.shares_targets
+
+
+def _encodings(tok, text: str) -> list[bytes]:
+    """The byte forms a fact's text could take in an upload: the text itself, and its token ids as integers."""
+    forms = [text.encode("utf-8"), text.encode("utf-16-le")]
+    for variant in (text, " " + text):
+        ids = tok(variant, add_special_tokens=False)["input_ids"]
+        for dtype in (torch.int32, torch.int64, torch.int16):
+            forms.append(torch.tensor(ids, dtype=dtype).numpy().tobytes())
+    return forms
+
+
+def test_nothing_a_client_uploads_holds_the_text_or_the_token_ids_of_its_facts(tmp_path):
+    store = MKVStore(tmp_path)
+    model, a = client()
+    a.exchange = exchange(store, "a", a)
+    facts = [*FACTS, EditRequest("d", "carol", "the ceo of the company is {}", "eve", "carol")]
+    a.edit(facts)
+    a.exchange.upload(0)
+    uploaded = b"".join(p.read_bytes() for p in sorted((tmp_path / "a").rglob("*")) if p.is_file())
+    assert len(uploaded) > 4 * 3 * len(facts)  # the vectors are there
+    for r in facts:
+        for text in (r.subject, r.text, r.prompt.replace("{}", "").strip(), r.target_new, r.target_true):
+            for form in _encodings(a.tok, text):
+                assert form not in uploaded, (r.id, text, form)

@@ -14,6 +14,7 @@ from kedit.app.options import (
     DEVICE,
     EDIT_RUN,
     EDITOR,
+    FEDERATION,
     FORMAT,
     GATES,
     JSON_OUT,
@@ -165,8 +166,26 @@ def score(model: str, data: Path, fmt: str, protocol: str, n: int | None, batch_
 @FORMAT
 @LIMITS
 @THREADS
+@FEDERATION
 @click.option("--work-dir", type=PathArg, default=Path("out/stream"), show_default=True)
-def stream(feeds, model, editor, batch_size, gates, tracking_uri, sets, device, corpus, fmt, limits, threads, work_dir) -> None:
+def stream(
+    feeds,
+    model,
+    editor,
+    batch_size,
+    gates,
+    tracking_uri,
+    sets,
+    device,
+    corpus,
+    fmt,
+    limits,
+    threads,
+    client,
+    mkv,
+    mkv_threshold,
+    work_dir,
+) -> None:
     """Apply fact feeds to a model as a gated, tracked stream of edit batches (a Prefect flow)."""
     from kedit.pipeline.config import StreamConfig
 
@@ -184,6 +203,9 @@ def stream(feeds, model, editor, batch_size, gates, tracking_uri, sets, device, 
         work_dir=str(work_dir),
         fmt=fmt,
         limits=limits,
+        client=client,
+        mkv=str(mkv) if mkv else None,
+        mkv_threshold=mkv_threshold,
     )
     from flows.stream import stream as stream_flow
 

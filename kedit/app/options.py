@@ -150,3 +150,13 @@ DATA = click.option("--data", "data", required=True, type=PathArg, help="Evaluat
 
 # the options of every command that runs edits on a model
 EDIT_RUN = compose(MODEL, EDITOR, BATCH_SIZE, GATES, TRACKING_URI, SETS, DEVICE)
+
+# a stream as a federation's client (FLEKE): its registered model, and the MKV store it shares target vectors through
+CLIENT = click.option("--client", default=None, help="Federated client name: the stream's model is <model>@<client>.")
+MKV = click.option(
+    "--mkv", type=PathArg, default=None, help="The federation's MKV store (a directory): reuse other clients' target vectors."
+)
+MKV_THRESHOLD = click.option(
+    "--mkv-threshold", type=float, default=0.99, show_default=True, help="Cosine a fact's key must reach to reuse a vector."
+)
+FEDERATION = compose(CLIENT, MKV, MKV_THRESHOLD)

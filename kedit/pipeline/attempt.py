@@ -33,7 +33,7 @@ from kedit.store.tracking import (
 )
 from kedit.store.versions import NOT_HOLDING, SUPERSEDES, write_version
 
-from . import monitor
+from . import federation, monitor
 from .config import HISTORY_KEYS
 from .session import Session, get_session, quarantine_record
 
@@ -77,6 +77,7 @@ def apply_edits(session_id: str, keys: list[str], name: str) -> dict:
     patches = session.editor.edit(batch)
     seconds["edit"] = time.perf_counter() - t0
     session.attempt = Attempt(name, list(keys), run_id, session.production, before, patches, seconds)
+    federation.hold(session, run_id)
     return {"edit_s": seconds["edit"], "n": len(keys)}
 
 
@@ -162,7 +163,9 @@ def commit_version(session_id: str, report: GateReport) -> str:
         version = session.tracker.register_version(session.registered, session.run_id, Path(tmp), tags, where)
         attempt.seconds["version_bytes"] = sum(f.stat().st_size for f in Path(tmp).iterdir())
     session.tracker.set_production(session.registered, version)
-    # from here on the version is in production: only bookkeeping follows
+    # from here on the version is in production: only bookkeeping follows (a kill before the upload is
+    # made good by the next start's publish)
+    federation.publish(session, {version})
     session.editor.commit()
     session.production = version
     session.production_manifest_sha = sha
@@ -194,6 +197,8 @@ def record_attempt(session_id: str, report: GateReport, verdict: str, quarantine
     if attempt.recorded is not None:  # a retried task: the attempt's run is written and closed already
         return attempt.recorded
     reason = report.reason()
+    if verdict != "accepted":  # (not at revert: a crash after the version is in production reverts the task too)
+        federation.drop(session, attempt.run_id)
     quarantined = []
     if verdict == "did_not_hold":
         quarantined = [did_not_hold_record(session, k, attempt, report) for k in attempt.keys]

@@ -30,6 +30,13 @@ class StreamConfig:
     work_dir: str = "out/stream"
     fmt: str = "auto"
     limits: Limits = field(default_factory=Limits)  # on what the feeds may hold
+    # federated editing (FLEKE): this stream is client ``client`` (registered as <model>@<client>); with
+    # ``mkv`` (the server's MKV store, a directory) its editor reuses the other clients' target vectors and
+    # uploads those it optimized for each accepted version
+    client: str | None = None
+    mkv: str | None = None
+    mkv_threshold: float = 0.99
+    mkv_min_share: float = 0.0
 
     def __post_init__(self):
         if self.editor is None:
@@ -40,3 +47,5 @@ class StreamConfig:
             raise StreamError(f"batch size must be at least 1, got {self.batch_size}")
         if not self.feeds:
             raise StreamError("no fact feeds given")
+        if self.mkv and not self.client:
+            raise StreamError("an MKV store (mkv) is shared between clients: name this stream's client")

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from editing import EditError, Editor, get_editor, make_editor
+from editing import EDITORS, EditError, Editor, get_editor, make_editor
 from evaluation.gates import GateReport, GateSuite, load_gates
 from kedit.core.config import flatten
 from kedit.core.facts import EditRequest
@@ -26,6 +26,7 @@ from kedit.core.facts.reedit import Held, ReEdit, live_facts, noop_reason, resol
 from kedit.core.facts.schema import normalize
 from kedit.core.lm import current_answers
 from kedit.core.models import load_model
+from kedit.store.mkv import MKVExchange, MKVStore, check_client_name, compat_for
 from kedit.store.naming import identify
 from kedit.store.networks import trained_assets
 from kedit.store.tracking import (
@@ -40,7 +41,7 @@ from kedit.store.tracking import (
 )
 from kedit.store.versions import rebuild
 
-from . import monitor
+from . import federation, monitor
 from .config import HISTORY_KEYS, StreamConfig, StreamError
 from .plan import Plan, read_plan
 
@@ -131,6 +132,8 @@ def open_session(cfg: StreamConfig) -> Opened:
     gates = load_gates(cfg.gates)
     model, tokenizer = load_model(cfg.model, cfg.device)
     registered, fingerprint = identify(cfg.model, model)
+    if cfg.client:  # a federation's client: its own registered model of the same base
+        registered = f"{registered}@{check_client_name(cfg.client)}"
     tracker = Tracker(cfg.tracking_uri)
     tracker.ensure_registered(registered, fingerprint, cfg.model)
 
@@ -139,6 +142,12 @@ def open_session(cfg: StreamConfig) -> Opened:
     editor = make_editor(cfg.editor, model, tokenizer, cfg.overrides, assets=assets)
     with torch.no_grad():
         editor.prepare()  # statistics of the *base* model, so they are cached once per base
+    if cfg.mkv:
+        if not editor.shares_targets:
+            sharing = sorted(n for n, c in EDITORS.items() if c.shares_targets)
+            raise StreamError(f"{cfg.editor} does not share target vectors; a federated stream needs one of {sharing}")
+        compat = compat_for(editor, fingerprint)
+        editor.exchange = MKVExchange(MKVStore(cfg.mkv).client(cfg.client), compat, cfg.mkv_threshold, cfg.mkv_min_share)
     session_id = uuid.uuid4().hex[:12]
     _SESSIONS[session_id] = Session(session_id, cfg, gates, tracker, registered, fingerprint, model, tokenizer, editor)
     return Opened(session_id, registered, gates.bisect)
@@ -177,6 +186,7 @@ def restore_production(session_id: str) -> dict:
             log.warning("production was made by %s; %s starts with fresh state", chain.editor, session.cfg.editor)
     session.history = [dict(monitor.BASE_POINT)] + [history_point(v.tags) for v in chain.versions]
     session.rejected = monitor.earlier_rejections(session)
+    federation.publish(session, set(session.chain))  # a kill between a version and its upload: upload now
     if prod is not None:  # on the base model the baselines measured at open stand
         session.gates.on_production(session.model, session.tokenizer, session.earlier)
     where = f"v{session.production}" if session.production else "the base model"

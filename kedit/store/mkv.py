@@ -96,7 +96,7 @@ class Lookup:
         return int(self.found.sum())
 
 
-def _check_name(client: str) -> str:
+def check_client_name(client: str) -> str:
     if not _NAME.match(client or ""):
         raise MKVError(f"client name {client!r}: letters, digits, '_', '.', '-' only (at most 64), not starting with a symbol")
     return client
@@ -127,7 +127,7 @@ class MKVStore:
         self.root = Path(root)
 
     def client(self, name: str) -> ClientStore:
-        return ClientStore(self, _check_name(name))
+        return ClientStore(self, check_client_name(name))
 
     def slots(self) -> list[Path]:
         """Every upload directory, in (client, slot) order."""
@@ -275,10 +275,18 @@ class MKVExchange:
         self.pending_keys.append(keys.detach().float().cpu())
         self.pending_z.append(z.detach().float().cpu())
 
-    def upload(self, slot: int) -> Path | None:
-        """This client's vectors of ``slot`` (none optimized: nothing written)."""
+    def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What the editor offered since the last take: keys (m, d_k) and z (m, d); None if nothing."""
         if not self.pending_keys:
             return None
         keys, z = torch.cat(self.pending_keys), torch.cat(self.pending_z)
         self.pending_keys, self.pending_z = [], []
+        return keys, z
+
+    def upload_vectors(self, slot: int, keys: torch.Tensor, z: torch.Tensor) -> Path:
         return self.client.upload(slot, self.compat, keys, {self.compat.modules[0]: z})
+
+    def upload(self, slot: int) -> Path | None:
+        """This client's vectors of ``slot`` (none optimized: nothing written)."""
+        offered = self.take()
+        return None if offered is None else self.upload_vectors(slot, *offered)
