@@ -52,5 +52,7 @@ class MENDHyperParams(StrictConfig):
     layers: Seq[int]  # blocks whose MLP projections are edited (the reference: the last three)
     kinds: Seq[Literal["mlp_in", "mlp_out"]] = ("mlp_in", "mlp_out")
     edit_lr: float = 1e-4  # initial per-weight edit learning rate (learned in training)
+    # the blocks below the lowest edited one, at this precision in an edit (editing/stem.py); None: the model's
+    stem_dtype: Literal["bfloat16", "float16"] | None = None
     network: NetworkHyperParams = NetworkHyperParams()
     train: TrainHyperParams = TrainHyperParams()

@@ -11,6 +11,7 @@ editor as its asset ``network``: a ``MENDNetwork`` loaded and verified for this 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from torch import nn
 
 from editing.base import EditError, Editor, linear_update, register
 from editing.finetune import model_device, target_batch
-from editing.hooks import frozen
+from editing.hooks import frozen, start_at_block
+from editing.stem import LowPrecisionStem
 from kedit.core.arch import ArchSpec, spec_for
 from kedit.core.facts import EditRequest
 
@@ -72,6 +74,7 @@ class MEND(Editor):
         super().__init__(model, tokenizer, hparams)
         self.network = network
         self.weights = edited_weights(model, self.spec, self.hparams)
+        self._stem: LowPrecisionStem | None = None
         if network is not None:
             self._check(network.net)
 
@@ -123,10 +126,21 @@ class MEND(Editor):
         if self.network is None:
             raise EditError("mend needs a network trained for this base model; train one with: kedit train mend --model MODEL")
 
+    def _stem_input(self, batch):
+        """Where the edit's forward starts: block ``min(layers)`` with the stem's hidden states, or the embeddings."""
+        dtype = self.hparams.stem_dtype
+        if dtype is None or getattr(torch, dtype) == next(self.model.parameters()).dtype:
+            return nullcontext()
+        first = min(self.hparams.layers)
+        if self._stem is None:
+            self._stem = LowPrecisionStem(self.model, self.spec, first, getattr(torch, dtype))
+        hidden, returns_tuple = self._stem.hidden(*batch[:3])
+        return start_at_block(self.model, self.spec.blocks, first, hidden, returns_tuple)
+
     def _edit(self, requests: list[EditRequest]) -> None:
         net = self.network.net.eval()
         batch = target_batch(self.tok, requests, model_device(self.model))
-        with frozen(self.model):
+        with frozen(self.model), self._stem_input(batch):
             factors = gradient_factors(self.model, list(self.weights), lambda: edit_loss(self.model, batch), batch[1])
         with torch.no_grad():
             for path, (u, d) in factors.items():

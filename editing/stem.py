@@ -1,0 +1,53 @@
+"""The blocks below an edit, run at lower precision: an editor whose gradient starts high in the model (MEND:
+the top three of SmolLM2's 30 blocks) spends most of an edit's forward where nothing is edited and no
+gradient flows. A copy of the model in ``dtype`` (bf16 on a CPU with AMX, where its matmuls run 1.7x to 3x
+faster than fp32's) computes the hidden states entering the first edited block; the model itself runs from
+there on, in its own precision.
+
+The copy is rebuilt whenever a weight of the stem changed (a parameter's in-place version counter or its
+storage moved): a stale copy cannot be used.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from kedit.core.arch import ArchSpec
+
+from .hooks import capture, output_kind, stop_after
+
+
+class LowPrecisionStem:
+    def __init__(self, model: nn.Module, spec: ArchSpec, first: int, dtype: torch.dtype):
+        self.model, self.spec, self.first, self.dtype = model, spec, first, dtype
+        self._copy: nn.Module | None = None
+        self._key: tuple | None = None
+
+    def _stem_params(self) -> list[torch.Tensor]:
+        blocks = self.spec.blocks + "."
+        below = {f"{blocks}{i}." for i in range(self.first)}
+        # every parameter that is not in a block at or above ``first`` (embeddings, the blocks below)
+        return [p for n, p in self.model.named_parameters() if not n.startswith(blocks) or any(n.startswith(b) for b in below)]
+
+    def _fresh(self) -> nn.Module:
+        key = tuple((p.data_ptr(), p._version) for p in self._stem_params())
+        if self._copy is None or key != self._key:
+            self._copy = copy.deepcopy(self.model).to(self.dtype).eval()
+            for p in self._copy.parameters():
+                p.requires_grad_(False)
+            self._key = key
+        return self._copy
+
+    @torch.no_grad()
+    def hidden(self, input_ids, attention_mask, position_ids) -> tuple[torch.Tensor, bool]:
+        """The input of block ``first`` (B, T, d) in the model's dtype, and whether blocks return tuples."""
+        stem = self._fresh()
+        block = self.spec.block(self.first)
+        # the block itself runs once (its output tells whether blocks return tuples), then the forward stops
+        with capture(stem, [block], "input") as seen, output_kind(stem, block) as kind, stop_after(stem, block):
+            stem(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        dtype = next(self.model.parameters()).dtype
+        return seen[block].to(dtype), kind.get("tuple", False)
