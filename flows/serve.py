@@ -111,7 +111,8 @@ def path_allowed(value: str | Path | None, exact: Iterable[str | None], within: 
     return any(real.is_relative_to(Path(d)) for d in within)
 
 
-FIXED = ("model", "editor", "tracking_uri", "overrides", "device", "batch_size", "limits")  # an event may not change these
+# an event may not change these (a federated client's name and store included: a run cannot act as another client)
+FIXED = ("model", "editor", "tracking_uri", "overrides", "device", "batch_size", "limits", "client", "mkv", "mkv_threshold")
 ALLOWED_FILES = ("gates", "corpus", "work_dir")  # these may name only the served file or one under an --allow path
 
 
@@ -286,8 +287,12 @@ def process_feeds(
     device: str | None = None,
     work_dir: str = "out/serve",
     limits: dict[str, Any] | None = None,
+    client: str | None = None,
+    mkv: str | None = None,
+    mkv_threshold: float = 0.99,
 ) -> dict:
-    """Run the stream on one arrived feed, or on every new feed of a directory.
+    """Run the stream on one arrived feed, or on every new feed of a directory (as federated client ``client``,
+    sharing target vectors through the MKV store ``mkv``, when given).
 
     Under ``kedit serve``'s policy (see the module's docstring) a parameter other than the served one
     fails the run, and a feed outside the feed directories is refused; a refused feed is recorded,
@@ -308,6 +313,9 @@ def process_feeds(
         corpus=corpus,
         overrides=overrides or {},
         device=device,
+        client=client,
+        mkv=mkv,
+        mkv_threshold=mkv_threshold,
     )
     policy = active_policy()
     if policy is not None:

@@ -305,6 +305,7 @@ def export(model, version, out, tracking_uri) -> None:
     default=None,
     help="Write the serving policy to this file and exit (for Prefect workers: set KEDIT_SERVE_POLICY to it).",
 )
+@FEDERATION
 def serve(
     feeds_dir,
     model,
@@ -322,6 +323,9 @@ def serve(
     poll,
     allow,
     write_policy,
+    client,
+    mkv,
+    mkv_threshold,
 ) -> None:
     """Register the stream's deployments (feed events, optional cron) and run them; needs a Prefect server (kedit up).
 
@@ -336,7 +340,7 @@ def serve(
     from flows.serve import served_policy
 
     ref = model
-    target = target or re.sub(r"[^A-Za-z0-9_-]+", "-", Path(ref).name).strip("-")
+    target = target or re.sub(r"[^A-Za-z0-9_-]+", "-", Path(ref).name).strip("-") + (f"-{client}" if client else "")
     params = {
         "batch_size": batch_size,
         "gates": str(Path(gates).resolve()) if gates else None,
@@ -346,6 +350,9 @@ def serve(
         "device": device,
         "work_dir": str(Path("out/serve").resolve() / target),
         "limits": limits.model_dump(),
+        "client": client,
+        "mkv": str(Path(mkv).resolve()) if mkv else None,
+        "mkv_threshold": mkv_threshold,
     }
     if write_policy:
         _, policy = served_policy(Path(feeds_dir), ref, editor, params, allow)
