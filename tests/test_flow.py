@@ -565,6 +565,9 @@ def test_federated_clients_stream_under_their_own_names_and_upload_each_version_
     assert b_session.editor.diagnostics["target_reused"] == [1.0, 1.0, 0.0, 0.0]  # GOOD[:2] came from a
     assert b_session.editor.exchange.sources[:2] == ["a/slot-1#0", "a/slot-1#1"]
     assert not (tmp / "mkv" / "b").exists()  # the version is in production, its vectors still on b's disk
+    tracker = Tracker(b_session.cfg.tracking_uri)
+    run = tracker.runs(b_session.registered, "attempt")[0]
+    assert (run.data.metrics["mkv_reused"], run.data.metrics["mkv_offered"]) == (2.0, 2.0)
     monkeypatch.setattr(federation, "publish", real)
 
     b = stream(client("b", GOOD))  # the restart uploads them; what v1 holds is not edited again

@@ -77,7 +77,9 @@ def apply_edits(session_id: str, keys: list[str], name: str) -> dict:
     patches = session.editor.edit(batch)
     seconds["edit"] = time.perf_counter() - t0
     session.attempt = Attempt(name, list(keys), run_id, session.production, before, patches, seconds)
-    federation.hold(session, run_id)
+    shared = federation.metrics(session, federation.hold(session, run_id))
+    if shared:  # a federated client: reused, offered and refused vectors on the attempt's run
+        session.tracker.log_metrics(run_id, shared, step=session.n_edits)
     return {"edit_s": seconds["edit"], "n": len(keys)}
 
 

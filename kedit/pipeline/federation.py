@@ -45,6 +45,16 @@ def hold(session: Session, run_id: str) -> int:
     return offered[0].shape[0]
 
 
+def metrics(session: Session, offered: int) -> dict[str, float]:
+    """What the attempt's edit did with the store: vectors reused, vectors offered, uploads refused so far (per reason)."""
+    exchange = _exchange(session)
+    if exchange is None:
+        return {}
+    reused = sum(session.editor.diagnostics.get("target_reused", ()))
+    out = {"mkv_reused": float(reused), "mkv_offered": float(offered)}
+    return out | {f"mkv_refused_{why}": float(n) for why, n in sorted(exchange.refused.items())}
+
+
 def drop(session: Session, run_id: str) -> None:
     """A rolled-back attempt's vectors: never uploaded."""
     (_pending(session) / f"{run_id}.safetensors").unlink(missing_ok=True)
