@@ -220,7 +220,6 @@ def _same_files(tracker: Tracker, name: str, version: str, cfg: TrainConfig) -> 
     return tracker.version(name, version).tags.get(T_MANIFEST_SHA) == tree_sha256(Path(cfg.out) / NETWORK)
 
 
-LOSSES = ("total_loss", "edit_loss", "loc_loss")
 VALIDATIONS = ("val_edit_success", "val_rephrase_success", "val_loc_agreement")
 SMOOTH = 50  # steps in the running mean of the per-step losses
 
@@ -236,7 +235,12 @@ def plot_training(cfg: TrainConfig, run_id: str) -> str:
 
     tracker = Tracker(cfg.tracking_uri)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6), sharex=True, height_ratios=(3, 2))
-    for key in LOSSES:
+    # every per-step loss the method logs ("..._loss", validations apart), the total first
+    losses = sorted(
+        (k for k in tracker.metric_keys(run_id) if k.endswith("_loss") and not k.startswith("val_")),
+        key=lambda k: (k != "total_loss", k),
+    )
+    for key in losses:
         hist = tracker.metric_history(run_id, key)
         if len(hist) >= 2:
             steps, values = torch.tensor(hist, dtype=torch.float64).T

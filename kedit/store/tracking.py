@@ -193,6 +193,9 @@ class Tracker:
     def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
         self.client.log_figure(run_id, figure, artifact_file)
 
+    def metric_keys(self, run_id: str) -> list[str]:
+        return sorted(self.client.get_run(run_id).data.metrics)
+
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
 
