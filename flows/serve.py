@@ -132,6 +132,9 @@ class ServePolicy:
         from kedit.store.versions import key_id, signing_key
 
         key = signing_key()
+        # a parameter the deployment leaves out runs at the flow's default: the policy must hold that value,
+        # or a run that also leaves it out would be refused
+        params = {**_flow_defaults(), **params}
         return cls(
             feed_dirs=tuple(str(Path(d).resolve()) for d in feed_dirs),
             fixed={k: _normal(k, params.get(k)) for k in FIXED},
@@ -154,7 +157,9 @@ class ServePolicy:
             )
 
     def check(self, params: dict[str, Any]) -> None:
-        """Raise ``ParameterRefused`` for the first parameter the policy does not allow (``feed`` is ``confine``'s)."""
+        """Raise ``ParameterRefused`` for the first parameter the policy does not allow (``feed`` is ``confine``'s);
+        one left out is the flow's default."""
+        params = {**_flow_defaults(), **params}
         for k in FIXED:
             if _normal(k, params.get(k)) != self.fixed.get(k):
                 raise ParameterRefused(
@@ -182,6 +187,14 @@ class ServePolicy:
     def read(cls, path: str | Path) -> ServePolicy:
         d = json.loads(Path(path).read_text())
         return cls(tuple(d["feed_dirs"]), d["fixed"], d["files"], tuple(d["allow"]), d.get("signing_key_id"))
+
+
+def _flow_defaults() -> dict[str, Any]:
+    """``process_feeds``' parameters that have a default, with it."""
+    import inspect
+
+    sig = inspect.signature(process_feeds.fn)
+    return {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
 
 
 def _normal(key: str, value: Any) -> Any:

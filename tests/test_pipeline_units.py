@@ -54,7 +54,7 @@ class FlakyTracker:
 @pytest.fixture
 def session():
     reqs = [EditRequest("1", s, "{} is in", "Asia") for s in ("Paris", "Rome")]
-    s = Session("s1", None, None, FlakyTracker(), "m", "fp", None, None, None)
+    s = Session("s1", SimpleNamespace(mkv=None), None, FlakyTracker(), "m", "fp", None, None, None)
     s.requests = {r.key: r for r in reqs}
     s.progress = SimpleNamespace(update=lambda n: None)
     s.attempt = Attempt("batch-000", list(s.requests), "run-1", None, {}, seconds={"tracking": 0.0})

@@ -57,7 +57,8 @@ def metrics(session: Session, offered: int) -> dict[str, float]:
 
 def drop(session: Session, run_id: str) -> None:
     """A rolled-back attempt's vectors: never uploaded."""
-    (_pending(session) / f"{run_id}.safetensors").unlink(missing_ok=True)
+    if _exchange(session) is not None:
+        (_pending(session) / f"{run_id}.safetensors").unlink(missing_ok=True)
 
 
 def publish(session: Session, on_chain: set[str]) -> int:
