@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from kedit.core.config import ConfigError, Seq, StrictConfig, load_yaml
 
@@ -41,6 +41,12 @@ class TargetHyperParams(StrictConfig):
     clamp_norm: float = 4.0  # ‖δ‖ <= clamp_norm * ‖original output‖
     stop_loss: float = 0.05  # a request stops once its NLL is below this
     kl_prompt: str = "{} is a"
+    # run only the tokens from the subject's last token on at each step, the ones before it as a key/value cache:
+    # the same arithmetic on a fifth of the tokens (false: every token every step, to measure the difference)
+    prefix_cache: bool = True
+    # the precision of the steps' forward and backward: "model" (the weights' own) or a lower one ("bfloat16"),
+    # run on a copy of the model made per batch; the unedited outputs, the cache and the KL reference stay exact
+    precision: Literal["model", "bfloat16", "float16"] = "model"
 
 
 class TemplateHyperParams(StrictConfig):

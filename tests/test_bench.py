@@ -389,3 +389,27 @@ def test_a_stored_result_made_with_another_network_is_run_again(setup, tmp_path)
     out.write_text(json.dumps(stored))
     again = bench_editors(str(ck), data, ["ft-m"], 1, 1, corpus, over, json_out=out)["results"]["ft-m"]
     assert again["efficacy"] == first["results"]["ft-m"]["efficacy"] != 123.0 and again["assets"] == {}
+
+
+def test_bench_known_keeps_the_first_records_the_unedited_model_answers(setup, tmp_path):
+    from kedit.app.bench import known_cases
+
+    ck, _, _ = setup
+
+    def record(case_id, subject, prompt, true, new):
+        rewrite = {"prompt": prompt, "subject": subject, "target_true": {"str": true}, "target_new": {"str": new}}
+        return {"case_id": case_id, "requested_rewrite": rewrite, "paraphrase_prompts": [], "neighborhood_prompts": []}
+
+    records = [
+        record(7, "alice", "{} speaks", "german", "english"),  # the model says french: not known
+        record(8, "alice", "{} speaks", "french", "german"),
+        record(9, "the river", "{} flows through", "london", "paris"),
+        record(10, "bob", "{} speaks", "german", "french"),
+    ]
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(records))
+    r = known_cases(str(ck), data, 2, tmp_path / "known.json")
+    kept = json.loads((tmp_path / "known.json").read_text())
+    assert [k["case_id"] for k in kept] == [8, 9] and r["ids"] == ["cf-8", "cf-9"] and r["n"] == 2
+    with pytest.raises(KeditError, match="case_id"):
+        known_cases(str(ck), write_jsonl(tmp_path / "feed.jsonl", EDITS), 2, tmp_path / "x.json")

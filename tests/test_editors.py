@@ -327,6 +327,61 @@ def test_batched_target_vectors_equal_per_request_ones():
         assert torch.allclose(joint.deltas[path][i], alone.deltas[path][0], atol=1e-4)
 
 
+@pytest.mark.parametrize("make", [trained_scale_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_targets_from_a_prefix_cache_equal_full_forwards(make):
+    """δ enters at the subject's last token: the tokens before it are run once and cached, each step runs the
+    rest. The optimization must be the one that runs every token every step (the arithmetic before the cache)."""
+    tok = make_tokenizer()
+    model = make(len(tok), seed=0)
+    from kedit.core.arch import spec_for
+
+    spec = spec_for(model)
+    path = spec.module_path("mlp_out", 1)
+    reqs = [
+        *REQUESTS,
+        EditRequest("c", "the river", "{} flows through", "the city of london", None),  # subject first
+        EditRequest("d", "alice", "who leads company ceo {}", "bob", None),  # subject last
+    ]
+    templates = ("{}", "the city . {}")
+    widths = []
+    h = model.get_submodule(spec.block(2)).register_forward_hook(
+        lambda m, a, o: widths.append((o[0] if isinstance(o, tuple) else o).shape[1])
+    )
+    runs = {}
+    for cached in (True, False):
+        widths.clear()
+        cfg = TargetHyperParams(steps=10, lr=0.5, clamp_norm=200.0, prefix_cache=cached)
+        runs[cached] = (optimize_targets(model, tok, spec, reqs, templates, [path], 1, cfg), list(widths))
+    h.remove()
+    (cached, w_cached), (full, w_full) = runs[True], runs[False]
+    assert full.deltas[path].norm(dim=-1).min() > 0.1  # the optimization moved every δ
+    assert torch.allclose(cached.deltas[path], full.deltas[path], atol=1e-5, rtol=1e-4)
+    assert torch.allclose(cached.nll, full.nll, atol=1e-5) and torch.equal(cached.steps, full.steps)
+    assert torch.equal(cached.originals[path], full.originals[path])
+    # the first forward runs every column, the steps only those from the subject's last token on
+    assert w_cached[0] == w_full[0] and max(w_cached[1:]) < w_full[0] and min(w_full[1:]) == w_full[0]
+
+
+def test_targets_in_bfloat16_run_on_a_copy_and_stay_near_the_model_precision():
+    tok = make_tokenizer()
+    model = trained_scale_llama(len(tok))
+    from kedit.core.arch import spec_for
+    from kedit.store.versions import model_fingerprint
+
+    spec = spec_for(model)
+    path = spec.module_path("mlp_out", 1)
+    before = model_fingerprint(None, model)
+    runs = {}
+    for precision in ("model", "bfloat16"):
+        cfg = TargetHyperParams(steps=10, lr=0.5, clamp_norm=200.0, precision=precision)
+        runs[precision] = optimize_targets(model, tok, spec, REQUESTS, ("{}", "the city . {}"), [path], 1, cfg)
+    exact, low = runs["model"], runs["bfloat16"]
+    assert model_fingerprint(None, model) == before and next(model.parameters()).dtype == torch.float32
+    assert torch.equal(low.originals[path], exact.originals[path])  # the unedited outputs are read in fp32
+    rel = (low.deltas[path] - exact.deltas[path]).norm(dim=-1) / exact.deltas[path].norm(dim=-1)
+    assert rel.max() < 1e-2 and not torch.equal(low.nll, exact.nll)  # near, but computed in another precision
+
+
 def test_a_request_that_stops_early_leaves_the_batch():
     tok = make_tokenizer()
     model = trained_scale_llama(len(tok))

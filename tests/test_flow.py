@@ -571,7 +571,11 @@ def test_federated_clients_stream_under_their_own_names_and_upload_each_version_
     monkeypatch.setattr(federation, "publish", real)
 
     b = stream(client("b", GOOD))  # the restart uploads them; what v1 holds is not edited again
-    # (a fact of v1 whose edit did not hold on this tiny model is retried alone: "accepted means held")
-    assert b["registered_model"].endswith("@b") and b["skipped"] + b["accepted"] == 4 and b["skipped"] >= 3
+    # (a fact of v1 whose edit did not hold on this tiny model is edited again: "accepted means held"; how many
+    # hold depends on the tiny model's arithmetic, so the test counts, it does not fix the number)
+    assert b["registered_model"].endswith("@b") and b["skipped"] + b["accepted"] + b["did_not_hold"] == 4
+    assert b["skipped"] >= 1
+    edited_again = {k for s in b["steps"] for k in s.get("keys", [])}
+    assert len(edited_again) == 4 - b["skipped"]  # every fact v1 holds is skipped, never edited twice
     assert store.load(tmp / "mkv" / "b" / "slot-1").n == 2  # only what b optimized itself
     assert not list((tmp / "work-b").rglob("*.safetensors"))

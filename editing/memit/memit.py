@@ -81,7 +81,7 @@ class MEMITFamily(Editor):
             requests,
             self.templates(),
             [self.target_path()],
-            self.hparams.layers[0],
+            self.hparams.layers[-1],  # δ enters at the top layer's output: the blocks below it never change
             self.target_config(),
         )
 

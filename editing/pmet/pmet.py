@@ -30,9 +30,7 @@ class PMETFamily(MEMITFamily):
     def optimize(self, requests: list[EditRequest]) -> Targets:
         top = self.hparams.layers[-1]
         paths = [self.spec.module_path("attn_out", top), self.target_path()]
-        return optimize_targets(
-            self.model, self.tok, self.spec, requests, self.templates(), paths, self.hparams.layers[0], self.target_config()
-        )
+        return optimize_targets(self.model, self.tok, self.spec, requests, self.templates(), paths, top, self.target_config())
 
 
 @register

@@ -558,6 +558,37 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def known_cases(model_ref: str, data: Path, n: int, out: Path, chunk: int = 64) -> dict:
+    """The first ``n`` CounterFact records the unedited model already answers (its greedy continuation of the
+    prompt, cut to ``target_true``'s number of words, is ``target_true``), written to ``out`` as the input's
+    records: facts a model knows well are harder to move and easier to damage, and get their own table."""
+    from kedit.core.lm import current_answers
+
+    raw = json.loads(Path(data).read_text())
+    if not isinstance(raw, list) or not all(isinstance(r, dict) and "case_id" in r for r in raw):
+        raise KeditError(f"{data}: bench known reads a CounterFact JSON list whose records have a case_id")
+    if model_ref in KNOWN_MODELS:
+        pull(model_ref)
+    model, tok = load_model(model_ref)
+    reqs = _cases(data, None)
+    known, scanned = [], 0
+    with tqdm(total=n, desc="records the model already answers", unit="record") as bar:
+        for i in range(0, len(reqs), chunk):
+            part = reqs[i : i + chunk]
+            answers = current_answers(model, tok, [r.text for r in part], [len(r.target_true.split()) for r in part])
+            scanned += len(part)
+            hits = [r for r, a in zip(part, answers) if a is not None and normalize(a) == normalize(r.target_true)]
+            known += hits
+            bar.update(min(len(hits), n - bar.n))
+            if len(known) >= n:
+                break
+    ids = {r.id for r in known[:n]}
+    records = [rec for rec in raw if f"cf-{rec['case_id']}" in ids]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(records, indent=1))
+    return {"model": model_ref, "data": str(data), "n": len(records), "scanned": scanned, "ids": sorted(ids), "out": str(out)}
+
+
 def bench_targets(
     model_ref: str,
     data: Path,

@@ -695,6 +695,19 @@ def bench_fill(model, data, editor, n, batch_size, corpus, sets, json_out) -> No
     _write_json(json_out, result)
 
 
+@bench.command("known")
+@MODEL
+@DATA
+@click.option("--n", type=int, default=20, show_default=True)
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Where to write the records.")
+def bench_known(model, data, n, out) -> None:
+    """The first N CounterFact records the unedited model already answers, written as a file for --data."""
+    from kedit.app.bench import known_cases
+
+    result = known_cases(model, data, n, out)
+    click.echo(json.dumps({k: result[k] for k in ("n", "scanned", "out")}, indent=2))
+
+
 @bench.command("targets")
 @MODEL
 @DATA

@@ -180,7 +180,7 @@ def _packed_batch(rows: list[_Row], pad_id: int, side: str, device: torch.device
     same = (seg_t[:, None, :] == 0) | (seg_t[:, None, :] == seg_t[:, :, None])  # (B, T, T)
     allowed = causal[None] & same & flat[:, None, :]
     allowed |= torch.eye(width, dtype=torch.bool)[None]  # padding queries attend to themselves: no NaN rows
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    mask = additive_mask(allowed, dtype)
     lens = [len(c) for c in label_cols]
     tok_rows = torch.tensor([b for b, n in zip(pred_rows, lens) for _ in range(n)])
     shift = offsets[tok_rows]
@@ -197,6 +197,18 @@ def _packed_batch(rows: list[_Row], pad_id: int, side: str, device: torch.device
     )
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, Q, K) booleans -> the (B, 1, Q, K) additive attention mask a model takes as is."""
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head (and Gemma's logit soft-capping) on final hidden states (N, d) -> (N, V) fp32."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 def logits_at(model: nn.Module, input_ids, mask, positions, rows, cols) -> torch.Tensor:
     """Logits only where a target token is predicted: the LM head is skipped elsewhere.
 
@@ -207,9 +219,7 @@ def logits_at(model: nn.Module, input_ids, mask, positions, rows, cols) -> torch
     if base is model or head is None:
         return model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits[rows, cols].float()
     hidden = base(input_ids=input_ids, attention_mask=mask, position_ids=positions).last_hidden_state
-    logits = head(hidden[rows, cols]).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
+    return head_logits(model, hidden[rows, cols])
 
 
 @torch.inference_mode()
