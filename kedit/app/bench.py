@@ -564,7 +564,10 @@ def known_cases(model_ref: str, data: Path, n: int, out: Path, chunk: int = 64) 
     records: facts a model knows well are harder to move and easier to damage, and get their own table."""
     from kedit.core.lm import current_answers
 
-    raw = json.loads(Path(data).read_text())
+    try:
+        raw = json.loads(Path(data).read_text())
+    except json.JSONDecodeError as e:
+        raise KeditError(f"{data}: line {e.lineno}: bench known reads a CounterFact JSON list with case_id ({e.msg})") from None
     if not isinstance(raw, list) or not all(isinstance(r, dict) and "case_id" in r for r in raw):
         raise KeditError(f"{data}: bench known reads a CounterFact JSON list whose records have a case_id")
     if model_ref in KNOWN_MODELS:
