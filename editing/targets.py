@@ -11,7 +11,8 @@ What cannot change is computed once. δ enters at the subject's last token, so u
 every token before it has the same hidden states, keys and values at every step: the rows are laid out
 with that token on one column, the tokens before it run once and are kept as a key/value cache, and each
 step runs only the tokens from the subject's last token on (``targets.prefix_cache``; a CounterFact row
-of about 20 tokens keeps 3 to 6). The blocks below the first edited module run once as well.
+of about 20 tokens keeps 3 to 9), several rows' packed into one sequence whose cache holds their prefixes.
+The blocks below the first edited module run once as well.
 """
 
 from __future__ import annotations
@@ -88,24 +89,127 @@ def _align(ids: list[list[int]], subject_pos: list[int], pad_id: int, device) ->
 
 
 @dataclass
-class _Live:
-    """The rows of the requests still optimizing, re-indexed densely (R' rows), and what a step runs:
-    columns ``cut`` to ``end`` of the layout, with the columns ``start`` to ``cut`` as a cache."""
+class _Step:
+    """What one step's forward runs (B sequences of T tokens) and where each live layout row r sits in it: layout
+    column c of row r is column ``c - shift[r]`` of sequence ``seq[r]``."""
 
-    input_ids: torch.Tensor  # (R', T')
-    mask: torch.Tensor  # (R', 1, T', end - start)
-    positions: torch.Tensor
-    hidden: torch.Tensor  # (R', T', d): the first edited block's input, computed once
-    past: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer: keys and values of columns start..cut
-    own: torch.Tensor  # (R',) request of each row
-    t_rows: torch.Tensor  # (N',) target tokens: live row, column, label, rewrite row in the full batch
+    input_ids: torch.Tensor  # (B, T)
+    mask: torch.Tensor  # (B, 1, T, T_past + T)
+    positions: torch.Tensor  # (B, T)
+    hidden: torch.Tensor  # (B, T, d): the first edited block's input, computed once
+    past: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer: (B, heads, T_past, d_head) keys and values
+    seq: torch.Tensor  # (R,) -1 for a row not in the step
+    shift: torch.Tensor  # (R,)
+
+
+def _full_step(lay: _Layout, hidden_in: torch.Tensor, sel: torch.Tensor, n_rows: int, dtype: torch.dtype) -> _Step:
+    """Every column of every live row, each row its own sequence (what runs without the prefix cache)."""
+    end = int((lay.offsets + lay.lengths)[sel].max())  # columns after every live row's last token are padding
+    seq = torch.full((n_rows,), -1, dtype=torch.long, device=sel.device)
+    seq[sel] = torch.arange(len(sel), device=sel.device)
+    return _Step(
+        lay.input_ids[sel, :end],
+        additive_mask(lay.allowed[sel][:, :end, :end], dtype),
+        lay.positions[sel, :end],
+        hidden_in[sel, :end].to(dtype),
+        None,
+        seq,
+        torch.zeros(n_rows, dtype=torch.long, device=sel.device),
+    )
+
+
+def _bins(sizes: list[int], capacity: int) -> list[int]:
+    """First-fit decreasing: a bin per item, no bin over ``capacity``."""
+    room: list[int] = []
+    out = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        b = next((b for b, r in enumerate(room) if r >= sizes[i]), len(room))
+        if b == len(room):
+            room.append(capacity)
+        room[b] -= sizes[i]
+        out[i] = b
+    return out
+
+
+def _ragged(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For counts (m,): the item of every unit and its index within the item, both (sum counts,)."""
+    item = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    first = torch.cumsum(counts, 0) - counts
+    return item, torch.arange(int(counts.sum()), device=counts.device) - first[item]
+
+
+def _packed_step(lay: _Layout, hidden_in: torch.Tensor, past, sel: torch.Tensor, n_rows: int, dtype: torch.dtype) -> _Step:
+    """The live rows' tokens from the subject's last token on, packed several rows to a sequence (a row's suffix
+    is 3 to 9 tokens; padding every row to the longest would compute up to twice the tokens), each packed
+    sequence's cache holding its rows' prefixes. A token sees its own row's prefix and its own row's earlier tokens.
+    ``hidden_in`` (R, S, d) starts at the subject's column; ``past`` per layer (R, heads, P, d_head)."""
+    dev = sel.device
+    suffix = (lay.offsets + lay.lengths - lay.P)[sel]  # (R',) tokens from the subject's last token on
+    prefix = (lay.P - lay.offsets)[sel]  # (R',) tokens before it
+    seq_of = torch.tensor(_bins(suffix.tolist(), int(suffix.max())), device=dev)  # (R',)
+    n_seq = int(seq_of.max()) + 1
+    # each row's first column in its sequence's tokens and in its cache: the sizes of the rows before it there
+    order = torch.argsort(seq_of, stable=True)
+    start, pstart = torch.empty_like(suffix), torch.empty_like(prefix)
+    for sizes, out in ((suffix, start), (prefix, pstart)):
+        cum = torch.cumsum(sizes[order], 0) - sizes[order]
+        seq_first = cum[torch.searchsorted(seq_of[order], torch.arange(n_seq, device=dev))]  # every bin holds a row
+        out[order] = cum - seq_first[seq_of[order]]
+    width = int((start + suffix).max())
+    p_width = max(int((pstart + prefix).max()), 1)
+
+    # query tokens: (row i, j-th token from the subject on) -> (seq_of[i], start[i] + j)
+    i, j = _ragged(suffix)
+    rows, sq, sc = sel[i], seq_of[i], start[i] + j
+    input_ids = torch.zeros((n_seq, width), dtype=torch.long, device=dev)
+    input_ids[sq, sc] = lay.input_ids[rows, lay.P + j]
+    positions = torch.zeros((n_seq, width), dtype=torch.long, device=dev)
+    positions[sq, sc] = lay.positions[rows, lay.P + j]
+    hidden = torch.zeros((n_seq, width, hidden_in.shape[-1]), dtype=dtype, device=dev)
+    hidden[sq, sc] = hidden_in[rows, j].to(dtype)
+    q_row = torch.full((n_seq, width), -1, dtype=torch.long, device=dev)
+    q_row[sq, sc] = i
+    # cached tokens: (row i, k-th token before the subject's last) -> (seq_of[i], pstart[i] + k)
+    pi, pk = _ragged(prefix)
+    k_row = torch.full((n_seq, p_width), -1, dtype=torch.long, device=dev)
+    k_row[seq_of[pi], pstart[pi] + pk] = pi
+    packed_past = []
+    for k, v in past:
+        pair = []
+        for t in (k, v):
+            out = torch.zeros((n_seq, p_width, t.shape[1], t.shape[3]), dtype=dtype, device=dev)  # (B, T_past, heads, d_head)
+            out[seq_of[pi], pstart[pi] + pk] = t[sel[pi], :, lay.offsets[sel[pi]] + pk].to(dtype)
+            pair.append(out.transpose(1, 2))
+        packed_past.append(tuple(pair))
+    real = q_row >= 0
+    cols = torch.arange(width, device=dev)
+    sees_prefix = (q_row[:, :, None] == k_row[:, None, :]) & real[:, :, None]  # (B, T, T_past)
+    sees_suffix = (q_row[:, :, None] == q_row[:, None, :]) & real[:, :, None] & (cols[None, :] <= cols[:, None])[None]
+    sees_suffix |= torch.eye(width, dtype=torch.bool, device=dev)[None]  # padding sees itself: no empty softmax
+    seq = torch.full((n_rows,), -1, dtype=torch.long, device=dev)
+    seq[sel] = seq_of
+    shift = torch.zeros(n_rows, dtype=torch.long, device=dev)
+    shift[sel] = lay.P - start
+    mask = additive_mask(torch.cat([sees_prefix, sees_suffix], -1), dtype)
+    return _Step(input_ids, mask, positions, hidden, packed_past, seq, shift)
+
+
+@dataclass
+class _Live:
+    """The requests still optimizing: the step's layout, and the loss's positions in it."""
+
+    step: _Step
+    own: torch.Tensor  # (R,) request of each layout row
+    t_seq: torch.Tensor  # (N',) target tokens: sequence, column, label, rewrite row in the full batch
     t_cols: torch.Tensor
     t_labels: torch.Tensor
     t_rw: torch.Tensor
-    kl_rows: torch.Tensor  # (n',) one KL row per live request
+    kl_seq: torch.Tensor  # (n',) the last token of one KL row per live request
     kl_cols: torch.Tensor
     kl_req: torch.Tensor  # (n',) which requests
-    cut: int  # the subject's column within the step's columns
+    d_rows: torch.Tensor  # (R',) live layout rows: δ of request own[row] enters at (seq, column) there
+    d_seq: torch.Tensor
+    d_cols: torch.Tensor
 
 
 def _copy_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -169,7 +273,7 @@ def optimize_targets(
     cut = P if cfg.prefix_cache else 0
     past = None
     if cfg.prefix_cache:
-        # (R, heads, P, d_head) per layer from the first edited block up; the blocks below never run again
+        # (R, heads, P, d_head) per layer: the keys and values of every token before the subject's last
         past = [(layer.keys[:, :, :P], layer.values[:, :, :P]) for layer in out.cache.layers]
     hidden_in = in0[first_path][:, cut:].detach()  # (R, W - cut, d)
     returns_tuple = kind["tuple"]
@@ -184,26 +288,25 @@ def optimize_targets(
     def live_view(active: torch.Tensor) -> _Live:
         keep = active[own]  # (R,)
         sel = keep.nonzero().squeeze(1)
-        remap = torch.full((n_rows,), -1, dtype=torch.long, device=device)
-        remap[sel] = torch.arange(len(sel), device=device)
-        start = min(cut, int(lay.offsets[sel].min()))  # prefix columns before every live row's first token are padding
-        end = int((lay.offsets + lay.lengths)[sel].max())  # and so are the columns after every live row's last
+        if past is None:
+            step = _full_step(lay, hidden_in, sel, n_rows, run_dtype)
+        else:
+            step = _packed_step(lay, hidden_in, past, sel, n_rows, run_dtype)
         t_keep = keep[t_rows]
+        tr, kr = t_rows[t_keep], kl_rows[active] if has_kl else kl_rows
         return _Live(
-            lay.input_ids[sel, cut:end],
-            additive_mask(lay.allowed[sel][:, cut:end, start:end], run_dtype),
-            lay.positions[sel, cut:end],
-            hidden_in[sel, : end - cut].to(run_dtype),
-            None if past is None else [(k[sel, :, start:].to(run_dtype), v[sel, :, start:].to(run_dtype)) for k, v in past],
-            own[sel],
-            remap[t_rows[t_keep]],
-            t_cols[t_keep] - cut,
+            step,
+            own,
+            step.seq[tr],
+            t_cols[t_keep] - step.shift[tr],
             t_labels[t_keep],
-            t_rows[t_keep],
-            remap[kl_rows[active]] if has_kl else kl_rows,
-            kl_cols[active] - cut if has_kl else kl_cols,
+            tr,
+            step.seq[kr],
+            (kl_cols[active] if has_kl else kl_cols) - step.shift[kr],
             active.nonzero().squeeze(1) if has_kl else kl_rows,  # no KL rows: no request has one
-            P - cut,
+            sel,
+            step.seq[sel],
+            P - step.shift[sel],
         )
 
     # the steps run on the model itself, or on a copy in a lower precision (its matmuls are what a step costs)
@@ -219,9 +322,8 @@ def optimize_targets(
 
     def add_delta(p):
         def fn(out):
-            d = deltas[p][live.own].to(out.dtype)  # (R', d)
-            rows = torch.arange(len(live.own), device=out.device)
-            return out.index_put((rows, torch.full_like(rows, live.cut)), d, accumulate=True)
+            d = deltas[p][live.own[live.d_rows]].to(out.dtype)  # (R', d)
+            return out.index_put((live.d_seq, live.d_cols), d, accumulate=True)
 
         return fn
 
@@ -230,17 +332,18 @@ def optimize_targets(
         for p in paths:
             stack.enter_context(edit_output(runner, p, add_delta(p)))
         for _ in range(cfg.steps):
-            with start_at_block(runner, spec.blocks, first_block, live.hidden, returns_tuple):
+            step = live.step
+            with start_at_block(runner, spec.blocks, first_block, step.hidden, returns_tuple):
                 hidden = run_base(
-                    input_ids=live.input_ids,
-                    attention_mask=live.mask,
-                    position_ids=live.positions,
-                    cache=_cache(live.past),
-                    use_cache=live.past is not None,
+                    input_ids=step.input_ids,
+                    attention_mask=step.mask,
+                    position_ids=step.positions,
+                    cache=_cache(step.past),
+                    use_cache=step.past is not None,
                 ).last_hidden_state
             # the LM head only where a loss is taken: target tokens, then the KL rows' last tokens
-            logits = head_logits(runner, hidden[torch.cat([live.t_rows, live.kl_rows]), torch.cat([live.t_cols, live.kl_cols])])
-            n_t = len(live.t_rows)
+            logits = head_logits(runner, hidden[torch.cat([live.t_seq, live.kl_seq]), torch.cat([live.t_cols, live.kl_cols])])
+            n_t = len(live.t_seq)
             logp = torch.log_softmax(logits[:n_t], -1)
             tok_nll = -logp.gather(-1, live.t_labels[:, None]).squeeze(-1)  # (N',)
             row_nll = torch.zeros(n_rw, device=device).index_add_(0, live.t_rw, tok_nll) / lens  # (n_rw,)

@@ -345,7 +345,7 @@ def test_targets_from_a_prefix_cache_equal_full_forwards(make):
     templates = ("{}", "the city . {}")
     widths = []
     h = model.get_submodule(spec.block(2)).register_forward_hook(
-        lambda m, a, o: widths.append((o[0] if isinstance(o, tuple) else o).shape[1])
+        lambda m, a, o: widths.append((o[0] if isinstance(o, tuple) else o).shape[:2])
     )
     runs = {}
     for cached in (True, False):
@@ -358,8 +358,10 @@ def test_targets_from_a_prefix_cache_equal_full_forwards(make):
     assert torch.allclose(cached.deltas[path], full.deltas[path], atol=1e-5, rtol=1e-4)
     assert torch.allclose(cached.nll, full.nll, atol=1e-5) and torch.equal(cached.steps, full.steps)
     assert torch.equal(cached.originals[path], full.originals[path])
-    # the first forward runs every column, the steps only those from the subject's last token on
-    assert w_cached[0] == w_full[0] and max(w_cached[1:]) < w_full[0] and min(w_full[1:]) == w_full[0]
+    # the first forward runs every row and column; the steps run the tokens from the subject's last token on,
+    # several rows' to a sequence
+    assert w_cached[0] == w_full[0] and all(w == w_full[0] for w in w_full[1:])
+    assert all(b < w_full[0][0] and t < w_full[0][1] for b, t in w_cached[1:])
 
 
 def test_targets_in_bfloat16_run_on_a_copy_and_stay_near_the_model_precision():
@@ -390,8 +392,9 @@ def test_a_request_that_stops_early_leaves_the_batch():
     spec = spec_for(model)
     path = spec.module_path("mlp_out", 1)
     reqs = [*REQUESTS, EditRequest("c", "the river", "{} flows through", "the city of london", None)]
-    # measured on this model: request "a" reaches this NLL after one step, the others never do
-    cfg = TargetHyperParams(steps=12, lr=0.5, stop_loss=3.6, clamp_norm=200.0)
+    # measured on this model: request "a" reaches this NLL after one step, the others never do; rows are counted
+    # without the prefix cache, which packs several rows' tokens into one sequence
+    cfg = TargetHyperParams(steps=12, lr=0.5, stop_loss=3.6, clamp_norm=200.0, prefix_cache=False)
     templates = ("{}", "the city . {}")
     rows_seen = []
     h = model.model.layers[2].register_forward_hook(
@@ -402,6 +405,8 @@ def test_a_request_that_stops_early_leaves_the_batch():
     assert joint.steps.tolist() == [1, 12, 12]
     full = rows_seen[0]  # the forward that caches the first block's input: every row
     assert rows_seen[1] == full and rows_seen[-1] == full - 3  # "a"'s two template rows and its KL row dropped
+    packed = optimize_targets(model, tok, spec, reqs, templates, [path], 1, cfg.model_copy(update={"prefix_cache": True}))
+    assert packed.steps.tolist() == [1, 12, 12] and torch.allclose(packed.deltas[path], joint.deltas[path], atol=1e-5)
     for i, r in enumerate(reqs):
         alone = optimize_targets(model, tok, spec, [r], templates, [path], 1, cfg)
         assert alone.steps.tolist() == [joint.steps[i].item()]
