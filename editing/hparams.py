@@ -44,9 +44,10 @@ class TargetHyperParams(StrictConfig):
     # run only the tokens from the subject's last token on at each step, the ones before it as a key/value cache:
     # the same arithmetic on a fifth of the tokens (false: every token every step, to measure the difference)
     prefix_cache: bool = True
-    # the precision of the steps' forward and backward: "model" (the weights' own) or a lower one ("bfloat16"),
-    # run on a copy of the model made per batch; the unedited outputs, the cache and the KL reference stay exact
-    precision: Literal["model", "bfloat16", "float16"] = "model"
+    # the precision of the steps' forward and backward: "model" (the weights' own), a lower one ("bfloat16") run on
+    # a copy of the model made per batch, or "auto" (bfloat16 where its matmuls are native, editing/targets.py);
+    # the unedited outputs, the cache and the KL reference are read from the model either way
+    precision: Literal["model", "auto", "bfloat16", "float16"] = "model"
 
 
 class TemplateHyperParams(StrictConfig):

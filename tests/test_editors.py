@@ -586,3 +586,15 @@ def test_pmet_spreads_the_residual_with_a_square_root():
     _, _, editor = build("pmet")
     assert [round(editor.spread(i), 4) for i in range(2)] == [round(1 / 2**0.5, 4), 1.0]
     assert editor.target_path() == "model.layers.2.mlp.down_proj"
+
+
+def test_auto_precision_is_bfloat16_only_where_its_matmuls_are_native(monkeypatch):
+    from editing.targets import _step_dtype
+
+    model = tiny_llama(len(make_tokenizer()))
+    assert _step_dtype("model", model) is None and _step_dtype("bfloat16", model) is torch.bfloat16
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert _step_dtype("auto", model) is torch.bfloat16
+    assert _step_dtype("auto", model.to(torch.bfloat16)) is None  # already low precision: the model itself
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert _step_dtype("auto", model.float()) is None
