@@ -275,9 +275,10 @@ def test_bench_chain_rebuilds_what_it_wrote(setup, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)  # MLflow puts a SQLite store's artifacts under the working directory
     ck, _, _ = setup
-    r = bench_chain(str(ck), versions=3, rank=2, layers=(1, 2), json_out=tmp_path / "c.json")
-    assert r["versions"] == 3 and r["version_kb"] > 0
-    assert all(r[k] > 0 for k in ("write_s_per_version", "rebuild_s", "registry_chain_s", "status_s"))
+    r = bench_chain(str(ck), versions=4, rank=2, layers=(1, 2), json_out=tmp_path / "c.json", keep=1)
+    assert r["versions"] == 4 and r["version_kb"] > 0
+    assert all(r[k] > 0 for k in ("write_s_per_version", "rebuild_s", "registry_chain_s", "status_s", "squash_s"))
+    assert r["versions_after_squash"] == 2 and r["squash_kb"] > r["version_kb"]  # values, not low-rank factors
 
 
 def test_bench_editors_resumes_a_method_stopped_mid_run_with_the_same_result(setup, tmp_path, monkeypatch):

@@ -250,6 +250,37 @@ def test_rollback_moves_production_and_later_streams_continue_from_there(env, ch
     assert json.loads((out / "kedit_version.json").read_text())["chain"] == ["1", "4"]
 
 
+def test_a_squashed_chain_is_production_and_the_next_stream_skips_what_the_old_versions_settled(env, checkpoint):
+    tmp, config, kept = env
+    summary = stream(config(GOOD + [HARMFUL], batch_size=1))
+    tracker = Tracker(f"sqlite:///{tmp}/mlruns/mlflow.db")
+    name = summary["registered_model"]
+    old = [v.version for v in tracker.chain(name, summary["production"])]
+    assert len(old) >= 3 and summary["quarantined"] >= 1, summary
+    live = kept[0].model
+
+    from click.testing import CliRunner
+
+    from kedit.app.cli import cli
+
+    uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
+    out = CliRunner().invoke(cli, ["squash", "--model", str(checkpoint), "--upto", old[-2], "--tracking-uri", uri])
+    assert out.exit_code == 0, out.output
+    prod = tracker.production(name)
+    new = [v.version for v in tracker.chain(name, prod.version)]
+    assert len(new) == 2 and f"squashed into v{new[0]}" in out.output and f"production moved to v{new[1]}" in out.output
+    base = fresh_base(checkpoint)
+    rebuild(base, tracker, name, prod.version, None)
+    assert_same_weights(base, live)
+
+    # the same facts again, in another feed: applied ones and the one quarantined on an old version are skipped
+    again = stream(config(GOOD[::-1] + [HARMFUL], batch_size=1))
+    assert (again["skipped"], again["accepted"], again["quarantined"]) == (5, 0, 0)
+    assert again["production"] == prod.version
+    out = CliRunner().invoke(cli, ["status", "--model", str(checkpoint), "--tracking-uri", uri])
+    assert out.exit_code == 0 and f"production: v{prod.version}" in out.output, out.output
+
+
 def test_kill_9_mid_stream_then_resume(env, checkpoint):
     """A real `kedit stream` process is SIGKILLed after its second version; the next stream finishes the job."""
     import os

@@ -13,6 +13,7 @@ from .base import (
 )
 from .modules import MODULE_TYPES, Installable, InstalledModule, ModulePatch, install, module_type, register_module_type
 from .patchset import PatchSet
+from .values import WeightValues
 from .weights import Dense, LowRank, WeightDelta
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "TensorSnapshot",
     "Undo",
     "WeightDelta",
+    "WeightValues",
     "install",
     "module_type",
     "patch_kind",

@@ -190,3 +190,11 @@ def check_file(path: Path, want: str | None) -> None:
     actual = sha256_file(path)
     if actual != want:
         raise PatchIntegrityError(f"{path}: sha256 {actual} does not match the manifest's {want}")
+
+
+def parameter(model: nn.Module, name: str) -> nn.Parameter:
+    """The model's parameter ``name``; a patch naming one the model lacks is an integrity error, not an AttributeError."""
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        raise PatchIntegrityError(f"the model has no parameter {name!r}") from None

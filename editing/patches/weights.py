@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .base import Patch, PatchIntegrityError, Undo, load_tensors, register_patch_kind, save_tensors
+from .base import Patch, PatchIntegrityError, Undo, load_tensors, parameter, register_patch_kind, save_tensors
 
 FORMAT = "kedit-weight-delta/1"
 TENSORS = "delta.safetensors"
@@ -72,7 +72,7 @@ class WeightDelta(Patch):
         try:
             with torch.no_grad():
                 for name, upd in self.parts.items():
-                    p = _param(model, name)
+                    p = parameter(model, name)
                     d = upd.dense().to(p.device)
                     if d.shape != p.shape:
                         raise PatchIntegrityError(f"delta for {name} has shape {tuple(d.shape)}, parameter has {tuple(p.shape)}")
@@ -126,10 +126,3 @@ class WeightDelta(Patch):
             else:
                 parts[name] = Dense(tensors[f"{name}::dense"])
         return cls(parts, manifest.get("meta", {}))
-
-
-def _param(model: nn.Module, name: str) -> nn.Parameter:
-    try:
-        return model.get_parameter(name)
-    except AttributeError:
-        raise PatchIntegrityError(f"the model has no parameter {name!r}") from None

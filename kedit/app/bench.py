@@ -474,7 +474,10 @@ def bench_stream(
     overrides: dict | None = None,
 ) -> dict:
     """The stream flow on N CounterFact cases: per step, edit / gate / tracking / orchestration seconds,
-    bytes per version against a full checkpoint, rollback time; metrics on the final production model."""
+    bytes per version against a full checkpoint, rollback time; metrics on the final production model.
+
+    With ``work_dir`` the store, the feed and the stream's work stay there: a rerun with the same arguments
+    resumes the stream after its last version, and the steps of every part are reported."""
     import json
     import tempfile
 
@@ -521,7 +524,7 @@ def bench_stream(
             t1 = time.perf_counter()
             undo.restore(model)
             rollback_s = time.perf_counter() - t1
-    steps = summary["steps"]
+    steps = _all_steps(root / "work", summary["steps"]) if work_dir else summary["steps"]
     for s in steps:
         inside = sum(v for k, v in s.items() if k.startswith("gate:") or k in ("edit", "tracking", "rollback"))
         s["gates_s"] = sum(v for k, v in s.items() if k.startswith("gate:"))
@@ -551,6 +554,16 @@ def bench_stream(
         "final": final,
         "machine": machine(),
     }
+
+
+def _all_steps(work: Path, this_run: list[dict]) -> list[dict]:
+    """Every attempt of the stream in ``work``, also those of earlier parts of a stream that was stopped and resumed."""
+    from kedit.pipeline.attempt import STEPS_FILE
+
+    path = work / STEPS_FILE
+    if not path.is_file():
+        return this_run
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _sync(device: torch.device) -> None:

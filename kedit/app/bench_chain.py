@@ -4,7 +4,8 @@ A stream of N edits in batches of b leaves N / b versions. This writes a chain o
 model's own shapes, each a weight delta of rank ``rank`` on the MLP output projections of ``layers`` (what a
 MEMIT batch of ``rank`` edits leaves) with ``rank`` requests, through the real registry in a fresh MLflow
 SQLite store, then times: rebuilding production from the base (fetch, verify every hash, apply), the
-registry's chain walk behind ``kedit status``, and ``kedit status`` itself.
+registry's chain walk behind ``kedit status``, and ``kedit status`` itself. With ``keep`` set, it then squashes
+all but the last ``keep`` versions (``kedit squash``) and times rebuilding production from the new chain.
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ def bench_chain(
     rank: int = 10,
     layers: tuple[int, ...] = (3, 4, 5, 6, 7),
     json_out: Path | None = None,
+    keep: int | None = None,
 ) -> dict:
     from kedit.core.arch import spec_for
     from kedit.store.naming import identify
+    from kedit.store.squash import squash, state_sha256
     from kedit.store.tracking import T_MANIFEST_SHA, T_N_EDITS, T_PARENT_VERSION, Tracker
     from kedit.store.versions import rebuild, write_version
 
@@ -95,5 +98,26 @@ def bench_chain(
         t0 = time.perf_counter()
         status_text(model_ref, uri)
         out["status_s"] = time.perf_counter() - t0
+        if keep is not None:
+            head_state = state_sha256(model)
+            upto = tracker.chain(name, parent)[-1 - keep].version
+            base, _ = load_model(model_ref, "cpu")
+            t0 = time.perf_counter()
+            done = squash(base, tracker, name, upto, fp)
+            out["squash_s"] = time.perf_counter() - t0
+            out["squash_kb"] = _version_kb(tracker, name, done.squash)
+            fresh, _ = load_model(model_ref, "cpu")
+            t0 = time.perf_counter()
+            chain = rebuild(fresh, tracker, name, tracker.production(name).version, fp)
+            out["rebuild_after_squash_s"] = time.perf_counter() - t0
+            out["versions_after_squash"] = len(chain.versions)
+            if state_sha256(fresh) != head_state or len(chain.requests) != versions * rank:
+                raise RuntimeError("the squashed chain did not rebuild the same model")
     save_json(json_out, out)
     return out
+
+
+def _version_kb(tracker, name: str, version: str) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        d = tracker.fetch_version(tracker.version(name, version), Path(tmp))
+        return sum(f.stat().st_size for f in d.iterdir()) / 1024

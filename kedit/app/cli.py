@@ -260,6 +260,32 @@ def rollback(model, version, tracking_uri) -> None:
 
 @cli.command()
 @MODEL
+@click.option("--upto", required=True, help="The last version of the prefix to squash (a version of production's chain).")
+@TRACKING_URI
+def squash(model, upto, tracking_uri) -> None:
+    """Squash production's chain from its first version up to UPTO into one version, and copy the later versions
+    onto it; production moves to the copy of its head. The new chain must rebuild the old one bit for bit
+    (checked before anything is registered, and again from the registry); the old versions stay.
+
+    Takes the model's stream lock first, as rollback does."""
+    from flows.locks import one_stream_per_model
+    from kedit.core.models import load_model
+    from kedit.store.naming import identify
+    from kedit.store.squash import squash as run
+    from kedit.store.tracking import Tracker
+
+    name, fp = identify(model)
+    base, _ = load_model(model, "cpu")
+    with one_stream_per_model(name):
+        out = run(base, Tracker(tracking_uri), name, upto, fp)
+    moved = f"moved to v{out.head}" if out.production_moved else "unchanged"
+    chain = " ".join(f"v{v}" for v in out.versions)
+    span = f"v{out.replaced[0]}-v{out.replaced[-1]}"
+    click.echo(f"{name}: {span} squashed into v{out.squash}; chain now {chain}; production {moved}")
+
+
+@cli.command()
+@MODEL
 @click.option("--version", "version", default=None, help="Version (default: production).")
 @click.option("--out", required=True, type=PathArg)
 @TRACKING_URI
@@ -614,12 +640,14 @@ def bench_retention(model, data, lengths, sample, json_out) -> None:
 @MODEL
 @click.option("--versions", type=int, default=200, show_default=True, help="Versions on the chain.")
 @click.option("--rank", type=int, default=10, show_default=True, help="Edits (and the delta's rank) per version.")
+@click.option("--squash-keep", "keep", type=int, default=None, help="Then squash all but the last KEEP versions and rebuild.")
 @JSON_OUT
-def bench_chain(model, versions, rank, json_out) -> None:
+def bench_chain(model, versions, rank, keep, json_out) -> None:
     """Rebuilding production from a long chain of versions, and showing it (kedit status), in a fresh store."""
     from kedit.app.bench_chain import bench_chain as run
 
-    click.echo(json.dumps({k: v for k, v in run(model, versions, rank, json_out=json_out).items() if k != "machine"}, indent=2))
+    result = run(model, versions, rank, json_out=json_out, keep=keep)
+    click.echo(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
 
 
 @bench.command("phases")
@@ -739,12 +767,18 @@ def bench_targets(model, data, editor, n, batch_size, device, corpus, sets, json
 @SETS
 @THREADS
 @JSON_OUT
-def bench_stream(model, data, n, batch_size, editor, gates, corpus, sets, threads, json_out) -> None:
+@click.option(
+    "--work-dir",
+    type=PathArg,
+    default=None,
+    help="Keep the store and the stream here (default: a temporary directory); rerun to resume a stopped stream.",
+)
+def bench_stream(model, data, n, batch_size, editor, gates, corpus, sets, threads, json_out, work_dir) -> None:
     """The stream flow on N cases: time per step by phase, bytes per version, rollback time, final metrics."""
     from kedit.app.bench import bench_stream as run
 
     _threads(threads)
-    result = run(model, data, n, batch_size, editor, gates, corpus, overrides=sets_to_overrides(sets))
+    result = run(model, data, n, batch_size, editor, gates, corpus, work_dir, overrides=sets_to_overrides(sets))
     keys = (
         "total_s",
         "orchestration_plus_tracking_fraction",

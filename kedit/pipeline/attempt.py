@@ -39,6 +39,8 @@ from .session import Session, get_session, quarantine_record
 
 log = logging.getLogger(__name__)
 
+STEPS_FILE = "steps.jsonl"  # in the stream's work dir: one line of timings per attempt, appended as it ends
+
 
 @dataclass
 class Attempt:
@@ -302,3 +304,6 @@ def note_wall(session_id: str, seconds: float) -> None:
     session = get_session(session_id)
     if session.steps:
         session.steps[-1]["wall"] = seconds
+        # appended as the stream goes: a long stream stopped and resumed keeps every part's timings
+        with (Path(session.cfg.work_dir) / STEPS_FILE).open("a", encoding="utf-8") as f:
+            f.write(json.dumps(session.steps[-1]) + "\n")

@@ -76,6 +76,7 @@ class Session:
     production: str | None = None
     production_manifest_sha: str | None = None  # production's manifest sha256, verified from the chain (None on the base)
     chain: list[str] = field(default_factory=list)  # versions from the base up to production
+    lineage: list[str] = field(default_factory=list)  # the chain and the versions its squashes and copies stand for
     n_edits: int = 0
     run_id: str | None = None
     accepted: dict[str, str] = field(default_factory=dict)  # fact key -> version (this stream)
@@ -176,6 +177,7 @@ def restore_production(session_id: str) -> dict:
     session.production = prod.version if prod else None
     session.production_manifest_sha = chain.head_manifest_sha
     session.chain = [v.version for v in chain.versions]
+    session.lineage = chain.lineage
     session.applied = {r.key for r, _ in chain.applied}
     session.live = live_facts(chain.applied)
     session.n_edits = len(chain.requests)
@@ -236,7 +238,7 @@ def _not_done(session: Session, plan: Plan) -> list[str]:
 
     A fact is known by its content (``EditRequest.key``), not by the producer's id: ids repeat across feeds."""
     done = session.applied  # superseded facts too: an old record sent again must not bring its value back
-    quarantined_before = session.tracker.quarantined(session.registered, session.chain)
+    quarantined_before = session.tracker.quarantined(session.registered, session.lineage)
     session.ledger = session.tracker.feed_ledger(session.registered)
     seen_feeds = {f for f, sha in plan.feed_sha256.items() if sha in session.ledger}
     for feed in seen_feeds:

@@ -64,6 +64,11 @@ STATE = "state.safetensors"
 REQUESTS = "requests.jsonl"
 NOT_HOLDING = "not_holding"  # manifest key: facts of the version whose own edit did not hold when it was made
 SUPERSEDES = "supersedes"  # manifest key: the re-edits of the version, each naming the fact and version it replaces
+# written by a squash (kedit.store.squash): the versions a squash stands for, the version a copy copies, and per
+# fact the version that first held it
+SQUASHES = "squashes"  # [{version, manifest_sha256}] of the squashed prefix, oldest first
+COPY_OF = "copy_of"  # {version, manifest_sha256} of the copied version
+FACT_VERSIONS = "fact_versions"  # fact key -> version
 
 
 @dataclass
@@ -250,11 +255,15 @@ class Chain:
     requests: list[EditRequest]  # every request applied along the chain, oldest first
     head_manifest_sha: str | None = None  # the verified manifest sha256 of the last version; None on the base
     # (request, version) of the requests whose edit held when their version was made, oldest first:
-    # what ``kedit.core.facts.reedit.live_facts`` reads the chain's current facts from
+    # what ``kedit.core.facts.reedit.live_facts`` reads the chain's current facts from (the version that first
+    # held the fact, also when a squash holds it now)
     applied: list[tuple[EditRequest, str]] = field(default_factory=list)
+    # the chain's versions and every version they stand for (a squash's prefix, a copy's original): where an
+    # attempt on "this chain" may have been made, e.g. one that quarantined a fact
+    lineage: list[str] = field(default_factory=list)
 
 
-def _fetch_chain(tracker: Tracker, name: str, version: str | None, fingerprint: str | None):
+def fetch_chain(tracker: Tracker, name: str, version: str | None, fingerprint: str | None):
     """Every version from the base up to ``version``, fetched and verified (patches loaded in memory), oldest first.
 
     The walk goes down from the head. The registry locates each version (its artifact and the head's
@@ -366,10 +375,10 @@ def rebuild(model, tracker: Tracker, name: str, version: str | None, fingerprint
     weight deltas are added, module patches re-install their modules (built from the registry of
     installable types, no editor needed).
 
-    Every version is fetched and verified (``_fetch_chain``) before anything changes, so a bad link
+    Every version is fetched and verified (``fetch_chain``) before anything changes, so a bad link
     leaves the model untouched.
     """
-    infos, loaded, shas = _fetch_chain(tracker, name, version, fingerprint)
+    infos, loaded, shas = fetch_chain(tracker, name, version, fingerprint)
     _apply_chain(model, name, infos, loaded)
     return _chain(infos, loaded, shas)
 
@@ -380,6 +389,18 @@ def _held(version: Version) -> list[EditRequest]:
     return [r for r in version.requests if r.key not in not_holding]
 
 
+def fact_version(version: Version, number: str, key: str) -> str:
+    """The version that first held a fact: what a squash or a copy recorded, else the version itself."""
+    return str(version.manifest.get(FACT_VERSIONS, {}).get(key, number))
+
+
+def stands_for(version: Version) -> list[str]:
+    """The older versions a version replaces: a squash's prefix, a copy's original (none for an edit's version)."""
+    squashed = [str(e["version"]) for e in version.manifest.get(SQUASHES, ())]
+    copied = version.manifest.get(COPY_OF)
+    return squashed + ([str(copied["version"])] if copied else [])
+
+
 def _chain(infos: list[VersionInfo], loaded: list[Version], shas: list[str]) -> Chain:
     last = loaded[-1] if loaded else None
     return Chain(
@@ -388,7 +409,8 @@ def _chain(infos: list[VersionInfo], loaded: list[Version], shas: list[str]) -> 
         last.manifest.get("editor") if last else None,
         [r for v in loaded for r in v.requests],
         shas[-1] if shas else None,
-        [(r, i.version) for i, v in zip(infos, loaded) for r in _held(v)],
+        [(r, fact_version(v, i.version, r.key)) for i, v in zip(infos, loaded) for r in _held(v)],
+        [n for i, v in zip(infos, loaded) for n in (i.version, *stands_for(v))],
     )
 
 
@@ -414,7 +436,7 @@ def model_fingerprint(path: str | None, model=None) -> str:
 
 def rollback_to(tracker: Tracker, name: str, version: str, fingerprint: str | None = None) -> str | None:
     """Move ``production`` to ``version`` after verifying its whole chain as ``rebuild`` does; returns the previous one."""
-    _fetch_chain(tracker, name, version, fingerprint)
+    fetch_chain(tracker, name, version, fingerprint)
     prev = tracker.production(name)
     tracker.set_production(name, version)
     run = tracker.start_run(name, f"rollback-to-v{version}", {T_KIND: "rollback"})
@@ -436,7 +458,7 @@ def export_version(model, tokenizer, tracker: Tracker, name: str, version: str, 
 
     Every version is verified before anything is written. Either way ``model`` ends holding the version.
     """
-    infos, loaded, shas = _fetch_chain(tracker, name, version, fingerprint)
+    infos, loaded, shas = fetch_chain(tracker, name, version, fingerprint)
     chain = _chain(infos, loaded, shas)
     out.mkdir(parents=True, exist_ok=True)
     info = {
