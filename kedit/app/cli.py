@@ -636,6 +636,18 @@ def bench_retention(model, data, lengths, sample, json_out) -> None:
     click.echo(table(run(model, data, [int(x) for x in lengths.split(",")], sample, json_out=json_out)))
 
 
+@bench.command("scaleout")
+@click.option("--workers", type=int, default=2, show_default=True, help="Prefect workers pulling from the one work pool.")
+@click.option("--keep", is_flag=True, help="Keep the temporary root (stores, logs) for inspection.")
+@JSON_OUT
+def bench_scaleout(workers, keep, json_out) -> None:
+    """PostgreSQL-backed Prefect and MLflow servers, workers on one pool, a worker killed mid-stream: the invariants."""
+    from kedit.app.bench_scaleout import bench_scaleout as run
+
+    result = run(workers, json_out, keep)
+    click.echo(json.dumps({k: v for k, v in result.items() if k not in ("machine", "logs_tail")}, indent=2))
+
+
 @bench.command("chain")
 @MODEL
 @click.option("--versions", type=int, default=200, show_default=True, help="Versions on the chain.")
