@@ -565,27 +565,49 @@ def emit_feed_event(target: str) -> Callable[[Path, str], None]:
 # ----------------------------------------------------------------------------- deployments
 
 
-def build_deployments(target: str, params: dict[str, Any], cron: str | None):
-    """The event-triggered deployment and, with ``cron``, the scheduled one; both run ``kedit-feeds``."""
+def _on_feed(target: str):
+    """The trigger of a target's event deployment: a feed arrived for it, its path becomes the run's ``feed``."""
     from prefect.events import DeploymentEventTrigger
 
-    on_feed = process_feeds.to_deployment(
-        name=f"{target}-on-feed",
-        parameters=params,
-        triggers=[
-            DeploymentEventTrigger(
-                name=f"{target}: feed arrived",
-                expect={FEED_EVENT},
-                match={"kedit.target": target},
-                parameters={"feed": "{{ event.payload.path }}"},
-            )
-        ],
-        tags=["kedit", target],
+    return DeploymentEventTrigger(
+        name=f"{target}: feed arrived",
+        expect={FEED_EVENT},
+        match={"kedit.target": target},
+        parameters={"feed": "{{ event.payload.path }}"},
     )
-    deps = [on_feed]
+
+
+def build_deployments(target: str, params: dict[str, Any], cron: str | None):
+    """The event-triggered deployment and, with ``cron``, the scheduled one; both run ``kedit-feeds``."""
+    tags = ["kedit", target]
+    deps = [process_feeds.to_deployment(name=f"{target}-on-feed", parameters=params, triggers=[_on_feed(target)], tags=tags)]
     if cron:
-        deps.append(process_feeds.to_deployment(name=f"{target}-cron", cron=cron, parameters=params, tags=["kedit", target]))
+        deps.append(process_feeds.to_deployment(name=f"{target}-cron", cron=cron, parameters=params, tags=tags))
     return deps
+
+
+SOURCE = Path(__file__).resolve().parents[1]  # where workers find flows/serve.py (the same path on their machines)
+
+
+def deploy_to_pool(target: str, params: dict[str, Any], cron: str | None, pool: str) -> list[str]:
+    """The same deployments on the process work pool ``pool`` (created if missing), for workers to run
+    (``prefect worker start --pool POOL`` with ``KEDIT_SERVE_POLICY`` set): a federated client on its own pool
+    is a worker wherever that pool's workers are. Returns the deployment ids."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        except ObjectAlreadyExists:
+            pass
+    flow = process_feeds.from_source(source=str(SOURCE), entrypoint="flows/serve.py:process_feeds")
+    common = dict(work_pool_name=pool, build=False, push=False, parameters=params, tags=["kedit", target], print_next_steps=False)
+    ids = [str(flow.deploy(name=f"{target}-on-feed", triggers=[_on_feed(target)], **common))]
+    if cron:
+        ids.append(str(flow.deploy(name=f"{target}-cron", cron=cron, **common)))
+    return ids
 
 
 def served_policy(
@@ -605,22 +627,35 @@ def serve(
     params: dict[str, Any],
     limit: int = 2,
     allow: Iterable[Path] = (),
+    pool: str | None = None,
 ) -> None:
-    """Register the deployments, start the watcher, and execute flow runs here until interrupted.
+    """Register the deployments, start the watcher, and execute flow runs here until interrupted; with ``pool``,
+    the deployments go to that work pool and its workers execute the runs (this process only watches).
 
     The flow runs are confined by a ``ServePolicy`` of the served parameters (``allow``: paths under
     which the gates, corpus and work dir parameters may also name files), written next to the work
-    dir and passed to every flow run through the environment, which Prefect's runner hands on."""
+    dir and passed to every flow run through the environment, which Prefect's runner hands on (a pool's
+    workers set it in their own environment)."""
+    import time
+
     from prefect import serve as prefect_serve
 
     feeds_dir.mkdir(parents=True, exist_ok=True)
     full, policy = served_policy(feeds_dir, model, editor, params, allow)
-    os.environ[POLICY_ENV] = str(policy.write(Path(full["work_dir"]) / "serve-policy.json"))
-    deps = build_deployments(target, full, cron)
+    written = policy.write(Path(full["work_dir"]) / "serve-policy.json")
+    os.environ[POLICY_ENV] = str(written)
     watcher = FeedWatcher(feeds_dir, emit_feed_event(target))
-    watcher.start()
-    log.info("watching %s for feeds (target %s)%s", feeds_dir, target, f", schedule {cron!r}" if cron else "")
     try:
+        if pool:
+            deploy_to_pool(target, full, cron, pool)
+            log.info("deployed %s to work pool %s: run workers with %s=%s", target, pool, POLICY_ENV, written)
+        else:
+            deps = build_deployments(target, full, cron)
+        watcher.start()
+        log.info("watching %s for feeds (target %s)%s", feeds_dir, target, f", schedule {cron!r}" if cron else "")
+        if pool:
+            while True:
+                time.sleep(1.0)
         prefect_serve(*deps, limit=limit)
     finally:
         watcher.stop()

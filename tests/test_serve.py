@@ -412,6 +412,63 @@ process_feeds.from_source(source={str(repo)!r}, entrypoint="flows/serve.py:proce
         assert group_members(worker.pid) == []
 
 
+MEMIT_TINY = ["layers=[1, 2]", "solve.mom2_weight=1.0", "statistics.samples=40", "statistics.length=16", "templates.count=2",
+              "templates.length=3"]  # fmt: skip
+
+
+def test_federated_clients_run_as_deployments_on_their_own_work_pools(stack):
+    """FLEKE clients as `kedit serve --client C --pool P`: each client's deployment on its own pool, run by that
+    pool's worker; client b reuses the target vectors client a uploaded to the shared MKV store."""
+    root, env = stack["root"], {**stack["env"], "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    ck, mkv = stack["params"]["model"], root / "mkv"
+    gates = write_gates(root / "gates-loose.yaml", edits={"efficacy_min": 0.0}, retention={"min": 0.0},
+                        drawdown={"base_max": 1.0, "step_max": 1.0})  # fmt: skip
+    prefect = str(Path(sys.executable).parent / "prefect")
+    from flows.serve import POLICY_ENV
+
+    groups = []
+    try:
+        for c in ("a", "b"):
+            sets = [a for kv in MEMIT_TINY for a in ("--set", kv)]
+            cmd = [*KEDIT, "serve", "--feeds", str(root / f"feeds-{c}"), "--model", ck, "--editor", "memit", *sets,
+                   "--batch-size", "4", "--gates", str(gates), "--tracking-uri", stack["uri"], "--corpus",
+                   str(root / "corpus.txt"), "--device", "cpu", "--client", c, "--mkv", str(mkv),
+                   "--pool", f"kedit-{c}"]  # fmt: skip
+            log = (root / f"serve-{c}.log").open("wb")
+            proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            groups.append(proc.pid)
+        policies = {c: root / "out" / "serve" / f"model-{c}" / "serve-policy.json" for c in ("a", "b")}
+        wait_for(lambda: all(p.is_file() for p in policies.values()), 120, "both clients' policies")
+        both = ("model-a-on-feed", "model-b-on-feed")
+        deps = wait_for(lambda: (d := deployments(stack)) and all(n in d for n in both) and d, 180, "both deployments")
+        for c in ("a", "b"):
+            assert deps[f"model-{c}-on-feed"]["work_pool_name"] == f"kedit-{c}"
+            log = (root / f"worker-{c}.log").open("wb")
+            worker = subprocess.Popen([prefect, "worker", "start", "--pool", f"kedit-{c}", "--type", "process"],
+                                      env={**env, POLICY_ENV: str(policies[c])}, cwd=root, stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            groups.append(worker.pid)
+        t = Tracker(stack["uri"])
+
+        def production_of(c):
+            names = [rm.name for rm in t.client.search_registered_models() if rm.name.endswith(f"@{c}")]
+            return names and t.production(names[0])
+
+        drop(root / "feeds-a", "a.jsonl", GOOD[:2])
+        wait_for(lambda: production_of("a"), 300, "client a's first version", interval=1.0)
+        drop(root / "feeds-b", "b.jsonl", GOOD)
+        wait_for(lambda: production_of("b"), 300, "client b's first version", interval=1.0)
+        name_b = production_of("b").name
+        attempt = t.runs(name_b, "attempt")[-1]
+        assert attempt.data.metrics["mkv_reused"] == 2.0  # the two facts a edited first
+        for c in ("a", "b"):  # each client's runs went to its own pool
+            runs = [r for r in flow_runs(stack) if r["deployment_id"] == deps[f"model-{c}-on-feed"]["id"]]
+            assert runs and {r["work_pool_name"] for r in runs} == {f"kedit-{c}"}
+    finally:
+        for pgid in groups:
+            stop_group(pgid, grace=10)
+
+
 def test_flow_runs_started_in_the_same_second_get_their_own_work_dirs(tmp_path):
     """Two feeds arriving together once shared a work dir named by the second, and one stream read the other's plan."""
     dirs = {run_dir(tmp_path) for _ in range(5)}

@@ -2,8 +2,9 @@
 
 PostgreSQL (Debian's package, started on 127.0.0.1 by ``scripts/postgres.sh``) backs both the Prefect server and
 the MLflow tracking server, which ``kedit up`` starts. A process work pool gets the feed flow
-(``flows/serve.py:process_feeds``) as a deployment, and ``workers`` Prefect workers pull from it under
-``KEDIT_LOCK=prefect`` (the stream lock is then the Prefect server's, as it must be across machines). Then:
+(``flows/serve.py:process_feeds``) as a deployment, as ``kedit serve --pool`` deploys it, and ``workers``
+Prefect workers pull from it under ``KEDIT_LOCK=prefect`` (the stream lock is then the Prefect server's, as it
+must be across machines). Then:
 
 1. **concurrent feeds**: flow runs for several feeds (one of them the same content under another name) are
    created at once, for the workers to take in parallel;
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 POSTGRES = REPO / "scripts" / "postgres.sh"
 POOL = "kedit-scaleout"
-DEPLOYMENT = "feeds-on-pool"
+TARGET = "scaleout"
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 # facts over the tiny model's vocabulary (kedit.app.tiny.WORDS): (subject, prompt) slots, each edited once
 SUBJECTS = ("alice", "bob", "carol", "dave", "eve")
@@ -115,17 +116,13 @@ class Stack:
         return out.stdout
 
     def deploy(self, params: dict[str, Any]) -> str:
-        self.prefect("work-pool", "create", POOL, "--type", "process")
-        script = (
-            "from flows.serve import process_feeds\n"
-            f"process_feeds.from_source(source={str(REPO)!r}, entrypoint='flows/serve.py:process_feeds').deploy(\n"
-            f"    name={DEPLOYMENT!r}, work_pool_name={POOL!r}, build=False, push=False, parameters={params!r})\n"
-        )
+        """``kedit serve --pool``'s deployment of the feed flow (its event trigger unused here), in the stack's env."""
+        script = f"from flows.serve import deploy_to_pool\ndeploy_to_pool({TARGET!r}, {params!r}, None, {POOL!r})\n"
         out = subprocess.run([sys.executable, "-c", script], env=self.env, cwd=self.root, capture_output=True, text=True,
                              timeout=180)  # fmt: skip
         if out.returncode:
             raise ScaleoutError(f"deploying the feed flow failed: {out.stdout}{out.stderr}")
-        return next(d["id"] for d in self.call("POST", "/deployments/filter", {}) if d["name"] == DEPLOYMENT)
+        return next(d["id"] for d in self.call("POST", "/deployments/filter", {}) if d["name"] == f"{TARGET}-on-feed")
 
     def start_worker(self, name: str, policy: Path) -> None:
         from flows.serve import POLICY_ENV

@@ -331,6 +331,11 @@ def export(model, version, out, tracking_uri) -> None:
     default=None,
     help="Write the serving policy to this file and exit (for Prefect workers: set KEDIT_SERVE_POLICY to it).",
 )
+@click.option(
+    "--pool",
+    default=None,
+    help="Deploy to this Prefect process work pool (created if missing) for its workers to run, instead of running here.",
+)
 @FEDERATION
 def serve(
     feeds_dir,
@@ -349,6 +354,7 @@ def serve(
     poll,
     allow,
     write_policy,
+    pool,
     client,
     mkv,
     mkv_threshold,
@@ -384,7 +390,7 @@ def serve(
         _, policy = served_policy(Path(feeds_dir), ref, editor, params, allow)
         click.echo(f"written: {policy.write(write_policy)}")
         return
-    run(Path(feeds_dir), ref, editor, cron, target, params, concurrency, allow)
+    run(Path(feeds_dir), ref, editor, cron, target, params, concurrency, allow, pool)
 
 
 def _absolute_uri(uri: str | None) -> str:
