@@ -35,6 +35,35 @@ def test_the_plan_splits_by_relation_and_shares_only_what_another_client_had_ear
         plan(requests(), clients=2, slots=3, own=1, shared=0, seed=0)
 
 
+def test_spectral_groups_recover_planted_clusters_and_the_plan_deals_them_whole():
+    import torch
+
+    from kedit.app.bench_federated import by_relation, spectral_groups
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.eye(3, 16) * 5
+    points = torch.cat([centers[i] + 0.1 * torch.randn(20, 16, generator=g) for i in range(3)])  # 3 blobs of 20
+    labels = spectral_groups(torch.nn.functional.normalize(points, dim=-1), 3, seed=0)
+    assert [len(set(labels[i * 20 : (i + 1) * 20])) for i in range(3)] == [1, 1, 1] and len(set(labels)) == 3
+    assert labels == spectral_groups(torch.nn.functional.normalize(points, dim=-1), 3, seed=0)  # deterministic
+
+    reqs = requests()
+    groups = {"x": [reqs[0], reqs[2]], "y": [reqs[1], reqs[3]]}  # clusters that cut across the templates
+    batches = plan(reqs, clients=2, slots=2, own=1, shared=0, seed=0, groups=groups)
+    assert sorted(sorted(r.id for t in batches for r in t[c]) for c in range(2)) == [["a", "c"], ["b", "d"]]
+    assert set(by_relation(reqs)) == {"{} speaks", "the capital of {} is"}
+
+
+def test_by_cluster_partitions_the_facts_with_the_models_embeddings(setup):
+    from kedit.app.bench_federated import by_cluster
+    from kedit.core.models import load_model
+
+    model, tok = load_model(str(setup[0]), "cpu")
+    reqs = requests() * 3  # 12 rows: enough for a neighbour graph
+    groups = by_cluster(reqs, model, tok, clients=2, seed=0)
+    assert len(groups) == 2 and sum(len(g) for g in groups.values()) == 12 and all(groups.values())
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("federated")

@@ -1,10 +1,12 @@
 """FLEKE's protocol measured (``kedit bench federated``): N clients of one base model, T time slots.
 
-The facts are split by relation (kedit's facts carry no relation id; the prompt template stands for it):
-templates are dealt to clients, largest first, each to the client with the fewest facts so far, so that every
-client's facts are of its own relations. In slot t each client receives ``own`` new facts of its relations
-and, from slot 1 on, ``shared`` facts that another client received in an earlier slot (knowledge that reaches
-several organisations: the same fact, the same statement). Three runs over the same plan:
+The facts are split by relation (kedit's facts carry no relation id; the prompt template stands for it), or,
+with ``split="cluster"`` (FLEKE's ZsRE split, whose questions share no templates), into N clusters of their
+questions' embeddings by spectral clustering. The groups are dealt to clients, largest first, each to the
+client with the fewest facts so far, so that every client's facts are of its own relations (or cluster). In
+slot t each client receives ``own`` new facts of its own and, from slot 1 on, ``shared`` facts that another
+client received in an earlier slot (knowledge that reaches several organisations: the same fact, the same
+statement). Three runs over the same plan:
 
 - ``alone``: each client edits its own copy with no sharing;
 - ``federated``: each client's editor looks its facts up in the MKV store first (the other clients' uploads of
@@ -37,11 +39,62 @@ log = logging.getLogger(__name__)
 MODES = ("alone", "federated", "central")
 
 
-def plan(reqs: list[EditRequest], clients: int, slots: int, own: int, shared: int, seed: int) -> list[list[list[EditRequest]]]:
-    """``batches[t][c]``: the facts client c receives in slot t (see the module's docstring)."""
+SPLITS = ("relation", "cluster")
+
+
+def by_relation(reqs: list[EditRequest]) -> dict[str, list[EditRequest]]:
+    """The facts grouped by prompt template (CounterFact's stand-in for a relation)."""
     groups: dict[str, list[EditRequest]] = {}
     for r in reqs:
         groups.setdefault(r.prompt, []).append(r)
+    return groups
+
+
+def embed(model, tokenizer, texts: list[str], batch: int = 64) -> torch.Tensor:
+    """(n, d) unit-normed sentence embeddings: the mean of the model's last hidden states over each text's tokens.
+    (FLEKE clusters ZsRE with a sentence encoder; none is reachable here, so the base model stands in.)"""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch):
+            enc = tokenizer(texts[i : i + batch], return_tensors="pt", padding=True).to(next(model.parameters()).device)
+            hidden = model(**enc, output_hidden_states=True).hidden_states[-1].float()  # (b, T, d)
+            mask = enc["attention_mask"].unsqueeze(-1).float()  # (b, T, 1)
+            out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def spectral_groups(embeddings: torch.Tensor, k: int, seed: int) -> list[int]:
+    """A cluster label per row: spectral clustering on a nearest-neighbour graph of the embeddings."""
+    from sklearn.cluster import SpectralClustering
+
+    n_neighbors = min(10, len(embeddings) - 1)
+    sc = SpectralClustering(
+        k, affinity="nearest_neighbors", n_neighbors=n_neighbors, random_state=seed, assign_labels="cluster_qr"
+    )
+    return [int(x) for x in sc.fit_predict(embeddings.numpy())]
+
+
+def by_cluster(reqs: list[EditRequest], model, tokenizer, clients: int, seed: int) -> dict[str, list[EditRequest]]:
+    """The facts in ``clients`` clusters of their questions' embeddings (FLEKE's ZsRE split)."""
+    labels = spectral_groups(embed(model, tokenizer, [r.text for r in reqs]), clients, seed)
+    groups: dict[str, list[EditRequest]] = {}
+    for r, label in zip(reqs, labels):
+        groups.setdefault(f"cluster-{label}", []).append(r)
+    return groups
+
+
+def plan(
+    reqs: list[EditRequest],
+    clients: int,
+    slots: int,
+    own: int,
+    shared: int,
+    seed: int,
+    groups: dict[str, list[EditRequest]] | None = None,
+) -> list[list[list[EditRequest]]]:
+    """``batches[t][c]``: the facts client c receives in slot t (see the module's docstring); ``groups`` (default:
+    by relation) are dealt to clients whole."""
+    groups = groups if groups is not None else by_relation(reqs)
     mine: list[list[EditRequest]] = [[] for _ in range(clients)]
     for template in sorted(groups, key=lambda k: (-len(groups[k]), k)):
         min(mine, key=len).extend(groups[template])
@@ -204,14 +257,23 @@ def bench_federated(
     corpus: Path | None = None,
     overrides: dict[str, dict] | None = None,
     json_out: Path | None = None,
+    split: str = "relation",
 ) -> dict:
     """Each method in the three modes on one plan; resumes from ``json_out`` per method and mode."""
     if model_ref in KNOWN_MODELS:
         pull(model_ref)
     reqs = _cases(data, None)
-    batches = plan(reqs, clients, slots, own, shared, seed)
+    groups = None
+    if split == "cluster":
+        from kedit.core.models import load_model
+
+        model, tok = load_model(model_ref)
+        groups = by_cluster(reqs, model, tok, clients, seed)
+        del model
+    batches = plan(reqs, clients, slots, own, shared, seed, groups)
     corpus_path = _corpus_file(corpus)
-    settings = {"model": model_ref, "data": str(data), "clients": clients, "slots": slots, "own": own, "shared": shared}
+    settings = {"model": model_ref, "data": str(data), "split": split, "clients": clients, "slots": slots, "own": own}
+    settings["shared"] = shared
     settings |= {"threshold": threshold, "min_share": min_share, "seed": seed, "corpus": corpus_path or "model samples"}
     settings["overrides"] = overrides or {}
     out = {**settings, "results": resumed(json_out, settings), "machine": machine()}

@@ -595,7 +595,14 @@ def bench_mquake(model, data, methods, n, corpus, sets, json_out) -> None:
 @MODEL
 @DATA
 @click.option("--methods", default="memit,pmet", show_default=True, help="Editors that share targets, comma-separated.")
-@click.option("--clients", type=click.IntRange(2), default=8, show_default=True, help="Clients (the facts split by relation).")
+@click.option("--clients", type=click.IntRange(2), default=8, show_default=True, help="Clients.")
+@click.option(
+    "--split",
+    type=click.Choice(["relation", "cluster"]),
+    default="relation",
+    show_default=True,
+    help="How facts are split into clients: by relation (prompt template), or spectral clusters of their embeddings (ZsRE).",
+)
 @click.option("--slots", type=click.IntRange(1), default=10, show_default=True, help="Time slots.")
 @click.option(
     "--own", type=click.IntRange(1), default=2, show_default=True, help="New facts of its relations per client and slot."
@@ -616,7 +623,7 @@ def bench_mquake(model, data, methods, n, corpus, sets, json_out) -> None:
 @click.option("--set", "sets", multiple=True, help="Preset override METHOD.KEY=YAML_VALUE.")
 @JSON_OUT
 def bench_federated(
-    model, data, methods, clients, slots, own, shared, threshold, min_share, seed, corpus, sets, json_out
+    model, data, methods, clients, split, slots, own, shared, threshold, min_share, seed, corpus, sets, json_out
 ) -> None:
     """FLEKE: clients edit their own copies and reuse each other's target vectors (alone, federated, central)."""
     from kedit.app.bench_federated import bench_federated as run
@@ -624,7 +631,7 @@ def bench_federated(
 
     chosen = methods.split(",")
     overrides = _method_overrides(sets, chosen)
-    result = run(model, data, chosen, clients, slots, own, shared, threshold, min_share, seed, corpus, overrides, json_out)
+    result = run(model, data, chosen, clients, slots, own, shared, threshold, min_share, seed, corpus, overrides, json_out, split)
     click.echo(table(result))
 
 
