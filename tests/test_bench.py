@@ -414,3 +414,33 @@ def test_bench_known_keeps_the_first_records_the_unedited_model_answers(setup, t
     assert [k["case_id"] for k in kept] == [8, 9] and r["ids"] == ["cf-8", "cf-9"] and r["n"] == 2
     with pytest.raises(KeditError, match="case_id"):
         known_cases(str(ck), write_jsonl(tmp_path / "feed.jsonl", EDITS), 2, tmp_path / "x.json")
+
+
+def test_bench_stream_resumes_in_its_work_dir_and_reports_every_part_and_the_history(setup, tmp_path, monkeypatch):
+    """The stream bench through the real flow (tiny model, FT-M): steps are appended as they end, so a rerun in the
+    same work dir (a stopped long run resumed) reports the first part's steps too; per version, the gate metrics."""
+    from click.testing import CliRunner
+    from prefect.testing.utilities import prefect_test_harness
+
+    from kedit.app.bench import bench_stream
+    from kedit.app.cli import cli
+    from kedit.app.tiny import write_gates
+
+    monkeypatch.setenv("KEDIT_HOME", str(tmp_path / "home"))
+    ck, data, corpus = setup
+    gates = write_gates(tmp_path / "gates.yaml", edits={"efficacy_min": 0.0}, drawdown={"base_max": 1.0, "step_max": 1.0})
+    run = dict(model_ref=str(ck), data=data, n=3, batch_size=2, editor="ft-m", gates=gates, corpus=corpus,
+               work_dir=tmp_path / "w", overrides={"layers": [2], "lr": 0.02})  # fmt: skip
+    with prefect_test_harness(server_startup_timeout=120):
+        first = bench_stream(**run)
+        assert [s["attempt"] for s in first["steps"]][:2] == ["batch-000", "batch-001"]
+        versions = first["versions"]
+        assert [v["n_edits"] for v in versions] == sorted(v["n_edits"] for v in versions) and versions[-1]["n_edits"] == 3
+        assert all(0.0 <= v["efficacy"] <= 1.0 and "drawdown_base" in v for v in versions)
+        again = bench_stream(**run)  # everything is in production already: no attempt, the first part's steps kept
+    assert again["summary"]["skipped"] == 3 and again["steps"] == first["steps"]
+    uri = f"sqlite:///{tmp_path / 'w'}/mlruns/mlflow.db"
+    out = CliRunner().invoke(cli, ["bench", "history", "--tracking-uri", uri, "--json", str(tmp_path / "h.json")])
+    assert out.exit_code == 0, out.output
+    assert json.loads((tmp_path / "h.json").read_text())["versions"] == versions
+    assert out.output.splitlines()[-1].startswith(f"v{versions[-1]['version']} | 3 | ")

@@ -524,6 +524,7 @@ def bench_stream(
             t1 = time.perf_counter()
             undo.restore(model)
             rollback_s = time.perf_counter() - t1
+        versions = version_history(uri, summary["registered_model"]) if summary["production"] else []
     steps = _all_steps(root / "work", summary["steps"]) if work_dir else summary["steps"]
     for s in steps:
         inside = sum(v for k, v in s.items() if k.startswith("gate:") or k in ("edit", "tracking", "rollback"))
@@ -551,9 +552,36 @@ def bench_stream(
         "max_rollback_s": max((s.get("rollback", 0.0) for s in steps), default=0.0),
         "rollback_of_last_version_s": rollback_s,
         "steps": steps,
+        "versions": versions,
         "final": final,
         "machine": machine(),
     }
+
+
+HISTORY_METRICS = ("efficacy", "generalization", "specificity", "specificity_drop", "retention", "retention_scored",
+                   "drawdown_base", "drawdown_prev", "cap_regression_base/kedit_ppl/word_perplexity",
+                   "cap_regression_base/kedit_mc/acc")  # fmt: skip
+
+
+def version_history(uri: str, name: str | None = None) -> list[dict]:
+    """Per version of production's chain, oldest first: its edit count and the gate metrics of the attempt that
+    made it (the batch's efficacy, generalization and specificity; retention of earlier edits; drawdown;
+    capability against the base), read from the MLflow store."""
+    from kedit.store.tracking import T_ATTEMPT_RUN, T_N_EDITS, Tracker
+
+    tracker = Tracker(uri)
+    if name is None:
+        names = [rm.name for rm in tracker.client.search_registered_models() if not rm.name.endswith("-mend")]
+        if len(names) != 1:
+            raise KeditError(f"{uri}: name the registered model (found {', '.join(names) or 'none'})")
+        name = names[0]
+    prod = tracker.production(name)
+    rows = []
+    for v in tracker.chain(name, prod.version if prod else None):
+        metrics = tracker.client.get_run(v.tags[T_ATTEMPT_RUN]).data.metrics if T_ATTEMPT_RUN in v.tags else {}
+        row = {"version": v.version, "n_edits": int(v.tags.get(T_N_EDITS, 0))}
+        rows.append(row | {k: metrics[k] for k in HISTORY_METRICS if k in metrics})
+    return rows
 
 
 def _all_steps(work: Path, this_run: list[dict]) -> list[dict]:

@@ -649,6 +649,24 @@ def bench_retention(model, data, lengths, sample, json_out) -> None:
     click.echo(table(run(model, data, [int(x) for x in lengths.split(",")], sample, json_out=json_out)))
 
 
+@bench.command("history")
+@TRACKING_URI
+@click.option("--name", default=None, help="Registered model (default: the store's only one).")
+@JSON_OUT
+def bench_history(tracking_uri, name, json_out) -> None:
+    """Metrics over edits of a stream's production chain: per version, its edit count and its attempt's gate metrics."""
+    from kedit.app.bench import version_history
+
+    rows = version_history(tracking_uri, name)
+    cols = ("efficacy", "generalization", "specificity", "retention", "drawdown_base")
+    cols += ("cap_regression_base/kedit_ppl/word_perplexity",)
+    click.echo(" | ".join(("version", "edits", *(c.split("/")[0] for c in cols))))
+    for r in rows:
+        cells = [f"{r[c]:.3f}" if c in r else "-" for c in cols]
+        click.echo(" | ".join((f"v{r['version']}", str(r["n_edits"]), *cells)))
+    _write_json(json_out, {"tracking_uri": tracking_uri, "versions": rows})
+
+
 @bench.command("scaleout")
 @click.option("--workers", type=int, default=2, show_default=True, help="Prefect workers pulling from the one work pool.")
 @click.option("--keep", is_flag=True, help="Keep the temporary root (stores, logs) for inspection.")
