@@ -120,3 +120,34 @@ def context_templates(model: nn.Module, tokenizer, n: int = 5, length: int = 10)
     joined = [s + (g if g[:1].isspace() else " " + g) for s, g in zip(seeds, gens)]
     prefixes = [" ".join(j.replace("{", " ").replace("}", " ").split()) for j in joined]
     return ("{}",) + tuple(f"{p}. {{}}" for p in prefixes)
+
+
+DEAD_GAIN = 0.01  # of the median gain: below it a post-MLP norm's coordinate is treated as silenced
+
+
+@torch.no_grad()
+def residual_to_mlp_output(
+    model: nn.Module, tokenizer, spec: ArchSpec, layer: int, requests: Sequence[EditRequest], resid: torch.Tensor
+) -> torch.Tensor:
+    """A change of the residual stream at the subject, (n, d), as the change of block ``layer``'s MLP output
+    projection that makes it.
+
+    Where the MLP's output reaches the residual directly (Llama, GPT-2), they are the same. Where a norm sits between
+    them (``spec.mlp_post_norm``, Gemma 2/3: y = g ⊙ m / rms(m)), a change of m is scaled by g / rms(m), 70 to 170
+    on gemma-3-270m's middle layers: writing the residual's change into m unscaled overshoots by that much. Keeping
+    m's scale, Δm = Δy ⊙ rms(m) / g (first order; the norm keeps y on its sphere, and MEMIT's later layers re-read
+    what is left)."""
+    if spec.mlp_post_norm is None:
+        return resid
+    path = spec.module_path("mlp_out", layer)
+    m = read_at_subject(model, tokenizer, requests, ("{}",), [path], "output")[path]  # (n, d) at the current weights
+    norm = model.get_submodule(f"{spec.block(layer)}.{spec.mlp_post_norm}")
+    weight = next(norm.parameters())
+    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)))
+    ones = torch.ones(1, m.shape[-1], dtype=weight.dtype, device=weight.device)
+    gain = norm(ones).float()[0] * (1.0 + eps) ** 0.5  # (d,): the norm of a vector of ones is its gain
+    # a coordinate the norm all but silences (gemma-3-270m has gains of exactly 0 there) cannot be moved through
+    # this layer: it gets no change rather than an unbounded one
+    dead = gain.abs() < DEAD_GAIN * gain.abs().median()
+    rms = (m.pow(2).mean(-1, keepdim=True) + eps).sqrt()  # (n, 1), as the norm computes it
+    return torch.where(dead, torch.zeros_like(resid), resid * rms / torch.where(dead, torch.ones_like(gain), gain))

@@ -598,3 +598,44 @@ def test_auto_precision_is_bfloat16_only_where_its_matmuls_are_native(monkeypatc
     assert _step_dtype("auto", model.to(torch.bfloat16)) is None  # already low precision: the model itself
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     assert _step_dtype("auto", model.float()) is None
+
+
+def test_a_residual_change_becomes_the_mlp_output_change_that_makes_it_behind_a_post_mlp_norm():
+    """Gemma 3 puts a norm (gain g) between the MLP's output m and the residual: Δm = Δy ⊙ rms(m) / g moves the
+    residual by Δy to first order, where writing Δy into m unscaled moves it by about g / rms(m) times more."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from editing.keys import read_at_subject, residual_to_mlp_output
+    from kedit.core.arch import spec_for
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64)  # fmt: skip
+    model = Gemma3ForCausalLM(cfg).eval()
+    spec = spec_for(model)
+    norm = model.get_submodule(f"{spec.block(1)}.{spec.mlp_post_norm}")
+    with torch.no_grad():
+        norm.weight.normal_(0.0, 3.0)  # a trained gain, far from 1
+    reqs = [EditRequest("a", "alice", "{} speaks", "german"), EditRequest("b", "bob", "{} speaks", "french")]
+    path = spec.module_path("mlp_out", 1)
+    m = read_at_subject(model, tok, reqs, ("{}",), [path], "output")[path]  # (n, d)
+    dy = 1e-3 * torch.randn_like(m)
+    dm = residual_to_mlp_output(model, tok, spec, 1, reqs, dy)
+    with torch.no_grad():
+        moved = norm(m + dm) - norm(m)
+        unscaled = norm(m + dy) - norm(m)
+    # to first order: Δy less what the norm takes out along y (it keeps m / rms(m), u below, at unit RMS)
+    with torch.no_grad():
+        y = norm(m)
+    gain = y / (m / (m.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt())  # (n, d): g
+    u = y / gain
+    expected = dy - y * (u * dy / gain).sum(-1, keepdim=True) / m.shape[-1]
+    assert (moved - expected).norm() < 0.05 * dy.norm()
+    assert unscaled.norm() > 3 * moved.norm()
+    with torch.no_grad():
+        norm.weight[:3] = -1.0  # Gemma's gain is 1 + weight: these coordinates are silenced (gemma-3-270m has such)
+    dm = residual_to_mlp_output(model, tok, spec, 1, reqs, dy)
+    assert torch.isfinite(dm).all() and not dm[:, :3].any()  # no change where none can pass, not an unbounded one
+    llama = tiny_llama(len(tok))
+    assert residual_to_mlp_output(llama, tok, spec_for(llama), 1, reqs, dy) is dy  # no norm there: the same change

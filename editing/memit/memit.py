@@ -2,7 +2,8 @@
 
 1. target: z = h + δ at the last layer of the range, δ optimized jointly for the batch;
 2. for each layer l, bottom to top:
-   keys K (n, d_in) at l with the current weights, residual R = (z - h_now) / (layers left);
+   keys K (n, d_in) at l with the current weights, residual R = (z - h_now) / (layers left), as the change of
+   l's MLP output that makes it (the same, unless a norm follows the MLP: Gemma 2/3);
 3. solve: ΔW = Rᵀ K (λC + KᵀK)⁻¹, kept as factors Rᵀ (d_out, n) and K (λC + KᵀK)⁻¹ (n, d_in),
    so the update has rank <= n;
 4. apply it, then go up one layer.
@@ -21,7 +22,7 @@ import torch
 from editing.base import Editor, linear_update, register
 from editing.exchange import TargetExchange, fact_keys, whitener
 from editing.hparams import TargetHyperParams
-from editing.keys import context_templates, read_at_subject, subject_keys
+from editing.keys import context_templates, read_at_subject, residual_to_mlp_output, subject_keys
 from editing.stats import Corpus, corpus_from_model, second_moments
 from editing.targets import Targets, optimize_targets
 from kedit.core.facts import EditRequest
@@ -130,6 +131,10 @@ class MEMITFamily(Editor):
         self.diagnostics |= {"target_nll": t.nll.tolist(), "target_steps": t.steps.float().tolist()}
         return t.deltas[self.target_path()]
 
+    def at_layer(self, layer: int, requests: list[EditRequest], resid: torch.Tensor) -> torch.Tensor:
+        """The residual-stream change (n, d) layer ``layer`` must make, as a change of its MLP output projection."""
+        return residual_to_mlp_output(self.model, self.tok, self.spec, layer, requests, resid)
+
     def solve(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Factors (d_out, n), (n, d_in) of the layer's update. keys (n, d_in), resid (n, d_out)."""
         cov = self.covariances()[layer].to(keys.device).double()
@@ -149,7 +154,7 @@ class MEMITFamily(Editor):
         for i, layer in enumerate(hp.layers):
             keys = subject_keys(self.model, self.tok, self.spec, [layer], requests, self.templates())[layer]  # (n, d_in)
             h = read_at_subject(self.model, self.tok, requests, ("{}",), [top], "output")[top]
-            resid = (z - h) * self.spread(i)  # (n, d)
+            resid = self.at_layer(layer, requests, (z - h) * self.spread(i))  # (n, d)
             out_f, in_f = self.solve(layer, keys, resid)
             self._apply(self.weight_name("mlp_out", layer), linear_update(self.module("mlp_out", layer), out_f, in_f))
             self.after_layer(layer, keys)

@@ -27,6 +27,11 @@ class PMETFamily(MEMITFamily):
     def spread(self, i: int) -> float:
         return 1.0 / math.sqrt(len(self.hparams.layers) - i)
 
+    def at_layer(self, layer, requests, resid):
+        """PMET measures its residual at the top MLP output already (not mapped through a post-MLP norm: PMET on
+        Gemma 2/3 is not measured)."""
+        return resid
+
     def optimize(self, requests: list[EditRequest]) -> Targets:
         top = self.hparams.layers[-1]
         paths = [self.spec.module_path("attn_out", top), self.target_path()]

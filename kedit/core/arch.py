@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch.nn as nn
 
@@ -24,6 +24,9 @@ class ArchSpec:
     final_norm: str
     lm_head: str
     embed: str
+    # a norm between the MLP's output projection and the residual stream (Gemma 2/3's post_feedforward_layernorm):
+    # a change of the projection's output reaches the residual scaled by the norm's gain over the output's RMS
+    mlp_post_norm: str | None = None
 
     def block(self, i: int) -> str:
         return f"{self.blocks}.{i}"
@@ -75,7 +78,7 @@ SPECS: dict[str, ArchSpec] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     # Gemma3ForCausalLM (text-only checkpoints such as gemma-3-270m)
-    "gemma3_text": _LLAMA_LIKE,
+    "gemma3_text": replace(_LLAMA_LIKE, mlp_post_norm="post_feedforward_layernorm"),
     # Gemma3ForConditionalGeneration: the language model sits under model.language_model
     "gemma3": ArchSpec(
         blocks="model.language_model.layers",
@@ -85,6 +88,7 @@ SPECS: dict[str, ArchSpec] = {
         final_norm="model.language_model.norm",
         lm_head="lm_head",
         embed="model.language_model.embed_tokens",
+        mlp_post_norm="post_feedforward_layernorm",
     ),
 }
 
