@@ -444,3 +444,16 @@ def test_bench_stream_resumes_in_its_work_dir_and_reports_every_part_and_the_his
     assert out.exit_code == 0, out.output
     assert json.loads((tmp_path / "h.json").read_text())["versions"] == versions
     assert out.output.splitlines()[-1].startswith(f"v{versions[-1]['version']} | 3 | ")
+
+
+def test_a_result_or_step_made_with_other_code_is_run_again_not_resumed(tmp_path, monkeypatch):
+    """A benchmark resumed after the editors changed once replayed an old run's saved steps as the new code's
+    result: the code's fingerprint is part of what a resume must match."""
+    from kedit.app import bench
+
+    settings = bench.with_code({"n": 1})
+    assert len(settings["code"]) == 64 and settings["code"] == bench.code_fingerprint()
+    (tmp_path / "r.json").write_text(json.dumps({**settings, "results": {"memit": {"efficacy": 1.0}}}))
+    assert bench.resumed(tmp_path / "r.json", settings) == {"memit": {"efficacy": 1.0}}
+    monkeypatch.setattr(bench, "code_fingerprint", lambda: "0" * 64)
+    assert bench.resumed(tmp_path / "r.json", bench.with_code({"n": 1})) == {}

@@ -145,6 +145,30 @@ def _copy_trained(model_ref: str, editor: str | None, uri: str) -> None:
     copy_network(Tracker(), Tracker(uri), registered, editor, fingerprint, model_ref)
 
 
+def code_fingerprint() -> str:
+    """sha256 over the source of what a benchmark's numbers depend on (editors, metrics and gates, the core): a
+    result or a saved step made with other code is stale, and is run again rather than resumed."""
+    import hashlib
+
+    import editing
+    import evaluation
+    import kedit.core
+
+    h = hashlib.sha256()
+    for pkg in (editing, evaluation, kedit.core):
+        root = Path(pkg.__file__).parent
+        for f in sorted(root.rglob("*")):
+            if f.suffix in (".py", ".yaml") and f.is_file():
+                h.update(f"{pkg.__name__}/{f.relative_to(root)}".encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def with_code(settings: dict) -> dict:
+    """A benchmark's resume settings with the code they were run with (``code_fingerprint``)."""
+    return {**settings, "code": code_fingerprint()}
+
+
 def resumed(json_out: Path | None, settings: dict) -> dict:
     """The per-method results of an earlier run written to ``json_out`` with the same ``settings`` (else none)."""
     if not (json_out and Path(json_out).is_file()):
@@ -341,7 +365,7 @@ def _run_method(
     if root is not None:
         settings = {"method": method, "model": model_ref, "data": data, "n": n, "batch_size": batch_size}
         settings |= {"corpus": corpus_path, "overrides": overrides, "protocol": protocol, "assets": assets}
-        saved = open_steps(root, settings)
+        saved = open_steps(root, with_code(settings))
         if saved:
             counts = replay(saved, model, editor)
             done, t_edit = len(saved), counts["edit_s"]
@@ -443,6 +467,7 @@ def bench_editors(
         "overrides": overrides or {},
         "sequential": sequential,
     }
+    settings = with_code(settings)
     results = resumed(json_out, settings)
     for m in [m for m, r in results.items() if r.get("assets", {}) != _assets_now(model_ref, m)]:
         log.info("%s: the stored result was made with another network; running it again", m)

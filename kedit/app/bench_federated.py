@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kedit.app.bench import _cases, _corpus_file, editor_on, machine, resumed, save_json, worker_pool
+from kedit.app.bench import _cases, _corpus_file, editor_on, machine, resumed, save_json, with_code, worker_pool
 from kedit.core.facts import EditRequest
 from kedit.core.models import KNOWN_MODELS, pull
 
@@ -276,6 +276,7 @@ def bench_federated(
     settings["shared"] = shared
     settings |= {"threshold": threshold, "min_share": min_share, "seed": seed, "corpus": corpus_path or "model samples"}
     settings["overrides"] = overrides or {}
+    settings = with_code(settings)
     out = {**settings, "results": resumed(json_out, settings), "machine": machine()}
     for method in methods:
         done = out["results"].setdefault(method, {})

@@ -18,7 +18,7 @@ import torch
 from kedit.core.facts.formats.mquake import MultiHopCase, load_multihop
 from kedit.core.models import KNOWN_MODELS, load_model, pull
 
-from .bench import _corpus_file, each_method_alone, editor_on, machine, resumed, save_json, worker_pool
+from .bench import _corpus_file, each_method_alone, editor_on, machine, resumed, save_json, with_code, worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ def bench_mquake(
     corpus_path = _corpus_file(corpus)
     settings = {"model": model_ref, "data": str(data), "n": len(cases), "corpus": corpus_path or "model samples"}
     settings["overrides"] = overrides or {}
+    settings = with_code(settings)
     out = {**settings, "results": resumed(json_out, settings), "machine": machine()}
     with worker_pool() as pool:  # scoring only: cheap to redo
         out["unedited"] = pool.submit(_unedited, model_ref, cases).result()

@@ -27,7 +27,7 @@ from kedit.core.facts.reedit import Held, resolve
 from kedit.core.facts.schema import normalize
 from kedit.core.models import KNOWN_MODELS, pull
 
-from .bench import _cases, _corpus_file, each_method_alone, editor_on, machine, resumed
+from .bench import _cases, _corpus_file, each_method_alone, editor_on, machine, resumed, with_code
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,7 @@ def bench_reedit(
         "corpus": corpus_path or "model samples",
         "overrides": overrides or {},
     }
+    settings = with_code(settings)
     out = {**settings, "n_batches": len(sched.batches), "results": resumed(json_out, settings), "machine": machine()}
     return each_method_alone(
         out, methods, _run_method, lambda m: (model_ref, sched, corpus_path, (overrides or {}).get(m, {})), json_out
