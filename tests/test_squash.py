@@ -137,3 +137,15 @@ def test_weight_values_set_apply_revert_and_refuse_tampering(tmp_path):
     with pytest.raises(Exception, match="the parameter has"):
         WeightValues({name: torch.zeros(3, 3)}).apply(m)
     assert_same_bits(snapshot(m), before)
+
+
+def test_a_squash_of_a_squashed_chain_still_stands_for_every_original_version(store, tmp_path):  # noqa: F811
+    live, fp, old = build(store, tmp_path)
+    first = squash(model()[0], store, NAME, old[2], fp)  # [S(v1-v3), copy of v4, copy of v5]
+    second = squash(model()[0], store, NAME, first.versions[1], fp)  # [S'(S, copy of v4), copy of the copy of v5]
+    fresh, _ = model()
+    chain = rebuild(fresh, store, NAME, store.production(NAME).version, fp)
+    assert_same_bits(snapshot(fresh), snapshot(live))
+    assert [v.version for v in chain.versions] == second.versions and len(second.versions) == 2
+    assert set(old) | set(first.versions) <= set(chain.lineage)  # a fact quarantined on v1..v5 is still found
+    assert {r.id: v for r, v in chain.applied}["f0-0"] == old[0]  # and keeps the version that first held it

@@ -33,6 +33,7 @@ from kedit.store.tracking import T_KIND, T_MANIFEST_SHA, T_PARENT_VERSION, Track
 from kedit.store.versions import (
     COPY_OF,
     FACT_VERSIONS,
+    LINEAGE,
     NOT_HOLDING,
     PARENT_SHA,
     SIGNATURE,
@@ -42,6 +43,7 @@ from kedit.store.versions import (
     fact_version,
     fetch_chain,
     rebuild,
+    stands_for,
     write_version,
 )
 
@@ -196,6 +198,7 @@ def _squash_info(infos: list[VersionInfo], loaded: list[Version], shas: list[str
         "hparams": last.get("hparams"),
         "n_edits": last.get("n_edits", sum(len(v.requests) for v in loaded)),
         SQUASHES: [{"version": i.version, "manifest_sha256": s} for i, s in zip(infos, shas)],
+        LINEAGE: sorted({n for v in loaded for n in stands_for(v)}, key=int),
         NOT_HOLDING: sorted({key for v in loaded for key in v.manifest.get(NOT_HOLDING, ())}),
         SUPERSEDES: [e for v in loaded for e in v.manifest.get(SUPERSEDES, ())],
         FACT_VERSIONS: {r.key: fact_version(v, i.version, r.key) for i, v in zip(infos, loaded) for r in v.requests},
@@ -209,6 +212,7 @@ def _copy_info(info: VersionInfo, version: Version, sha: str, parent: str, paren
         "parent_version": parent,
         PARENT_SHA: parent_sha,
         COPY_OF: {"version": info.version, "manifest_sha256": sha},
+        LINEAGE: stands_for(version),
         FACT_VERSIONS: {r.key: fact_version(version, info.version, r.key) for r in version.requests},
     }
 

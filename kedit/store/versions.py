@@ -69,6 +69,7 @@ SUPERSEDES = "supersedes"  # manifest key: the re-edits of the version, each nam
 SQUASHES = "squashes"  # [{version, manifest_sha256}] of the squashed prefix, oldest first
 COPY_OF = "copy_of"  # {version, manifest_sha256} of the copied version
 FACT_VERSIONS = "fact_versions"  # fact key -> version
+LINEAGE = "lineage"  # what the squashed or copied versions stood for in turn (a squash of a squash)
 
 
 @dataclass
@@ -395,10 +396,12 @@ def fact_version(version: Version, number: str, key: str) -> str:
 
 
 def stands_for(version: Version) -> list[str]:
-    """The older versions a version replaces: a squash's prefix, a copy's original (none for an edit's version)."""
+    """The older versions a version replaces: a squash's prefix, a copy's original, and what those stood for in
+    turn (``LINEAGE``, written by a squash); none for an edit's version."""
     squashed = [str(e["version"]) for e in version.manifest.get(SQUASHES, ())]
     copied = version.manifest.get(COPY_OF)
-    return squashed + ([str(copied["version"])] if copied else [])
+    direct = squashed + ([str(copied["version"])] if copied else [])
+    return direct + [str(v) for v in version.manifest.get(LINEAGE, ()) if str(v) not in direct]
 
 
 def _chain(infos: list[VersionInfo], loaded: list[Version], shas: list[str]) -> Chain:
