@@ -233,14 +233,14 @@ def refused_sha(path: str | Path) -> str:
 
 
 @task(name="record-refused", cache_policy=NO_CACHE, persist_result=False)
-def record_refused(refused: list[tuple[str, str]], model: str, tracking_uri: str | None) -> None:
-    """One ledger entry per refused feed path: status ``refused``, the reason, and no content (the file was
-    never opened). A path refused before is not recorded again: a cron tick or a repeated event cannot
-    grow the ledger without bound."""
-    from kedit.store.naming import identify
+def record_refused(refused: list[tuple[str, str]], model: str, tracking_uri: str | None, client: str | None = None) -> None:
+    """One ledger entry per refused feed path (in the ``client``'s ledger in a federation): status ``refused``, the
+    reason, and no content (the file was never opened). A path refused before is not recorded again: a cron tick
+    or a repeated event cannot grow the ledger without bound."""
+    from kedit.store.naming import for_client, identify
     from kedit.store.tracking import Tracker
 
-    name, _ = identify(model)
+    name = for_client(identify(model)[0], client)
     tracker = Tracker(tracking_uri)
     ledger = tracker.feed_ledger(name)
     for path, reason in refused:
@@ -252,15 +252,16 @@ def record_refused(refused: list[tuple[str, str]], model: str, tracking_uri: str
 
 
 @task(name="new-feeds", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=1)
-def new_feeds(paths: list[str], model: str, tracking_uri: str | None) -> list[str]:
-    """The feeds whose content hash is not in the model's ledger yet (hashed as the loader reads them: no
-    link followed, no FIFO blocked on). One that cannot be read as a feed goes on to the stream, which
-    records it as invalid with the reason."""
+def new_feeds(paths: list[str], model: str, tracking_uri: str | None, client: str | None = None) -> list[str]:
+    """The feeds whose content hash is not in the ledger of the model (of its ``client``'s registered model in a
+    federation: another client's, or the base's, ledger says nothing about this one) yet, hashed as the loader
+    reads them: no link followed, no FIFO blocked on. One that cannot be read as a feed goes on to the stream,
+    which records it as invalid with the reason."""
     from kedit.core.facts import FactFileError, feed_sha256
-    from kedit.store.naming import identify
+    from kedit.store.naming import for_client, identify
     from kedit.store.tracking import Tracker
 
-    name, _ = identify(model)
+    name = for_client(identify(model)[0], client)
     ledger = Tracker(tracking_uri).feed_ledger(name)
     fresh = []
     for p in paths:
@@ -342,8 +343,8 @@ def process_feeds(
             log.warning("feed refused, not read: %s", e)
             refused.append((str(p), str(e)))
     if refused:
-        record_refused(refused, model, tracking_uri)
-    fresh = new_feeds(paths, model, tracking_uri) if paths else []
+        record_refused(refused, model, tracking_uri, client)
+    fresh = new_feeds(paths, model, tracking_uri, client) if paths else []
     if not fresh:
         return {"feeds": [], "skipped": paths, "refused": [r for r, _ in refused]}
     checked = from_mapping(Limits, limits or {}, "the flow run's limits")

@@ -454,10 +454,16 @@ def test_federated_clients_run_as_deployments_on_their_own_work_pools(stack):
             names = [rm.name for rm in t.client.search_registered_models() if rm.name.endswith(f"@{c}")]
             return names and t.production(names[0])
 
-        drop(root / "feeds-a", "a.jsonl", GOOD[:2])
-        wait_for(lambda: production_of("a"), 300, "client a's first version", interval=1.0)
-        drop(root / "feeds-b", "b.jsonl", GOOD)
-        wait_for(lambda: production_of("b"), 300, "client b's first version", interval=1.0)
+        # the runs are asked for directly (the feed event's path to a run is the test above's; an event sent just
+        # after a deployment is made can reach the server before its trigger does)
+        def run(c, records):
+            feed = drop(root / f"feeds-{c}", f"{c}.jsonl", records)
+            dep = deps[f"model-{c}-on-feed"]["id"]
+            api(stack, "POST", f"/deployments/{dep}/create_flow_run", {"parameters": {"feed": str(feed)}})
+            wait_for(lambda: production_of(c), 300, f"client {c}'s first version", interval=1.0)
+
+        run("a", GOOD[:2])
+        run("b", GOOD)
         name_b = production_of("b").name
         attempt = t.runs(name_b, "attempt")[-1]
         assert attempt.data.metrics["mkv_reused"] == 2.0  # the two facts a edited first

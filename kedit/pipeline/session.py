@@ -26,8 +26,8 @@ from kedit.core.facts.reedit import Held, ReEdit, live_facts, noop_reason, resol
 from kedit.core.facts.schema import normalize
 from kedit.core.lm import current_answers
 from kedit.core.models import load_model
-from kedit.store.mkv import MKVExchange, MKVStore, check_client_name, compat_for
-from kedit.store.naming import identify
+from kedit.store.mkv import MKVExchange, MKVStore, compat_for
+from kedit.store.naming import for_client, identify
 from kedit.store.networks import trained_assets
 from kedit.store.tracking import (
     T_FINGERPRINT,
@@ -133,8 +133,7 @@ def open_session(cfg: StreamConfig) -> Opened:
     gates = load_gates(cfg.gates)
     model, tokenizer = load_model(cfg.model, cfg.device)
     registered, fingerprint = identify(cfg.model, model)
-    if cfg.client:  # a federation's client: its own registered model of the same base
-        registered = f"{registered}@{check_client_name(cfg.client)}"
+    registered = for_client(registered, cfg.client)  # a federation's client: its own registered model of the base
     tracker = Tracker(cfg.tracking_uri)
     tracker.ensure_registered(registered, fingerprint, cfg.model)
 

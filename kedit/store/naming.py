@@ -26,3 +26,11 @@ def identify(model_ref: str, model=None) -> tuple[str, str]:
     except ValueError:  # a hub id and no model at hand: hash the loaded weights
         fp = model_fingerprint(None, load_model(model_ref, "cpu")[0])
     return registered_name(model_ref, fp), fp
+
+
+def for_client(registered: str, client: str | None) -> str:
+    """A federation client's own registered model of the base (``<registered>@<client>``), or the base's when none:
+    its versions, production, feed ledger and quarantine are its own."""
+    from kedit.store.mkv import check_client_name
+
+    return f"{registered}@{check_client_name(client)}" if client else registered
