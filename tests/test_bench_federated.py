@@ -77,7 +77,9 @@ def test_federated_clients_reuse_the_vectors_of_facts_edited_elsewhere_and_resum
     ck, data, corpus = setup
     out = tmp_path / "federated.json"
     args = (str(ck), data, ["memit"], 2, 2, 1, 1, 0.99, 0.0, 0, corpus, {"memit": MEMIT}, out)
-    r = bench_federated(*args)["results"]["memit"]
+    full = bench_federated(*args)
+    assert full["group_sizes"] == [2, 2]  # two relations of two facts each, one per client
+    r = full["results"]["memit"]
     alone, fed, central = r["alone"], r["federated"], r["central"]
     assert alone["facts_edited"] == fed["facts_edited"] == 6 and central["facts_edited"] == 4
     assert alone["reused_share_after_slot_0"] == 0 and fed["reused_share_after_slot_0"] == 0.5

@@ -12,7 +12,7 @@ from test_patches import PATH, adapter_patch, assert_same_bits, model, snapshot,
 
 from editing.patches import LowRank, PatchSet, WeightDelta, WeightValues
 from kedit.core.facts import EditRequest
-from kedit.store.squash import SquashError, squash, state_sha256
+from kedit.store.squash import SquashError, squash
 from kedit.store.tracking import T_MANIFEST_SHA, T_PARENT_VERSION
 from kedit.store.versions import NOT_HOLDING, model_fingerprint, rebuild, rollback_to, write_version
 
@@ -63,7 +63,7 @@ def test_a_squashed_chain_rebuilds_the_old_one_bit_for_bit(store, tmp_path, upto
     assert len(out.versions) == 1 + len(old) - upto and out.replaced == old[:upto]
     assert out.production_moved and store.production(NAME).version == out.head
     assert_same_bits(snapshot(base), want)  # squash leaves the model at the head
-    assert out.state_sha256 == state_sha256(live)
+    assert out.head_fingerprint == model_fingerprint(None, live)
 
     fresh, _ = model()
     chain = rebuild(fresh, store, NAME, store.production(NAME).version, fp)

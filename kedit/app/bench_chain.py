@@ -50,9 +50,9 @@ def bench_chain(
 ) -> dict:
     from kedit.core.arch import spec_for
     from kedit.store.naming import identify
-    from kedit.store.squash import squash, state_sha256
+    from kedit.store.squash import squash
     from kedit.store.tracking import T_MANIFEST_SHA, T_N_EDITS, T_PARENT_VERSION, Tracker
-    from kedit.store.versions import rebuild, write_version
+    from kedit.store.versions import model_fingerprint, rebuild, write_version
 
     from .status import status_text
 
@@ -99,7 +99,7 @@ def bench_chain(
         status_text(model_ref, uri)
         out["status_s"] = time.perf_counter() - t0
         if keep is not None:
-            head_state = state_sha256(model)
+            head_state = model_fingerprint(None, model)
             upto = tracker.chain(name, parent)[-1 - keep].version
             base, _ = load_model(model_ref, "cpu")
             t0 = time.perf_counter()
@@ -111,7 +111,7 @@ def bench_chain(
             chain = rebuild(fresh, tracker, name, tracker.production(name).version, fp)
             out["rebuild_after_squash_s"] = time.perf_counter() - t0
             out["versions_after_squash"] = len(chain.versions)
-            if state_sha256(fresh) != head_state or len(chain.requests) != versions * rank:
+            if model_fingerprint(None, fresh) != head_state or len(chain.requests) != versions * rank:
                 raise RuntimeError("the squashed chain did not rebuild the same model")
     save_json(json_out, out)
     return out

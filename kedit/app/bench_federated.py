@@ -278,6 +278,7 @@ def bench_federated(
     settings["overrides"] = overrides or {}
     settings = with_code(settings)
     out = {**settings, "results": resumed(json_out, settings), "machine": machine()}
+    out["group_sizes"] = sorted(len(g) for g in (groups if groups is not None else by_relation(reqs)).values())
     for method in methods:
         done = out["results"].setdefault(method, {})
         for mode in MODES:

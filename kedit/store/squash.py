@@ -17,7 +17,6 @@ finds facts quarantined on them (``Chain.lineage``). Production moves to the new
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from kedit.store.versions import (
     Version,
     fact_version,
     fetch_chain,
+    model_fingerprint,
     rebuild,
     stands_for,
     write_version,
@@ -66,17 +66,7 @@ class Squashed:
     versions: list[str]  # the new chain, oldest first
     replaced: list[str]  # the old versions it stands for
     production_moved: bool
-    state_sha256: str  # the model's state at the head, equal on both chains
-
-
-def state_sha256(model: nn.Module) -> str:
-    """sha256 over the model's whole state (names, dtypes, shapes and bytes of every parameter and buffer)."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    head_fingerprint: str  # model_fingerprint of the model at the head, equal on both chains
 
 
 def squash(model: nn.Module, tracker: Tracker, name: str, upto: str, fingerprint: str | None) -> Squashed:
@@ -99,15 +89,15 @@ def squash(model: nn.Module, tracker: Tracker, name: str, upto: str, fingerprint
     with torch.no_grad():
         undo = _apply(model, [v.patches for v in loaded[:k]])
         patches = squash_patches(model, base)
-        at_k = state_sha256(model)
+        at_k = model_fingerprint(None, model)
         undo.extend(_apply(model, [v.patches for v in loaded[k:]]))
-        at_head = state_sha256(model)
+        at_head = model_fingerprint(None, model)
         undo.restore(model)
         # the new chain on the same base tensors, before anything is written
         undo = _apply(model, [patches])
-        _same(state_sha256(model), at_k, f"the squash of v{numbers[0]}-v{upto}")
+        _same(model_fingerprint(None, model), at_k, f"the squash of v{numbers[0]}-v{upto}")
         undo.extend(_apply(model, [v.patches for v in loaded[k:]]))
-        _same(state_sha256(model), at_head, "the copies on the squash")
+        _same(model_fingerprint(None, model), at_head, "the copies on the squash")
         undo.restore(model)
     label = f"v{numbers[0]}-v{upto}"
     run = tracker.start_run(name, f"squash {label}", {T_KIND: "squash"})
@@ -127,7 +117,7 @@ def squash(model: nn.Module, tracker: Tracker, name: str, upto: str, fingerprint
             versions.append(parent)
     with torch.no_grad():  # the registered chain, walked and verified as any rebuild does
         rebuilt = rebuild(model, tracker, name, versions[-1], fingerprint)
-        _same(state_sha256(model), at_head, f"v{versions[-1]} rebuilt from the registry")
+        _same(model_fingerprint(None, model), at_head, f"v{versions[-1]} rebuilt from the registry")
     moved = (now := tracker.production(name)) is not None and now.version == prod.version
     if moved:
         tracker.set_production(name, versions[-1])
