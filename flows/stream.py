@@ -77,9 +77,10 @@ def finish(session_id: str, plan: Plan) -> dict:
     return report.finish_stream(session_id, plan)
 
 
-def attempt(session_id: str, keys: list[str], name: str, bisect: bool, retry: bool = False) -> None:
+def attempt(session_id: str, keys: list[str], name: str, bisect: bool, retry: bool = False) -> bool:
     """One transaction: edit, gate, then commit a version or roll back; a failing batch is bisected, and a
-    fact of an accepted batch whose own edit did not hold is retried once alone."""
+    fact of an accepted batch whose own edit did not hold is retried once alone. True when a spent budget
+    stops the stream (``finish`` holds back what is left)."""
     t0 = time.perf_counter()
     with transaction() as txn:
         txn.set("session_id", session_id)
@@ -93,12 +94,13 @@ def attempt(session_id: str, keys: list[str], name: str, bisect: bool, retry: bo
     isolate = verdict == "rolled_back" and bisect and len(keys) > 1
     recorded = record_attempt(session_id, gate_report, verdict, quarantine=verdict == "rolled_back" and not isolate)
     attempts.note_wall(session_id, time.perf_counter() - t0)
+    if recorded["stopped"]:
+        return True
     if isolate:
         half = len(keys) // 2
-        attempt(session_id, keys[:half], f"{name}.1", bisect)
-        attempt(session_id, keys[half:], f"{name}.2", bisect)
-    for i, key in enumerate(recorded["retry"]):
-        attempt(session_id, [key], f"{name}.retry-{i + 1}", bisect=False, retry=True)
+        return attempt(session_id, keys[:half], f"{name}.1", bisect) or attempt(session_id, keys[half:], f"{name}.2", bisect)
+    retries = enumerate(recorded["retry"])
+    return any(attempt(session_id, [key], f"{name}.retry-{i + 1}", bisect=False, retry=True) for i, key in retries)
 
 
 @flow(name="kedit-stream", log_prints=False)
@@ -110,7 +112,8 @@ def stream(cfg: StreamConfig) -> dict:
             restore_production(opened.session_id)
             batches = start_tracking(opened.session_id, plan)
             for i, keys in enumerate(batches):
-                attempt(opened.session_id, keys, f"batch-{i:03d}", opened.bisect)
+                if attempt(opened.session_id, keys, f"batch-{i:03d}", opened.bisect):
+                    break  # a budget against the base is spent
             return finish(opened.session_id, plan)
     finally:
         session.close_session(opened.session_id)

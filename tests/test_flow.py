@@ -250,6 +250,57 @@ def test_rollback_moves_production_and_later_streams_continue_from_there(env, ch
     assert json.loads((out / "kedit_version.json").read_text())["chain"] == ["1", "4"]
 
 
+# single FT-M edits on the tiny model, measured: COSTLY alone loses 5 of the 8 known facts; NEAR_BUDGET loses
+# one (0.125 of the 0.2 drawdown budget: more than half of it); OVER_BUDGET on top of it loses a second (0.25)
+COSTLY = good(11, "spain", "the capital of {} is", "london", None, "2023-12-01")
+NEAR_BUDGET = good(12, "italy", "{} is located in", "europe", None, "2023-12-02")
+OVER_BUDGET = good(13, "france", "{} was born in", "asia", None, "2023-12-03")
+
+
+def test_a_spent_budget_stops_the_stream_and_holds_back_the_rest_for_a_later_stream(env, checkpoint):
+    tmp, config, kept = env
+    feed = [COSTLY, NEAR_BUDGET, OVER_BUDGET, GOOD[0], GOOD[1]]
+    budget = {"drawdown": {"step_max": None}, "spent_at": 0.5}
+    summary = stream(config(feed, batch_size=1, **budget))
+
+    # COSTLY fails the budget with none of it used: its own fault, quarantined. NEAR_BUDGET is accepted and
+    # uses 0.125 of 0.2; OVER_BUDGET fails nothing but that budget: the stream stops there
+    assert (summary["accepted"], summary["quarantined"], summary["held_back"]) == (1, 1, 3)
+    assert summary["stopped"] == (
+        "budget spent: drawdown_base is at 0.125 on production, 0.25 with this fact (limit 0.2 over 8 known facts)"
+    )
+    q = [json.loads(line) for line in (tmp / "work" / "stream_quarantine.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in q] == ["good-11"]
+    held = [json.loads(line) for line in (tmp / "work" / "held_back.jsonl").read_text().splitlines()]
+    assert [EditRequest.from_dict(r).key for r in held] == [key(r) for r in (OVER_BUDGET, GOOD[0], GOOD[1])]
+    tracker = Tracker(f"sqlite:///{tmp}/mlruns/mlflow.db")
+    name = summary["registered_model"]
+    # GOOD[0] and GOOD[1] were never tried
+    assert sorted(r.info.run_name for r in tracker.runs(name, "attempt")) == [
+        "REJECTED batch-000 (quarantined)",
+        "REJECTED batch-002 (budget spent: stream stopped)",
+        "accepted batch-001 → v1",
+    ]
+    stop = next(r for r in tracker.runs(name, "attempt") if "budget spent" in r.info.run_name)
+    assert stop.data.tags["kedit.n_held_back"] == "1" and stop.data.tags[T_VERDICT] == "rolled_back"
+    ledger = tracker.feed_ledger(name)
+    assert [e["status"] for e in ledger.values()] == ["held_back"]
+    from click.testing import CliRunner
+
+    from kedit.app.cli import cli
+
+    uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
+    out = CliRunner().invoke(cli, ["status", "--model", str(checkpoint), "--tracking-uri", uri, "--feeds", str(tmp)])
+    assert "facts held back by a spent budget (send again with kedit stream): feed-0-5.jsonl" in out.output, out.output
+
+    # with a larger budget, the same feed sent again retries only the facts held back
+    summary = stream(config(feed, batch_size=1, drawdown={"step_max": None, "base_max": 0.3}, spent_at=0.5))
+    assert summary["held_back"] == 0 and summary["stopped"] is None
+    assert summary["skipped"] == 2 and summary["accepted"] == 3  # COSTLY quarantined and NEAR_BUDGET applied before
+    assert [e["status"] for e in tracker.feed_ledger(name).values()] == ["processed"]  # the newest entry
+    assert stream(config(feed, batch_size=1, **budget))["skipped"] == 5  # and now the feed is done
+
+
 def test_a_squashed_chain_is_production_and_the_next_stream_skips_what_the_old_versions_settled(env, checkpoint):
     tmp, config, kept = env
     summary = stream(config(GOOD + [HARMFUL], batch_size=1))

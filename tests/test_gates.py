@@ -56,6 +56,7 @@ def test_the_shipped_files_keep_their_thresholds():
     params = shipped.params()
     assert params == {
         "bisect": True,
+        "spent_at": 0.5,
         "edits.efficacy_min": 0.75,
         "edits.generalization_min": 0.25,
         "edits.specificity_max_drop": 0.3,
@@ -102,6 +103,8 @@ def test_the_shipped_files_keep_their_thresholds():
         ({"gates": [EDITS, EDITS], "bisect": True}, "listed twice"),
         ({"gates": [EDITS], "bisect": "yes"}, "bisect: "),
         ({"gates": [EDITS]}, "bisect: missing key"),
+        ({"gates": [EDITS], "bisect": True, "spent_at": 1.5}, "spent_at: "),
+        ({"gates": [EDITS], "bisect": True, "spent_at": 0}, "spent_at: "),
     ],
 )
 def test_bad_gate_files_name_the_file_and_the_key(tmp_path, data, message):
@@ -231,6 +234,40 @@ def test_capability_gate_regresses_against_the_base_and_moves_its_previous_value
     report = s.measure(None, None, [], [], {})  # 0.45: better than the previous version, still 10% under the base
     assert report.metrics["cap_regression_prev/kedit_mc/acc"] == pytest.approx(-0.125)
     assert report.metrics["cap_regression_base/kedit_mc/acc"] == pytest.approx(0.1) and report.passed
+
+
+def test_a_fact_that_fails_only_a_budget_production_has_mostly_spent_finds_the_budget_spent(monkeypatch):
+    # base 0.5; production 0.46 (8% of the 10% allowed: 80% spent); the next fact takes it to 0.4 (20%)
+    values = iter([{"kedit_mc/acc": 0.5}, {"kedit_mc/acc": 0.46}, {"kedit_mc/acc": 0.4}, {"kedit_mc/acc": 0.4}])
+
+    class FakeSuite:
+        def __init__(self, tasks, limit):
+            pass
+
+        def evaluate(self, model, tok):
+            return CapabilityResult(next(values), {"kedit_mc/acc": True}, {"kedit_mc": 40}, 0.0)
+
+    monkeypatch.setattr(capability_gate, "CapabilitySuite", FakeSuite)
+    tok = make_tokenizer()
+    model = bigram(tok, {"is": {"rome": 5.0}})  # REQ's edit holds: the edits gate passes
+    spent = suite_from_mapping({"gates": [EDITS, CAPABILITY], "bisect": True, "spent_at": 0.5})
+    spent.on_base(model, tok)
+    assert spent.gates[1].spent() == {"capability:kedit_mc/acc": 0.0}  # nothing used on the base
+    spent.on_accept(spent.measure(model, tok, [REQ], [], spent.before(model, tok, [REQ])))  # production: 0.46
+    assert spent.gates[1].spent() == {"capability:kedit_mc/acc": pytest.approx(0.08)}
+    report = spent.measure(model, tok, [REQ], [], spent.before(model, tok, [REQ]))
+    assert [c.gate for c in report.failed] == ["capability:kedit_mc/acc"] and report.failed[0].budget
+    assert spent.budget_spent(report) == (
+        "budget spent: capability:kedit_mc/acc is at 0.08 on production, 0.2 with this fact (limit 0.1 relative to base)"
+    )
+    # the same report, with production at 80% of the budget, under a stricter share, or with no share set
+    assert suite_from_mapping({"gates": [CAPABILITY], "bisect": True, "spent_at": 0.9}).budget_spent(report) is None
+    assert suite_from_mapping({"gates": [CAPABILITY], "bisect": True}).budget_spent(report) is None
+    # a failure that is not a budget's (the fact's own edit) is the fact's: quarantined, whatever the budget
+    not_held = bigram(tok, {"is": {"paris": 5.0}})
+    both = spent.measure(not_held, tok, [REQ], [], spent.before(not_held, tok, [REQ]))
+    assert {"efficacy", "capability:kedit_mc/acc"} <= {c.gate for c in both.failed} and spent.budget_spent(both) is None
+    assert spent.budget_spent(GateReport([], {}, {})) is None  # nothing failed
 
 
 # ----------------------------------------------------------------------------- adding a gate

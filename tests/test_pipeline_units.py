@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from evaluation.gates import GateReport
+from evaluation.gates import GateReport, GateSuite
 from kedit.core.facts import EditRequest
 from kedit.pipeline.attempt import Attempt, record_attempt
 from kedit.pipeline.session import _SESSIONS, Session, feed_params
@@ -54,7 +54,7 @@ class FlakyTracker:
 @pytest.fixture
 def session():
     reqs = [EditRequest("1", s, "{} is in", "Asia") for s in ("Paris", "Rome")]
-    s = Session("s1", SimpleNamespace(mkv=None), None, FlakyTracker(), "m", "fp", None, None, None)
+    s = Session("s1", SimpleNamespace(mkv=None), GateSuite([], bisect=True), FlakyTracker(), "m", "fp", None, None, None)
     s.requests = {r.key: r for r in reqs}
     s.progress = SimpleNamespace(update=lambda n: None)
     s.attempt = Attempt("batch-000", list(s.requests), "run-1", None, {}, seconds={"tracking": 0.0})
@@ -70,7 +70,7 @@ def test_a_retried_record_attempt_quarantines_each_fact_once(session):
     assert session.quarantined == []  # the failed try left the session as it was
     first = record_attempt(session.id, report, "rolled_back", quarantine=True)
     again = record_attempt(session.id, report, "rolled_back", quarantine=True)  # a retry after success: nothing twice
-    assert first == again == {"verdict": "rolled_back", "quarantined": 2, "retry": []}
+    assert first == again == {"verdict": "rolled_back", "quarantined": 2, "retry": [], "stopped": None}
     assert sorted(q["key"] for q in session.quarantined) == sorted(session.requests)
     assert [q["id"] for q in session.quarantined] == ["1", "1"]  # one producer id, two facts
     assert sum(1 for kind, _ in session.tracker.logged if kind == "end") == 1

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,6 +190,32 @@ def check_file(path: Path, want: str | None) -> None:
     actual = sha256_file(path)
     if actual != want:
         raise PatchIntegrityError(f"{path}: sha256 {actual} does not match the manifest's {want}")
+
+
+def write_parameters(
+    model: nn.Module,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    what: str,
+    combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda p, t: t,
+) -> Undo:
+    """Overwrite each named parameter with ``combine(parameter, tensor)`` (stored in the parameter's dtype),
+    snapshotting it first; all or nothing: a tensor whose shape is not its parameter's, or any failure,
+    restores what was written and raises. ``what`` names the tensors in errors ("delta", "values")."""
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for name, tensor in tensors:
+                p = parameter(model, name)
+                if tensor.shape != p.shape:
+                    raise PatchIntegrityError(
+                        f"{what} for {name} has shape {tuple(tensor.shape)}, the parameter has {tuple(p.shape)}"
+                    )
+                saved[name] = p.detach().clone()
+                p.copy_(combine(p, tensor.to(p.device)).to(p.dtype))
+    except BaseException:
+        Undo.of_tensors(saved).restore(model)
+        raise
+    return Undo.of_tensors(saved)
 
 
 def parameter(model: nn.Module, name: str) -> nn.Parameter:

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .base import Patch, PatchIntegrityError, Undo, load_tensors, parameter, register_patch_kind, save_tensors
+from .base import Patch, PatchIntegrityError, Undo, load_tensors, register_patch_kind, save_tensors, write_parameters
 
 FORMAT = "kedit-weight-values/1"
 TENSORS = "values.safetensors"
@@ -37,20 +37,7 @@ class WeightValues(Patch):
 
     def apply(self, model: nn.Module) -> Undo:
         """Copy every value into its parameter (cast to the parameter's dtype); all or nothing."""
-        saved: dict[str, torch.Tensor] = {}
-        try:
-            with torch.no_grad():
-                for name, value in self.values.items():
-                    p = parameter(model, name)
-                    if value.shape != p.shape:
-                        have, stored = tuple(p.shape), tuple(value.shape)
-                        raise PatchIntegrityError(f"values for {name} have shape {stored}, the parameter has {have}")
-                    saved[name] = p.detach().clone()
-                    p.copy_(value.to(p.device, p.dtype))
-        except BaseException:
-            Undo.of_tensors(saved).restore(model)
-            raise
-        return Undo.of_tensors(saved)
+        return write_parameters(model, self.values.items(), "values")
 
     def is_empty(self) -> bool:
         return not self.values

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .base import Patch, PatchIntegrityError, Undo, load_tensors, parameter, register_patch_kind, save_tensors
+from .base import Patch, Undo, load_tensors, register_patch_kind, save_tensors, write_parameters
 
 FORMAT = "kedit-weight-delta/1"
 TENSORS = "delta.safetensors"
@@ -67,21 +67,9 @@ class WeightDelta(Patch):
             self.parts[name] = Dense(old.dense() + update.dense())
 
     def apply(self, model: nn.Module) -> Undo:
-        """Add every update to its parameter (fp32 arithmetic, stored in the parameter's dtype)."""
-        saved: dict[str, torch.Tensor] = {}
-        try:
-            with torch.no_grad():
-                for name, upd in self.parts.items():
-                    p = parameter(model, name)
-                    d = upd.dense().to(p.device)
-                    if d.shape != p.shape:
-                        raise PatchIntegrityError(f"delta for {name} has shape {tuple(d.shape)}, parameter has {tuple(p.shape)}")
-                    saved[name] = p.detach().clone()
-                    p.copy_((p.float() + d).to(p.dtype))
-        except BaseException:
-            Undo.of_tensors(saved).restore(model)  # a delta that does not fit leaves the model as it was
-            raise
-        return Undo.of_tensors(saved)
+        """Add every update to its parameter (fp32 arithmetic, stored in the parameter's dtype); all or nothing."""
+        dense = ((name, upd.dense()) for name, upd in self.parts.items())  # one dense update in memory at a time
+        return write_parameters(model, dense, "delta", lambda p, d: p.float() + d)
 
     def is_empty(self) -> bool:
         return not self.parts

@@ -42,6 +42,9 @@ class GateResult:
     passed: bool
     bound: str = "max"  # "min": the value must reach the threshold; "max": it must not exceed it
     detail: str = ""  # what the value is over, e.g. "over 41 known facts"
+    # a limit on the model's cumulative change against the base model (perplexity, facts the base knew):
+    # production already uses part of it, so once production is near it any further fact fails it
+    budget: bool = False
 
     def __str__(self) -> str:
         detail = f" {self.detail}" if self.detail else ""
@@ -148,6 +151,11 @@ class Gate:
         """When the stream ends, on the production model: a last check of what steps only sampled."""
         return {}
 
+    def spent(self) -> dict[str, float]:
+        """Production's own value of each of this gate's budget results (``GateResult.budget``), by result
+        name: how much of each budget against the base the chain has used so far."""
+        return {}
+
 
 GATES: dict[str, type[Gate]] = {}
 
@@ -163,10 +171,10 @@ def at_least(gate: str, value: float, minimum: float | None, detail: str = "") -
     return GateResult(gate, value, minimum, value >= minimum - 1e-9, "min", detail)
 
 
-def at_most(gate: str, value: float, maximum: float | None, detail: str = "") -> GateResult | None:
+def at_most(gate: str, value: float, maximum: float | None, detail: str = "", budget: bool = False) -> GateResult | None:
     if maximum is None or math.isnan(value):
         return None
-    return GateResult(gate, value, maximum, value <= maximum + 1e-9, "max", detail)
+    return GateResult(gate, value, maximum, value <= maximum + 1e-9, "max", detail, budget)
 
 
 def retain_path(configured: str | None) -> Path:

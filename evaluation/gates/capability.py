@@ -38,11 +38,13 @@ class CapabilityGate(Gate):
         self.suite: CapabilitySuite | None = None  # tasks are built on the base model, not when the file is read
         self.base: dict[str, float] = {}
         self.prev: dict[str, float] = {}
+        self.higher_is_better: dict[str, bool] = {}
 
     def on_base(self, model, tok) -> None:
         self.suite = CapabilitySuite(self.cfg.tasks, limit=self.cfg.limit)
         res = self.suite.evaluate(model, tok)
         self.base, self.prev = dict(res.values), dict(res.values)
+        self.higher_is_better = dict(res.higher_is_better)
         shown = ", ".join(f"{k}={v:.4g}" for k, v in res.values.items())
         log.info("capability on the base model (%.1f s): %s", res.seconds, shown)
 
@@ -61,12 +63,20 @@ class CapabilityGate(Gate):
         for key, limit in self.cfg.max_regression.items():
             if key not in result.values:
                 raise ConfigError(f"{self.source}.max_regression: metric {key!r} not produced; have {sorted(result.values)}")
-            results.append(at_most(f"capability:{key}", metrics[f"cap_regression_base/{key}"], limit, "relative to base"))
+            regressed = metrics[f"cap_regression_base/{key}"]
+            results.append(at_most(f"capability:{key}", regressed, limit, "relative to base", budget=True))
         return Outcome(metrics, results)
 
     def on_accept(self, report: GateReport) -> None:
         values = {k.removeprefix("cap/"): v for k, v in report.metrics.items() if k.startswith("cap/")}
         self.prev = values or self.prev
+
+    def spent(self) -> dict[str, float]:
+        return {
+            f"capability:{key}": regression(self.base[key], self.prev[key], self.higher_is_better.get(key, True))
+            for key in self.cfg.max_regression
+            if key in self.base and key in self.prev
+        }
 
 
 def _check_key(key: str, tasks: Sequence[str], where: str) -> None:

@@ -53,10 +53,13 @@ class DrawdownGate(Gate):
         return Outcome(
             metrics,
             [
-                at_most("drawdown_base", metrics["drawdown_base"], self.cfg.base_max, f"over {n} known facts"),
+                at_most("drawdown_base", metrics["drawdown_base"], self.cfg.base_max, f"over {n} known facts", budget=True),
                 at_most("drawdown_prev", metrics["drawdown_prev"], self.cfg.step_max, f"over {n} known facts"),
             ],
         )
 
     def on_accept(self, report: GateReport) -> None:
         self.prev = report.metrics.get("retain_accuracy", self.prev)
+
+    def spent(self) -> dict[str, float]:
+        return {"drawdown_base": drawdown(1.0, self.prev)}

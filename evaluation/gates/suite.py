@@ -7,7 +7,9 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from kedit.core.config import ConfigError, Seq, StrictConfig, flatten, from_mapping, read_yaml
 from kedit.core.facts import EditRequest
@@ -37,6 +39,10 @@ class GatesFile(StrictConfig):
 
     gates: Seq[dict[str, Any]]  # in the order they run; a gate left out is not run
     bisect: bool  # retry a failing batch's halves until the facts that fail are isolated
+    # A fact that fails nothing but budgets against the base (GateResult.budget) while production has used
+    # this share of each of them already is held back, not quarantined, and the stream stops: the budget is
+    # spent, and every further fact would fail it too. Absent or null: such a fact is quarantined like any.
+    spent_at: Annotated[float, Field(gt=0, le=1)] | None = None
 
 
 def default_gates_path() -> Path:
@@ -62,7 +68,7 @@ def suite_from_mapping(data: Any, source: str = "<dict>") -> GateSuite:
     for i, name in enumerate(names):
         if name in names[:i]:
             raise ConfigError(f"{source}: gates[{i}]: gate {name!r} is listed twice (its metrics would collide)")
-    return GateSuite(gates, top.bisect, source)
+    return GateSuite(gates, top.bisect, source, top.spent_at)
 
 
 def _build(entry: dict[str, Any], i: int, source: str) -> Gate:
@@ -88,10 +94,11 @@ def fact_outcomes(step: Step) -> dict[str, dict[str, Any]]:
 class GateSuite:
     """The gates of one file, with the baselines they keep; one per stream."""
 
-    def __init__(self, gates: Sequence[Gate], bisect: bool, source: str = "<dict>"):
+    def __init__(self, gates: Sequence[Gate], bisect: bool, source: str = "<dict>", spent_at: float | None = None):
         self.gates = list(gates)
         self.bisect = bisect
         self.source = source
+        self.spent_at = spent_at
 
     @property
     def names(self) -> list[str]:
@@ -99,7 +106,8 @@ class GateSuite:
 
     def params(self) -> dict[str, Any]:
         """Dotted settings for run parameters: ``edits.efficacy_min``, ``capability.max_regression.kedit_mc/acc``, bisect."""
-        return {"bisect": self.bisect, **{f"{g.name}.{k}": v for g in self.gates for k, v in flatten(g.cfg).items()}}
+        sections = {f"{g.name}.{k}": v for g in self.gates for k, v in flatten(g.cfg).items()}
+        return {"bisect": self.bisect, "spent_at": self.spent_at, **sections}
 
     def on_base(self, model, tok) -> None:
         for g in self.gates:
@@ -134,6 +142,20 @@ class GateSuite:
     def on_accept(self, report: GateReport) -> None:
         for g in self.gates:
             g.on_accept(report)
+
+    def budget_spent(self, report: GateReport) -> str | None:
+        """Why ``report``'s rejection is the budget's rather than its facts': every failed result is a budget
+        against the base, and production already uses ``spent_at`` of each; None otherwise."""
+        if self.spent_at is None or not report.failed:
+            return None
+        used = {name: value for g in self.gates for name, value in g.spent().items()}
+        if not all(r.budget and used.get(r.gate, -math.inf) >= self.spent_at * r.threshold for r in report.failed):
+            return None
+        return "budget spent: " + "; ".join(
+            f"{r.gate} is at {used[r.gate]:.4g} on production, {r.value:.4g} with this fact (limit {r.threshold:.4g}"
+            f"{' ' + r.detail if r.detail else ''})"
+            for r in report.failed
+        )
 
     def on_end(self, model, tok, earlier: Sequence[EditRequest]) -> dict[str, float]:
         """Each gate's last check on the production model when the stream ends, merged."""

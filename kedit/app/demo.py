@@ -80,6 +80,8 @@ def run_demo(
         f"{summary['did_not_hold']} did not hold, {summary['quarantined']} quarantined, "
         f"{summary['superseded']} superseded, {summary['skipped']} already applied before this run."
     )
+    if summary["stopped"]:
+        print(f"{summary['held_back']} held back: the stream stopped, {summary['stopped']}")
     quarantine = Path(out_dir) / "stream_quarantine.jsonl"
     for line in quarantine.read_text().splitlines():
         rec = json.loads(line)

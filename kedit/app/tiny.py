@@ -131,7 +131,8 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 def write_gates(path: Path, **overrides) -> Path:
     """Gates for the tiny model (no lm-eval gate). ``overrides`` per gate name: a mapping merged into that
-    gate's section (``drawdown={"step_max": None}``), or None to leave the gate out; ``bisect=False``."""
+    gate's section (``drawdown={"step_max": None}``), or None to leave the gate out; ``bisect=False``,
+    ``spent_at=0.5``."""
     import yaml
 
     retain = write_jsonl(path.with_name("retain.jsonl"), [{"prompt": p, "answer": a} for p, a in KNOWN])
@@ -142,11 +143,14 @@ def write_gates(path: Path, **overrides) -> Path:
         "memory": {"retain_hit_max": None, "retain_facts": str(retain)},  # logged: the tiny model's keys lie close
     }
     bisect = overrides.pop("bisect", True)
+    spent_at = overrides.pop("spent_at", None)
     for name, section in overrides.items():
         if name not in sections:
             raise TypeError(f"write_gates: no gate {name!r} here (have {', '.join(sections)}, bisect)")
         sections[name] = None if section is None else {**sections[name], **section}
     gates = {"gates": [{"gate": name, **section} for name, section in sections.items() if section is not None], "bisect": bisect}
+    if spent_at is not None:
+        gates["spent_at"] = spent_at
     path.write_text(yaml.safe_dump(gates, sort_keys=False))
     return path
 

@@ -18,6 +18,7 @@ from kedit.store.tracking import (
     T_ATTEMPT_RUN,
     T_EDITOR,
     T_EDITOR_ASSETS,
+    T_HELD_BACK,
     T_KIND,
     T_MANIFEST_SHA,
     T_N_EDITS,
@@ -204,8 +205,11 @@ def record_attempt(session_id: str, report: GateReport, verdict: str, quarantine
     if verdict != "accepted":  # (not at revert: a crash after the version is in production reverts the task too)
         federation.drop(session, attempt.run_id)
     quarantined = []
+    stopped = session.gates.budget_spent(report) if quarantine else None
     if verdict == "did_not_hold":
         quarantined = [did_not_hold_record(session, k, attempt, report) for k in attempt.keys]
+    elif stopped:  # not these facts' fault: held back for a stream with more budget, like every fact after them
+        reason = stopped
     elif quarantine:
         quarantined = [quarantine_record(session, k, f"failed gates: {reason}", "gates", attempt, report) for k in attempt.keys]
     retry: list[str] = []
@@ -232,11 +236,16 @@ def record_attempt(session_id: str, report: GateReport, verdict: str, quarantine
         monitor.log_accepted(session, report, {"n_edits": session.n_edits, "facts_accepted": len(session.accepted)})
     else:
         rejected = monitor.rejected_point(session, len(attempt.keys), attempt.name, report)
+    if stopped:
+        tags[T_HELD_BACK] = str(len(attempt.keys))
     tracker.set_tags(attempt.run_id, tags)
-    tracker.rename_run(attempt.run_id, run_label(attempt.name, verdict, session.production, quarantine))
+    tracker.rename_run(attempt.run_id, run_label(attempt.name, verdict, session.production, quarantine, bool(stopped)))
     # the runs table shows a red cross for FAILED: a batch the gates rejected stands out from the accepted ones
     tracker.end_run(attempt.run_id, "FINISHED" if verdict == "accepted" else "FAILED")
     session.quarantined += quarantined  # only now: a failure above leaves the session as it was
+    if stopped:
+        session.stopped = stopped
+        session.held_back |= dict.fromkeys(attempt.keys, stopped)
     if rejected is not None:
         session.rejected.append(rejected)  # drawn with the next version, or when the stream ends
     else:
@@ -249,8 +258,10 @@ def record_attempt(session_id: str, report: GateReport, verdict: str, quarantine
     detail = "" if verdict == "accepted" else f" — {reason}"
     if retry:
         detail += f"; {len(retry)} fact(s) did not hold and are retried alone"
+    if stopped:
+        detail += "; the stream stops and holds back the facts not yet accepted"
     log.info("%s (%d facts): %s%s", attempt.name, len(attempt.keys), verdict, detail)
-    attempt.recorded = {"verdict": verdict, "quarantined": len(quarantined), "retry": retry}
+    attempt.recorded = {"verdict": verdict, "quarantined": len(quarantined), "retry": retry, "stopped": stopped}
     return attempt.recorded
 
 
@@ -289,14 +300,15 @@ def _facts_table(session: Session, keys: list[str], report: GateReport) -> list[
     return rows
 
 
-def run_label(name: str, verdict: str, version: str | None, quarantined: bool) -> str:
+def run_label(name: str, verdict: str, version: str | None, quarantined: bool, stopped: bool = False) -> str:
     """The attempt run's name with its verdict, as the runs table lists it."""
     if verdict == "accepted":
         return f"accepted {name} → v{version}"
     if verdict == "did_not_hold":
         return f"DID NOT HOLD {name} (retried alone)"
     # the verdict first: the runs table cuts long names, and a rejection must stay visible
-    return f"REJECTED {name} ({'quarantined' if quarantined else 'bisected'})"
+    outcome = "budget spent: stream stopped" if stopped else "quarantined" if quarantined else "bisected"
+    return f"REJECTED {name} ({outcome})"
 
 
 def note_wall(session_id: str, seconds: float) -> None:

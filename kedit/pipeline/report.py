@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kedit.store.tracking import T_VERDICT, T_VERSION
+from kedit.store.tracking import FEED_HELD_BACK, T_VERDICT, T_VERSION
 
 from . import monitor
 from .config import StreamError
@@ -32,13 +32,15 @@ def summarize(session: Session, plan: Plan) -> dict:
         "quarantined_noop": len([q for q in quarantined if q["gate"] == "noop"]),
         "superseded": plan.n_superseded,
         "skipped": len(session.skipped),
+        "held_back": len(session.held_back),  # a spent budget stopped the stream before they could be tried
+        "stopped": session.stopped,
         "reedits": {k: e.to_dict() for k, e in session.reedits.items() if k in session.accepted},
         "target_true_from_model": len(session.filled),
         "seconds": session.seconds,
         "steps": session.steps,
         "run_id": session.run_id,
     }
-    settled = {q["key"] for q in session.quarantined}
+    settled = {q["key"] for q in session.quarantined} | set(session.held_back)
     unaccounted = set(plan.fact_keys) - set(session.accepted) - settled - set(session.skipped)
     if unaccounted:
         raise StreamError(f"{len(unaccounted)} fact(s) ended nowhere: {sorted(unaccounted)[:5]}")
@@ -49,6 +51,7 @@ def finish_stream(session_id: str, plan: Plan) -> dict:
     """Account for every fact, write the lists, record each new feed in the ledger and close the stream's run."""
     session = get_session(session_id)
     tracker = session.tracker
+    hold_back_the_rest(session, plan)
     if session.progress is not None:
         session.progress.close()
     work = Path(plan.path).parent
@@ -57,12 +60,15 @@ def finish_stream(session_id: str, plan: Plan) -> dict:
     summary["final_checks"] = session.gates.on_end(session.model, session.tokenizer, session.earlier)
     (work / "stream_quarantine.jsonl").write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in session.quarantined))
     (work / "accepted.json").write_text(json.dumps(session.accepted, indent=2))
+    # a feed of its own (the reason is the summary's "stopped"): `kedit stream --feed work/held_back.jsonl` retries them
+    held = [session.requests[k].to_dict() for k in session.held_back]
+    (work / "held_back.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in held))
     tracker.log_dict(session.run_id, session.quarantined, "quarantine_gates.json")
     tracker.log_dict(session.run_id, session.accepted, "accepted.json")
     tracker.log_dict(session.run_id, summary, "summary.json")
     _record_feeds(session, plan, work)
     summary["feeds"] = plan.feeds
-    totals = {k: summary[k] for k in ("accepted", "did_not_hold", "quarantined", "superseded", "skipped")}
+    totals = {k: summary[k] for k in ("accepted", "did_not_hold", "quarantined", "superseded", "skipped", "held_back")}
     totals["n_edits"] = session.n_edits
     totals |= summary["final_checks"]
     monitor.log_point(session, session.n_edits, {k: float(v) for k, v in totals.items()})
@@ -74,6 +80,17 @@ def finish_stream(session_id: str, plan: Plan) -> dict:
     return summary
 
 
+def hold_back_the_rest(session: Session, plan: Plan) -> None:
+    """A stopped stream holds back every fact it had not settled when it stopped, with the stop's reason."""
+    if not session.stopped:
+        return
+    settled = set(session.accepted) | {q["key"] for q in session.quarantined} | set(session.skipped)
+    rest = [k for k in plan.fact_keys if k not in settled and k not in session.held_back]
+    session.held_back |= dict.fromkeys(rest, session.stopped)
+    if session.progress is not None:
+        session.progress.update(len(rest))
+
+
 def _record_feeds(session: Session, plan: Plan, work: Path) -> None:
     """One ledger entry per feed this stream saw first: processed, or invalid when nothing of it could be used."""
     invalid_records = _read_jsonl(work / "quarantine.jsonl")  # at most Limits.quarantine_rows per feed
@@ -81,13 +98,15 @@ def _record_feeds(session: Session, plan: Plan, work: Path) -> None:
     omitted = json.loads(counts_file.read_text()).get("quarantined_rows_omitted", {}) if counts_file.is_file() else {}
     for feed, counts in plan.feeds.items():
         sha = plan.feed_sha256.get(feed) or f"unreadable:{feed}"
-        if sha in session.ledger:
+        if sha in session.ledger and session.ledger[sha]["status"] != FEED_HELD_BACK:
             continue
         unusable = counts["records"] and not counts["accepted"] + counts["superseded"]
-        status = "invalid" if counts["error"] or unusable else "processed"
+        held_back = [k for k in session.held_back if plan.fact_feed.get(k) == feed]
+        status = "invalid" if counts["error"] or unusable else FEED_HELD_BACK if held_back else "processed"
         quarantine = [q for q in invalid_records if q.get("file") == feed]
         quarantine += [q for q in session.quarantined if plan.fact_feed.get(q["key"]) == feed]
         totals = {k: v for k, v in counts.items() if k != "error"} | {"quarantine_rows_omitted": omitted.get(feed, 0)}
+        totals["held_back"] = len(held_back)
         session.tracker.record_feed(session.registered, session.run_id, feed, sha, status, totals, quarantine)
 
 

@@ -30,6 +30,7 @@ from kedit.store.mkv import MKVExchange, MKVStore, compat_for
 from kedit.store.naming import for_client, identify
 from kedit.store.networks import trained_assets
 from kedit.store.tracking import (
+    FEED_HELD_BACK,
     T_FINGERPRINT,
     T_KIND,
     T_N_EDITS,
@@ -81,6 +82,10 @@ class Session:
     run_id: str | None = None
     accepted: dict[str, str] = field(default_factory=dict)  # fact key -> version (this stream)
     quarantined: list[dict] = field(default_factory=list)  # this stream's gate/editor quarantine
+    # set when a fact failed only a budget against the base that production has spent: the stream stops,
+    # and that fact and every one not yet tried are held back (a later stream with more budget retries them)
+    stopped: str | None = None
+    held_back: dict[str, str] = field(default_factory=dict)  # fact key -> why
     skipped: dict[str, str] = field(default_factory=dict)  # fact key -> why (done before this stream)
     batches: list[list[str]] | None = None  # what start_stream returned (a repeated call returns it again)
     history: list[dict] = field(default_factory=list)  # the base, then per accepted version: n_edits and HISTORY_KEYS
@@ -239,7 +244,9 @@ def _not_done(session: Session, plan: Plan) -> list[str]:
     done = session.applied  # superseded facts too: an old record sent again must not bring its value back
     quarantined_before = session.tracker.quarantined(session.registered, session.lineage)
     session.ledger = session.tracker.feed_ledger(session.registered)
-    seen_feeds = {f for f, sha in plan.feed_sha256.items() if sha in session.ledger}
+    # a feed whose facts a spent budget held back is tried again when sent again (its settled facts are skipped
+    # below); the watcher of `kedit serve` does not send it again by itself
+    seen_feeds = {f for f, sha in plan.feed_sha256.items() if _settled(session.ledger.get(sha))}
     for feed in seen_feeds:
         log.info("feed %s (sha256 %s…) was processed before: skipped", feed, plan.feed_sha256[feed][:12])
     pending = []
@@ -253,6 +260,10 @@ def _not_done(session: Session, plan: Plan) -> list[str]:
         else:
             pending.append(key)
     return pending
+
+
+def _settled(entry: dict | None) -> bool:
+    return entry is not None and entry["status"] != FEED_HELD_BACK
 
 
 def _resolve_reedits(session: Session, pending: list[str]) -> list[str]:

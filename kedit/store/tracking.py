@@ -39,13 +39,15 @@ T_FINGERPRINT = "kedit.base_fingerprint"
 T_BASE = "kedit.base_model"
 T_N_QUARANTINED = "kedit.n_quarantined"
 T_FEED_SHA = "kedit.feed_sha256"
-T_FEED_STATUS = "kedit.feed_status"  # processed | invalid | refused
+T_FEED_STATUS = "kedit.feed_status"  # processed | held_back | invalid | refused
+FEED_HELD_BACK = "held_back"  # a feed some of whose facts a spent budget held back: `kedit stream` retries them
 T_N_FACTS = "kedit.n_facts"  # facts in an attempt
 T_N_EDITS = "kedit.n_edits"  # edits the version holds, from the base
 T_EDITOR = "kedit.editor"
 T_EDITOR_ASSETS = "kedit.editor_assets"  # on a version: where the editor's trained assets came from (JSON)
 T_SUPERSEDES = "kedit.supersedes"  # on a re-edit's attempt run and version: the versions whose facts it replaces
 T_N_NOT_HELD = "kedit.n_not_held"  # on an accepted attempt: facts of the batch whose own edit did not hold
+T_HELD_BACK = "kedit.n_held_back"  # on the attempt that found a budget spent: its facts, held back
 T_ATTEMPT_RUN = "kedit.attempt_run"  # on a version: the attempt run whose artifact it is (the version links to the stream run)
 
 UI_ENV = "KEDIT_UI_URL"  # where the MLflow UI of a non-HTTP store is served (kedit up: http://127.0.0.1:5000)
