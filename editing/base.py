@@ -114,7 +114,8 @@ class Editor(ABC):
         self.load_state_dict(step.state)
 
     def commit(self) -> None:
-        """Forget the undo information of past edits (their snapshots cost memory)."""
+        """Forget the undo information of past edits (their snapshots cost memory); the edits since the last
+        commit are now in a version (``version_state`` starts over)."""
         self._history.clear()
 
     def prepare(self) -> None:  # noqa: B027 - optional hook
@@ -157,6 +158,17 @@ class Editor(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise EditError(f"{self.name} keeps no state, got keys {sorted(state)}")
+
+    def version_state(self) -> dict[str, Any]:
+        """What a version stores of the editor's state: all of it (``state_dict``), unless the editor keeps a
+        state that grows with every edit and stores only what the edits since the last commit added."""
+        return self.state_dict()
+
+    @classmethod
+    def state_at(cls, stored: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The editor's state (``state_dict``) at the last of a run of versions it made, from what each of them
+        stored (``version_state``), oldest first: the last one's, for an editor that stores all of it."""
+        return dict(stored[-1]) if stored else {}
 
     # ------------------------------------------------------------------ for subclasses
 

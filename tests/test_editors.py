@@ -306,10 +306,33 @@ def test_alphaedit_accumulates_keys_of_earlier_batches():
     first = {k: v.clone() for k, v in editor.state_dict().items()}
     editor.edit(REQUESTS[1:])
     second = editor.state_dict()
-    assert first.keys() == second.keys() and len(first) == 2
-    assert all(not torch.equal(first[k], second[k]) for k in first)
+    sums = ["key_cache.1", "key_cache.2"]
+    assert set(first) == {*sums, "new_keys.1.0", "new_keys.2.0"}  # the sums, and each edit's keys until a commit
+    assert set(second) == set(first) | {"new_keys.1.1", "new_keys.2.1"}
+    assert all(not torch.equal(first[k], second[k]) for k in sums)
     editor.revert()
-    assert all(torch.equal(first[k], editor.state_dict()[k]) for k in first)
+    assert editor.state_dict().keys() == first.keys() and all(torch.equal(first[k], editor.state_dict()[k]) for k in first)
+
+
+def test_alphaedit_versions_store_their_keys_and_the_chain_adds_them_up_bit_for_bit():
+    cls = editor_class("alphaedit")
+    model, tok, editor = build("alphaedit")
+    stored = []
+    for batch in (REQUESTS[:1], REQUESTS[1:], REQUESTS):
+        editor.edit(batch)
+        stored.append(editor.version_state())
+        editor.commit()
+    # each version holds its edit's keys, (n, d_in) per layer, not the (d_in, d_in) sums
+    assert [sorted(s) for s in stored] == [["keys.1.0", "keys.2.0"]] * 3
+    assert [s["keys.1.0"].shape[0] for s in stored] == [1, 1, 2]
+    whole = editor.state_dict()
+    assert sorted(whole) == ["key_cache.1", "key_cache.2"]  # a commit leaves no pending keys
+    rebuilt = cls.state_at(stored)
+    assert rebuilt.keys() == whole.keys() and all(torch.equal(rebuilt[k], whole[k]) for k in whole)
+    # a squash stores the sums at its head; the versions after it add their keys to them
+    assert all(torch.equal(cls.state_at([cls.state_at(stored[:2]), stored[2]])[k], whole[k]) for k in whole)
+    # a version written before versions stored keys held the sums: it starts the addition over
+    assert all(torch.equal(cls.state_at([stored[0], cls.state_at(stored[:2]), stored[2]])[k], whole[k]) for k in whole)
 
 
 def test_batched_target_vectors_equal_per_request_ones():

@@ -17,7 +17,7 @@ from kedit.core.models import load_model
 from kedit.pipeline import session as sessions
 from kedit.pipeline.config import StreamConfig
 from kedit.store.tracking import T_VERDICT, T_VERSION, Tracker
-from kedit.store.versions import export_version, rebuild, rollback_to
+from kedit.store.versions import export_version, fetch, rebuild, rollback_to
 
 
 @pytest.fixture(scope="module")
@@ -539,6 +539,44 @@ def test_a_memory_editor_streams_like_any_editor_and_a_reedit_replaces_its_codeb
     base = fresh_base(checkpoint)
     rebuild(base, tracker, name, "2", None)
     assert_same_weights(base, kept[0].model)
+
+
+ALPHAEDIT_TINY = {
+    "layers": [1, 2],
+    "solve.l2": 1e-6,
+    "solve.nullspace_threshold": 1e-3,
+    **{"statistics.samples": 40, "statistics.length": 16, "templates.count": 2, "templates.length": 3},
+}
+
+
+def test_alphaedit_versions_hold_their_keys_and_the_chain_rebuilds_its_key_sums_bit_for_bit(env, checkpoint):
+    tmp, config, kept = env
+    gates = {"edits": {"efficacy_min": None}, "drawdown": None, "retention": None}  # every batch accepted
+    summary = stream(config(GOOD, batch_size=1, editor="alphaedit", overrides=ALPHAEDIT_TINY, **gates))
+    tracker = Tracker(f"sqlite:///{tmp}/mlruns/mlflow.db")
+    name = summary["registered_model"]
+    live = {k: v for k, v in kept[-1].editor.state_dict().items()}
+    assert sorted(live) == ["key_cache.1", "key_cache.2"]
+    chain = rebuild(fresh_base(checkpoint), tracker, name, summary["production"], None)
+    assert len(chain.versions) == 4 and chain.state.keys() == live.keys()
+    assert all(torch.equal(chain.state[k], live[k]) for k in live)
+    for info in chain.versions:  # each version stored its fact's keys, one per layer, not the sums
+        stored = fetch(tracker, info, tmp / f"fetched-{info.version}", None).state
+        assert sorted(stored) == ["keys.1.0", "keys.2.0"] and stored["keys.1.0"].shape[0] == 1
+
+    # a squash stores the sums at its head; the copy after it adds its keys to them
+    from click.testing import CliRunner
+
+    from kedit.app.cli import cli
+
+    uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
+    out = CliRunner().invoke(
+        cli, ["squash", "--model", str(checkpoint), "--upto", chain.versions[1].version, "--tracking-uri", uri]
+    )
+    assert out.exit_code == 0, out.output
+    squashed = rebuild(fresh_base(checkpoint), tracker, name, tracker.production(name).version, None)
+    assert [v.version for v in squashed.versions] != [v.version for v in chain.versions]
+    assert all(torch.equal(squashed.state[k], live[k]) for k in live)
 
 
 MEND_TINY = {"layers": [2, 3], "network.rank": 16, "edit_lr": 0.01}

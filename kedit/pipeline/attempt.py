@@ -136,7 +136,7 @@ def commit_version(session_id: str, report: GateReport) -> str:
         sha = write_version(
             Path(tmp),
             attempt.patches,
-            session.editor.state_dict(),
+            session.editor.version_state(),
             batch,
             {
                 "registered_model": session.registered,

@@ -39,6 +39,7 @@ from kedit.store.versions import (
     SQUASHES,
     SUPERSEDES,
     Version,
+    editor_state,
     fact_version,
     fetch_chain,
     model_fingerprint,
@@ -106,7 +107,7 @@ def squash(model: nn.Module, tracker: Tracker, name: str, upto: str, fingerprint
         for j in range(k - 1, len(loaded)):
             d = Path(tmp) / f"v{numbers[j]}"
             if j == k - 1:
-                sha = write_version(d, patches, loaded[j].state, [r for v in loaded[:k] for r in v.requests],
+                sha = write_version(d, patches, editor_state(loaded[:k]), [r for v in loaded[:k] for r in v.requests],
                                     _squash_info(infos[:k], loaded[:k], shas[:k]))  # fmt: skip
             else:
                 sha = write_version(d, loaded[j].patches, loaded[j].state, loaded[j].requests,

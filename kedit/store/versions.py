@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from editing import EDITORS
 from editing.patches import PatchIntegrityError, PatchSet, WeightDelta
 from editing.patches.base import check_file, read_manifest, write_manifest
 from kedit.core.facts import EditRequest
@@ -404,11 +405,27 @@ def stands_for(version: Version) -> list[str]:
     return direct + [str(v) for v in version.manifest.get(LINEAGE, ()) if str(v) not in direct]
 
 
+def editor_state(loaded: list[Version]) -> dict[str, torch.Tensor]:
+    """The head editor's state at the head of a chain: what its own trailing versions stored, added up by the
+    editor (``Editor.state_at``; an editor that stores its whole state each time gives the last). An editor
+    that is not registered here gets the last version's state as it is."""
+    if not loaded:
+        return {}
+    editor = loaded[-1].manifest.get("editor")
+    run: list[Version] = []
+    for v in reversed(loaded):  # a stream with another editor started with a fresh state: only this editor's run
+        if v.manifest.get("editor") != editor:
+            break
+        run.insert(0, v)
+    cls = EDITORS.get(editor)
+    return cls.state_at([v.state for v in run]) if cls is not None else dict(loaded[-1].state)
+
+
 def _chain(infos: list[VersionInfo], loaded: list[Version], shas: list[str]) -> Chain:
     last = loaded[-1] if loaded else None
     return Chain(
         infos,
-        last.state if last else {},
+        editor_state(loaded),
         last.manifest.get("editor") if last else None,
         [r for v in loaded for r in v.requests],
         shas[-1] if shas else None,
