@@ -440,9 +440,11 @@ def test_bench_stream_resumes_in_its_work_dir_and_reports_every_part_and_the_his
         again = bench_stream(**run)  # everything is in production already: no attempt, the first part's steps kept
     assert again["summary"]["skipped"] == 3 and again["steps"] == first["steps"]
     uri = f"sqlite:///{tmp_path / 'w'}/mlruns/mlflow.db"
-    out = CliRunner().invoke(cli, ["bench", "history", "--tracking-uri", uri, "--json", str(tmp_path / "h.json")])
+    args = ["bench", "history", "--tracking-uri", uri, "--json", str(tmp_path / "h.json"), "--plot", str(tmp_path / "h.png")]
+    out = CliRunner().invoke(cli, args)
     assert out.exit_code == 0, out.output
     assert json.loads((tmp_path / "h.json").read_text())["versions"] == versions
+    assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out.output.splitlines()[-1].startswith(f"v{versions[-1]['version']} | 3 | ")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from flows.serve import FeedWatcher, run_dir
-from kedit.app.servers import free_port, group_members, stop_group, wait_for
+from kedit.app.servers import free_port, group_members, rest_call, stop_group, wait_for
 from kedit.app.tiny import CORPUS, GOOD, HARMFUL, train_tiny, write_gates, write_jsonl
 from kedit.core.facts import is_feed_name
 from kedit.core.paths import sha256_file
@@ -227,26 +227,8 @@ def stack(tmp_path_factory):
             assert group_members(pgid) == [], f"processes left in group {pgid}"
 
 
-def api(stack, method: str, path: str, body: dict | None = None, attempts: int = 5):
-    """One call to the Prefect server's REST API; a 503 (the server busy on a loaded machine, seen once
-    in a full run) is retried a few times, any other error is the test's."""
-    import time
-    import urllib.error
-    import urllib.request
-
-    data = json.dumps(body or {}).encode()
-    for attempt in range(attempts):
-        req = urllib.request.Request(stack["api"] + path, data=data, method=method, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return json.loads(r.read() or b"null")
-        except urllib.error.HTTPError as e:
-            if e.code != 503 or attempt == attempts - 1:
-                raise
-        except TimeoutError:  # a server busy writing a flow run's states answered late (seen once in a full run)
-            if attempt == attempts - 1:
-                raise
-        time.sleep(1.0 + attempt)
+def api(stack, method: str, path: str, body: dict | None = None):
+    return rest_call(stack["api"], method, path, body)
 
 
 def deployments(stack) -> dict[str, dict]:

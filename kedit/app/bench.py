@@ -609,6 +609,53 @@ def version_history(uri: str, name: str | None = None) -> list[dict]:
     return rows
 
 
+# the published 2,000-edit AlphaEdit row (arXiv:2410.02355, Table 1, LLaMA3-8B, CounterFact, batches of 100),
+# drawn beside a long run's last version: (efficacy, generalization, specificity, the unedited specificity)
+PUBLISHED_ALPHAEDIT_2000 = {"efficacy": 0.9890, "generalization": 0.9422, "specificity": 0.6788, "unedited": 0.8948}
+
+
+def plot_history(rows: list[dict], out: Path, title: str) -> Path:
+    """A picture of ``version_history``: per version over the edits applied, its batch's efficacy,
+    generalization and specificity (top; versions of a single retried fact left out), retention of earlier edits
+    and knowledge drawdown against the base (middle), and the lm-eval capability regression against the base
+    (bottom); the published 2,000-edit AlphaEdit row as hollow markers at 2,000 edits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 1, figsize=(11, 9), sharex=True, height_ratios=(3, 2, 2))
+    panels = (
+        (("efficacy", "generalization", "specificity"), "the version's own batch"),
+        (("retention", "drawdown_base"), "earlier edits held / known facts lost"),
+        (("cap_regression_base/kedit_ppl/word_perplexity", "cap_regression_base/kedit_mc/acc"), "regression vs base"),
+    )
+    # a fact retried alone is a version of one fact, whose own scores say nothing next to a batch's
+    sizes = [r["n_edits"] - (rows[i - 1]["n_edits"] if i else 0) for i, r in enumerate(rows)]
+    batches = [r for r, n in zip(rows, sizes) if n > 1 or max(sizes) == 1]
+    for i, (ax, (keys, label)) in enumerate(zip(axes, panels)):
+        for key in keys:
+            kept = [r for r in (batches if i == 0 else rows) if key in r]
+            ax.plot([r["n_edits"] for r in kept], [r[key] for r in kept], marker="o", markersize=3, label=key)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    for key, colour in zip(("efficacy", "generalization", "specificity"), ("C0", "C1", "C2")):
+        axes[0].plot([2000], [PUBLISHED_ALPHAEDIT_2000[key]], marker="o", markersize=9, markerfacecolor="none", color=colour)
+    axes[0].plot([], [], marker="o", markerfacecolor="none", color="grey", linestyle="none",
+                 label="AlphaEdit paper, LLaMA3-8B, 2,000 edits")  # fmt: skip
+    axes[0].set_ylim(-0.02, 1.05)
+    axes[2].axhline(0.0, color="grey", linewidth=0.8)
+    axes[2].set_xlabel("edits applied to the model")
+    for ax in axes:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, framealpha=0.9)
+    axes[0].set_title(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def _all_steps(work: Path, this_run: list[dict]) -> list[dict]:
     """Every attempt of the stream in ``work``, also those of earlier parts of a stream that was stopped and resumed."""
     from kedit.pipeline.attempt import STEPS_FILE

@@ -20,7 +20,6 @@ tables really are in PostgreSQL (row counts read with psql).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -29,14 +28,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from kedit.core.errors import KeditError
 
 from .bench import machine, save_json
-from .servers import free_port, group_members, stop_group, wait_for
+from .servers import free_port, group_members, rest_call, stop_group, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -136,16 +134,7 @@ class Stack:
         )  # fmt: skip
 
     def call(self, method: str, path: str, body: dict | None = None) -> Any:
-        for attempt in range(5):
-            req = urllib.request.Request(self.api + path, json.dumps(body or {}).encode(), method=method,
-                                         headers={"Content-Type": "application/json"})  # fmt: skip
-            try:
-                with urllib.request.urlopen(req, timeout=30) as r:
-                    return json.loads(r.read() or b"null")
-            except (TimeoutError, OSError):
-                if attempt == 4:
-                    raise
-                time.sleep(1 + attempt)
+        return rest_call(self.api, method, path, body)
 
     def run_feed(self, deployment: str, feed: Path) -> str:
         return self.call("POST", f"/deployments/{deployment}/create_flow_run", {"parameters": {"feed": str(feed)}})["id"]

@@ -652,12 +652,15 @@ def bench_retention(model, data, lengths, sample, json_out) -> None:
 @bench.command("history")
 @TRACKING_URI
 @click.option("--name", default=None, help="Registered model (default: the store's only one).")
+@click.option("--plot", type=PathArg, default=None, help="Draw the history into this PNG file.")
 @JSON_OUT
-def bench_history(tracking_uri, name, json_out) -> None:
+def bench_history(tracking_uri, name, plot, json_out) -> None:
     """Metrics over edits of a stream's production chain: per version, its edit count and its attempt's gate metrics."""
-    from kedit.app.bench import version_history
+    from kedit.app.bench import plot_history, version_history
 
     rows = version_history(tracking_uri, name)
+    if plot:
+        click.echo(f"written: {plot_history(rows, plot, f'{name or tracking_uri}: metrics over edits')}")
     cols = ("efficacy", "generalization", "specificity", "retention", "drawdown_base")
     cols += ("cap_regression_base/kedit_ppl/word_perplexity",)
     click.echo(" | ".join(("version", "edits", *(c.split("/")[0] for c in cols))))

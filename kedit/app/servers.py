@@ -98,6 +98,27 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
     raise ServerError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def rest_call(base: str, method: str, path: str, body: dict | None = None, attempts: int = 5):
+    """One JSON call to a server's REST API (the Prefect server's, ``base`` ending in ``/api``). A busy server
+    (503, a timeout, a refused or reset connection: seen on a loaded 2-core machine) is retried a few times,
+    with a growing pause; any other HTTP error is the caller's."""
+    import urllib.error
+
+    data = json.dumps(body or {}).encode()
+    for attempt in range(attempts):
+        req = urllib.request.Request(base + path, data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            if e.code != 503 or attempt == attempts - 1:
+                raise
+        except (TimeoutError, urllib.error.URLError, ConnectionError):
+            if attempt == attempts - 1:
+                raise
+        time.sleep(1.0 + attempt)
+
+
 def _healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as r:
