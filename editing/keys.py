@@ -139,15 +139,36 @@ def residual_to_mlp_output(
     what is left)."""
     if spec.mlp_post_norm is None:
         return resid
+    gain, rms, dead = _post_norm(model, tokenizer, spec, layer, requests)
+    # a coordinate the norm all but silences (gemma-3-270m has gains of exactly 0 there) cannot be moved through
+    # this layer: it gets no change rather than an unbounded one
+    return torch.where(dead, torch.zeros_like(resid), resid * rms / torch.where(dead, torch.ones_like(gain), gain))
+
+
+@torch.no_grad()
+def mlp_output_to_residual(
+    model: nn.Module, tokenizer, spec: ArchSpec, layer: int, requests: Sequence[EditRequest], change: torch.Tensor
+) -> torch.Tensor:
+    """The inverse of ``residual_to_mlp_output``: a change (n, d) of block ``layer``'s MLP output as the change of the
+    residual stream it makes, Δy = Δm ⊙ g / rms(m) to first order (the same change where no norm sits between)."""
+    if spec.mlp_post_norm is None:
+        return change
+    gain, rms, dead = _post_norm(model, tokenizer, spec, layer, requests)
+    return torch.where(dead, torch.zeros_like(change), change * gain / rms)
+
+
+def _post_norm(
+    model: nn.Module, tokenizer, spec: ArchSpec, layer: int, requests: Sequence[EditRequest]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block ``layer``'s post-MLP norm y = g ⊙ m / rms(m) at each request's subject, at the current weights: its
+    gain g (d,), rms(m) (n, 1), and the coordinates it all but silences (gain under DEAD_GAIN of the median), (d,)."""
     path = spec.module_path("mlp_out", layer)
-    m = read_at_subject(model, tokenizer, requests, ("{}",), [path], "output")[path]  # (n, d) at the current weights
+    m = read_at_subject(model, tokenizer, requests, ("{}",), [path], "output")[path]  # (n, d)
     norm = model.get_submodule(f"{spec.block(layer)}.{spec.mlp_post_norm}")
     weight = next(norm.parameters())
     eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)))
     ones = torch.ones(1, m.shape[-1], dtype=weight.dtype, device=weight.device)
     gain = norm(ones).float()[0] * (1.0 + eps) ** 0.5  # (d,): the norm of a vector of ones is its gain
-    # a coordinate the norm all but silences (gemma-3-270m has gains of exactly 0 there) cannot be moved through
-    # this layer: it gets no change rather than an unbounded one
     dead = gain.abs() < DEAD_GAIN * gain.abs().median()
     rms = (m.pow(2).mean(-1, keepdim=True) + eps).sqrt()  # (n, 1), as the norm computes it
-    return torch.where(dead, torch.zeros_like(resid), resid * rms / torch.where(dead, torch.ones_like(gain), gain))
+    return gain, rms, dead

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from editing.base import register
+from editing.keys import mlp_output_to_residual, residual_to_mlp_output
 from editing.memit.memit import MEMITFamily
 from editing.targets import Targets, optimize_targets
 from kedit.core.facts import EditRequest
@@ -28,9 +29,12 @@ class PMETFamily(MEMITFamily):
         return 1.0 / math.sqrt(len(self.hparams.layers) - i)
 
     def at_layer(self, layer, requests, resid):
-        """PMET measures its residual at the top MLP output already (not mapped through a post-MLP norm: PMET on
-        Gemma 2/3 is not measured)."""
-        return resid
+        """PMET measures its residual as a change of the top MLP's output: through the top layer's post-MLP norm
+        into the residual stream, then back as the change of this layer's MLP output that makes it (both the
+        identity where no norm sits between, Llama and GPT-2)."""
+        top = self.hparams.layers[-1]
+        dy = mlp_output_to_residual(self.model, self.tok, self.spec, top, requests, resid)
+        return residual_to_mlp_output(self.model, self.tok, self.spec, layer, requests, dy)
 
     def optimize(self, requests: list[EditRequest]) -> Targets:
         top = self.hparams.layers[-1]
