@@ -437,6 +437,7 @@ def test_bench_stream_resumes_in_its_work_dir_and_reports_every_part_and_the_his
         versions = first["versions"]
         assert [v["n_edits"] for v in versions] == sorted(v["n_edits"] for v in versions) and versions[-1]["n_edits"] == 3
         assert all(0.0 <= v["efficacy"] <= 1.0 and "drawdown_base" in v for v in versions)
+        assert first["unedited"].keys() >= {"efficacy", "specificity"} and first["final"]["n_requests"] == 3
         again = bench_stream(**run)  # everything is in production already: no attempt, the first part's steps kept
     assert again["summary"]["skipped"] == 3 and again["steps"] == first["steps"]
     uri = f"sqlite:///{tmp_path / 'w'}/mlruns/mlflow.db"

@@ -538,6 +538,7 @@ def bench_stream(
         total = time.perf_counter() - t0
         model, tok = load_model(model_ref)
         full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        unedited = counterfact_metrics(model, tok, reqs)  # the same requests' scores on the base, for the final ones
         rollback_s = None
         if summary["production"]:
             chain = rebuild(model, Tracker(uri), summary["registered_model"], summary["production"], None)
@@ -578,6 +579,7 @@ def bench_stream(
         "rollback_of_last_version_s": rollback_s,
         "steps": steps,
         "versions": versions,
+        "unedited": unedited,
         "final": final,
         "machine": machine(),
     }
