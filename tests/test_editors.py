@@ -623,20 +623,27 @@ def test_auto_precision_is_bfloat16_only_where_its_matmuls_are_native(monkeypatc
     assert _step_dtype("auto", model.float()) is None
 
 
-def test_a_residual_change_becomes_the_mlp_output_change_that_makes_it_behind_a_post_mlp_norm():
-    """Gemma 3 puts a norm (gain g) between the MLP's output m and the residual: Δm = Δy ⊙ rms(m) / g moves the
-    residual by Δy to first order, where writing Δy into m unscaled moves it by about g / rms(m) times more."""
+def tiny_gemma3(tok):
+    """A two-layer Gemma 3 (a norm between each MLP and the residual) and its ArchSpec."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from editing.keys import read_at_subject, residual_to_mlp_output
     from kedit.core.arch import spec_for
 
-    tok = make_tokenizer()
     torch.manual_seed(0)
     cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64)  # fmt: skip
     model = Gemma3ForCausalLM(cfg).eval()
-    spec = spec_for(model)
+    return model, spec_for(model)
+
+
+def test_a_residual_change_becomes_the_mlp_output_change_that_makes_it_behind_a_post_mlp_norm():
+    """Gemma 3 puts a norm (gain g) between the MLP's output m and the residual: Δm = Δy ⊙ rms(m) / g moves the
+    residual by Δy to first order, where writing Δy into m unscaled moves it by about g / rms(m) times more."""
+    from editing.keys import read_at_subject, residual_to_mlp_output
+    from kedit.core.arch import spec_for
+
+    tok = make_tokenizer()
+    model, spec = tiny_gemma3(tok)
     norm = model.get_submodule(f"{spec.block(1)}.{spec.mlp_post_norm}")
     with torch.no_grad():
         norm.weight.normal_(0.0, 3.0)  # a trained gain, far from 1
@@ -667,39 +674,27 @@ def test_a_residual_change_becomes_the_mlp_output_change_that_makes_it_behind_a_
 def test_pmet_maps_its_top_mlp_change_through_the_top_norm_and_back_through_each_layers():
     """PMET's residual is a change of the top MLP's output m_top: on Gemma, layer l gets the change of its own MLP
     output that moves the residual as m_top's change does, Δm_l = Δm_top ⊙ (g_top / rms(m_top)) ⊙ (rms(m_l) / g_l)."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    from editing.keys import mlp_output_to_residual, read_at_subject, residual_to_mlp_output
-    from kedit.core.arch import spec_for
+    from editing.keys import read_at_subject
 
     tok = make_tokenizer()
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64)  # fmt: skip
-    model = Gemma3ForCausalLM(cfg).eval()
-    spec = spec_for(model)
+    model, spec = tiny_gemma3(tok)
     with torch.no_grad():
         for layer in (0, 1):
             model.get_submodule(f"{spec.block(layer)}.{spec.mlp_post_norm}").weight.normal_(0.0, 3.0)
     editor = editor_class("pmet")(model, tok, editor_class("pmet").preset(model, {"layers": (0, 1), **TINY}), corpus=CORPUS)
     reqs = [EditRequest("a", "alice", "{} speaks", "german"), EditRequest("b", "bob", "{} speaks", "french")]
-    d_top = 1e-3 * torch.randn(2, 32)
-    dy = mlp_output_to_residual(model, tok, spec, 1, reqs, d_top)
-    for layer in (0, 1):
+
+    def scale(layer):  # g / rms(m) at the subjects, (n, d), computed here from the norm itself
         path = spec.module_path("mlp_out", layer)
         m = read_at_subject(model, tok, reqs, ("{}",), [path], "output")[path]
         norm = model.get_submodule(f"{spec.block(layer)}.{spec.mlp_post_norm}")
         gain = norm(torch.ones(1, 32))[0] * (1.0 + norm.eps) ** 0.5
-        rms = (m.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
-        assert torch.allclose(editor.at_layer(layer, reqs, d_top), residual_to_mlp_output(model, tok, spec, layer, reqs, dy))
-        if layer == 0:  # the bottom layer: rescaled from the top's scale to its own
-            top_m = read_at_subject(model, tok, reqs, ("{}",), [spec.module_path("mlp_out", 1)], "output")
-            top_m = top_m[spec.module_path("mlp_out", 1)]
-            top_norm = model.get_submodule(f"{spec.block(1)}.{spec.mlp_post_norm}")
-            top_gain = top_norm(torch.ones(1, 32))[0] * (1.0 + top_norm.eps) ** 0.5
-            top_rms = (top_m.pow(2).mean(-1, keepdim=True) + top_norm.eps).sqrt()
-            expected = d_top * (top_gain / top_rms) * (rms / gain)
-            assert torch.allclose(editor.at_layer(0, reqs, d_top), expected, rtol=1e-4, atol=1e-9)
+        return gain / (m.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+
+    d_top = 1e-3 * torch.randn(2, 32)
+    with torch.no_grad():
+        expected = d_top * scale(1) / scale(0)  # the bottom layer: from the top's scale to its own
+    assert torch.allclose(editor.at_layer(0, reqs, d_top), expected, rtol=1e-4, atol=1e-9)
     assert torch.allclose(editor.at_layer(1, reqs, d_top), d_top, rtol=1e-5, atol=1e-10)  # the top layer: itself
     llama = tiny_llama(len(tok))
     pmet = editor_class("pmet")(llama, tok, editor_class("pmet").preset(llama, {"layers": (0, 1), **TINY}), corpus=CORPUS)

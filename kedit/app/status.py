@@ -10,7 +10,6 @@ from kedit.pipeline.monitor import BASE_POINT, limit_tag
 from kedit.pipeline.session import history_point
 from kedit.store.naming import identify
 from kedit.store.tracking import (
-    FEED_HELD_BACK,
     T_N_EDITS,
     T_N_FACTS,
     T_N_NOT_HELD,
@@ -18,6 +17,7 @@ from kedit.store.tracking import (
     T_VERDICT,
     T_VERSION,
     Tracker,
+    feed_settled,
     metric_tag,
 )
 
@@ -64,7 +64,7 @@ def status_text(model_ref: str, tracking_uri: str | None = None, last: int = 10,
         files = [Path(f) for f in list_feeds(feeds_dir)]  # the same files the watcher would fire on
         hashes = {p: _feed_hash(p) for p in files}
         pending = [p.name for p, sha in hashes.items() if sha is not None and sha not in ledger]
-        held = [p.name for p, sha in hashes.items() if sha in ledger and ledger[sha]["status"] == FEED_HELD_BACK]
+        held = [p.name for p, sha in hashes.items() if sha in ledger and not feed_settled(ledger[sha])]
         unreadable = [p.name for p, sha in hashes.items() if sha is None]
         lines.append(
             f"feeds in {feeds_dir}: {len(files)}, pending: {len(pending)}" + (f" ({', '.join(pending[:10])})" if pending else "")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kedit.store.tracking import FEED_HELD_BACK, T_VERDICT, T_VERSION
+from kedit.store.tracking import FEED_HELD_BACK, T_VERDICT, T_VERSION, feed_settled
 
 from . import monitor
 from .config import StreamError
@@ -40,8 +40,7 @@ def summarize(session: Session, plan: Plan) -> dict:
         "steps": session.steps,
         "run_id": session.run_id,
     }
-    settled = {q["key"] for q in session.quarantined} | set(session.held_back)
-    unaccounted = set(plan.fact_keys) - set(session.accepted) - settled - set(session.skipped)
+    unaccounted = set(plan.fact_keys) - ended(session)
     if unaccounted:
         raise StreamError(f"{len(unaccounted)} fact(s) ended nowhere: {sorted(unaccounted)[:5]}")
     return summary
@@ -80,12 +79,17 @@ def finish_stream(session_id: str, plan: Plan) -> dict:
     return summary
 
 
+def ended(session: Session) -> set[str]:
+    """The facts (keys) this stream has settled: accepted, quarantined (did not hold included), held back, skipped."""
+    return set(session.accepted) | {q["key"] for q in session.quarantined} | set(session.held_back) | set(session.skipped)
+
+
 def hold_back_the_rest(session: Session, plan: Plan) -> None:
     """A stopped stream holds back every fact it had not settled when it stopped, with the stop's reason."""
     if not session.stopped:
         return
-    settled = set(session.accepted) | {q["key"] for q in session.quarantined} | set(session.skipped)
-    rest = [k for k in plan.fact_keys if k not in settled and k not in session.held_back]
+    done = ended(session)
+    rest = [k for k in plan.fact_keys if k not in done]
     session.held_back |= dict.fromkeys(rest, session.stopped)
     if session.progress is not None:
         session.progress.update(len(rest))
@@ -98,7 +102,7 @@ def _record_feeds(session: Session, plan: Plan, work: Path) -> None:
     omitted = json.loads(counts_file.read_text()).get("quarantined_rows_omitted", {}) if counts_file.is_file() else {}
     for feed, counts in plan.feeds.items():
         sha = plan.feed_sha256.get(feed) or f"unreadable:{feed}"
-        if sha in session.ledger and session.ledger[sha]["status"] != FEED_HELD_BACK:
+        if feed_settled(session.ledger.get(sha)):
             continue
         unusable = counts["records"] and not counts["accepted"] + counts["superseded"]
         held_back = [k for k in session.held_back if plan.fact_feed.get(k) == feed]

@@ -30,7 +30,6 @@ from kedit.store.mkv import MKVExchange, MKVStore, compat_for
 from kedit.store.naming import for_client, identify
 from kedit.store.networks import trained_assets
 from kedit.store.tracking import (
-    FEED_HELD_BACK,
     T_FINGERPRINT,
     T_KIND,
     T_N_EDITS,
@@ -38,6 +37,7 @@ from kedit.store.tracking import (
     T_PARENT_VERSION,
     T_VERDICT,
     Tracker,
+    feed_settled,
     metric_tag,
 )
 from kedit.store.versions import rebuild
@@ -246,7 +246,7 @@ def _not_done(session: Session, plan: Plan) -> list[str]:
     session.ledger = session.tracker.feed_ledger(session.registered)
     # a feed whose facts a spent budget held back is tried again when sent again (its settled facts are skipped
     # below); the watcher of `kedit serve` does not send it again by itself
-    seen_feeds = {f for f, sha in plan.feed_sha256.items() if _settled(session.ledger.get(sha))}
+    seen_feeds = {f for f, sha in plan.feed_sha256.items() if feed_settled(session.ledger.get(sha))}
     for feed in seen_feeds:
         log.info("feed %s (sha256 %s…) was processed before: skipped", feed, plan.feed_sha256[feed][:12])
     pending = []
@@ -260,10 +260,6 @@ def _not_done(session: Session, plan: Plan) -> list[str]:
         else:
             pending.append(key)
     return pending
-
-
-def _settled(entry: dict | None) -> bool:
-    return entry is not None and entry["status"] != FEED_HELD_BACK
 
 
 def _resolve_reedits(session: Session, pending: list[str]) -> list[str]:

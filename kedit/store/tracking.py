@@ -382,6 +382,12 @@ class Tracker:
         return run
 
 
+def feed_settled(entry: dict | None) -> bool:
+    """Whether a feed's ledger entry (``feed_ledger``) settles its content: any status but ``held_back``, whose
+    held-back facts a stream sent the same feed tries again."""
+    return entry is not None and entry["status"] != FEED_HELD_BACK
+
+
 def _fact_key(record: dict) -> str:
     """A quarantine record's fact key; records written before facts had keys carry the request, whose key
     is computed, so a fact quarantined then is still not retried."""
