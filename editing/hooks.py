@@ -135,6 +135,19 @@ def start_at_block(model: nn.Module, blocks_path: str, index: int, hidden: torch
 
 
 @contextmanager
+def swapped(model: nn.Module, path: str, module: nn.Module) -> Iterator[None]:
+    """``module`` stands at ``path`` inside the block; the original is put back after, whatever happens."""
+    parent, _, name = path.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    original = getattr(owner, name)
+    setattr(owner, name, module)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+@contextmanager
 def frozen(model: nn.Module) -> Iterator[None]:
     """No weight gradients inside the block (target vectors are the only leaves)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]

@@ -1,8 +1,11 @@
-"""The blocks below an edit, run at lower precision: an editor whose gradient starts high in the model (MEND:
-the top three of SmolLM2's 30 blocks) spends most of an edit's forward where nothing is edited and no
-gradient flows. A copy of the model in ``dtype`` (bf16 on a CPU with AMX, where its matmuls run 1.7x to 3x
-faster than fp32's) computes the hidden states entering the first edited block; the model itself runs from
-there on, in its own precision.
+"""The frozen parts of a model around an edit, run at lower precision: an editor whose gradient starts high in
+the model (MEND: the top three of SmolLM2's 30 blocks) spends most of an edit's forward where nothing is edited
+and no gradient flows, and a good part of it in the output head, which no edit changes but every loss runs
+through, forward and backward (SmolLM2's head is 28M parameters, eight blocks' worth). At batch 1 these matmuls
+read every weight for a dozen tokens, so they cost what their bytes cost: a copy of the model in ``dtype``
+(bf16: half the bytes, and native dot products on a CPU with AVX512-BF16 or AMX) computes the hidden states
+entering the first edited block (``hidden``) and can stand in for the head (``head``); the edited blocks run
+in the model's own precision.
 
 The copy is rebuilt whenever a weight of the stem changed (a parameter's in-place version counter or its
 storage moved): a stale copy cannot be used.
@@ -20,6 +23,17 @@ from kedit.core.arch import ArchSpec
 from .hooks import capture, output_kind, stop_after
 
 
+class _CastHead(nn.Module):
+    """A low-precision head fed and read in the model's dtype; gradients reach its input as through the model's own."""
+
+    def __init__(self, head: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.head, self.dtype = head, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, K, d) -> logits (B, K, V)
+        return self.head(x.to(self.dtype)).to(x.dtype)
+
+
 class LowPrecisionStem:
     def __init__(self, model: nn.Module, spec: ArchSpec, first: int, dtype: torch.dtype):
         self.model, self.spec, self.first, self.dtype = model, spec, first, dtype
@@ -29,7 +43,7 @@ class LowPrecisionStem:
     def _stem_params(self) -> list[torch.Tensor]:
         blocks = self.spec.blocks + "."
         below = {f"{blocks}{i}." for i in range(self.first)}
-        # every parameter that is not in a block at or above ``first`` (embeddings, the blocks below)
+        # every parameter that is not in a block at or above ``first`` (embeddings, the blocks below, the head)
         return [p for n, p in self.model.named_parameters() if not n.startswith(blocks) or any(n.startswith(b) for b in below)]
 
     def _fresh(self) -> nn.Module:
@@ -51,3 +65,8 @@ class LowPrecisionStem:
             stem(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         dtype = next(self.model.parameters()).dtype
         return seen[block].to(dtype), kind.get("tuple", False)
+
+    def head(self) -> nn.Module:
+        """The copy's output head, to stand at ``spec.lm_head`` (``hooks.swapped``): the copy is fresh for the
+        head too, since its weights are among the stem's (outside every block)."""
+        return _CastHead(self._fresh().get_submodule(self.spec.lm_head), self.dtype)

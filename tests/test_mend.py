@@ -52,27 +52,34 @@ def test_an_untrained_network_makes_the_fine_tuning_step_exactly():
         assert torch.allclose(delta.parts[name].dense(), -hp.edit_lr * g, atol=1e-6, rtol=1e-4), name
 
 
-def test_a_bf16_stem_makes_nearly_the_same_edit_and_is_rebuilt_when_a_stem_weight_changes():
-    """``stem_dtype: bfloat16``: the blocks below the edit run in a bf16 copy; the update is the fp32 one up to
-    bf16 rounding of the hidden states, and a changed weight below the edit is seen (the copy is rebuilt)."""
+@pytest.mark.parametrize(
+    "low", [{"stem_dtype": "bfloat16"}, {"head_dtype": "bfloat16"}, {"stem_dtype": "bfloat16", "head_dtype": "bfloat16"}]
+)
+def test_a_bf16_stem_or_head_makes_nearly_the_same_edit_and_is_rebuilt_when_a_frozen_weight_changes(low):
+    """``stem_dtype`` / ``head_dtype: bfloat16``: the blocks below the edit, or the output head, run in a bf16 copy;
+    the update is the fp32 one up to bf16 rounding, the model keeps its own head, and a changed weight outside
+    the edited blocks is seen (the copy is rebuilt)."""
     model, tok, hp = setup()
     net = MEND.new_network(model, hp)
     reqs = facts()[:2]
     exact = MEND(model, tok, hp, MENDNetwork(net, {})).edit(reqs).weights
-    fast_editor = MEND(model, tok, MEND.preset(model, {**TINY, "stem_dtype": "bfloat16"}), MENDNetwork(net, {}))
+    own_head = model.get_submodule(spec_for(model).lm_head)
+    fast_editor = MEND(model, tok, MEND.preset(model, {**TINY, **low}), MENDNetwork(net, {}))
     fast = fast_editor.edit(reqs).weights
     fast_editor.revert()
+    assert model.get_submodule(spec_for(model).lm_head) is own_head
     for name, part in exact.parts.items():
         a, b = part.dense(), fast.parts[name].dense()
         assert not torch.equal(a, b) and torch.allclose(a, b, rtol=0.05, atol=0.05 * float(a.abs().max())), name
-    stem = fast_editor._stem._copy
-    with torch.no_grad():
-        model.get_parameter(spec_for(model).module_path("mlp_out", 0) + ".weight").mul_(0.5)  # below block 2
+    copy = fast_editor._copies["bfloat16"]._copy
+    with torch.no_grad():  # below block 2, or the head
+        changed = spec_for(model).module_path("mlp_out", 0) if "stem_dtype" in low else spec_for(model).lm_head
+        model.get_parameter(changed + ".weight").mul_(0.5)
     fast_editor.edit(reqs)
-    rebuilt = fast_editor._stem._copy
-    assert rebuilt is not stem  # rebuilt from the changed weights
-    fast_editor.edit(reqs)  # its own edits change blocks 2-3 only: above the stem
-    assert fast_editor._stem._copy is rebuilt
+    rebuilt = fast_editor._copies["bfloat16"]._copy
+    assert rebuilt is not copy  # rebuilt from the changed weights
+    fast_editor.edit(reqs)  # its own edits change blocks 2-3 only: outside the copy's part
+    assert fast_editor._copies["bfloat16"]._copy is rebuilt
 
 
 def test_the_edit_loss_reads_only_the_target_positions_and_gets_the_full_heads_value():

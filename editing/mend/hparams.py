@@ -55,5 +55,8 @@ class MENDHyperParams(StrictConfig):
     edit_lr: float = 1e-4  # initial per-weight edit learning rate (learned in training)
     # the blocks below the lowest edited one, at this precision in an edit (editing/stem.py); None: the model's
     stem_dtype: Literal["bfloat16", "float16"] | None = None
+    # the output head at this precision in an edit: the edit loss runs through it forward and backward, and no
+    # edit changes it (a copy like the stem's, rebuilt when its weights change); None: the model's
+    head_dtype: Literal["bfloat16", "float16"] | None = None
     network: NetworkHyperParams = NetworkHyperParams()
     train: TrainHyperParams = TrainHyperParams()

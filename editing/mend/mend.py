@@ -20,7 +20,7 @@ from torch import nn
 
 from editing.base import EditError, Editor, linear_update, register
 from editing.finetune import model_device, target_batch
-from editing.hooks import frozen, start_at_block
+from editing.hooks import frozen, start_at_block, swapped
 from editing.stem import LowPrecisionStem
 from kedit.core.arch import ArchSpec, spec_for
 from kedit.core.facts import EditRequest
@@ -74,7 +74,7 @@ class MEND(Editor):
         super().__init__(model, tokenizer, hparams)
         self.network = network
         self.weights = edited_weights(model, self.spec, self.hparams)
-        self._stem: LowPrecisionStem | None = None
+        self._copies: dict[str, LowPrecisionStem] = {}  # by dtype name: the stem's and the head's precision may differ
         if network is not None:
             self._check(network.net)
 
@@ -126,21 +126,34 @@ class MEND(Editor):
         if self.network is None:
             raise EditError("mend needs a network trained for this base model; train one with: kedit train mend --model MODEL")
 
+    def _low_precision(self, dtype: str | None) -> LowPrecisionStem | None:
+        """The model's copy in ``dtype`` (None when that is the model's own precision)."""
+        if dtype is None or getattr(torch, dtype) == next(self.model.parameters()).dtype:
+            return None
+        if dtype not in self._copies:
+            self._copies[dtype] = LowPrecisionStem(self.model, self.spec, min(self.hparams.layers), getattr(torch, dtype))
+        return self._copies[dtype]
+
     def _stem_input(self, batch):
         """Where the edit's forward starts: block ``min(layers)`` with the stem's hidden states, or the embeddings."""
-        dtype = self.hparams.stem_dtype
-        if dtype is None or getattr(torch, dtype) == next(self.model.parameters()).dtype:
+        stem = self._low_precision(self.hparams.stem_dtype)
+        if stem is None:
             return nullcontext()
-        first = min(self.hparams.layers)
-        if self._stem is None:
-            self._stem = LowPrecisionStem(self.model, self.spec, first, getattr(torch, dtype))
-        hidden, returns_tuple = self._stem.hidden(*batch[:3])
-        return start_at_block(self.model, self.spec.blocks, first, hidden, returns_tuple)
+        hidden, returns_tuple = stem.hidden(*batch[:3])
+        return start_at_block(self.model, self.spec.blocks, stem.first, hidden, returns_tuple)
+
+    def _head(self):
+        """The output head the edit loss runs through: the model's, or its low-precision copy."""
+        copy = self._low_precision(self.hparams.head_dtype)
+        return nullcontext() if copy is None else swapped(self.model, self.spec.lm_head, copy.head())
 
     def _edit(self, requests: list[EditRequest]) -> None:
         net = self.network.net.eval()
         batch = target_batch(self.tok, requests, model_device(self.model))
-        with frozen(self.model), self._stem_input(batch):
+        # both copies are looked at before either context is entered: inside the stem's, the blocks below the
+        # edit are passthroughs, and the copies' freshness key would see other parameters (and rebuild each edit)
+        starts, head = self._stem_input(batch), self._head()
+        with frozen(self.model), starts, head:
             factors = gradient_factors(self.model, list(self.weights), lambda: edit_loss(self.model, batch), batch[1])
         with torch.no_grad():
             for path, (u, d) in factors.items():

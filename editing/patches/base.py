@@ -198,7 +198,8 @@ def write_parameters(
     what: str,
     combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda p, t: t,
 ) -> Undo:
-    """Overwrite each named parameter with ``combine(parameter, tensor)`` (stored in the parameter's dtype),
+    """Overwrite each named parameter with ``combine(parameter, tensor)`` (stored in the parameter's dtype; a
+    combine that returns the parameter itself has written it in place),
     snapshotting it first; all or nothing: a tensor whose shape is not its parameter's, or any failure,
     restores what was written and raises. ``what`` names the tensors in errors ("delta", "values")."""
     saved: dict[str, torch.Tensor] = {}
@@ -211,7 +212,9 @@ def write_parameters(
                         f"{what} for {name} has shape {tuple(tensor.shape)}, the parameter has {tuple(p.shape)}"
                     )
                 saved[name] = p.detach().clone()
-                p.copy_(combine(p, tensor.to(p.device)).to(p.dtype))
+                value = combine(p, tensor.to(p.device))
+                if value is not p:  # a combine may work in place (an fp32 delta added to an fp32 parameter)
+                    p.copy_(value.to(p.dtype))
     except BaseException:
         Undo.of_tensors(saved).restore(model)
         raise

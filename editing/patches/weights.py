@@ -44,6 +44,11 @@ class Dense:
         return self.d.float()
 
 
+def _add_fp32(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """p + d in fp32: in place for an fp32 parameter (the same bits as p + d copied in, one pass less)."""
+    return p.add_(d) if p.dtype == torch.float32 and d.dtype == torch.float32 else p.float() + d
+
+
 @register_patch_kind
 @dataclass
 class WeightDelta(Patch):
@@ -69,7 +74,7 @@ class WeightDelta(Patch):
     def apply(self, model: nn.Module) -> Undo:
         """Add every update to its parameter (fp32 arithmetic, stored in the parameter's dtype); all or nothing."""
         dense = ((name, upd.dense()) for name, upd in self.parts.items())  # one dense update in memory at a time
-        return write_parameters(model, dense, "delta", lambda p, d: p.float() + d)
+        return write_parameters(model, dense, "delta", _add_fp32)
 
     def is_empty(self) -> bool:
         return not self.parts
