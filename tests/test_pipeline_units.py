@@ -202,3 +202,19 @@ def test_a_resumed_stream_shows_the_attempts_rejected_on_its_chain_before():
     rejected = [(step, m) for step, m in logged if any(k.startswith("rejected.") for k in m)]
     assert rejected == [(4, {"rejected.drawdown_base": 0.3}), (3, {"rejected.retention": 0.2})]
     assert [step for step, m in logged if "drawdown_base" in m] == [0, 2]
+
+
+def test_a_local_store_keeps_its_artifacts_beside_its_database_not_in_the_working_directory(tmp_path, monkeypatch):
+    """MLflow's default artifact root is ./mlruns under the working directory, whichever SQLite store it is:
+    a bench's work dir and the project's store would share one folder."""
+    from kedit.store.tracking import Tracker
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    run = tracker.start_run("kedit-m@client", "r", {})
+    tracker.log_dict(run, {"a": 1}, "x.json")
+    tracker.end_run(run)
+    assert not (cwd / "mlruns").exists()
+    assert [p.name for p in (tmp_path / "store" / "artifacts").rglob("x.json")] == ["x.json"]

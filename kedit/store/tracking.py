@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -72,6 +73,16 @@ def resolve_uri(uri: str | None = None) -> str:
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     return uri
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a local SQLite store keeps its artifacts: beside the database. MLflow's own
+    default is ``./mlruns`` under the working directory, whichever database it is, so two stores (a bench's
+    work dir and the project's) would write into one folder. None for a server, which has its own root."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///")).resolve()
+    return (db.parent / "artifacts" / re.sub(r"[^A-Za-z0-9._@-]", "_", experiment)).as_uri()
 
 
 @dataclass(frozen=True)
@@ -135,7 +146,9 @@ class Tracker:
         if exp is not None:
             return exp.experiment_id
         try:
-            return self.client.create_experiment(name, tags={T_MODEL: registered})
+            return self.client.create_experiment(
+                name, artifact_location=artifact_location(self.uri, name), tags={T_MODEL: registered}
+            )
         except Exception:  # created concurrently by another stream
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
