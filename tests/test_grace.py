@@ -97,6 +97,23 @@ def test_a_full_codebook_is_wrapped_by_a_larger_one_and_the_chain_rebuilds_it(tm
     assert [(cb.capacity, cb.n_entries()) for cb in book(model, editor)] == [(1, 1), (2, 2)]
 
 
+def test_bypassed_runs_the_base_layer_under_nested_codebooks_and_puts_them_back():
+    """``editing.patches.bypassed`` (what the bench's latency ratio times against): the model without its
+    installs computes the base's outputs bit for bit, and every codebook is back afterwards."""
+    from editing.patches import bypassed
+
+    model, tok, editor = grace(radius=1e-3, capacity=1)
+    base = copy.deepcopy(model)
+    editor.edit([FRANCE])
+    editor.edit([ALICE, BOB])  # a second codebook around the first
+    stack = book(model, editor)
+    assert not torch.equal(logits(model, tok, ALICE.text), logits(base, tok, ALICE.text))
+    with bypassed(model):
+        assert book(model, editor) == []
+        assert torch.equal(logits(model, tok, ALICE.text), logits(base, tok, ALICE.text))
+    assert book(model, editor) == stack and all(a is b for a, b in zip(book(model, editor), stack))
+
+
 def test_state_that_does_not_match_the_model_is_refused():
     model, tok, editor = grace(radius=1e-3)
     editor.edit([FRANCE])

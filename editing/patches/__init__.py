@@ -11,12 +11,22 @@ from .base import (
     patch_kind,
     register_patch_kind,
 )
-from .modules import MODULE_TYPES, Installable, InstalledModule, ModulePatch, install, module_type, register_module_type
+from .modules import (
+    MODULE_TYPES,
+    Installable,
+    InstalledModule,
+    ModulePatch,
+    bypassed,
+    install,
+    module_type,
+    register_module_type,
+)
 from .patchset import PatchSet
 from .values import WeightValues
 from .weights import Dense, LowRank, WeightDelta
 
 __all__ = [
+    "bypassed",
     "MODULE_TYPES",
     "PATCH_KINDS",
     "PatchIntegrityError",

@@ -12,6 +12,8 @@ tensor names; the tensors' sha256; a hash of the manifest's own content).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -100,6 +102,26 @@ def install(model: nn.Module, path: str, module: Installable) -> Undo:
         raise PatchIntegrityError(f"{path}: an installed module must hold the module it replaces as .{ORIGINAL}")
     model.set_submodule(path, module)
     return Undo([ModuleSwap(path, original)])
+
+
+@contextmanager
+def bypassed(model: nn.Module) -> Iterator[None]:
+    """The model without its installed modules: each outermost one swapped for the module it wraps innermost
+    (the layer as the base has it), all put back after. Weight deltas stay: they cost nothing at inference.
+    What an install costs a forward is the difference (``kedit bench``'s latency ratio)."""
+    outermost = [path for path, m in model.named_modules() if isinstance(m, Installable)]
+    outermost = [p for p in outermost if not any(p.startswith(q + ".") for q in outermost)]
+    undo = Undo()
+    try:
+        for path in outermost:
+            inner = model.get_submodule(path)
+            while isinstance(inner, Installable):
+                inner = getattr(inner, ORIGINAL)
+            undo.steps.append(ModuleSwap(path, model.get_submodule(path)))
+            model.set_submodule(path, inner)
+        yield
+    finally:
+        undo.restore(model)
 
 
 @register_patch_kind
