@@ -301,6 +301,26 @@ def test_a_spent_budget_stops_the_stream_and_holds_back_the_rest_for_a_later_str
     assert stream(config(feed, batch_size=1, **budget))["skipped"] == 5  # and now the feed is done
 
 
+def test_a_budget_spent_inside_a_bisection_holds_back_the_untried_half(env):
+    """The stop can come from a bisection's first half: the second half is never tried, and held back."""
+    tmp, config, _ = env
+    budget = {"drawdown": {"step_max": None}, "spent_at": 0.5}
+    assert stream(config([NEAR_BUDGET], batch_size=1, **budget))["accepted"] == 1  # 0.125 of the 0.2 budget used
+    summary = stream(config([OVER_BUDGET, GOOD[1]], batch_size=2, **budget))
+    # [OVER, GOOD1] fails the budget and is bisected; OVER alone fails nothing but the budget production already
+    # half uses: the stream stops, and GOOD1's half is never tried
+    assert (summary["accepted"], summary["quarantined"], summary["held_back"]) == (0, 0, 2), summary
+    held = [json.loads(line) for line in (tmp / "work" / "held_back.jsonl").read_text().splitlines()]
+    assert [EditRequest.from_dict(r).key for r in held] == [key(r) for r in (OVER_BUDGET, GOOD[1])]
+    name = summary["registered_model"]
+    runs = sorted(r.info.run_name for r in Tracker(f"sqlite:///{tmp}/mlruns/mlflow.db").runs(name, "attempt"))
+    assert runs == [
+        "REJECTED batch-000 (bisected)",
+        "REJECTED batch-000.1 (budget spent: stream stopped)",
+        "accepted batch-000 → v1",
+    ]
+
+
 def test_a_squashed_chain_is_production_and_the_next_stream_skips_what_the_old_versions_settled(env, checkpoint):
     tmp, config, kept = env
     summary = stream(config(GOOD + [HARMFUL], batch_size=1))
