@@ -33,6 +33,7 @@ from kedit.core.lm import additive_mask, encode_pairs, head_logits, model_device
 
 from .hooks import capture, edit_output, frozen, output_kind, start_at_block
 from .hparams import TargetHyperParams
+from .stem import low_precision
 from .keys import average_by_owner, fill, locate
 
 log = logging.getLogger(__name__)
@@ -212,20 +213,6 @@ class _Live:
     d_cols: torch.Tensor
 
 
-def _step_dtype(precision: str, model: nn.Module) -> torch.dtype | None:
-    """The dtype the steps run in when it is not the model's own (None: the model itself).
-
-    ``auto``: bf16 for fp32 weights where bf16 matmuls are native (a CUDA device, or a CPU whose oneDNN has them:
-    AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slower, and the model's own precision is kept."""
-    if precision == "model":
-        return None
-    if precision != "auto":
-        return getattr(torch, precision)
-    weight = next(model.parameters())
-    native = weight.device.type == "cuda" or (weight.device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return torch.bfloat16 if weight.dtype == torch.float32 and native else None
-
-
 def _copy_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A frozen copy of the model in ``dtype``, made per call: it cannot go stale across edits."""
     copy = deepcopy(model).to(dtype).eval()
@@ -325,7 +312,7 @@ def optimize_targets(
 
     # the steps run on the model itself, or on a copy in a lower precision (a step over a few tokens streams every
     # weight it passes through: half the bytes is half the time)
-    low = _step_dtype(cfg.precision, model)
+    low = low_precision(cfg.precision, model)
     runner = model if low is None else _copy_in(model, low)
     run_dtype = next(runner.parameters()).dtype
     run_base = getattr(runner, "base_model", runner)

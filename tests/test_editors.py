@@ -612,15 +612,17 @@ def test_pmet_spreads_the_residual_with_a_square_root():
 
 
 def test_auto_precision_is_bfloat16_only_where_its_matmuls_are_native(monkeypatch):
-    from editing.targets import _step_dtype
+    from editing.stem import low_precision
 
     model = tiny_llama(len(make_tokenizer()))
-    assert _step_dtype("model", model) is None and _step_dtype("bfloat16", model) is torch.bfloat16
+    assert low_precision("model", model) is None and low_precision(None, model) is None
+    assert low_precision("bfloat16", model) is torch.bfloat16
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    assert _step_dtype("auto", model) is torch.bfloat16
-    assert _step_dtype("auto", model.to(torch.bfloat16)) is None  # already low precision: the model itself
+    assert low_precision("auto", model) is torch.bfloat16
+    assert low_precision("auto", model.to(torch.bfloat16)) is None  # already low precision: the model itself
+    assert low_precision("bfloat16", model) is None  # the model's own precision: no copy
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    assert _step_dtype("auto", model.float()) is None
+    assert low_precision("auto", model.float()) is None
 
 
 def tiny_gemma3(tok):

@@ -71,15 +71,15 @@ def test_a_bf16_stem_or_head_makes_nearly_the_same_edit_and_is_rebuilt_when_a_fr
     for name, part in exact.parts.items():
         a, b = part.dense(), fast.parts[name].dense()
         assert not torch.equal(a, b) and torch.allclose(a, b, rtol=0.05, atol=0.05 * float(a.abs().max())), name
-    copy = fast_editor._copies["bfloat16"]._copy
+    copy = fast_editor._copies[torch.bfloat16]._copy
     with torch.no_grad():  # below block 2, or the head
         changed = spec_for(model).module_path("mlp_out", 0) if "stem_dtype" in low else spec_for(model).lm_head
         model.get_parameter(changed + ".weight").mul_(0.5)
     fast_editor.edit(reqs)
-    rebuilt = fast_editor._copies["bfloat16"]._copy
+    rebuilt = fast_editor._copies[torch.bfloat16]._copy
     assert rebuilt is not copy  # rebuilt from the changed weights
     fast_editor.edit(reqs)  # its own edits change blocks 2-3 only: outside the copy's part
-    assert fast_editor._copies["bfloat16"]._copy is rebuilt
+    assert fast_editor._copies[torch.bfloat16]._copy is rebuilt
 
 
 def test_the_edit_loss_reads_only_the_target_positions_and_gets_the_full_heads_value():

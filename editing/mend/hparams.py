@@ -53,10 +53,11 @@ class MENDHyperParams(StrictConfig):
     layers: Seq[int]  # blocks whose MLP projections are edited (the reference: the last three)
     kinds: Seq[Literal["mlp_in", "mlp_out"]] = ("mlp_in", "mlp_out")
     edit_lr: float = 1e-4  # initial per-weight edit learning rate (learned in training)
-    # the blocks below the lowest edited one, at this precision in an edit (editing/stem.py); None: the model's
-    stem_dtype: Literal["bfloat16", "float16"] | None = None
+    # the blocks below the lowest edited one, at this precision in an edit (editing/stem.py); None: the model's;
+    # "auto": bf16 where its matmuls are native (CUDA, or a CPU with AVX-512 BF16 or AMX), else the model's
+    stem_dtype: Literal["auto", "bfloat16", "float16"] | None = None
     # the output head at this precision in an edit: the edit loss runs through it forward and backward, and no
     # edit changes it (a copy like the stem's, rebuilt when its weights change); None: the model's
-    head_dtype: Literal["bfloat16", "float16"] | None = None
+    head_dtype: Literal["auto", "bfloat16", "float16"] | None = None
     network: NetworkHyperParams = NetworkHyperParams()
     train: TrainHyperParams = TrainHyperParams()

@@ -21,7 +21,7 @@ from torch import nn
 from editing.base import EditError, Editor, linear_update, register
 from editing.finetune import model_device, target_batch
 from editing.hooks import frozen, start_at_block, swapped
-from editing.stem import LowPrecisionStem
+from editing.stem import LowPrecisionStem, low_precision
 from kedit.core.arch import ArchSpec, spec_for
 from kedit.core.facts import EditRequest
 
@@ -74,7 +74,7 @@ class MEND(Editor):
         super().__init__(model, tokenizer, hparams)
         self.network = network
         self.weights = edited_weights(model, self.spec, self.hparams)
-        self._copies: dict[str, LowPrecisionStem] = {}  # by dtype name: the stem's and the head's precision may differ
+        self._copies: dict[torch.dtype, LowPrecisionStem] = {}  # by dtype: the stem's and the head's precision may differ
         if network is not None:
             self._check(network.net)
 
@@ -126,12 +126,13 @@ class MEND(Editor):
         if self.network is None:
             raise EditError("mend needs a network trained for this base model; train one with: kedit train mend --model MODEL")
 
-    def _low_precision(self, dtype: str | None) -> LowPrecisionStem | None:
-        """The model's copy in ``dtype`` (None when that is the model's own precision)."""
-        if dtype is None or getattr(torch, dtype) == next(self.model.parameters()).dtype:
+    def _low_precision(self, precision: str | None) -> LowPrecisionStem | None:
+        """The model's frozen copy at ``precision`` (None when that is the model's own: no copy)."""
+        dtype = low_precision(precision, self.model)
+        if dtype is None:
             return None
         if dtype not in self._copies:
-            self._copies[dtype] = LowPrecisionStem(self.model, self.spec, min(self.hparams.layers), getattr(torch, dtype))
+            self._copies[dtype] = LowPrecisionStem(self.model, self.spec, min(self.hparams.layers), dtype)
         return self._copies[dtype]
 
     def _stem_input(self, batch):
