@@ -33,8 +33,8 @@ from kedit.core.lm import additive_mask, encode_pairs, head_logits, model_device
 
 from .hooks import capture, edit_output, frozen, output_kind, start_at_block
 from .hparams import TargetHyperParams
-from .stem import low_precision
 from .keys import average_by_owner, fill, locate
+from .stem import low_precision
 
 log = logging.getLogger(__name__)
 
