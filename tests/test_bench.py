@@ -446,7 +446,12 @@ def test_bench_stream_resumes_in_its_work_dir_and_reports_every_part_and_the_his
     assert out.exit_code == 0, out.output
     assert json.loads((tmp_path / "h.json").read_text())["versions"] == versions
     assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert out.output.splitlines()[-1].startswith(f"v{versions[-1]['version']} | 3 | ")
+    assert out.output.splitlines()[-1].startswith(f"| v{versions[-1]['version']} | 3 | ")
+    # --min-facts leaves out the versions of fewer facts (a fact retried alone)
+    out = CliRunner().invoke(cli, ["bench", "history", "--tracking-uri", uri, "--min-facts", "2"])
+    tabled = [line.split(" | ")[1] for line in out.output.splitlines()[2:]]
+    sizes = [b["n_edits"] - a["n_edits"] for a, b in zip([{"n_edits": 0}, *versions], versions)]
+    assert tabled == [str(v["n_edits"]) for v, k in zip(versions, sizes) if k >= 2] and len(tabled) < len(versions)
 
 
 def test_a_result_or_step_made_with_other_code_is_run_again_not_resumed(tmp_path, monkeypatch):

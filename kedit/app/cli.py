@@ -653,20 +653,27 @@ def bench_retention(model, data, lengths, sample, json_out) -> None:
 @TRACKING_URI
 @click.option("--name", default=None, help="Registered model (default: the store's only one).")
 @click.option("--plot", type=PathArg, default=None, help="Draw the history into this PNG file.")
+@click.option("--min-facts", type=int, default=1, show_default=True, help="Table only the versions of at least this many facts.")
 @JSON_OUT
-def bench_history(tracking_uri, name, plot, json_out) -> None:
-    """Metrics over edits of a stream's production chain: per version, its edit count and its attempt's gate metrics."""
+def bench_history(tracking_uri, name, plot, min_facts, json_out) -> None:
+    """Metrics over edits of a stream's production chain: per version, its edit count and its attempt's gate metrics
+    (a Markdown table: capability figures are relative changes against the base, in the bad direction)."""
     from kedit.app.bench import plot_history, version_history
 
     rows = version_history(tracking_uri, name)
     if plot:
         click.echo(f"written: {plot_history(rows, plot, f'{name or tracking_uri}: metrics over edits')}")
     cols = ("efficacy", "generalization", "specificity", "retention", "drawdown_base")
-    cols += ("cap_regression_base/kedit_ppl/word_perplexity",)
-    click.echo(" | ".join(("version", "edits", *(c.split("/")[0] for c in cols))))
+    relative = ("cap_regression_base/kedit_ppl/word_perplexity", "cap_regression_base/kedit_mc/acc")
+    click.echo("| version | edits | " + " | ".join((*cols, "perplexity vs base", "MC accuracy lost vs base")) + " |")
+    click.echo("|---|" + "---:|" * (len(cols) + 3))
+    before = 0
     for r in rows:
-        cells = [f"{r[c]:.3f}" if c in r else "-" for c in cols]
-        click.echo(" | ".join((f"v{r['version']}", str(r["n_edits"]), *cells)))
+        facts, before = r["n_edits"] - before, r["n_edits"]
+        if facts < min_facts:
+            continue
+        cells = [f"{r[c]:.2f}" if c in r else "–" for c in cols] + [f"{r[c]:+.1%}" if c in r else "–" for c in relative]
+        click.echo("| " + " | ".join((f"v{r['version']}", str(r["n_edits"]), *cells)) + " |")
     _write_json(json_out, {"tracking_uri": tracking_uri, "versions": rows})
 
 
