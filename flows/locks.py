@@ -5,6 +5,9 @@ Two kinds, chosen by ``KEDIT_LOCK``:
 - ``file`` (default): an OS advisory lock on ``$KEDIT_HOME/locks/<model>.lock``. Every stream of a
   model on this machine (the CLI, ``kedit serve``'s flow runs, tests) takes it; the kernel frees it
   the instant its holder dies, ``kill -9`` included, so a killed stream never blocks the next one.
+  A local SQLite store is part of the lock's name (its resolved path, hashed): streams of one base model
+  in two such stores (a benchmark's work dir and the project's) have nothing to wait for. Any other store
+  (a server, which other URLs may name too) locks by the model alone.
 - ``prefect``: a Prefect global concurrency limit of one slot per model, for workers on several
   machines sharing one Prefect server. The slot is a lease renewed while the stream lives; a stream
   killed with ``kill -9`` frees it when the lease expires (60 s, Prefect's minimum) and the server's
@@ -15,10 +18,12 @@ A second stream waits, then continues from the version the first left in product
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +63,18 @@ def lease_seconds() -> float:
     return max(60.0, float(os.environ.get("KEDIT_LOCK_LEASE_S", "60")))
 
 
+def file_lock_name(registered: str, store: str | None) -> str:
+    """The file lock's name: the model's, and a local SQLite store's resolved path (hashed) when there is one."""
+    if store is None or not store.startswith("sqlite:///"):
+        return limit_name(registered)
+    where = str(Path(store.removeprefix("sqlite:///")).resolve())
+    return f"{limit_name(registered)}-{hashlib.sha256(where.encode()).hexdigest()[:12]}"
+
+
 @contextmanager
-def one_stream_per_model(registered: str) -> Iterator[None]:
+def one_stream_per_model(registered: str, store: str | None = None) -> Iterator[None]:
+    """Held while a stream (or a rollback or squash) of ``registered`` in the store at ``store`` (a tracking URI,
+    resolved) works on its production chain."""
     name = limit_name(registered)
     log.info("waiting for the model's stream lock %s (%s)", name, lock_kind())
     if lock_kind() == "prefect":
@@ -74,7 +89,7 @@ def one_stream_per_model(registered: str) -> Iterator[None]:
 
     from kedit.core.paths import kedit_home
 
-    path = kedit_home() / "locks" / f"{name}.lock"
+    path = kedit_home() / "locks" / f"{file_lock_name(registered, store)}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path)):
         log.info("holding %s", path)

@@ -108,7 +108,7 @@ def stream(cfg: StreamConfig) -> dict:
     plan = validate_feeds(cfg, cfg.work_dir)
     opened = load_model(cfg)
     try:
-        with one_stream_per_model(opened.registered):
+        with one_stream_per_model(opened.registered, opened.store):
             restore_production(opened.session_id)
             batches = start_tracking(opened.session_id, plan)
             for i, keys in enumerate(batches):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -519,13 +520,45 @@ def test_rollback_waits_for_the_running_stream_of_the_model(tmp_path, monkeypatc
     monkeypatch.setenv("KEDIT_HOME", str(tmp_path))
     monkeypatch.setenv("KEDIT_LOCK", "file")
     monkeypatch.setattr(kedit.store.naming, "identify", lambda ref: ("kedit-m", "fp"))
-    monkeypatch.setattr(kedit.store.tracking, "Tracker", lambda uri: object())
+    store = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    monkeypatch.setattr(kedit.store.tracking, "Tracker", lambda uri: SimpleNamespace(uri=uri))
     moved = threading.Event()
     monkeypatch.setattr(kedit.store.versions, "rollback_to", lambda tracker, name, version, fp: moved.set() or "3")
-    with one_stream_per_model("kedit-m"):  # a stream of the model is running
-        argv = ["rollback", "--model", "m", "--to", "1"]
+    with one_stream_per_model("kedit-m", store):  # a stream of the model is running in that store
+        argv = ["rollback", "--model", "m", "--to", "1", "--tracking-uri", store]
         t = threading.Thread(target=cli.main, args=(argv,), kwargs={"standalone_mode": False})
         t.start()
         assert not moved.wait(1.0), "rollback moved production under a running stream"
     assert moved.wait(10.0)
     t.join(timeout=10)
+
+
+def test_streams_of_one_model_in_two_local_stores_do_not_wait_for_each_other(tmp_path, monkeypatch):
+    """The file lock names a local SQLite store (resolved): one store's stream excludes another stream of the
+    model in that store, however its path is written, and not one in another store; a server store locks by
+    the model alone (two URLs may name one server)."""
+    import threading
+
+    from flows.locks import file_lock_name, one_stream_per_model
+
+    monkeypatch.setenv("KEDIT_HOME", str(tmp_path))
+    monkeypatch.setenv("KEDIT_LOCK", "file")
+    monkeypatch.chdir(tmp_path)
+    a, b = "sqlite:///a/mlflow.db", "sqlite:///b/mlflow.db"
+    assert file_lock_name("kedit-m", a) == file_lock_name("kedit-m", f"sqlite:///{tmp_path}/x/../a/mlflow.db")
+    assert file_lock_name("kedit-m", "http://127.0.0.1:5000") == file_lock_name("kedit-m", None) == "kedit-stream-kedit-m"
+
+    def enters(store) -> bool:
+        entered = threading.Event()
+
+        def other():
+            with one_stream_per_model("kedit-m", store):
+                entered.set()
+
+        t = threading.Thread(target=other, daemon=True)
+        t.start()
+        return entered.wait(1.0)
+
+    with one_stream_per_model("kedit-m", a):
+        assert enters(b)  # another store: no wait
+        assert not enters(f"sqlite:///{tmp_path}/a/mlflow.db")  # the same store, written otherwise: waits

@@ -253,8 +253,9 @@ def rollback(model, version, tracking_uri) -> None:
     from kedit.store.versions import rollback_to
 
     name, fp = identify(model)
-    with one_stream_per_model(name):
-        prev = rollback_to(Tracker(tracking_uri), name, version, fp)
+    tracker = Tracker(tracking_uri)
+    with one_stream_per_model(name, tracker.uri):
+        prev = rollback_to(tracker, name, version, fp)
     click.echo(f"{name}: production moved from v{prev} to v{version}")
 
 
@@ -276,8 +277,9 @@ def squash(model, upto, tracking_uri) -> None:
 
     name, fp = identify(model)
     base, _ = load_model(model, "cpu")
-    with one_stream_per_model(name):
-        out = run(base, Tracker(tracking_uri), name, upto, fp)
+    tracker = Tracker(tracking_uri)
+    with one_stream_per_model(name, tracker.uri):
+        out = run(base, tracker, name, upto, fp)
     moved = f"moved to v{out.head}" if out.production_moved else "unchanged"
     chain = " ".join(f"v{v}" for v in out.versions)
     span = f"v{out.replaced[0]}-v{out.replaced[-1]}"

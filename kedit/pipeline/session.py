@@ -107,11 +107,12 @@ class Session:
 
 @dataclass(frozen=True)
 class Opened:
-    """What the flow needs of an open session: its id, the model lock's name, whether to bisect."""
+    """What the flow needs of an open session: its id, the model lock's name and store, whether to bisect."""
 
     session_id: str
     registered: str
     bisect: bool
+    store: str | None = None  # the tracking URI, resolved: a local SQLite store is part of the lock's name
 
 
 _SESSIONS: dict[str, Session] = {}  # this process's open sessions; the flow closes its own
@@ -155,7 +156,7 @@ def open_session(cfg: StreamConfig) -> Opened:
         editor.exchange = MKVExchange(MKVStore(cfg.mkv).client(cfg.client), compat, cfg.mkv_threshold, cfg.mkv_min_share)
     session_id = uuid.uuid4().hex[:12]
     _SESSIONS[session_id] = Session(session_id, cfg, gates, tracker, registered, fingerprint, model, tokenizer, editor)
-    return Opened(session_id, registered, gates.bisect)
+    return Opened(session_id, registered, gates.bisect, tracker.uri)
 
 
 def _assets(cfg: StreamConfig) -> dict[str, Any]:
