@@ -19,7 +19,7 @@ from kedit.core.arch import spec_for
 from kedit.core.facts import EditRequest
 from kedit.core.models import load_model
 
-TINY = {"layers": (2, 3), "network.rank": 16, "edit_lr": 0.01}
+TINY = {"layers": (2, 3), "network.rank": 16, "edit_lr": 0.01, "stem_dtype": None, "head_dtype": None}  # exact: fp32 throughout
 TRAIN = {"train.batch": 2, "train.lr": 1e-3, "train.lr_lr": 1e-2, "train.val_facts": 6, "train.checkpoint_every": 5}
 
 
