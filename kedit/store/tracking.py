@@ -82,7 +82,7 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     if not uri.startswith("sqlite:///"):
         return None
     db = Path(uri.removeprefix("sqlite:///")).resolve()
-    return (db.parent / "artifacts" / re.sub(r"[^A-Za-z0-9._@-]", "_", experiment)).as_uri()
+    return str(db.parent / "artifacts" / re.sub(r"[^A-Za-z0-9._@-]", "_", experiment))
 
 
 @dataclass(frozen=True)
