@@ -137,14 +137,12 @@ def start_at_block(model: nn.Module, blocks_path: str, index: int, hidden: torch
 @contextmanager
 def swapped(model: nn.Module, path: str, module: nn.Module) -> Iterator[None]:
     """``module`` stands at ``path`` inside the block; the original is put back after, whatever happens."""
-    parent, _, name = path.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    original = getattr(owner, name)
-    setattr(owner, name, module)
+    original = model.get_submodule(path)
+    model.set_submodule(path, module)
     try:
         yield
     finally:
-        setattr(owner, name, original)
+        model.set_submodule(path, original)
 
 
 @contextmanager

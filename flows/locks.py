@@ -23,7 +23,6 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +64,12 @@ def lease_seconds() -> float:
 
 def file_lock_name(registered: str, store: str | None) -> str:
     """The file lock's name: the model's, and a local SQLite store's resolved path (hashed) when there is one."""
-    if store is None or not store.startswith("sqlite:///"):
+    from kedit.store.tracking import sqlite_path
+
+    db = sqlite_path(store)
+    if db is None:
         return limit_name(registered)
-    where = str(Path(store.removeprefix("sqlite:///")).resolve())
-    return f"{limit_name(registered)}-{hashlib.sha256(where.encode()).hexdigest()[:12]}"
+    return f"{limit_name(registered)}-{hashlib.sha256(str(db).encode()).hexdigest()[:12]}"
 
 
 @contextmanager

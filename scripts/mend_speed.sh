@@ -7,7 +7,9 @@ set -euo pipefail
 OUT=${1:-docs}
 DATA=../shared/data/counterfact/counterfact_500.rome.json
 single="kedit bench editors --model smollm2-135m --data $DATA --batch-size 1 --no-sequential"
-$single --methods mend --n 200 --json "$OUT/bench_mend_single_n200_fp32.json"
+# the presets say auto (bf16 where native): the fp32 run pins both to the model's own precision
+$single --methods mend --n 200 --set mend.stem_dtype=null --set mend.head_dtype=null \
+    --json "$OUT/bench_mend_single_n200_fp32.json"
 $single --methods mend --n 200 --set mend.stem_dtype=bfloat16 --set mend.head_dtype=bfloat16 \
     --json "$OUT/bench_mend_single_n200_bf16.json"
 $single --methods memit --n 20 --json "$OUT/bench_memit_single_n20_beside_mend.json"

@@ -318,7 +318,7 @@ def latency_ratio(model, tok, prompts: list[str], pairs: int = 7) -> float:
     """What the edit costs inference: one batched forward over ``prompts`` with the model as edited, against the
     same forward with its installed modules bypassed (``editing.patches.bypassed``; weight deltas cost nothing).
     The two run in alternation and the median of the pairs' ratios is taken, so that a change in the machine's
-    load between them cancels (timed apart, minutes away, the ratio moved by ±10% on a shared CPU)."""
+    load between them cancels (timed minutes or hours apart, as before, such a change lands in the ratio)."""
     from editing.patches import bypassed
     from kedit.core.lm import encode_prompts, model_device, pad_batch, pad_id_of
 

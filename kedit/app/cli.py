@@ -397,12 +397,11 @@ def serve(
 
 def _absolute_uri(uri: str | None) -> str:
     """Flow runs execute in other processes (and directories): pin a relative SQLite path to this directory."""
-    from kedit.store.tracking import resolve_uri
+    from kedit.store.tracking import resolve_uri, sqlite_path
 
     uri = resolve_uri(uri)
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    return uri
+    db = sqlite_path(uri)
+    return uri if db is None else f"sqlite:///{db}"
 
 
 @cli.command()

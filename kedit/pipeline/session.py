@@ -112,7 +112,7 @@ class Opened:
     session_id: str
     registered: str
     bisect: bool
-    store: str | None = None  # the tracking URI, resolved: a local SQLite store is part of the lock's name
+    store: str  # the tracking URI, resolved: a local SQLite store is part of the lock's name
 
 
 _SESSIONS: dict[str, Session] = {}  # this process's open sessions; the flow closes its own

@@ -75,13 +75,20 @@ def resolve_uri(uri: str | None = None) -> str:
     return uri
 
 
+def sqlite_path(uri: str | None) -> Path | None:
+    """The resolved database file of a local SQLite tracking URI; None for any other store."""
+    if uri is None or not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///")).resolve()
+
+
 def artifact_location(uri: str, experiment: str) -> str | None:
     """Where a new experiment of a local SQLite store keeps its artifacts: beside the database. MLflow's own
     default is ``./mlruns`` under the working directory, whichever database it is, so two stores (a bench's
     work dir and the project's) would write into one folder. None for a server, which has its own root."""
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_path(uri)
+    if db is None:
         return None
-    db = Path(uri.removeprefix("sqlite:///")).resolve()
     return str(db.parent / "artifacts" / re.sub(r"[^A-Za-z0-9._@-]", "_", experiment))
 
 
