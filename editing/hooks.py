@@ -90,6 +90,23 @@ def stop_after(model: nn.Module, path: str) -> Iterator[None]:
         handle.remove()
 
 
+@contextmanager
+def stop_before(model: nn.Module, path: str) -> Iterator[None]:
+    """End the forward pass as ``path`` is entered (after the pre-hooks registered before this one: a ``capture``
+    of its input entered first still sees it)."""
+
+    def hook(mod, args, kwargs):
+        raise StopForward
+
+    handle = model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
 def last_run(model: nn.Module, paths: list[str]) -> str:
     """Of ``paths``, the one a forward pass reaches last (modules register in the order they run)."""
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}

@@ -14,13 +14,14 @@ storage moved): a stale copy cannot be used.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from kedit.core.arch import ArchSpec
 
-from .hooks import capture, output_kind, stop_after
+from .hooks import capture, output_kind, stop_before
 
 
 def low_precision(precision: str | None, model: nn.Module) -> torch.dtype | None:
@@ -49,39 +50,55 @@ class _CastHead(nn.Module):
         return self.head(x.to(self.dtype)).to(x.dtype)
 
 
+@dataclass(frozen=True)
+class FrozenCopy:
+    """A fresh copy (``LowPrecisionStem.fresh``): valid for the forwards of one edit, until a frozen weight changes."""
+
+    module: nn.Module
+    spec: ArchSpec
+    first: int
+    dtype: torch.dtype
+    model_dtype: torch.dtype
+
+    @torch.no_grad()
+    def hidden(self, input_ids, attention_mask, position_ids) -> tuple[torch.Tensor, bool]:
+        """The input of block ``first`` (B, T, d) in the model's dtype, and whether blocks return tuples."""
+        block = self.spec.block(self.first)
+        # the forward stops as block ``first`` is entered; the block below tells whether blocks return tuples
+        # (with nothing below, no block is skipped and it does not matter)
+        below = self.spec.block(self.first - 1) if self.first > 0 else block
+        with capture(self.module, [block], "input") as seen, output_kind(self.module, below) as kind:
+            with stop_before(self.module, block):
+                self.module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return seen[block].to(self.model_dtype), kind.get("tuple", False)
+
+    def head(self) -> nn.Module:
+        """The copy's output head, to stand at ``spec.lm_head`` (``hooks.swapped``): the copy is fresh for the
+        head too, since its weights are among the stem's (outside every block)."""
+        return _CastHead(self.module.get_submodule(self.spec.lm_head), self.dtype)
+
+
 class LowPrecisionStem:
+    """The model's copy in ``dtype``, kept while the weights it copies (every one outside blocks ``first`` and up)
+    stay as they are."""
+
     def __init__(self, model: nn.Module, spec: ArchSpec, first: int, dtype: torch.dtype):
         self.model, self.spec, self.first, self.dtype = model, spec, first, dtype
         self._copy: nn.Module | None = None
         self._key: tuple | None = None
 
     def _stem_params(self) -> list[torch.Tensor]:
-        blocks = self.spec.blocks + "."
-        below = {f"{blocks}{i}." for i in range(self.first)}
+        above = {id(p) for block in self.model.get_submodule(self.spec.blocks)[self.first :] for p in block.parameters()}
         # every parameter that is not in a block at or above ``first`` (embeddings, the blocks below, the head)
-        return [p for n, p in self.model.named_parameters() if not n.startswith(blocks) or any(n.startswith(b) for b in below)]
+        return [p for p in self.model.parameters() if id(p) not in above]
 
-    def _fresh(self) -> nn.Module:
+    def fresh(self) -> FrozenCopy:
+        """The copy, rebuilt first if a weight it copies changed: take one per edit (the check walks the model)."""
         key = tuple((p.data_ptr(), p._version) for p in self._stem_params())
         if self._copy is None or key != self._key:
             self._copy = copy.deepcopy(self.model).to(self.dtype).eval()
             for p in self._copy.parameters():
                 p.requires_grad_(False)
             self._key = key
-        return self._copy
-
-    @torch.no_grad()
-    def hidden(self, input_ids, attention_mask, position_ids) -> tuple[torch.Tensor, bool]:
-        """The input of block ``first`` (B, T, d) in the model's dtype, and whether blocks return tuples."""
-        stem = self._fresh()
-        block = self.spec.block(self.first)
-        # the block itself runs once (its output tells whether blocks return tuples), then the forward stops
-        with capture(stem, [block], "input") as seen, output_kind(stem, block) as kind, stop_after(stem, block):
-            stem(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         dtype = next(self.model.parameters()).dtype
-        return seen[block].to(dtype), kind.get("tuple", False)
-
-    def head(self) -> nn.Module:
-        """The copy's output head, to stand at ``spec.lm_head`` (``hooks.swapped``): the copy is fresh for the
-        head too, since its weights are among the stem's (outside every block)."""
-        return _CastHead(self._fresh().get_submodule(self.spec.lm_head), self.dtype)
+        return FrozenCopy(self._copy, self.spec, self.first, self.dtype, dtype)

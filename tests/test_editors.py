@@ -625,6 +625,32 @@ def test_auto_precision_is_bfloat16_only_where_its_matmuls_are_native(monkeypatc
     assert low_precision("auto", model.float()) is None
 
 
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_a_frozen_copy_stops_as_the_first_edited_block_is_entered_and_hands_over_its_input(make):
+    """``FrozenCopy.hidden``: the input of block ``first`` as the model's own forward computes it (the copy in
+    float64 here, to compare), whether blocks return tuples (GPT-2) or tensors (Llama), and no block from
+    ``first`` on runs in the copy."""
+    from editing.hooks import capture, output_kind
+    from editing.stem import LowPrecisionStem
+    from kedit.core.arch import spec_for
+
+    tok = make_tokenizer()
+    model = make(len(tok))
+    spec = spec_for(model)
+    ids = torch.tensor([[5, 9, 11, 7, 3]])
+    mask, pos = torch.ones_like(ids), torch.arange(5)[None]
+    copy = LowPrecisionStem(model, spec, 2, torch.float64).fresh()
+    ran = []
+    for i in range(4):
+        copy.module.get_submodule(spec.block(i)).register_forward_hook(lambda m, a, o, i=i: ran.append(i))
+    hidden, returns_tuple = copy.hidden(ids, mask, pos)
+    with torch.no_grad(), capture(model, [spec.block(2)], "input") as seen, output_kind(model, spec.block(0)) as kind:
+        model(input_ids=ids, attention_mask=mask, position_ids=pos)
+    assert ran == [0, 1] and hidden.dtype == torch.float32
+    assert torch.allclose(hidden, seen[spec.block(2)], atol=1e-5)
+    assert returns_tuple is kind["tuple"]
+
+
 def tiny_gemma3(tok):
     """A two-layer Gemma 3 (a norm between each MLP and the residual) and its ArchSpec."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig

@@ -82,6 +82,31 @@ def test_a_bf16_stem_or_head_makes_nearly_the_same_edit_and_is_rebuilt_when_a_fr
     assert fast_editor._copies[torch.bfloat16]._copy is rebuilt
 
 
+def test_the_weights_of_one_shape_share_one_pass_of_their_map_each_with_its_own_mode():
+    """``HyperNet.updates`` stacks the rows of every weight of a shape: each weight's update is what its rows alone
+    give (its own mode's scale and shift, its own edit rate), whatever else is in the stack."""
+    model, _, hp = setup({"network.n_hidden": 1})
+    net = MEND.new_network(model, hp)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # trained-looking maps: modes and edit rates that differ
+        for p in net.parameters():
+            p.copy_(p + 0.3 * torch.randn(p.shape, generator=gen))
+    net.eval()
+    factors = {
+        path: (torch.randn(2 + i, d_in, generator=gen), torch.randn(2 + i, d_out, generator=gen))
+        for i, (path, (d_in, d_out)) in enumerate(net.weights.items())
+    }
+    together = net.updates(factors)
+    assert list(together) == list(factors)
+    for path, f in factors.items():
+        (out, inp), (out1, inp1) = together[path], net.updates({path: f})[path]
+        assert out.shape == out1.shape and torch.allclose(out, out1, atol=1e-5) and torch.allclose(inp, inp1, atol=1e-5), path
+    # two weights of one shape (one map): the same rows through the other's mode give another update
+    first, second = [p for p in net.weights if net.weights[p] == net.weights[list(net.weights)[0]]][:2]
+    rows = {first: factors[second]}
+    assert not torch.allclose(net.updates(rows)[first][1], together[second][1], atol=1e-3)
+
+
 def test_the_edit_loss_reads_only_the_target_positions_and_gets_the_full_heads_value():
     """The head runs on the target positions only (``logits_to_keep``); the loss is the one over all logits."""
     from editing.finetune import target_batch

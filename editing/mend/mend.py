@@ -21,7 +21,7 @@ from torch import nn
 from editing.base import EditError, Editor, linear_update, register
 from editing.finetune import model_device, target_batch
 from editing.hooks import frozen, start_at_block, swapped
-from editing.stem import LowPrecisionStem, low_precision
+from editing.stem import FrozenCopy, LowPrecisionStem, low_precision
 from kedit.core.arch import ArchSpec, spec_for
 from kedit.core.facts import EditRequest
 
@@ -126,38 +126,41 @@ class MEND(Editor):
         if self.network is None:
             raise EditError("mend needs a network trained for this base model; train one with: kedit train mend --model MODEL")
 
-    def _low_precision(self, precision: str | None) -> LowPrecisionStem | None:
-        """The model's frozen copy at ``precision`` (None when that is the model's own: no copy)."""
-        dtype = low_precision(precision, self.model)
-        if dtype is None:
-            return None
-        if dtype not in self._copies:
-            self._copies[dtype] = LowPrecisionStem(self.model, self.spec, min(self.hparams.layers), dtype)
-        return self._copies[dtype]
+    def _frozen_copies(self) -> dict[str, FrozenCopy | None]:
+        """The fresh low-precision copies the stem and the head run in (None: the model's own precision).
 
-    def _stem_input(self, batch):
+        Each copy's freshness is checked once, before either is used: inside the stem's context the blocks below
+        the edit are passthroughs, and a check there would see other parameters (and rebuild every edit)."""
+        fresh: dict[torch.dtype, FrozenCopy] = {}
+        out: dict[str, FrozenCopy | None] = {}
+        for part, precision in (("stem", self.hparams.stem_dtype), ("head", self.hparams.head_dtype)):
+            dtype = low_precision(precision, self.model)
+            if dtype is not None and dtype not in fresh:
+                if dtype not in self._copies:
+                    self._copies[dtype] = LowPrecisionStem(self.model, self.spec, min(self.hparams.layers), dtype)
+                fresh[dtype] = self._copies[dtype].fresh()
+            out[part] = None if dtype is None else fresh[dtype]
+        return out
+
+    def _stem_input(self, stem: FrozenCopy | None, batch):
         """Where the edit's forward starts: block ``min(layers)`` with the stem's hidden states, or the embeddings."""
-        stem = self._low_precision(self.hparams.stem_dtype)
         if stem is None:
             return nullcontext()
         hidden, returns_tuple = stem.hidden(*batch[:3])
         return start_at_block(self.model, self.spec.blocks, stem.first, hidden, returns_tuple)
 
-    def _head(self):
+    def _head(self, head: FrozenCopy | None):
         """The output head the edit loss runs through: the model's, or its low-precision copy."""
-        copy = self._low_precision(self.hparams.head_dtype)
-        return nullcontext() if copy is None else swapped(self.model, self.spec.lm_head, copy.head())
+        return nullcontext() if head is None else swapped(self.model, self.spec.lm_head, head.head())
 
     def _edit(self, requests: list[EditRequest]) -> None:
         net = self.network.net.eval()
         batch = target_batch(self.tok, requests, model_device(self.model))
-        # both copies are looked at before either context is entered: inside the stem's, the blocks below the
-        # edit are passthroughs, and the copies' freshness key would see other parameters (and rebuild each edit)
-        starts, head = self._stem_input(batch), self._head()
+        copies = self._frozen_copies()
+        starts, head = self._stem_input(copies["stem"], batch), self._head(copies["head"])
         with frozen(self.model), starts, head:
             factors = gradient_factors(self.model, list(self.weights), lambda: edit_loss(self.model, batch), batch[1])
         with torch.no_grad():
-            for path, (u, d) in factors.items():
-                out, inp = net.factors(path, u, d)
+            for path, (out, inp) in net.updates(factors).items():
                 module = self.model.get_submodule(path)
                 self._apply(f"{path}.weight", linear_update(module, out.contiguous(), inp.contiguous()))

@@ -52,7 +52,7 @@ class ResidualLowRank(nn.Module):
         self.scale = nn.Parameter(torch.ones(n_modes, dim))
         self.shift = nn.Parameter(torch.zeros(n_modes, dim))
 
-    def forward(self, x: torch.Tensor, mode: int) -> torch.Tensor:  # x: (n, dim)
+    def forward(self, x: torch.Tensor, mode: int | torch.Tensor) -> torch.Tensor:  # x: (n, dim); mode: one, or (n,) per row
         pre = (x @ self.down.T) @ self.up.T + self.bias
         # clamp, not relu: at B = 0 the pre-activation is exactly 0, where relu's gradient is 0 and clamp's is 1
         return x + (pre * self.scale[mode] + self.shift[mode]).clamp(min=0)
@@ -68,8 +68,8 @@ class GradientMap(nn.Module):
         dim = d_in + d_out
         self.layers = nn.ModuleList(ResidualLowRank(dim, min(rank, dim), n_modes, generator) for _ in range(n_hidden + 1))
 
-    def forward(self, u: torch.Tensor, d: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
-        u, d = u.float(), d.float()  # (T, d_in), (T, d_out)
+    def forward(self, u: torch.Tensor, d: torch.Tensor, mode: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u, d = u.float(), d.float()  # (T, d_in), (T, d_out); mode: one for all rows, or (T,) per row
         if self.norm:
             if self.training:
                 self.norm_u.update(u)
@@ -112,8 +112,23 @@ class HyperNet(nn.Module):
         weights = {str(k): (int(a), int(b)) for k, a, b in config["weights"]}
         return cls(weights, int(config["rank"]), int(config["n_hidden"]), bool(config["norm"]), edit_lr=0.0)
 
-    def factors(self, name: str, u: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ΔW = out @ inp for the weight of module ``name``, in nn.Linear's layout: out (d_out, T) = -α δ̃ᵀ, inp (T, d_in) = ũ."""
-        d_in, d_out = self.weights[name]
-        u_t, d_t = self.maps[shape_key(d_in, d_out)](u, d, self.mode[name])
-        return -self.edit_lrs[self.index[name]] * d_t.T, u_t
+    def updates(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per module path in ``factors`` (path -> (u (T_w, d_in), δ (T_w, d_out))), its update ΔW = out @ inp in
+        nn.Linear's layout: out (d_out, T_w) = -α_w δ̃ᵀ, inp (T_w, d_in) = ũ.
+
+        The weights of one shape go through their map as one stack of rows, each row with its weight's mode: a map
+        runs once per shape, not once per weight (its matmuls read the map's weights once for all of them)."""
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for key, gmap in self.maps.items():
+            names = [n for n in factors if shape_key(*self.weights[n]) == key]
+            if not names:
+                continue
+            us, ds = zip(*(factors[n] for n in names))
+            counts = [len(u) for u in us]
+            modes = torch.repeat_interleave(
+                torch.tensor([self.mode[n] for n in names], device=us[0].device), torch.tensor(counts, device=us[0].device)
+            )  # (Σ T_w,)
+            u_t, d_t = gmap(torch.cat(us), torch.cat(ds), modes)
+            for name, u_w, d_w in zip(names, u_t.split(counts), d_t.split(counts)):
+                out[name] = (-self.edit_lrs[self.index[name]] * d_w.T, u_w)
+        return {n: out[n] for n in factors}

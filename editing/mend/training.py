@@ -179,7 +179,7 @@ def meta_step(
 
             factors = gradient_factors(model, paths, edit_nll, b.mask[:n])
         # 3. the network's updates
-        updates = {p: net.factors(p, u, d) for p, (u, d) in factors.items()}
+        updates = net.updates(factors)
         # 4. the edited model on every row
         with start_at_block(model, spec.blocks, first, hidden, kind["tuple"]), added_updates(model, updates):
             post = _logits(model, b)
