@@ -170,6 +170,7 @@ def test_bench_editors_runs_each_method_on_a_fresh_model(setup, tmp_path):
     assert not (tmp_path / "editors.json.steps").exists()  # the finished methods' saved steps are removed
     assert list(r["results"]) == ["ft-m", "ft-l"] and r["unedited"]["efficacy"] == 0.0
     assert r["results"]["ft-m"]["n_edits"] == 2 and r["results"]["ft-m"]["efficacy"] == 1.0
+    assert "unrelated_routed" not in r["results"]["ft-m"]  # no memory installed: no router to read
 
 
 def test_bench_editors_zsre_protocol_scores_token_accuracy_and_locality_against_the_unedited_model(setup, tmp_path):
@@ -184,6 +185,8 @@ def test_bench_editors_zsre_protocol_scores_token_accuracy_and_locality_against_
     assert g["generated_locality"] == 1.0 and r["unedited"]["generated_locality"] == 1.0
     assert 0.0 <= g["generated_reliability"] <= 1.0 and "generated_generalization" in g
     assert {"generalization", "latency_ratio", "seconds_per_edit"} <= g.keys() and g["latency_ratio"] > 0
+    # the memory's router on the unrelated questions: none answered by it (and no such figure without a memory)
+    assert g["unrelated_routed"] == 0.0 and "unrelated_routed" not in r["unedited"]
 
 
 def test_bench_keys_measures_distances_at_both_positions(setup, tmp_path):

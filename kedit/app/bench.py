@@ -239,7 +239,18 @@ def _counterfact_scores(model, tok, reqs, earlier, reference) -> dict:
         "specificity": scores["specificity"],
         "retention": retention(model, tok, earlier) if earlier else scores["efficacy"],
         "fluency": fluency(model, tok, gen_prompts) if gen_prompts else float("nan"),
+        **_unrelated_routed(model, tok, reqs),
     }
+
+
+def _unrelated_routed(model, tok, reqs) -> dict:
+    """For a model with a memory installed (GRACE, BalancEdit, WISE), the share of the neighbourhood / unrelated
+    prompts that a memory answers at some token: each such prompt's output is the memory's, not the model's
+    ({} for an editor that installs none)."""
+    from evaluation.metrics import memory_routing
+
+    routing = memory_routing(model, tok, [n.prompt for r in reqs for n in r.neighborhood])
+    return {"unrelated_routed": routing["memory_retain_hit_rate"]} if routing else {}
 
 
 LOCALITY_TOKENS = 8  # generated after an unrelated question, compared with the unedited model's
@@ -279,6 +290,7 @@ def _zsre_scores(model, tok, reqs, earlier, reference) -> dict:
         "generated_reliability": mean(begins_with(model, tok, [r.text for r in reqs], [r.target_new for r in reqs])),
         "generated_generalization": mean(begins_with(model, tok, [p for p, _ in para], [t for _, t in para])),
         "generated_locality": mean(torch.tensor(same)),
+        **_unrelated_routed(model, tok, reqs),
     }
 
 
