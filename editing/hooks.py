@@ -75,13 +75,9 @@ class StopForward(Exception):
 
 
 @contextmanager
-def stop_after(model: nn.Module, path: str) -> Iterator[None]:
-    """End the forward pass after ``path`` runs (statistics need no layer above the last edited one)."""
-
-    def hook(mod, args, out):
-        raise StopForward
-
-    handle = model.get_submodule(path).register_forward_hook(hook)
+def _stopping(register: Callable) -> Iterator[None]:
+    """Inside: a forward reaching the hook ``register`` puts on (raising ``StopForward``) ends there, quietly."""
+    handle = register(_raise_stop)
     try:
         yield
     except StopForward:
@@ -90,21 +86,19 @@ def stop_after(model: nn.Module, path: str) -> Iterator[None]:
         handle.remove()
 
 
-@contextmanager
-def stop_before(model: nn.Module, path: str) -> Iterator[None]:
+def _raise_stop(*_) -> None:
+    raise StopForward
+
+
+def stop_after(model: nn.Module, path: str):
+    """End the forward pass after ``path`` runs (statistics need no layer above the last edited one)."""
+    return _stopping(model.get_submodule(path).register_forward_hook)
+
+
+def stop_before(model: nn.Module, path: str):
     """End the forward pass as ``path`` is entered (after the pre-hooks registered before this one: a ``capture``
     of its input entered first still sees it)."""
-
-    def hook(mod, args, kwargs):
-        raise StopForward
-
-    handle = model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield
-    except StopForward:
-        pass
-    finally:
-        handle.remove()
+    return _stopping(model.get_submodule(path).register_forward_pre_hook)
 
 
 def last_run(model: nn.Module, paths: list[str]) -> str:
