@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
@@ -90,12 +90,12 @@ def _raise_stop(*_) -> None:
     raise StopForward
 
 
-def stop_after(model: nn.Module, path: str):
+def stop_after(model: nn.Module, path: str) -> AbstractContextManager[None]:
     """End the forward pass after ``path`` runs (statistics need no layer above the last edited one)."""
     return _stopping(model.get_submodule(path).register_forward_hook)
 
 
-def stop_before(model: nn.Module, path: str):
+def stop_before(model: nn.Module, path: str) -> AbstractContextManager[None]:
     """End the forward pass as ``path`` is entered (after the pre-hooks registered before this one: a ``capture``
     of its input entered first still sees it)."""
     return _stopping(model.get_submodule(path).register_forward_pre_hook)

@@ -4,8 +4,8 @@ and no gradient flows, and a good part of it in the output head, which no edit c
 through, forward and backward (SmolLM2's head is 28M parameters, eight blocks' worth). At batch 1 these matmuls
 read every weight for a dozen tokens, so they cost what their bytes cost: a copy of the model in ``dtype``
 (bf16: half the bytes, and native dot products on a CPU with AVX512-BF16 or AMX) computes the hidden states
-entering the first edited block (``hidden``) and can stand in for the head (``head``); the edited blocks run
-in the model's own precision.
+entering the first edited block (``FrozenCopy.hidden``) and can stand in for the head (``FrozenCopy.head``); the
+edited blocks run in the model's own precision.
 
 The copy is rebuilt whenever a weight of the stem changed (a parameter's in-place version counter or its
 storage moved): a stale copy cannot be used.

@@ -19,9 +19,7 @@ import torch
 from editing import make_editor
 from editing.base import linear_update
 from editing.finetune import model_device, target_batch
-from editing.hooks import frozen
-from editing.mend.gradients import gradient_factors
-from editing.mend.mend import MEND, MENDNetwork, edit_loss
+from editing.mend.mend import MEND, MENDNetwork
 from kedit.app.bench import _cases
 from kedit.core.models import load_model
 
@@ -55,12 +53,9 @@ def main() -> None:
         copies = timed("freshness check", editor._frozen_copies)
         starts = timed("stem forward (frozen copy)", lambda b=batch, c=copies: editor._stem_input(c["stem"], b))
         head = editor._head(copies["head"])
-
-        def grads(b=batch, starts=starts, head=head):
-            with frozen(model), starts, head:
-                return gradient_factors(model, list(editor.weights), lambda: edit_loss(model, b), b[1])
-
-        factors = timed("edited blocks and head, forward and backward", grads)
+        factors = timed(
+            "edited blocks and head, forward and backward", lambda b=batch, s=starts, h=head: editor._factors(b, s, h)
+        )
         updates = timed("network", lambda f=factors: net.updates(f))
         timed(
             "low-rank factors",

@@ -153,13 +153,17 @@ class MEND(Editor):
         """The output head the edit loss runs through: the model's, or its low-precision copy."""
         return nullcontext() if head is None else swapped(self.model, self.spec.lm_head, head.head())
 
+    def _factors(self, batch, starts, head):
+        """The edit loss's gradient factors at each edited weight: forward from ``starts`` through ``head``, and back."""
+        with frozen(self.model), starts, head:
+            return gradient_factors(self.model, list(self.weights), lambda: edit_loss(self.model, batch), batch[1])
+
     def _edit(self, requests: list[EditRequest]) -> None:
         net = self.network.net.eval()
         batch = target_batch(self.tok, requests, model_device(self.model))
         copies = self._frozen_copies()
-        starts, head = self._stem_input(copies["stem"], batch), self._head(copies["head"])
-        with frozen(self.model), starts, head:
-            factors = gradient_factors(self.model, list(self.weights), lambda: edit_loss(self.model, batch), batch[1])
+        starts = self._stem_input(copies["stem"], batch)  # the frozen copy's forward runs here
+        factors = self._factors(batch, starts, self._head(copies["head"]))
         with torch.no_grad():
             for path, (out, inp) in net.updates(factors).items():
                 module = self.model.get_submodule(path)
