@@ -201,12 +201,25 @@ def zsre_metrics(model: nn.Module, tokenizer, requests: Sequence[EditRequest], b
     targets = [requests[i].target_new for i in rw_owner + pp_owner] + [a for _, a in loc]
     acc = score_targets(model, tokenizer, prompts, targets, batch_size).token_accuracy
     k, m = len(rw), len(rw) + len(pp)
+    shared = shared_subject(requests)  # (n,)
     return {
         "efficacy": mean(acc[:k]),
         "generalization": mean(acc[k:m]),
+        "generalization_distinct_subject": mean(acc[k:m][~shared[pp_owner]]),
         "locality": mean(acc[m:]),
+        "shared_subject": mean(shared),
         "n_requests": float(len(requests)),
     }
+
+
+def shared_subject(requests: Sequence[EditRequest]) -> torch.Tensor:
+    """(n,) bool: another request names the same subject. zsRE asks about one subject several times, mostly
+    the same relation reworded with a different new answer each time, so a rephrasing of one such record is
+    as much a rephrasing of its siblings: scores over the records whose subject is theirs alone separate
+    what an editor generalizes from what the data contradicts."""
+    subjects = [normalize(r.subject) for r in requests]
+    counts = Counter(subjects)
+    return torch.tensor([counts[s] > 1 for s in subjects], dtype=torch.bool)
 
 
 def begins_with(
@@ -412,5 +425,6 @@ __all__ = [
     "reference_predictions",
     "retention",
     "scores_table",
+    "shared_subject",
     "zsre_metrics",
 ]

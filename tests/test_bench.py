@@ -184,6 +184,9 @@ def test_bench_editors_zsre_protocol_scores_token_accuracy_and_locality_against_
     assert g["reliability"] == 1.0 and g["locality"] == 1.0  # an edit answered at its key, nowhere else
     assert g["generated_locality"] == 1.0 and r["unedited"]["generated_locality"] == 1.0
     assert 0.0 <= g["generated_reliability"] <= 1.0 and "generated_generalization" in g
+    # alice and bob: every subject is its record's own, so the split scores what the whole scores
+    assert g["shared_subject"] == 0.0 and g["generalization_distinct_subject"] == g["generalization"]
+    assert g["generated_generalization_distinct_subject"] == g["generated_generalization"]
     assert {"generalization", "latency_ratio", "seconds_per_edit"} <= g.keys() and g["latency_ratio"] > 0
     # the memory's router on the unrelated questions: none answered by it (and no such figure without a memory)
     assert g["unrelated_routed"] == 0.0 and "unrelated_routed" not in r["unedited"]

@@ -17,6 +17,7 @@ from evaluation.metrics import (
     ngram_entropy,
     reference_predictions,
     retention,
+    shared_subject,
     zsre_metrics,
 )
 from kedit.core.facts import EditRequest, Fact, Neighbor
@@ -82,6 +83,23 @@ def test_zsre_token_accuracy_by_hand(setup):
     # "france city in" -> "paris london": after "in" argmax london (miss), after "paris" london (hit)
     assert m["generalization"] == 0.5
     assert m["locality"] == 1.0
+
+
+def test_zsre_generalization_over_records_whose_subject_is_their_own(setup):
+    tok, model, _ = setup
+    # a and b both ask about france (zsRE's reworded siblings); c alone asks about germany
+    a = request(target_new="paris london", target_true=None, paraphrase_prompts=("france city in",))
+    b = request(id="b", target_new="london paris", target_true=None)
+    c = request(id="c", subject="germany", target_new="paris london", target_true=None, paraphrase_prompts=("france city is",))
+    assert shared_subject([a, b, c]).tolist() == [True, True, False]
+    assert shared_subject([request(subject="France"), request(subject=" france")]).tolist() == [True, True]
+    m = zsre_metrics(model, tok, [a, b, c])
+    # a's rephrasing scores 0.5 (by hand above); c's: after "is" paris (hit), after "paris" london (hit)
+    assert m["generalization"] == 0.75
+    assert m["generalization_distinct_subject"] == 1.0
+    assert m["shared_subject"] == pytest.approx(2 / 3)
+    # no record with a subject of its own: nothing measured, not a zero
+    assert math.isnan(zsre_metrics(model, tok, [a, b])["generalization_distinct_subject"])
 
 
 def test_retention_and_edit_success(setup):

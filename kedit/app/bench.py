@@ -275,21 +275,26 @@ def _zsre_scores(model, tok, reqs, earlier, reference) -> dict:
     (reliability) and its rephrasing (generalization); locality as agreement with the unedited model's
     tokens on the unrelated question. The same three under live generation (``generated_*``): greedy
     decoding must begin with the new answer, and decode the unrelated question as the unedited model did."""
-    from evaluation.metrics import begins_with, locality_agreement, mean, zsre_metrics
+    from evaluation.metrics import begins_with, locality_agreement, mean, shared_subject, zsre_metrics
     from kedit.core.lm import greedy_generate
 
     s = zsre_metrics(model, tok, reqs)
     loc = [(n.prompt, n.answer) for r in reqs for n in r.neighborhood]
     prompts = [p for p, _ in loc]
-    para = [(p, r.target_new) for r in reqs for p in r.paraphrase_prompts]
+    para = [(p, r.target_new, i) for i, r in enumerate(reqs) for p in r.paraphrase_prompts]
+    distinct = ~shared_subject(reqs)[[i for _, _, i in para]]  # (n_para,) the rephrasing's subject is its own
+    generated_para = begins_with(model, tok, [p for p, _, _ in para], [t for _, t, _ in para])
     same = [a == b for a, b in zip(greedy_generate(model, tok, prompts, LOCALITY_TOKENS), reference["generated"])]
     return {
         "reliability": s["efficacy"],
         "generalization": s["generalization"],
+        "generalization_distinct_subject": s["generalization_distinct_subject"],
         "locality": locality_agreement(model, tok, prompts, [a for _, a in loc], reference["tokens"]),
         "generated_reliability": mean(begins_with(model, tok, [r.text for r in reqs], [r.target_new for r in reqs])),
-        "generated_generalization": mean(begins_with(model, tok, [p for p, _ in para], [t for _, t in para])),
+        "generated_generalization": mean(generated_para),
+        "generated_generalization_distinct_subject": mean(generated_para[distinct]),
         "generated_locality": mean(torch.tensor(same)),
+        "shared_subject": s["shared_subject"],
         **_unrelated_routed(model, tok, reqs),
     }
 
