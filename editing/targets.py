@@ -213,9 +213,15 @@ class _Live:
     d_cols: torch.Tensor
 
 
-def _copy_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A frozen copy of the model in ``dtype``, made per call: it cannot go stale across edits."""
+def _copy_in(model: nn.Module, dtype: torch.dtype, attention: str = "auto") -> nn.Module:
+    """A frozen copy of the model in ``dtype``, made per call: it cannot go stale across edits.
+
+    ``attention`` "auto": on a CPU the copy attends by the plain matmul and softmax (softmax in fp32). A step runs a
+    few dozen tokens, where torch's CPU flash-attention backward in bf16 costs several times the plain path's
+    (scripts/target_attention.py, docs/benchmarks.md)."""
     copy = deepcopy(model).to(dtype).eval()
+    if attention == "auto" and model_device(model).type == "cpu":
+        copy.set_attn_implementation("eager")
     for p in copy.parameters():
         p.requires_grad_(False)
     return copy
@@ -313,7 +319,7 @@ def optimize_targets(
     # the steps run on the model itself, or on a copy in a lower precision (a step over a few tokens streams every
     # weight it passes through: half the bytes is half the time)
     low = low_precision(cfg.precision, model)
-    runner = model if low is None else _copy_in(model, low)
+    runner = model if low is None else _copy_in(model, low, cfg.attention)
     run_dtype = next(runner.parameters()).dtype
     run_base = getattr(runner, "base_model", runner)
     deltas = {p: torch.zeros(n, originals[p].shape[-1], device=device, requires_grad=True) for p in paths}

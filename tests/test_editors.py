@@ -407,6 +407,18 @@ def test_targets_in_bfloat16_run_on_a_copy_and_stay_near_the_model_precision():
     assert rel.max() < 1e-2 and not torch.equal(low.nll, exact.nll)  # near, but computed in another precision
 
 
+def test_the_low_precision_copy_attends_on_the_plain_path_on_a_cpu_and_the_model_keeps_its_own():
+    from editing.targets import _copy_in
+
+    model = trained_scale_llama(len(make_tokenizer()))
+    own = model.config._attn_implementation
+    copy = _copy_in(model, torch.bfloat16)
+    assert copy.config._attn_implementation == "eager" and own != "eager"
+    assert model.config._attn_implementation == own  # the config was copied, not shared
+    assert next(copy.parameters()).dtype == torch.bfloat16 and not any(p.requires_grad for p in copy.parameters())
+    assert _copy_in(model, torch.bfloat16, "model").config._attn_implementation == own
+
+
 def test_a_request_that_stops_early_leaves_the_batch():
     tok = make_tokenizer()
     model = trained_scale_llama(len(tok))
