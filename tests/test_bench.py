@@ -236,6 +236,29 @@ def test_bench_scope_reports_reach_on_held_out_rephrasings_and_unrelated_prompts
         assert m["n_rephrasings"] == 2 and m["n_unrelated"] == 2 and m["radius"] > 0
         shares = [m["rephrasings_reached"], m["rephrasings_to_another_fact"], m["unrelated_prompts_touched"]]
         assert all(0.0 <= x <= 1.0 for x in shares) and m["rephrasings_reached"] + m["rephrasings_to_another_fact"] <= 1.0
+        assert m["shared_subject"] == 0.0 and m["rephrasings_reached_distinct_subject"] == m["rephrasings_reached"]
+
+
+def test_bench_scope_scores_siblings_apart(setup, tmp_path):
+    """Two records ask about alice (zsRE's reworded siblings), one about bob: reach is split by that, and a
+    rephrasing landing in a sibling's scope is counted as such."""
+    import json
+
+    from kedit.app.bench_scope import bench_scope
+
+    ck, _, _ = setup
+    records = [
+        {"subject": s, "src": src, "rephrase": f"Q: {src} A:", "alt": new, "answers": [old], "loc": loc, "loc_ans": ans}
+        for (s, new, old, loc, ans), src in zip([ZSRE[0], ZSRE[0], ZSRE[1]], ["alice speaks", "so alice speaks", "bob speaks"])
+    ]
+    data = tmp_path / "zsre.json"
+    data.write_text(json.dumps(records))
+    m = bench_scope(str(ck), data, 3, 0, [1], 1)["layers"]["1"]
+    assert m["shared_subject"] == pytest.approx(2 / 3)
+    # one rephrasing per record: the whole is the parts' weighted mean
+    whole = (2 * m["rephrasings_reached_shared_subject"] + m["rephrasings_reached_distinct_subject"]) / 3
+    assert m["rephrasings_reached"] == pytest.approx(whole)
+    assert 0.0 <= m["rephrasings_to_a_sibling"] <= m["rephrasings_to_another_fact"]
 
 
 def test_a_benchmark_worker_exits_when_its_parent_is_gone():

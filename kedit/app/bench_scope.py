@@ -16,6 +16,7 @@ from editing.grace.codebook import nearest_within
 from editing.grace.memory import Book
 from editing.ids import slot_id
 from editing.keys import read_at_subject, read_tokens
+from evaluation.metrics import mean, shared_subject
 from kedit.core.facts import EditRequest
 from kedit.core.facts.schema import normalize
 from kedit.core.lm import encode_prompts
@@ -23,6 +24,12 @@ from kedit.core.models import KNOWN_MODELS, load_model, pull
 
 from .bench import _cases, machine, require_held_out, scored_texts
 from .bench_keys import POSITIONS, prompt_rows
+
+
+def _subject_ids(reqs: list[EditRequest]) -> list[int]:
+    """Each request's subject as a number, one per distinct (normalized) subject."""
+    ids: dict[str, int] = {}
+    return [ids.setdefault(normalize(r.subject), len(ids)) for r in reqs]
 
 
 def _layer(model, tok, reqs: list[EditRequest], layer: int, batch_size: int, overrides: dict) -> dict[str, float]:
@@ -53,9 +60,21 @@ def _layer(model, tok, reqs: list[EditRequest], layer: int, batch_size: int, ove
     states, real = read_tokens(model, tok, encode_prompts(tok, unrelated), path)  # (m, T, d_in), (m, T)
     _, touched = nearest_within(states.reshape(-1, states.shape[-1]).cpu(), keys, radius)
     touched = touched.reshape(real.shape) & real.cpu()
+    # zsRE's siblings: records about one subject (mostly one question reworded, each with its own new answer), whose
+    # keys lie as near each other as a rephrasing lies to its own: scored apart from the subjects that are one
+    # record's alone
+    shared = shared_subject(reqs)  # (n,)
+    reached = hit & (idx == owner)  # (n_rows,)
+    by_shared = shared[owner]
+    subject = torch.tensor(_subject_ids(reqs))  # (n,)
+    to_sibling = hit & (idx != owner) & (subject[idx.clamp(min=0)] == subject[owner])
     return {
-        "rephrasings_reached": float((hit & (idx == owner)).float().mean()),
+        "rephrasings_reached": float(reached.float().mean()),
         "rephrasings_to_another_fact": float((hit & (idx != owner)).float().mean()),
+        "rephrasings_to_a_sibling": float(to_sibling.float().mean()),
+        "rephrasings_reached_distinct_subject": mean(reached[~by_shared]),
+        "rephrasings_reached_shared_subject": mean(reached[by_shared]),
+        "shared_subject": mean(shared),
         "unrelated_prompts_touched": float(touched.any(-1).float().mean()),
         "radius": float(radius.mean()),
         "separable": float(torch.tensor(separable).mean()),
