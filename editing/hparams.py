@@ -48,10 +48,10 @@ class TargetHyperParams(StrictConfig):
     # a copy of the model made per batch, or "auto" (bfloat16 where its matmuls are native, editing/targets.py);
     # the unedited outputs, the cache and the KL reference are read from the model either way
     precision: Literal["model", "auto", "bfloat16", "float16"] = "model"
-    # the copy's attention: "auto" (on a CPU the plain matmul and softmax, whose backward over the few dozen tokens
-    # of a step is several times cheaper than flash attention's; the model's own elsewhere) or "model" (the model's
-    # own implementation, to measure the difference: scripts/target_attention.py)
-    attention: Literal["auto", "model"] = "auto"
+    # the steps' attention: "plain" (matmul and softmax), "model" (the model's own implementation), or "auto" (plain
+    # where the steps run on a lower-precision copy on a CPU, whose bf16 flash-attention backward over a step's few
+    # dozen tokens costs several times the plain path's; the model's own elsewhere): editing/targets.py
+    attention: Literal["auto", "model", "plain"] = "auto"
 
 
 class TemplateHyperParams(StrictConfig):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from copy import deepcopy
 from dataclasses import dataclass
 
@@ -213,18 +213,33 @@ class _Live:
     d_cols: torch.Tensor
 
 
-def _copy_in(model: nn.Module, dtype: torch.dtype, attention: str = "auto") -> nn.Module:
-    """A frozen copy of the model in ``dtype``, made per call: it cannot go stale across edits.
-
-    ``attention`` "auto": on a CPU the copy attends by the plain matmul and softmax (softmax in fp32). A step runs a
-    few dozen tokens, where torch's CPU flash-attention backward in bf16 costs several times the plain path's
-    (scripts/target_attention.py, docs/benchmarks.md)."""
+def _copy_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A frozen copy of the model in ``dtype``, made per call: it cannot go stale across edits."""
     copy = deepcopy(model).to(dtype).eval()
-    if attention == "auto" and model_device(model).type == "cpu":
-        copy.set_attn_implementation("eager")
     for p in copy.parameters():
         p.requires_grad_(False)
     return copy
+
+
+@contextmanager
+def _step_attention(runner: nn.Module, choice: str, copied: bool):
+    """The attention the steps run with on ``runner`` (``copied``: a lower-precision copy made for them); its own
+    implementation is put back after.
+
+    "plain": the plain matmul and softmax (softmax in fp32). "auto": plain on a CPU copy, whose bf16 flash-attention
+    backward over the few dozen tokens of a step costs several times the plain path's (BalancEdit's steps 1.22x
+    faster per edit); in fp32 the plain path was slower (MEMIT at batch 10, 2.60 against 2.43 s per edit), and on a
+    GPU the model's own is kept (docs/benchmarks.md). "model": the runner's own."""
+    own = runner.config._attn_implementation
+    on_cpu = next(runner.parameters()).device.type == "cpu"
+    switch = (choice == "plain" or (choice == "auto" and copied and on_cpu)) and own != "eager"
+    if switch:
+        runner.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            runner.set_attn_implementation(own)
 
 
 def _cache(past: list[tuple[torch.Tensor, torch.Tensor]] | None) -> DynamicCache | None:
@@ -319,7 +334,7 @@ def optimize_targets(
     # the steps run on the model itself, or on a copy in a lower precision (a step over a few tokens streams every
     # weight it passes through: half the bytes is half the time)
     low = low_precision(cfg.precision, model)
-    runner = model if low is None else _copy_in(model, low, cfg.attention)
+    runner = model if low is None else _copy_in(model, low)
     run_dtype = next(runner.parameters()).dtype
     run_base = getattr(runner, "base_model", runner)
     deltas = {p: torch.zeros(n, originals[p].shape[-1], device=device, requires_grad=True) for p in paths}
@@ -338,6 +353,7 @@ def optimize_targets(
 
     with ExitStack() as stack:
         stack.enter_context(frozen(runner))
+        stack.enter_context(_step_attention(runner, cfg.attention, runner is not model))
         for p in paths:
             stack.enter_context(edit_output(runner, p, add_delta(p)))
         for _ in range(cfg.steps):

@@ -1,5 +1,6 @@
 """A target-vector editor's single edits with its steps' attention on the model's own implementation against the
-plain path (``attention: auto`` on a CPU), alternated on the same requests (run it with nothing else on the machine).
+plain path (``attention: auto`` where the steps run in bf16 on a CPU), alternated on the same requests (run it
+with nothing else on the machine).
 
 usage: python scripts/target_attention.py [--editor balancedit] [--key value] [--model smollm2-135m] [--n 10]
     [--threads 2] [--data FILE] [--json FILE]

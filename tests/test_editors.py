@@ -407,16 +407,25 @@ def test_targets_in_bfloat16_run_on_a_copy_and_stay_near_the_model_precision():
     assert rel.max() < 1e-2 and not torch.equal(low.nll, exact.nll)  # near, but computed in another precision
 
 
-def test_the_low_precision_copy_attends_on_the_plain_path_on_a_cpu_and_the_model_keeps_its_own():
-    from editing.targets import _copy_in
+def test_the_steps_attend_on_the_plain_path_where_chosen_and_the_model_gets_its_own_back():
+    from editing.targets import _copy_in, _step_attention
 
     model = trained_scale_llama(len(make_tokenizer()))
     own = model.config._attn_implementation
+    assert own != "eager"
+    with _step_attention(model, "auto", copied=False):  # the model itself: its own
+        assert model.config._attn_implementation == own
     copy = _copy_in(model, torch.bfloat16)
-    assert copy.config._attn_implementation == "eager" and own != "eager"
-    assert model.config._attn_implementation == own  # the config was copied, not shared
-    assert next(copy.parameters()).dtype == torch.bfloat16 and not any(p.requires_grad for p in copy.parameters())
-    assert _copy_in(model, torch.bfloat16, "model").config._attn_implementation == own
+    with _step_attention(copy, "auto", copied=True):  # a bf16 copy on a CPU: plain, in every module
+        assert all(m.config._attn_implementation == "eager" for m in copy.modules() if hasattr(m, "config"))
+        assert model.config._attn_implementation == own  # the copy's config is its own
+    assert copy.config._attn_implementation == own
+    with pytest.raises(RuntimeError), _step_attention(model, "plain", copied=False):
+        assert model.config._attn_implementation == "eager"
+        raise RuntimeError("a step failed")
+    assert model.config._attn_implementation == own  # put back on the way out of a failure too
+    with _step_attention(copy, "model", copied=True):
+        assert copy.config._attn_implementation == own
 
 
 def test_a_request_that_stops_early_leaves_the_batch():
