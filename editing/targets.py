@@ -256,11 +256,17 @@ def optimize_targets(
     paths: Sequence[str],
     first_block: int,
     cfg: TargetHyperParams,
+    replace: bool = False,
 ) -> Targets:
     """Jointly optimize one δ per request for each module in ``paths`` (all in blocks >= first_block).
 
     A request that reaches ``stop_loss`` leaves the batch: its rows are dropped from later forwards,
     so the joint run does the per-request loop's arithmetic, not n rows for the slowest request's steps.
+
+    ``replace``: in every row the module's output at the subject is replaced by the request's output in template
+    "{}" plus δ, as a codebook's value replaces it whatever the context (otherwise δ is added to each row's own
+    output, as a weight edit shifts it). The two are the same for the "{}" rows and differ where a prefix, a
+    frame or the KL prompt changed the output at the subject.
     """
     n = len(requests)
     device = model_device(model)
@@ -346,8 +352,10 @@ def optimize_targets(
 
     def add_delta(p):
         def fn(out):
-            d = deltas[p][live.own[live.d_rows]].to(out.dtype)  # (R', d)
-            return out.index_put((live.d_seq, live.d_cols), d, accumulate=True)
+            req = live.own[live.d_rows]  # (R',) the request of each live row
+            if replace:  # the value, whatever the row's own output there
+                return out.index_put((live.d_seq, live.d_cols), (originals[p][req] + deltas[p][req]).to(out.dtype))
+            return out.index_put((live.d_seq, live.d_cols), deltas[p][req].to(out.dtype), accumulate=True)
 
         return fn
 

@@ -428,6 +428,53 @@ def test_the_steps_attend_on_the_plain_path_where_chosen_and_the_model_gets_its_
         assert copy.config._attn_implementation == own
 
 
+def test_replaced_targets_are_trained_as_a_codebook_value_acts_in_every_context():
+    """``replace``: the value (the "{}" output plus δ) stands at the subject in every row, prefixed ones included,
+    so the NLL the optimizer stopped at is what the model gives with the value put in place there; δ added to each
+    row's own output (a weight edit's semantics) is another function of δ on the prefixed rows."""
+    from editing.hooks import edit_output
+    from editing.keys import locate
+    from kedit.core.arch import spec_for
+
+    tok = make_tokenizer()
+    model = trained_scale_llama(len(tok))
+    spec = spec_for(model)
+    path = spec.module_path("mlp_out", 1)
+    templates = ("{}", "the city . {}")
+
+    def nll_with_value_in_place(value: torch.Tensor) -> torch.Tensor:  # value (n, d) -> (n,) mean over templates
+        loc = locate(tok, REQUESTS, templates)
+        out = torch.zeros(len(REQUESTS))
+        for ids, pos, i in zip(loc.ids, loc.subject_pos, loc.owner):
+            target = tok(" " + REQUESTS[i].target_new, add_special_tokens=False)["input_ids"]
+            x = torch.tensor([ids + target])
+
+            def put(o, pos=pos, v=value[i]):
+                o = o.clone()
+                o[0, pos] = v
+                return o
+
+            with torch.no_grad(), edit_output(model, path, put):
+                logp = torch.log_softmax(model(input_ids=x).logits[0].float(), -1)
+            cols = torch.arange(len(ids) - 1, len(ids) - 1 + len(target))
+            out[i] += -logp[cols, torch.tensor(target)].mean() / len(templates)
+        return out
+
+    def run(steps: int, replace: bool):
+        cfg = TargetHyperParams(steps=steps, lr=0.5, weight_decay=0.0, clamp_norm=200.0, kl_factor=0.0, stop_loss=0.0)
+        return optimize_targets(model, tok, spec, REQUESTS, templates, [path], 1, cfg, replace=replace)
+
+    # a run of k steps reports the NLL its last forward saw: that of the δ a run of k - 1 steps returns
+    for replace in (True, False):
+        before, last = run(5, replace), run(6, replace)
+        assert (before.deltas[path].norm(dim=-1) > 0.1).all()  # the optimization moved every δ
+        seen = nll_with_value_in_place(before.originals[path] + before.deltas[path])
+        gap = float((seen - last.nll).abs().max())
+        # replaced: what the optimizer saw, to float error; added: another function of δ on the prefixed rows (the
+        # tiny model's prefix moves the subject's output little, but far more than float error)
+        assert gap < 1e-6 if replace else gap > 1e-4
+
+
 def test_a_request_that_stops_early_leaves_the_batch():
     tok = make_tokenizer()
     model = trained_scale_llama(len(tok))

@@ -138,7 +138,8 @@ class BalancEdit(CodebookEditor):
         hp = self.hparams
         # trained where the scope reaches: after the generated prefixes and in the question frames
         templates = self.templates() + hp.frames
-        t = optimize_targets(self.model, self.tok, self.spec, requests, templates, [path], hp.layer, hp.value)
+        # the value replaces the output at the subject in every context, so it is trained as it will act
+        t = optimize_targets(self.model, self.tok, self.spec, requests, templates, [path], hp.layer, hp.value, replace=True)
         # (n, d_out): the output the model should have at the subject; a later request of one slot wins
         values = (t.originals[path] + t.deltas[path]).cpu()
         last = {j: i for i, j in plan.items()}  # entry -> the batch's last request for it
