@@ -8,7 +8,8 @@
 3. scope: the radius sits between the farthest positive still nearer than the nearest negative (p*) and that
    negative (n*): r = p* + balance (n* - p*). Where two keys' scopes overlap, the nearer key answers;
 4. value: the projection's output at the subject plus ROME's target vector (context templates, KL on the
-   subject's essence), so a hit at the subject's token makes the model state target_new;
+   subject's essence), trained in place (it replaces the output at the subject in every row, as it will in any
+   context), so a hit at the subject's token makes the model state target_new;
 5. write: as GRACE's codebook (editing/grace/memory.py); a re-edit of a fact the codebook holds (same
    subject and prompt) replaces its entry.
 
