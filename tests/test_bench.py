@@ -483,6 +483,33 @@ def test_bench_stream_resumes_in_its_work_dir_and_reports_every_part_and_the_his
     assert tabled == [str(v["n_edits"]) for v, k in zip(versions, sizes) if k >= 2] and len(tabled) < len(versions)
 
 
+def test_bench_stream_times_the_rollback_of_a_version_that_wrapped_a_codebook(setup, tmp_path, monkeypatch):
+    """The last version changes a row of a codebook and wraps that codebook in a larger one (GRACE, capacity 1,
+    a radius that takes every key in: the second fact splits the first's entry and does not fit): its rollback is
+    timed from its parent, and the final model is production (applied again on itself, the version named a
+    parameter the wrap had replaced, and the 200-fact BalancEdit stream bench failed there)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from kedit.app.bench import bench_stream
+    from kedit.app.tiny import write_gates
+    from kedit.store.tracking import Tracker
+    from kedit.store.versions import fetch
+
+    monkeypatch.setenv("KEDIT_HOME", str(tmp_path / "home"))
+    ck, data, corpus = setup
+    gates = write_gates(tmp_path / "gates.yaml", edits={"efficacy_min": 0.0}, retention={"min": 0.0},
+                        drawdown={"base_max": 1.0, "step_max": 1.0})  # fmt: skip
+    overrides = {"layer": 2, "codebook.radius": 1e3, "codebook.capacity": 1, "value.steps": 5}
+    with prefect_test_harness(server_startup_timeout=120):
+        r = bench_stream(str(ck), data, 2, 1, "grace", gates, corpus, work_dir=tmp_path / "w", overrides=overrides)
+    assert r["summary"]["accepted"] == 2 and r["rollback_of_last_version_s"] >= 0.0
+    tracker = Tracker(f"sqlite:///{tmp_path / 'w'}/mlruns/mlflow.db")
+    chain = tracker.chain(r["summary"]["registered_model"], r["summary"]["production"])
+    last = fetch(tracker, chain[-1], tmp_path / "last", None)
+    assert sorted(p.kind for p in last.patches) == ["module-patch", "weight-delta"]  # a row changed, then a wrap
+    assert r["final"]["n_requests"] == 2
+
+
 def test_a_result_or_step_made_with_other_code_is_run_again_not_resumed(tmp_path, monkeypatch):
     """A benchmark resumed after the editors changed once replayed an old run's saved steps as the new code's
     result: the code's fingerprint is part of what a resume must match."""

@@ -540,7 +540,6 @@ def bench_stream(
     from flows.stream import stream
     from kedit.pipeline.config import StreamConfig
     from kedit.store.tracking import Tracker
-    from kedit.store.versions import rebuild
 
     if model_ref in KNOWN_MODELS:
         pull(model_ref)
@@ -571,15 +570,7 @@ def bench_stream(
         unedited = counterfact_metrics(model, tok, reqs)  # the same requests' scores on the base, for the final ones
         rollback_s = None
         if summary["production"]:
-            chain = rebuild(model, Tracker(uri), summary["registered_model"], summary["production"], None)
-            # a rollback is Undo.restore of the touched tensors and modules: time it on the last version's patches
-            from kedit.store.versions import fetch
-
-            last = fetch(Tracker(uri), chain.versions[-1], root / "last-version", None)
-            undo = last.patches.apply(model)
-            t1 = time.perf_counter()
-            undo.restore(model)
-            rollback_s = time.perf_counter() - t1
+            rollback_s = _time_rollback(model, Tracker(uri), summary["registered_model"], summary["production"], root)
         versions = version_history(uri, summary["registered_model"]) if summary["production"] else []
     steps = _all_steps(root / "work", summary["steps"]) if work_dir else summary["steps"]
     for s in steps:
@@ -618,6 +609,24 @@ def bench_stream(
 HISTORY_METRICS = ("efficacy", "generalization", "specificity", "specificity_drop", "retention", "retention_scored",
                    "drawdown_base", "drawdown_prev", "cap_regression_base/kedit_ppl/word_perplexity",
                    "cap_regression_base/kedit_mc/acc")  # fmt: skip
+
+
+def _time_rollback(model, tracker, name: str, production: str, root: Path) -> float:
+    """Seconds to roll the last version back (``Undo.restore`` of what its patches touched), leaving ``model`` at
+    ``production``. Its patches are applied on its parent, as the stream applied them: applied again on top of
+    themselves, a version that installed a module names parameters the install has since replaced (a codebook
+    wrapped by a larger one)."""
+    from kedit.store.versions import fetch, rebuild
+
+    chain = tracker.chain(name, production)
+    rebuild(model, tracker, name, chain[-2].version if len(chain) > 1 else None, None)
+    last = fetch(tracker, chain[-1], root / "last-version", None)
+    undo = last.patches.apply(model)
+    t0 = time.perf_counter()
+    undo.restore(model)
+    seconds = time.perf_counter() - t0
+    last.patches.apply(model)
+    return seconds
 
 
 def version_history(uri: str, name: str | None = None) -> list[dict]:
