@@ -217,9 +217,14 @@ def shared_subject(requests: Sequence[EditRequest]) -> torch.Tensor:
     the same relation reworded with a different new answer each time, so a rephrasing of one such record is
     as much a rephrasing of its siblings: scores over the records whose subject is theirs alone separate
     what an editor generalizes from what the data contradicts."""
-    subjects = [normalize(r.subject) for r in requests]
-    counts = Counter(subjects)
-    return torch.tensor([counts[s] > 1 for s in subjects], dtype=torch.bool)
+    ids = subject_ids(requests)  # (n,)
+    return torch.bincount(ids)[ids] > 1
+
+
+def subject_ids(requests: Sequence[EditRequest]) -> torch.Tensor:
+    """(n,) int64: each request's subject as a number, one per distinct subject (case and spacing folded)."""
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(normalize(r.subject), len(ids)) for r in requests], dtype=torch.long)
 
 
 def begins_with(
@@ -426,5 +431,6 @@ __all__ = [
     "retention",
     "scores_table",
     "shared_subject",
+    "subject_ids",
     "zsre_metrics",
 ]

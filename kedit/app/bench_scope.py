@@ -16,7 +16,7 @@ from editing.grace.codebook import nearest_within
 from editing.grace.memory import Book
 from editing.ids import slot_id
 from editing.keys import read_at_subject, read_tokens
-from evaluation.metrics import mean, shared_subject
+from evaluation.metrics import mean, shared_subject, subject_ids
 from kedit.core.facts import EditRequest
 from kedit.core.facts.schema import normalize
 from kedit.core.lm import encode_prompts
@@ -24,12 +24,6 @@ from kedit.core.models import KNOWN_MODELS, load_model, pull
 
 from .bench import _cases, machine, require_held_out, scored_texts
 from .bench_keys import POSITIONS, prompt_rows
-
-
-def _subject_ids(reqs: list[EditRequest]) -> list[int]:
-    """Each request's subject as a number, one per distinct (normalized) subject."""
-    ids: dict[str, int] = {}
-    return [ids.setdefault(normalize(r.subject), len(ids)) for r in reqs]
 
 
 def _layer(model, tok, reqs: list[EditRequest], layer: int, batch_size: int, overrides: dict) -> dict[str, float]:
@@ -66,8 +60,8 @@ def _layer(model, tok, reqs: list[EditRequest], layer: int, batch_size: int, ove
     shared = shared_subject(reqs)  # (n,)
     reached = hit & (idx == owner)  # (n_rows,)
     by_shared = shared[owner]
-    subject = torch.tensor(_subject_ids(reqs))  # (n,)
-    to_sibling = hit & (idx != owner) & (subject[idx.clamp(min=0)] == subject[owner])
+    subject = subject_ids(reqs)  # (n,)
+    to_sibling = hit & (idx != owner) & (subject[idx] == subject[owner])
     return {
         "rephrasings_reached": float(reached.float().mean()),
         "rephrasings_to_another_fact": float((hit & (idx != owner)).float().mean()),
