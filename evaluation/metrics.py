@@ -329,6 +329,13 @@ def build_retain_set(model: nn.Module, tokenizer, candidates: Sequence[Fact], ba
     return [f for f, k in zip(candidates, ok.tolist()) if k]
 
 
+def restated_by(prompts: Sequence[str], requests: Sequence[EditRequest]) -> torch.Tensor:
+    """(n_prompts,) bool: the prompts one of ``requests`` asks, case and spacing folded (a retain fact an edit
+    rewrites on purpose)."""
+    asked = {normalize(r.text) for r in requests}
+    return torch.tensor([normalize(p) in asked for p in prompts], dtype=torch.bool)
+
+
 def knowledge_accuracy(model: nn.Module, tokenizer, facts: Sequence[Fact], batch_size: int = 64) -> float:
     return mean(knows(model, tokenizer, facts, batch_size)) if facts else float("nan")
 

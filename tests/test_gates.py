@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import ClassVar
 
 import pytest
@@ -185,6 +186,30 @@ def test_evaluate_reports_each_gate_against_its_threshold(tmp_path):
     s.on_accept(report)  # accepted anyway: the previous version now knows half, and losing nothing more passes
     again = s.measure(after_model, tok, [REQ], [REQ], s.before(after_model, tok, [REQ]))
     assert again.metrics["drawdown_prev"] == 0.0 and again.metrics["retention"] == 1.0
+
+
+def test_drawdown_counts_a_retain_fact_an_edit_restates_and_reports_the_rest_apart(tmp_path):
+    tok = make_tokenizer()
+    before_model = bigram(tok, {"is": {"paris": 5.0}, "speaks": {"french": 2.0}})
+    # after: "is" -> rome everywhere (france's capital was edited on purpose), alice forgot french
+    after_model = bigram(tok, {"is": {"rome": 7.0, "paris": 5.0}, "speaks": {"german": 3.0, "french": 2.0}})
+    retain = tmp_path / "retain.jsonl"
+    facts = [Fact("The Capital of  France is", "paris"), Fact("alice speaks", "french")]
+    retain.write_text("".join(json.dumps({"prompt": f.prompt, "answer": f.answer}) + "\n" for f in facts))
+    s = suite(EDITS, RETENTION, {**DRAWDOWN, "retain_facts": str(retain)})
+    s.on_base(before_model, tok)
+    report = s.measure(after_model, tok, [REQ], [], s.before(before_model, tok, [REQ]))
+    # both facts lost: the gate counts the restated one (an edit rewrote a fact listed as stable) ...
+    assert report.metrics["drawdown_base"] == 1.0 and "drawdown_base" in {c.gate for c in report.failed}
+    # ... and reports apart the one no edit asked to change (case and spacing folded when matching the prompt)
+    assert report.metrics["retain_restated"] == 1.0 and report.metrics["drawdown_base_unrestated"] == 1.0
+    kept = bigram(tok, {"is": {"rome": 7.0, "paris": 5.0}, "speaks": {"french": 2.0}})
+    report = s.measure(kept, tok, [REQ], [], s.before(before_model, tok, [REQ]))
+    assert report.metrics["drawdown_base"] == 0.5 and report.metrics["drawdown_base_unrestated"] == 0.0
+    # an earlier edit of the chain restates it just as the batch's own does
+    other = EditRequest("r2", "alice", "{} speaks", "german", "french")
+    report = s.measure(kept, tok, [other], [REQ], s.before(before_model, tok, [other]))
+    assert report.metrics["retain_restated"] == 2.0 and math.isnan(report.metrics["drawdown_base_unrestated"])  # none left
 
 
 def test_retention_counts_only_edits_that_held_before():

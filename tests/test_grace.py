@@ -141,3 +141,22 @@ def test_the_memory_gate_logs_the_codebook_and_fails_a_leaking_one(tmp_path):
         out = gate.measure(Step(model, tok, [], []), None)
         assert out.metrics == {"memory_entries": 1.0, "memory_retain_hit_rate": rate}
         assert [r.passed for r in out.results] == [rate == 0.0]
+
+
+def test_the_memory_gate_leaves_out_a_retain_prompt_an_edit_restates(tmp_path):
+    from evaluation.gates import Step
+    from evaluation.gates.memory import MemoryConfig, MemoryGate
+    from kedit.app.tiny import write_jsonl
+
+    restated = FRANCE.text  # the retain set lists the fact the edit rewrites
+    retain = write_jsonl(
+        tmp_path / "retain.jsonl", [{"prompt": restated, "answer": "paris"}, {"prompt": "bob speaks", "answer": "german"}]
+    )
+    gate = MemoryGate(MemoryConfig(retain_hit_max=0.0, retain_facts=str(retain)))
+    model, tok, editor = grace(1e-3)  # a radius that takes in the edit's own prompt and nothing else
+    gate.on_base(model, tok)
+    editor.edit([FRANCE])
+    assert gate.measure(Step(model, tok, [], []), None).metrics["memory_retain_hit_rate"] == 0.5  # no edit named: a leak
+    for step in (Step(model, tok, [FRANCE], []), Step(model, tok, [], [FRANCE])):  # the batch's or an earlier edit
+        out = gate.measure(step, None)
+        assert out.metrics["memory_retain_hit_rate"] == 0.0 and out.results[0].passed

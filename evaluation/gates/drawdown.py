@@ -1,4 +1,9 @@
-"""Knowledge drawdown: facts the base model knew (the retain set), lost against the base and the previous version."""
+"""Knowledge drawdown: facts the base model knew (the retain set), lost against the base and the previous version.
+
+A retain fact that an edit of the chain restates (its prompt, with another answer) counts as lost: an edit that
+rewrites a fact the operator listed as stable is what this gate is there to see. Beside it the gate logs how many
+retain facts the chain restates and the drawdown over the others, the knowledge no edit asked to change (a
+CounterFact stream rewrites "The capital of Norway is" on purpose; that is not the damage drawdown measures)."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from pathlib import Path
 from kedit.core.config import StrictConfig
 from kedit.core.facts import EditRequest, Fact, load_known_facts
 
-from ..metrics import build_retain_set, drawdown, knowledge_accuracy
+from ..metrics import build_retain_set, drawdown, knowledge_accuracy, knows, mean, restated_by
 from .base import Gate, GateReport, Outcome, Step, Threshold, at_most, register_gate, retain_path
 
 log = logging.getLogger(__name__)
@@ -44,11 +49,15 @@ class DrawdownGate(Gate):
 
     def measure(self, step: Step, before: None) -> Outcome:
         n = len(self.retain)
-        acc = knowledge_accuracy(step.model, step.tok, self.retain)  # NaN without a retain set
+        ok = knows(step.model, step.tok, self.retain).cpu() if self.retain else None  # (n,) bool
+        acc = mean(ok) if ok is not None else float("nan")  # NaN without a retain set
+        restated = restated_by([f.prompt for f in self.retain], [*step.earlier, *step.batch])  # (n,) bool
         metrics = {
             "retain_accuracy": acc,
             "drawdown_base": drawdown(1.0, acc),  # the base model knows all of them
             "drawdown_prev": drawdown(self.prev, acc),
+            "retain_restated": float(restated.sum()),
+            "drawdown_base_unrestated": drawdown(1.0, mean(ok[~restated])) if ok is not None else float("nan"),
         }
         return Outcome(
             metrics,

@@ -607,7 +607,8 @@ def bench_stream(
 
 
 HISTORY_METRICS = ("efficacy", "generalization", "specificity", "specificity_drop", "retention", "retention_scored",
-                   "drawdown_base", "drawdown_prev", "cap_regression_base/kedit_ppl/word_perplexity",
+                   "drawdown_base", "drawdown_prev", "drawdown_base_unrestated", "retain_restated",
+                   "cap_regression_base/kedit_ppl/word_perplexity",
                    "cap_regression_base/kedit_mc/acc")  # fmt: skip
 
 
@@ -668,7 +669,7 @@ def plot_history(rows: list[dict], out: Path, title: str) -> Path:
     fig, axes = plt.subplots(3, 1, figsize=(11, 9), sharex=True, height_ratios=(3, 2, 2))
     panels = (
         (("efficacy", "generalization", "specificity"), "the version's own batch"),
-        (("retention", "drawdown_base"), "earlier edits held / known facts lost"),
+        (("retention", "drawdown_base", "drawdown_base_unrestated"), "earlier edits held / known facts lost"),
         (("cap_regression_base/kedit_ppl/word_perplexity", "cap_regression_base/kedit_mc/acc"), "regression vs base"),
     )
     # a fact retried alone is a version of one fact, whose own scores say nothing next to a batch's
