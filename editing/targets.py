@@ -230,7 +230,7 @@ def _step_attention(runner: nn.Module, choice: str, copied: bool):
     backward over the few dozen tokens of a step costs several times the plain path's (BalancEdit's steps 1.22x
     faster per edit); in fp32 the plain path was slower (MEMIT at batch 10, 2.60 against 2.43 s per edit), and on a
     GPU the model's own is kept (docs/benchmarks.md). "model": the runner's own."""
-    own = runner.config._attn_implementation
+    own = runner.config._attn_implementation  # transformers keeps the choice only here (5.x has no public getter)
     on_cpu = next(runner.parameters()).device.type == "cpu"
     switch = (choice == "plain" or (choice == "auto" and copied and on_cpu)) and own != "eager"
     if switch:

@@ -90,9 +90,10 @@ class GRACE(CodebookEditor):
             return
         idx = sorted(plan)
         path = self.path()
-        t = optimize_targets(
-            self.model, self.tok, self.spec, [at[i] for i in idx], ("{}",), [path], self.hparams.layer, self.hparams.value
-        )
+        # a value replaces the layer's output where its key is hit; over the prompt alone that is the same as adding δ
+        hp = self.hparams
+        requests = [at[i] for i in idx]
+        t = optimize_targets(self.model, self.tok, self.spec, requests, ("{}",), [path], hp.layer, hp.value, replace=True)
         values = (t.originals[path] + t.deltas[path]).cpu()  # (m, d_out): the output the model should have there
         book.values[torch.tensor([plan[i] for i in idx])] = values
         nll = torch.full((len(at),), float("nan"))  # a request that joined an entry trained no value
