@@ -465,7 +465,10 @@ def test_bench_stream_resumes_in_its_work_dir_and_reports_every_part_and_the_his
         assert [s["attempt"] for s in first["steps"]][:2] == ["batch-000", "batch-001"]
         versions = first["versions"]
         assert [v["n_edits"] for v in versions] == sorted(v["n_edits"] for v in versions) and versions[-1]["n_edits"] == 3
-        assert all(0.0 <= v["efficacy"] <= 1.0 and "drawdown_base" in v for v in versions)
+        assert all(
+            0.0 <= v["efficacy"] <= 1.0 and {"drawdown_base", "drawdown_base_unrestated", "retain_restated"} <= v.keys()
+            for v in versions
+        )
         assert first["unedited"].keys() >= {"efficacy", "specificity"} and first["final"]["n_requests"] == 3
         again = bench_stream(**run)  # everything is in production already: no attempt, the first part's steps kept
     assert again["summary"]["skipped"] == 3 and again["steps"] == first["steps"]
@@ -476,6 +479,7 @@ def test_bench_stream_resumes_in_its_work_dir_and_reports_every_part_and_the_his
     assert json.loads((tmp_path / "h.json").read_text())["versions"] == versions
     assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out.output.splitlines()[-1].startswith(f"| v{versions[-1]['version']} | 3 | ")
+    assert "| drawdown_base | drawdown_base_unrestated |" in out.output.splitlines()[1]  # after "written: ..."
     # --min-facts leaves out the versions of fewer facts (a fact retried alone)
     out = CliRunner().invoke(cli, ["bench", "history", "--tracking-uri", uri, "--min-facts", "2"])
     tabled = [line.split(" | ")[1] for line in out.output.splitlines()[2:]]
@@ -521,3 +525,23 @@ def test_a_result_or_step_made_with_other_code_is_run_again_not_resumed(tmp_path
     assert bench.resumed(tmp_path / "r.json", settings) == {"memit": {"efficacy": 1.0}}
     monkeypatch.setattr(bench, "code_fingerprint", lambda: "0" * 64)
     assert bench.resumed(tmp_path / "r.json", bench.with_code({"n": 1})) == {}
+
+
+def test_history_plot_draws_the_published_row_only_beside_a_long_chain(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from kedit.app.bench import PUBLISHED_FROM, plot_history
+
+    labels = []
+    save = matplotlib.figure.Figure.savefig
+
+    def seen(fig, *args, **kwargs):  # the legend entries of the top panel, as drawn
+        labels.append([t.get_text() for t in fig.axes[0].get_legend().get_texts()])
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", seen)
+    row = {"efficacy": 1.0, "generalization": 0.8, "specificity": 0.7}
+    for last in (200, PUBLISHED_FROM):
+        plot_history([{"n_edits": last // 2} | row, {"n_edits": last} | row], tmp_path / f"{last}.png", "t")
+    short, long = labels
+    assert not any("AlphaEdit" in t for t in short) and any("AlphaEdit" in t for t in long)

@@ -664,7 +664,7 @@ def bench_history(tracking_uri, name, plot, min_facts, json_out) -> None:
     rows = version_history(tracking_uri, name)
     if plot:
         click.echo(f"written: {plot_history(rows, plot, f'{name or tracking_uri}: metrics over edits')}")
-    cols = ("efficacy", "generalization", "specificity", "retention", "drawdown_base")
+    cols = ("efficacy", "generalization", "specificity", "retention", "drawdown_base", "drawdown_base_unrestated")
     relative = ("cap_regression_base/kedit_ppl/word_perplexity", "cap_regression_base/kedit_mc/acc")
     click.echo("| version | edits | " + " | ".join((*cols, "perplexity vs base", "MC accuracy lost vs base")) + " |")
     click.echo("|---|" + "---:|" * (len(cols) + 3))
