@@ -486,8 +486,17 @@ def test_a_fact_that_does_not_hold_in_an_accepted_batch_is_retried_alone_then_di
 
 MEMORY_EDITORS = {
     "grace": {"layer": 2, "codebook.radius": 0.5},
-    # the tiny model knows no question frames or prefixes: the value trains on the prompt alone, as GRACE's
-    "balancedit": {"layer": 2, "templates.count": 0, "frames": [], "value.kl_factor": 0.0, "value.steps": 100},
+    # the tiny model knows no question frames or prefixes: the value trains on the prompt alone, as GRACE's, and
+    # needs a value far beyond ROME's norm bound to move its answer (the preset's bound is SmolLM2's)
+    "balancedit": {
+        "layer": 2,
+        "templates.count": 0,
+        "frames": [],
+        "value.kl_factor": 0.0,
+        "value.steps": 100,
+        "value.lr": 1.0,
+        "value.clamp_norm": 1000.0,
+    },
     # margins at the tiny model's scale; a shard per batch of two, three shards: the re-edit opens the third
     # (merges and their chains are tested in tests/test_wise.py)
     "wise": {
