@@ -49,15 +49,15 @@ class DrawdownGate(Gate):
 
     def measure(self, step: Step, before: None) -> Outcome:
         n = len(self.retain)
-        ok = knows(step.model, step.tok, self.retain).cpu() if self.retain else None  # (n,) bool
-        acc = mean(ok) if ok is not None else float("nan")  # NaN without a retain set
+        ok = knows(step.model, step.tok, self.retain).cpu()  # (n,) bool
+        acc = mean(ok)  # NaN without a retain set
         restated = restated_by([f.prompt for f in self.retain], [*step.earlier, *step.batch])  # (n,) bool
         metrics = {
             "retain_accuracy": acc,
             "drawdown_base": drawdown(1.0, acc),  # the base model knows all of them
             "drawdown_prev": drawdown(self.prev, acc),
             "retain_restated": float(restated.sum()),
-            "drawdown_base_unrestated": drawdown(1.0, mean(ok[~restated])) if ok is not None else float("nan"),
+            "drawdown_base_unrestated": drawdown(1.0, mean(ok[~restated])),  # NaN when every fact is restated
         }
         return Outcome(
             metrics,
