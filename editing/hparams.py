@@ -35,7 +35,16 @@ class TargetHyperParams(StrictConfig):
     """The target vector δ at the edited output, optimized by gradient descent (editing/targets.py)."""
 
     steps: int = 20
+    # "adam": Adam at ``lr`` on every coordinate of δ. "normalized": each request's δ steps along its own normalized
+    # gradient, by ``step_size`` × ‖h‖ at first (h: the unedited output at its subject); the size is multiplied by
+    # ``grow`` while the direction holds (cosine with the last step's > 0) and by ``shrink`` when it turns back
+    # (Rprop on the vector, not per coordinate: δ moves along the loss's descent direction, not along every
+    # coordinate at once, and reaches the stop in fewer steps at a smaller norm; docs/benchmarks.md)
+    optimizer: Literal["adam", "normalized"] = "adam"
     lr: float = 0.5
+    step_size: float = 0.1
+    grow: float = 1.5
+    shrink: float = 0.5
     weight_decay: float = 0.5
     kl_factor: float = 0.0625  # weight of KL(edited || unedited) on "{subject} is a"
     clamp_norm: float = 4.0  # ‖δ‖ <= clamp_norm * ‖original output‖

@@ -242,6 +242,38 @@ def _step_attention(runner: nn.Module, choice: str, copied: bool):
             runner.set_attn_implementation(own)
 
 
+class _NormalizedSteps:
+    """``optimizer: normalized``: per request (a row of each (n, d) δ), a step of its own size along -g/‖g‖. The
+    size starts at ``step_size`` × ‖h‖ and is multiplied by ``grow`` while the row's direction holds (cosine with
+    its last step's > 0) and by ``shrink`` when it turns back: Rprop on the vector. Adam moves every coordinate by
+    about lr a step, so its δ grows along all 576 of them at once; this one moves along the loss's descent only."""
+
+    def __init__(self, params: list[torch.Tensor], sizes: list[torch.Tensor], grow: float, shrink: float):
+        self.params, self.grow, self.shrink = params, grow, shrink
+        self.size = [s.detach().clone()[:, None] for s in sizes]  # (n, 1) each
+        self.last: list[torch.Tensor | None] = [None] * len(params)  # (n, d) each: the last step's direction
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for i, p in enumerate(self.params):
+            u = p.grad / p.grad.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # (n, d)
+            if self.last[i] is not None:
+                holds = (u * self.last[i]).sum(-1, keepdim=True) > 0  # (n, 1)
+                self.size[i] = torch.where(holds, self.size[i] * self.grow, self.size[i] * self.shrink)
+            self.last[i] = u
+            p.sub_(self.size[i] * u)
+
+
+def _optimizer(cfg: TargetHyperParams, deltas: list[torch.Tensor], norms: list[torch.Tensor]):
+    if cfg.optimizer == "normalized":
+        return _NormalizedSteps(deltas, [cfg.step_size * n for n in norms], cfg.grow, cfg.shrink)
+    return torch.optim.Adam(deltas, lr=cfg.lr)
+
+
 def _cache(past: list[tuple[torch.Tensor, torch.Tensor]] | None) -> DynamicCache | None:
     """A fresh cache over the fixed prefix: a forward appends its own keys to it, never to ``past``."""
     return None if past is None else DynamicCache(ddp_cache_data=past)
@@ -344,7 +376,7 @@ def optimize_targets(
     run_dtype = next(runner.parameters()).dtype
     run_base = getattr(runner, "base_model", runner)
     deltas = {p: torch.zeros(n, originals[p].shape[-1], device=device, requires_grad=True) for p in paths}
-    opt = torch.optim.Adam(list(deltas.values()), lr=cfg.lr)
+    opt = _optimizer(cfg, list(deltas.values()), [norms[p] for p in paths])
     active = torch.ones(n, dtype=torch.bool, device=device)
     live = live_view(active)
     steps = torch.zeros(n, dtype=torch.long)

@@ -505,6 +505,62 @@ def test_a_request_that_stops_early_leaves_the_batch():
         assert torch.allclose(joint.nll[i], alone.nll[0], atol=1e-5)
 
 
+def test_normalized_steps_move_each_row_along_its_own_descent_and_adapt_its_size():
+    """``optimizer: normalized``: a row's step is ``size`` along -g/‖g‖; the size grows while the direction holds
+    and shrinks when it turns back, per row. On ‖x - c‖² from 0 the first steps are exactly that, and an overshoot
+    halves the size."""
+    from editing.targets import _NormalizedSteps
+
+    torch.manual_seed(0)
+    c = torch.randn(2, 8) * torch.tensor([[1.0], [10.0]])  # two rows, targets at very different distances
+    x = torch.zeros(2, 8, requires_grad=True)
+    opt = _NormalizedSteps([x], [torch.tensor([0.5, 0.5])], grow=1.5, shrink=0.5)
+    path, sizes = [], []
+    for _ in range(40):
+        opt.zero_grad()
+        ((x - c) ** 2).sum().backward()
+        before = x.detach().clone()
+        opt.step()
+        path.append(x.detach() - before)
+        sizes.append(opt.size[0][:, 0].clone())
+    unit = c / c.norm(dim=-1, keepdim=True)  # from 0 the descent is straight at c
+    assert torch.allclose(path[0], 0.5 * unit, atol=1e-6) and torch.allclose(path[1], 0.75 * unit, atol=1e-6)
+    assert torch.allclose(path[0].norm(dim=-1), torch.tensor([0.5, 0.5]))  # each row its own size, not Adam's per-coordinate lr
+    far = c[1].norm()
+    # the far row's size grows 1.5x a step (0.5, 0.75, ...) until a step passes c; the next step turns back at half the size
+    far_sizes = [float(s[1]) for s in sizes]
+    turn = next(i for i in range(1, 40) if far_sizes[i] < far_sizes[i - 1])
+    assert far_sizes[:turn] == pytest.approx([0.5 * 1.5**i for i in range(turn)])
+    assert sum(far_sizes[:turn]) > far > sum(far_sizes[: turn - 1])
+    assert (x.detach() - c).norm(dim=-1).max() < 1e-2  # both rows converge
+
+
+def test_normalized_targets_step_by_their_size_and_find_the_regularized_optimum_adam_overshoots():
+    """Through optimize_targets: one step moves each request's δ by step_size × ‖h‖ exactly (the clamp far away).
+    Run for 60 steps on this model, whose targets no δ brings under NLL 3.4: the normalized steps settle where the
+    NLL and the weight decay balance, Adam at lr 0.5 ends with a loss higher by the decay of a far larger δ."""
+    tok = make_tokenizer()
+    model = trained_scale_llama(len(tok))
+    from kedit.core.arch import spec_for
+
+    spec = spec_for(model)
+    path = spec.module_path("mlp_out", 1)
+    reqs = [*REQUESTS, EditRequest("c", "the river", "{} flows through", "the city of london", None)]
+    templates = ("{}", "the city . {}")
+    cfg = TargetHyperParams(optimizer="normalized", step_size=0.25, steps=1, stop_loss=0.0, clamp_norm=200.0, kl_factor=0.0)
+    one = optimize_targets(model, tok, spec, reqs, templates, [path], 1, cfg)
+    norms = one.originals[path].norm(dim=-1)
+    assert torch.allclose(one.deltas[path].norm(dim=-1), 0.25 * norms, rtol=1e-5)
+    runs = {
+        name: optimize_targets(model, tok, spec, reqs, templates, [path], 1, cfg.model_copy(update={"steps": 60, **extra}))
+        for name, extra in (("normalized", {}), ("adam", {"optimizer": "adam", "lr": 0.5}))
+    }
+    ratio = {k: r.deltas[path].norm(dim=-1) / norms for k, r in runs.items()}
+    loss = {k: r.nll + cfg.weight_decay * ratio[k] ** 2 for k, r in runs.items()}  # (n,) each: what was minimized
+    assert bool((loss["normalized"] < loss["adam"] - 0.1).all())
+    assert bool((ratio["normalized"] < ratio["adam"] / 4).all())
+
+
 def test_without_a_kl_term_the_kl_rows_are_not_run_and_nothing_else_changes():
     tok = make_tokenizer()
     model = trained_scale_llama(len(tok))
