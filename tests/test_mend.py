@@ -17,6 +17,7 @@ from editing.patches import PatchIntegrityError
 from kedit.app.tiny import tiny_llama, train_tiny, training_facts
 from kedit.core.arch import spec_for
 from kedit.core.facts import EditRequest
+from kedit.core.lm import adds_bos
 from kedit.core.models import load_model
 
 TINY = {"layers": (2, 3), "network.rank": 16, "edit_lr": 0.01, "stem_dtype": None, "head_dtype": None}  # exact: fp32 throughout
@@ -193,6 +194,66 @@ def test_the_after_target_kl_reads_the_position_after_each_new_target_and_only_m
         assert float(meta_step(model, spec, net, after, min(hp.layers), 0.1, 1.0)["after_target_loss"]) == 0
         net.edit_lrs.fill_(1.0)
         assert float(meta_step(model, spec, net, after, min(hp.layers), 0.1, 1.0)["after_target_loss"]) > 1e-4
+
+
+def test_the_kl_over_all_positions_reads_every_token_of_the_unrelated_rows_and_none_of_the_edit_rows():
+    """``loc_positions: all`` (the reference's KL): every non-pad position of the unrelated prompts, the answer
+    positions of ``answer`` among them, and nothing in the edit and rephrasing rows."""
+    tok = make_tokenizer()
+    batch = facts()[:2]
+    answer = step_rows(tok, batch, torch.device("cpu"), "answer")
+    every = step_rows(tok, batch, torch.device("cpu"), "all")
+    n_edit = 2 * every.n
+    unrelated = every.mask[n_edit:].bool()
+    assert every.n_unrelated == len(every.loc_rows) == int(unrelated.sum())
+    assert int(every.loc_rows.min()) == n_edit  # no edit or rephrasing row
+    read = torch.zeros_like(every.mask, dtype=torch.bool)
+    read[every.loc_rows, every.keep[every.loc_cols]] = True
+    assert torch.equal(read[n_edit:], unrelated) and not read[:n_edit].any()
+    answered = {(int(r), int(answer.keep[c])) for r, c in zip(answer.loc_rows, answer.loc_cols)}
+    assert answered < {(int(r), int(every.keep[c])) for r, c in zip(every.loc_rows, every.loc_cols)}
+    # the edit loss's positions do not depend on where the KL reads
+    assert torch.equal(answer.keep[answer.cols], every.keep[every.cols]) and torch.equal(answer.labels, every.labels)
+
+
+def test_subject_templates_add_a_kl_from_the_subjects_last_token_to_the_end_with_its_own_mean():
+    """``subject_templates``: per fact, a row of each template with its subject; the KL reads every position from
+    the subject's last token on (text about the subject that asks nothing of the edit), as its own group: the
+    identity network leaves it 0, a trained-rate update moves it, and the other groups stay as they were."""
+    model, tok, hp = setup(TRAIN)
+    spec = spec_for(model)
+    batch = facts()[:2]
+    templates = ("{} is a", "I read about {} and think that")
+    plain = step_rows(tok, batch, torch.device("cpu"), "answer")
+    subj = step_rows(tok, batch, torch.device("cpu"), "answer", after_target=True, subject_templates=templates)
+    n_rows = len(plain.ids)
+    assert len(subj.ids) == n_rows + len(batch) * len(templates)
+    assert subj.n_unrelated == plain.n_unrelated and subj.n_after == 2 * len(batch)
+    first = subj.n_unrelated + subj.n_after
+    rows, cols = subj.loc_rows[first:], subj.keep[subj.loc_cols[first:]]
+    for i, (r, t) in enumerate((r, t) for r in batch for t in templates):
+        head = [tok.bos_token_id] * adds_bos(tok) + tok(t.split("{}")[0] + r.subject, add_special_tokens=False)["input_ids"]
+        row = n_rows + i
+        read = cols[rows == row].tolist()
+        length = int(subj.mask[row].sum())
+        assert read == list(range(len(head) - 1, length)), (t, r.subject)  # the subject's last token to the end
+    assert torch.equal(subj.ids[:n_rows, : plain.ids.shape[1]], plain.ids)  # the other rows unchanged
+    net = MEND.new_network(model, hp).eval()  # eval: its running statistics stay put between the calls compared
+    with torch.no_grad():
+        net.edit_lrs.zero_()
+        assert float(meta_step(model, spec, net, subj, min(hp.layers), 0.1, 1.0)["subject_loss"]) == 0
+        net.edit_lrs.fill_(1.0)
+        moved = meta_step(model, spec, net, subj, min(hp.layers), 0.1, 1.0)
+        alone = meta_step(model, spec, net, plain, min(hp.layers), 0.1, 1.0)
+    assert float(moved["subject_loss"]) > 1e-4 and float(alone["subject_loss"]) == 0
+    assert torch.allclose(moved["loc_loss"], alone["loc_loss"], rtol=1e-4)  # padded wider: float order only
+    assert torch.allclose(moved["loss"], alone["loss"] + moved["after_target_loss"] + moved["subject_loss"], rtol=1e-4)
+
+
+def test_a_subject_template_needs_its_subject_once_and_text_after_it():
+    for bad in ("about {}", "{} and {}", "no subject"):
+        with pytest.raises(ValueError, match="subject template"):
+            MEND.preset(tiny_llama(64), {"train.subject_templates": [bad]})
 
 
 class Killed(Exception):

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import field_validator
+
 from kedit.core.config import Seq, StrictConfig
 
 
@@ -30,6 +32,11 @@ class TrainHyperParams(StrictConfig):
     # scored prompt changes). Off in the presets: on SmolLM2 it raised single-edit fluency from 0.44 to 2.46
     # but cost 13 points of specificity (docs/benchmarks.md)
     after_target: bool = False
+    # text about the fact's subject that asks nothing of the edited relation ("{} is a"): the KL also reads
+    # every position from the subject's last token on. A single edit that promotes its target at every
+    # position after the subject generates "India India India" from any prompt about the subject, while the
+    # scored prompts and the unrelated text stay as trained (docs/benchmarks.md); () leaves it out
+    subject_templates: Seq[str] = ()
     # per fact, other training facts of its prompt template (same relation, other subjects) added to that KL:
     # CounterFact's specificity asks exactly those prompts (an edit must move its subject, not its relation)
     negatives: int = 2
@@ -45,6 +52,14 @@ class TrainHyperParams(StrictConfig):
     checkpoint_every: int = 50  # steps between checkpoints (and at every validation)
     seed: int = 0
     grad_clip: float = 100.0  # on the network's gradient norm; MEND's reference clips as well
+
+    @field_validator("subject_templates")
+    @classmethod
+    def _one_subject_then_text(cls, templates):
+        for t in templates:
+            if t.count("{}") != 1 or not t.split("{}", 1)[1].strip():
+                raise ValueError(f"subject template {t!r} must hold '{{}}' once, with text after it")
+        return templates
 
 
 class MENDHyperParams(StrictConfig):

@@ -34,7 +34,7 @@ from kedit.core.facts import EditRequest
 from kedit.core.lm import encode_pairs, model_device, pad_batch, pad_id_of
 
 from .gradients import added_updates, gradient_factors, kept, target_nll
-from .hparams import MENDHyperParams
+from .hparams import MENDHyperParams, TrainHyperParams
 from .network import HyperNet
 
 log = logging.getLogger(__name__)
@@ -99,10 +99,11 @@ def _prefix(prompt: str, subject: str) -> str:
 
 @dataclass
 class StepRows:
-    """One step's rows, padded together: B edit prompts, B rephrasings, then the unrelated prompts (each
-    fact's own, then its negatives). Columns index ``keep``, the positions whose logits a loss reads."""
+    """One step's rows, padded together: B edit prompts, B rephrasings, the unrelated prompts (each fact's own,
+    then its negatives), then each fact's subject in the subject templates. Columns index ``keep``, the positions
+    whose logits a loss reads."""
 
-    ids: torch.Tensor  # (2B + n_unrelated, L)
+    ids: torch.Tensor  # (2B + n_unrelated_rows + n_subject_rows, L)
     mask: torch.Tensor
     pos: torch.Tensor
     n: int  # B
@@ -110,9 +111,19 @@ class StepRows:
     rows: torch.Tensor  # target tokens of the first 2B rows: row, predicting column (into keep), label
     cols: torch.Tensor
     labels: torch.Tensor
-    loc_rows: torch.Tensor  # the KL positions: row, column (into keep); unrelated rows' first, then after-target ones
+    # the KL positions: row, column (into keep); in three groups, in this order: the unrelated rows', the
+    # after-target ones (in the edit rows), the subject templates'
+    loc_rows: torch.Tensor
     loc_cols: torch.Tensor
     n_unrelated: int  # how many of the KL positions are in unrelated rows
+    n_after: int = 0  # how many are after-target positions; the rest are in the subject rows
+
+
+def _spans(starts: Sequence[int], lengths: Sequence[int], first_row: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of every position in the spans ``[start, start + length)``, one span per row from ``first_row``."""
+    rows = torch.repeat_interleave(torch.arange(first_row, first_row + len(starts)), torch.tensor(list(lengths)))
+    cols = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
+    return rows.to(device), cols.to(device)
 
 
 def step_rows(
@@ -123,32 +134,49 @@ def step_rows(
     rephrasings: Sequence[str] | None = None,
     negatives: Sequence[EditRequest] = (),
     after_target: bool = False,
+    subject_templates: Sequence[str] = (),
 ) -> StepRows:
     n = len(requests)
     prompts = [r.text for r in requests] + list(rephrasings or [r.paraphrase_prompts[0] for r in requests])
     prompts += [r.neighborhood[0].prompt for r in requests] + [o.text for o in negatives]
     targets = [r.target_new for r in requests] * 2 + [r.neighborhood[0].answer for r in requests]
     targets += [o.target_true for o in negatives]
+    n_rows = len(prompts)  # edit, rephrasing and unrelated rows; the subject rows follow
+    # a subject template "{} is a" splits into the text up to the subject and the rest ("is a"), which
+    # encode_pairs puts after it as it puts a target after a prompt
+    heads, rests = zip(*(t.split("{}", 1) for t in subject_templates)) if subject_templates else ((), ())
+    prompts += [h + r.subject for r in requests for h in heads]
+    targets += [rest.strip() for _ in requests for rest in rests]
     enc = encode_pairs(tok, prompts, targets)
     ids, mask, pos, _ = pad_batch(enc.ids, pad_id_of(tok), "right", device)
-    lens = torch.tensor(enc.n_target[: 2 * n])
-    rows = torch.repeat_interleave(torch.arange(2 * n), lens).to(device)
-    cols = torch.cat([torch.arange(p - 1, p - 1 + t) for p, t in zip(enc.n_prompt[: 2 * n], enc.n_target[: 2 * n])]).to(device)
+    rows, cols = _spans([p - 1 for p in enc.n_prompt[: 2 * n]], enc.n_target[: 2 * n], 0, device)
     labels = ids[rows, cols + 1]
     if loc_positions == "all":
-        loc = mask[2 * n :].bool().nonzero()  # (n_loc_tokens, 2): row within the unrelated rows, column
+        loc = mask[2 * n : n_rows].bool().nonzero()  # (n_loc_tokens, 2): row within the unrelated rows, column
         loc_rows, loc_cols = loc[:, 0] + 2 * n, loc[:, 1]
     else:  # the positions that predict the unrelated prompt's answer tokens
-        spans = list(zip(enc.n_prompt[2 * n :], enc.n_target[2 * n :]))
-        loc_rows = torch.repeat_interleave(torch.arange(2 * n, len(prompts)), torch.tensor([t for _, t in spans])).to(device)
-        loc_cols = torch.cat([torch.arange(p - 1, p - 1 + t) for p, t in spans]).to(device)
+        loc_rows, loc_cols = _spans([p - 1 for p in enc.n_prompt[2 * n : n_rows]], enc.n_target[2 * n : n_rows], 2 * n, device)
     n_unrelated = len(loc_cols)
+    groups_rows, groups_cols = [loc_rows], [loc_cols]
     if after_target:  # each edit row's last target token, which predicts what follows the target
-        ends = torch.tensor([p + t - 1 for p, t in zip(enc.n_prompt[: 2 * n], enc.n_target[: 2 * n])], device=device)
-        loc_rows = torch.cat([loc_rows, torch.arange(2 * n, device=device)])
-        loc_cols = torch.cat([loc_cols, ends])
+        ends = [p + t - 1 for p, t in zip(enc.n_prompt[: 2 * n], enc.n_target[: 2 * n])]
+        after_rows, after_cols = _spans(ends, [1] * (2 * n), 0, device)
+        groups_rows.append(after_rows)
+        groups_cols.append(after_cols)
+    n_after = 2 * n if after_target else 0
+    if subject_templates:  # from the subject's last token to the template's end: all of it predicts text about the subject
+        subj = range(n_rows, len(prompts))
+        sub_rows, sub_cols = _spans([enc.n_prompt[i] - 1 for i in subj], [enc.n_target[i] + 1 for i in subj], n_rows, device)
+        groups_rows.append(sub_rows)
+        groups_cols.append(sub_cols)
+    loc_rows, loc_cols = torch.cat(groups_rows), torch.cat(groups_cols)
     keep, where = kept(torch.cat([cols, loc_cols]))
-    return StepRows(ids, mask, pos, n, keep, rows, where[: len(cols)], labels, loc_rows, where[len(cols) :], n_unrelated)
+    return StepRows(ids, mask, pos, n, keep, rows, where[: len(cols)], labels, loc_rows, where[len(cols) :], n_unrelated, n_after)
+
+
+def _rows(tok, batch: Sequence[EditRequest], device, t: TrainHyperParams, extra: tuple) -> StepRows:
+    """A step's rows as the training settings ``t`` ask, with ``extra`` = (rephrasings, negatives) from ``Augment``."""
+    return step_rows(tok, batch, device, t.loc_positions, *extra, t.after_target, t.subject_templates)
 
 
 def _logits(model: nn.Module, b: StepRows, rows: slice = slice(None)) -> torch.Tensor:
@@ -186,9 +214,11 @@ def meta_step(
     nll = target_nll(post, b.rows, b.cols, b.labels)
     post_loc = torch.log_softmax(post[b.loc_rows, b.loc_cols].float(), -1)
     kls = (base_loc.exp() * (base_loc - post_loc)).sum(-1)  # (n_loc,)
-    kl = kls[: b.n_unrelated].mean()
-    # after the target: its own mean, so that adding it leaves the unrelated text's weight as it was
-    kl_after = kls[b.n_unrelated :].mean() if len(kls) > b.n_unrelated else kls.new_zeros(())
+    # each group its own mean, so that adding one leaves the unrelated text's weight as it was
+    kl, kl_after, kl_subject = (
+        part.mean() if len(part) else kls.new_zeros(())
+        for part in kls.split([b.n_unrelated, b.n_after, len(kls) - b.n_unrelated - b.n_after])
+    )
     with torch.no_grad():
         right = (post[b.rows, b.cols].argmax(-1) == b.labels).float()
         wrong = torch.zeros(2 * n, device=right.device).index_add_(0, b.rows, 1 - right)  # (2B,) wrong tokens per row
@@ -196,10 +226,11 @@ def meta_step(
         r, c = b.loc_rows[: b.n_unrelated], b.loc_cols[: b.n_unrelated]  # agreement on unrelated text only
         agree = (post[r, c].argmax(-1) == base[r, c].argmax(-1)).float().mean()
     return {
-        "loss": c_edit * nll.mean() + c_loc * (kl + kl_after),
+        "loss": c_edit * nll.mean() + c_loc * (kl + kl_after + kl_subject),
         "edit_loss": nll.mean().detach(),
         "loc_loss": kl.detach(),
         "after_target_loss": kl_after.detach(),
+        "subject_loss": kl_subject.detach(),
         "edit_success": per_row[:n].mean(),  # every target token the argmax, on the edit prompt
         "rephrase_success": per_row[n:].mean(),
         "loc_agreement": agree,
@@ -252,7 +283,7 @@ def validate(
         with torch.no_grad():
             for i, chunk in enumerate(batches):
                 extra = augment(VALIDATION_KEYS + i, chunk) if augment else (None, ())
-                rows = step_rows(tok, chunk, model_device(model), hp.train.loc_positions, *extra, hp.train.after_target)
+                rows = _rows(tok, chunk, model_device(model), hp.train, extra)
                 out = _metrics(meta_step(model, spec, net, rows, min(hp.layers), hp.train.c_edit, hp.train.c_loc))
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + v * len(chunk)
@@ -323,7 +354,7 @@ def train(
                 state.stopped = "time"
                 break
             batch = [train_facts[i] for i in order(state.step)]
-            rows = step_rows(tok, batch, device, t.loc_positions, *augment(state.step, batch), t.after_target)
+            rows = _rows(tok, batch, device, t, augment(state.step, batch))
             out = meta_step(model, spec, net, rows, min(hp.layers), t.c_edit, t.c_loc)
             opt.zero_grad()
             out["loss"].backward()
