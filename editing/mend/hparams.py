@@ -35,7 +35,9 @@ class TrainHyperParams(StrictConfig):
     # text about the fact's subject that asks nothing of the edited relation ("{} is a"): the KL also reads
     # every position from the subject's last token on. A single edit that promotes its target at every
     # position after the subject generates "India India India" from any prompt about the subject, while the
-    # scored prompts and the unrelated text stay as trained (docs/benchmarks.md); () leaves it out
+    # scored prompts and the unrelated text stay as trained. Off in the presets: on SmolLM2 it cut the positions
+    # the target takes after its subject from 58% to 23% and lifted fluency from 0.84 to 2.50, at 23 points of
+    # specificity (docs/benchmarks.md)
     subject_templates: Seq[str] = ()
     # per fact, other training facts of its prompt template (same relation, other subjects) added to that KL:
     # CounterFact's specificity asks exactly those prompts (an edit must move its subject, not its relation)
