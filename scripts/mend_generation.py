@@ -23,6 +23,7 @@ from editing import make_editor
 from editing.mend.mend import MEND
 from evaluation.metrics import ngram_entropy
 from kedit.app.bench import _cases, editor_on, machine
+from kedit.core.lm import encode_prompts
 from kedit.store.naming import identify
 from kedit.store.networks import tree_sha256
 
@@ -35,12 +36,15 @@ def greedy(model, tok, ids: torch.Tensor, n: int) -> torch.Tensor:
 
 def one(model, tok, editor, request, n_new: int) -> dict:
     prompt = request.generation_prompts[0]
-    ids = tok(prompt, return_tensors="pt").input_ids  # (1, T)
+    at = prompt.find(request.subject)
+    if at < 0:
+        raise ValueError(f"case {request.id}: generation prompt {prompt!r} does not name the subject {request.subject!r}")
+    # the prompt and its text up to the subject's end, tokenized as the editors locate a subject (editing.keys.locate)
+    full, head = encode_prompts(tok, [prompt, prompt[: at + len(request.subject)]])
+    ids = torch.tensor([full])  # (1, T)
     base_new = greedy(model, tok, ids, n_new)
     text = torch.cat([ids[0], base_new])[None]  # (1, T + n_new): the unedited model's own text
-    # the subject's last token in the prompt (the prompt names its subject; the search is over token prefixes)
-    end = request.subject and prompt.find(request.subject) + len(request.subject)
-    first = next(i for i in range(1, ids.shape[1] + 1) if len(tok.decode(ids[0, :i])) >= end) - 1
+    first = len(head) - 1  # the subject's last token
     target = tok(" " + request.target_new, add_special_tokens=False).input_ids[0]
     with torch.no_grad():
         before = model(text).logits[0, first:].argmax(-1)  # (positions from the subject's last token,)
