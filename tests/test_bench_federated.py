@@ -88,6 +88,9 @@ def test_federated_clients_reuse_the_vectors_of_facts_edited_elsewhere_and_resum
     assert [(s["slot"], s["client"]) for s in reused] == [(1, "client0"), (1, "client1")]
     # (the target phase's time is the benchmark's to measure: on this model a lookup costs what 10 steps do)
     assert fed["target_s_after_slot_0"] > 0 and alone["target_s_after_slot_0"] > 0
+    # the keys and lookups are timed apart, inside the phase; alone there are none
+    assert 0 < fed["lookup_s_after_slot_0"] < fed["target_s_after_slot_0"] and alone["lookup_s_after_slot_0"] == 0
+    assert alone["optimized_steps_after_slot_0"] > 0 and "optimized_steps_cut" in r
     # (that a reused vector makes the edit the client's own would: tests/test_exchange.py; quality: the benchmark)
     assert len(fed["per_client"]) == 2 and set(r["federated_over_alone"]) == {"efficacy", "generalization", "specificity"}
     before = out.read_text()

@@ -108,6 +108,7 @@ class MEMITFamily(Editor):
             return z
         keys = self.fact_keys(requests)  # (n, d_k)
         got = self.exchange.lookup(keys)
+        lookup_s = time.perf_counter() - t0  # keys and search: what sharing costs when nothing is found
         own = (~got.found).nonzero().squeeze(1).tolist()
         z = got.z.to(h0).clone()  # (n, d)
         diagnostics = {"target_nll": [float("nan")] * len(requests), "target_steps": [0.0] * len(requests)}
@@ -122,6 +123,7 @@ class MEMITFamily(Editor):
         self.diagnostics |= diagnostics | {
             "target_reused": got.found.float().tolist(),
             "target_s": [seconds / len(requests)] * len(requests),  # the phase's time, spread over the batch
+            "target_lookup_s": [lookup_s / len(requests)] * len(requests),
         }
         return z
 

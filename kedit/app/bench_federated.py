@@ -210,6 +210,8 @@ def _run(
                 uploaded[f"client{c}/slot-{t}"] = [r.id for r, u in zip(batch, reused) if not u]
             per_slot.append({"slot": t, "client": f"client{c}", "facts": len(batch), "reused": int(sum(reused))})
             per_slot[-1] |= {"target_s": sum(e.diagnostics["target_s"]), "edit_s": time.perf_counter() - t0}
+            per_slot[-1]["lookup_s"] = sum(e.diagnostics.get("target_lookup_s", [0.0]))
+            per_slot[-1]["optimized_steps"] = sum(e.diagnostics.get("target_steps", [0.0]))
             facts_of[c] |= {r.id: r for r in batch}
             bar.update(1)
         for x in exchanges:
@@ -233,6 +235,9 @@ def _summary(per_slot: list[dict], scores: list[dict], refused: list[dict], n_sl
         "reused_share_after_slot_0": sum(s["reused"] for s in later) / max(1, sum(s["facts"] for s in later)),
         "target_s": sum(s["target_s"] for s in per_slot),
         "target_s_after_slot_0": sum(s["target_s"] for s in later),
+        # of which keys and lookups (0 without sharing), and the optimization steps summed over the facts optimized
+        "lookup_s_after_slot_0": sum(s.get("lookup_s", 0.0) for s in later),
+        "optimized_steps_after_slot_0": sum(s.get("optimized_steps", 0.0) for s in later),
         "edit_s": sum(s["edit_s"] for s in per_slot),
         "per_client": [{k: s[k] for k in keys} for s in scores],
         "per_slot": per_slot,
@@ -291,6 +296,8 @@ def bench_federated(
         alone, fed = done["alone"], done["federated"]
         done["federated_over_alone"] = {k: _ratio(fed[k], alone[k]) for k in ("efficacy", "generalization", "specificity")}
         done["target_time_cut"] = 1 - fed["target_s_after_slot_0"] / alone["target_s_after_slot_0"]
+        if alone.get("optimized_steps_after_slot_0"):
+            done["optimized_steps_cut"] = 1 - fed["optimized_steps_after_slot_0"] / alone["optimized_steps_after_slot_0"]
         save_json(json_out, out)
     return out
 
