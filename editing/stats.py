@@ -312,3 +312,15 @@ def _accumulate(
         count += int(sel.sum())
     log.info("second moments for layers %s from %d tokens of %s", todo, count, corpus.name)
     return {layer: (sums[layer] / max(count, 1)).float().cpu() for layer in todo}, count
+
+
+def low_energy_projector(mom2: torch.Tensor, leak: float) -> torch.Tensor:
+    """(d, d) projector onto the eigenvectors of second moments ``mom2`` (d, d) with the smallest eigenvalues, as
+    many as together hold at most ``leak`` of its trace: an input drawn like the moments' keeps about that share
+    of its squared norm there (AlphaEdit's null space, chosen by energy rather than by an absolute eigenvalue)."""
+    if not 0.0 <= leak < 1.0:
+        raise ValueError(f"leak {leak}: a share of the energy, in [0, 1)")
+    ev, vec = torch.linalg.eigh(mom2.double())  # ascending
+    ev = ev.clamp(min=0.0)
+    low = vec[:, ev.cumsum(0) <= leak * ev.sum()]  # (d, m)
+    return (low @ low.T).float()

@@ -383,6 +383,12 @@ def test_bench_editors_without_sequential_edits_each_batch_alone_and_reverts(set
     out = _independent(model, tok, editor, _cases(data, 3), 1, read, scores_of)
     assert out["efficacy"] == r["results"]["ft-m"]["efficacy"]  # the same protocol in and out of a worker
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # every batch reverted
+    # --start: a slice after the first records (tune on one slice, report on another)
+    later = _cases(data, 2, 1)
+    assert [c.id for c in later] == [c.id for c in _cases(data, 3)[1:]]
+    r2 = bench_editors(str(ck), data, ["ft-m"], 2, 1, corpus, {"ft-m": {"layers": [2], "lr": 0.02}}, sequential=False, start=1)
+    assert r2["start"] == 1 and r2["results"]["ft-m"]["n_edits"] == 2
+    assert r2["results"]["ft-m"]["efficacy"] == _independent(model, tok, editor, later, 1, read, scores_of)["efficacy"]
 
 
 def test_a_benchmark_refuses_records_a_trained_network_learned_from(setup):

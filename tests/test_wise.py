@@ -167,3 +167,36 @@ def test_a_malformed_state_is_refused():
         editor.load_state_dict({})
     with pytest.raises(EditError, match="of one length"):
         editor.load_state_dict({"keys": torch.zeros(2, 3), "key_shard": torch.zeros(1), "key_slot": torch.zeros(2)})
+
+
+NULL = {"null_space": {"leak": 0.05, "statistics": {"samples": 16, "length": 16}}}
+
+
+def test_low_energy_projector_keeps_at_most_the_leak_of_the_moments_energy():
+    from editing.stats import low_energy_projector
+
+    x = torch.randn(500, 12) * torch.logspace(0, -2, 12)  # (n, d): energy falls off across the directions
+    mom2 = x.T @ x / len(x)
+    p = low_energy_projector(mom2, 0.05)
+    assert torch.allclose(p, p.T) and torch.allclose(p @ p, p, atol=1e-5)
+    assert 0 < float(torch.trace(p @ mom2)) <= 0.05 * float(torch.trace(mom2))
+    assert float(torch.trace(low_energy_projector(mom2, 0.5) @ mom2)) > float(torch.trace(p @ mom2))  # more leak, more room
+    with pytest.raises(ValueError, match="leak 1.0"):
+        low_energy_projector(mom2, 1.0)
+
+
+def test_with_null_space_the_shard_reads_only_where_general_text_barely_lies(tmp_path, monkeypatch):
+    """The change (d_out, d_in) is zero on every direction outside the null space, so an input there moves no
+    memory; with project as well, a later edit of the shard still keeps the earlier edit's tokens exactly."""
+    monkeypatch.setenv("KEDIT_HOME", str(tmp_path))
+    model, tok, editor = wise(**NULL, **{"memory.shard_edits": 4, "train.project": True})
+    p = editor.null_projector()  # (d_in, d_in)
+    outside = torch.eye(p.shape[0]) - p
+    editor.edit([FRANCE])
+    first = memory_of(model, editor).shards[0].detach().float().clone()
+    assert float(first.norm()) > 0 and float((first @ outside).norm()) < 1e-4 * float(first.norm())
+    kept = editor.state_dict()["keys"]
+    editor.edit([ALICE])
+    after = memory_of(model, editor).shards[0].detach().float()
+    assert float(((after - first) @ outside).norm()) < 1e-4 * float((after - first).norm())
+    assert float(((after - first) @ kept.T).norm()) < 1e-4 * float((first @ kept.T).norm())

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from editing.hparams import TemplateHyperParams
+from editing.hparams import StatisticsHyperParams, TemplateHyperParams
 from kedit.core.config import Seq, StrictConfig
 
 
@@ -54,6 +54,15 @@ class IrrelevantHyperParams(StrictConfig):
     max_tokens: int = 32  # every unrelated row is cut to this many tokens
 
 
+class NullSpaceHyperParams(StrictConfig):
+    """The shard's change reads only the directions of the layer's input where general text (the corpus) carries
+    the least energy, together at most ``leak`` of it, so an unrelated token's Δact stays near 0 and the router
+    leaves it on the main memory (AlphaEdit's null space, applied to the side memory's router)."""
+
+    leak: float  # share of E‖a‖² over the corpus that lies in the directions the change may read
+    statistics: StatisticsHyperParams = StatisticsHyperParams(samples=1000, length=128)
+
+
 class WISEHyperParams(StrictConfig):
     layer: int  # block whose MLP output projection (the value matrix W_v) gets a side memory
     memory: MemoryHyperParams = MemoryHyperParams()
@@ -62,3 +71,4 @@ class WISEHyperParams(StrictConfig):
     # the fact's prompt after the model's own generated prefixes (WISE's context templates): rows the shard trains on
     templates: TemplateHyperParams = TemplateHyperParams(count=10, length=5)
     irrelevant: IrrelevantHyperParams = IrrelevantHyperParams()
+    null_space: NullSpaceHyperParams | None = None

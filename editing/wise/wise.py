@@ -9,6 +9,9 @@
    the model's own unrelated generations below ``irrelevant_max``, and an edit's mean above an unrelated text's
    (and above every other memory's Δact on the edit's tokens) by ``gap``, while the shard's earlier edits keep
    their outputs (their tokens' inputs are kept: WISE's replay); each element within ``norm_constraint``;
+   with ``null_space``, the change reads only the directions of the layer's input where general text carries
+   the least energy (AlphaEdit's null space of the corpus's E[a aᵀ]), so an unrelated token moves no memory
+   much and the router leaves it alone (kedit's addition: the paper's router leaked here, docs/benchmarks.md);
 4. threshold: ε = act_ratio × the smallest Δact any edit reached on one of its own tokens (WISE takes each edit's
    mean over its tokens; a token routed on its own Δact needs every edited token above ε);
 5. close and merge: a shard that holds ``shard_edits`` edits closes and the next opens; when all ``shards`` are
@@ -33,7 +36,7 @@ from editing.hooks import capture, frozen, output_kind, start_at_block, stop_aft
 from editing.ids import slot_id
 from editing.keys import average_by_owner, context_templates
 from editing.patches import Dense, Installable
-from editing.stats import Corpus, corpus_from_model
+from editing.stats import Corpus, corpus_from_model, low_energy_projector, second_moments
 from kedit.core.facts import EditRequest
 from kedit.core.facts.schema import normalize
 from kedit.core.lm import encode_pairs, encode_prompts, greedy_generate, logits_at, model_device, pad_batch, pad_id_of
@@ -90,6 +93,7 @@ class WISE(Editor):
         self._templates: tuple[str, ...] | None = None
         self._irrelevant: list[str] | None = None
         self._returns_tuple: bool | None = None
+        self._null: torch.Tensor | None = None  # null_space's projector (the base's statistics, not state)
         # the edited tokens' inputs of every edit in a shard not yet merged, and its shard: what a later edit of
         # the same shard must keep (the editor's state, saved with every version)
         self.keys = torch.zeros(0, 0)  # (n, d_in)
@@ -239,12 +243,12 @@ class WISE(Editor):
         u_row = rows.u_rows - rows.n_edit_rows  # (M,) which unrelated row
         n_un = int(u_row.max()) + 1 if len(u_row) else 0
         # every other memory that holds an edit: the open shard must move the edit's tokens more than they do
-        kept = self.keys[self.key_shard == shard].to(a.device)  # (K, d_in): the shard's earlier edits' tokens
+        kept = self.keys[self.key_shard == shard].reshape(-1, a.shape[-1]).to(a.device)  # (K, d_in): earlier edits' tokens
         # other facts' tokens held by other shards: there this shard must stay below their own shard by the gap,
         # or the router would send them here
         mine = torch.tensor([slot_id(r) for r in requests])
         elsewhere = (self.key_shard != shard) & ~torch.isin(self.key_slot, mine)
-        theirs = self.keys[elsewhere].to(a.device)  # (E, d_in)
+        theirs = self.keys[elsewhere].reshape(-1, a.shape[-1]).to(a.device)  # (E, d_in)
         their_shard = self.key_shard[elsewhere].to(a.device)
         theirs_act = torch.zeros(len(theirs), device=a.device)  # (E,) each token's Δact in its own shard
         for j in their_shard.unique().tolist():  # at most ``shards`` of them
@@ -253,13 +257,18 @@ class WISE(Editor):
         others = [state.slots[j] for j in range(len(state.slots)) if j != shard and state.edits[j] > 0]
         other_act = torch.stack([(a_in @ d.T).norm(dim=-1) for d in others]).amax(0) if others else None  # (N,)
 
-        # with project, the change leaves the shard's output on its earlier edits' tokens exactly as it was:
-        # (mask ⊙ F)(I - Q Qᵀ), Q an orthonormal basis of the kept tokens' inputs (at the cost of the mask)
-        basis = torch.linalg.qr(kept.T).Q if (tr.project and len(kept)) else None  # (d_in, k)
+        # the change the shard may make is (mask ⊙ F) R, R a symmetric projector on the layer's input, so the change
+        # reads an input a as R a: with project, R leaves the shard's output on its earlier edits' tokens exactly as
+        # it was (at the cost of the mask); with null_space, it reads only the directions general text barely uses,
+        # so that unrelated tokens' Δact stays near 0 (AlphaEdit's null space, here for the router's sake)
+        proj = self._right_projector(kept)  # (d_in, d_in) or None
 
-        def change(f: torch.Tensor) -> torch.Tensor:
-            m = mask * f
-            return m if basis is None else m - (m @ basis) @ basis.T
+        def seen(x: torch.Tensor) -> torch.Tensor:  # (·, d_in): what the change reads of inputs x
+            return x if proj is None else x @ proj
+
+        # Δact = ‖start a + m R a‖: the start's part and R a are fixed for the edit, computed once
+        in_r, un_r, theirs_r, kept_r = seen(a_in), seen(a_un), seen(theirs), seen(kept)
+        base_in, base_un, base_theirs = a_in @ start.T, a_un @ start.T, theirs @ start.T  # (·, d_out)
 
         free = torch.zeros_like(start, requires_grad=True)  # (d_out, d_in): only its masked elements matter
         make = torch.optim.SGD if tr.optimizer == "sgd" else torch.optim.Adam
@@ -281,19 +290,20 @@ class WISE(Editor):
         try:
             with frozen(self.model), start_at_block(self.model, self.spec.blocks, hp.layer, h[:e, :width], returns_tuple):
                 for _ in range(tr.steps):
-                    d = start + change(free)
-                    side["s"] = a_in @ d.T  # (N, d_out)
+                    m = mask * free  # (d_out, d_in)
+                    side["s"] = base_in + in_r @ m.T  # (N, d_out)
                     act_in = side["s"].norm(dim=-1)  # (N,) Δact on the edit's tokens
-                    act_un = (a_un @ d.T).norm(dim=-1)  # (M,) on the unrelated tokens
+                    act_un = (base_un + un_r @ m.T).norm(dim=-1)  # (M,) on the unrelated tokens
                     logits = logits_at(self.model, ids, attn, pos, rows.t_rows, rows.t_cols)
                     tok_nll = torch.nn.functional.cross_entropy(logits, rows.t_labels, reduction="none")  # (N,)
                     row_nll = average_by_owner(tok_nll, rows.t_rows, rows.n_edit_rows)
                     nll = average_by_owner(row_nll, row_own, n)  # (n,)
                     margins = self._margins(act_in, act_un, rows, u_row, n_un, other_act)
                     if len(theirs):
-                        margins = margins + torch.relu((theirs @ d.T).norm(dim=-1) + hp.router.gap - theirs_act).mean()
+                        act_theirs = (base_theirs + theirs_r @ m.T).norm(dim=-1)
+                        margins = margins + torch.relu(act_theirs + hp.router.gap - theirs_act).mean()
                     if len(kept):
-                        margins = margins + tr.keep * ((kept @ (mask * free).T).norm(dim=-1) / hp.router.edit_min).pow(2).mean()
+                        margins = margins + tr.keep * ((kept_r @ m.T).norm(dim=-1) / hp.router.edit_min).pow(2).mean()
                     log.debug("wise step %d: NLL %s margins %.4f", steps, nll.detach().cpu().tolist(), float(margins.detach()))
                     if float(nll.detach().max()) < tr.stop_loss and float(margins.detach()) < tr.stop_loss:
                         break
@@ -305,7 +315,7 @@ class WISE(Editor):
                         free.copy_(mask * ((start + free).clamp(-tr.norm_constraint, tr.norm_constraint) - start))
         finally:
             handle.remove()
-        final = (start + change(free)).detach()
+        final = (start + seen(mask * free)).detach()  # (mask ⊙ F) R: R is symmetric
         # per request, its least-moved token: a token is routed on its own Δact, so ε must sit below every one
         tok_act = (a_in @ final.T).norm(dim=-1)  # (N,)
         edit_act = torch.full((n,), float("inf"), device=tok_act.device).scatter_reduce(0, rows.t_owner, tok_act, "amin")
@@ -319,6 +329,30 @@ class WISE(Editor):
         }
         log.info("wise: shard %d, NLL max %.3f after %d steps, edit Δact min %.2f", shard, nll.max(), steps, edit_act.min())
         return final, edit_act
+
+    def null_projector(self) -> torch.Tensor | None:
+        """(d_in, d_in) projector onto the directions of the layer's input that carry the least of general text's
+        energy, together at most ``null_space.leak`` of it (E[a aᵀ] over the editor's corpus); None without
+        ``null_space``. The base model's statistics, found once per editor."""
+        ns = self.hparams.null_space
+        if ns is None:
+            return None
+        if self._null is None:
+            corpus = self.corpus or corpus_from_model(self.model, self.tok)
+            layer = self.hparams.layer
+            cov = second_moments(self.model, self.tok, self.spec, [layer], corpus, ns.statistics.samples, ns.statistics.length)
+            self._null = low_energy_projector(cov[layer], ns.leak).to(model_device(self.model))
+        return self._null
+
+    def _right_projector(self, kept: torch.Tensor) -> torch.Tensor | None:
+        """R (d_in, d_in): P (null_space's projector, else I) less the span of the kept tokens' inputs as P leaves
+        them (project), so that R k = 0 for every kept k; None when neither applies."""
+        p = self.null_projector()
+        if not (self.hparams.train.project and len(kept)):
+            return p
+        q = torch.linalg.qr((kept if p is None else kept @ p).T).Q  # (d_in, K): inside P's range, so P q = q
+        eye = p if p is not None else torch.eye(kept.shape[1], device=kept.device)
+        return eye - q @ q.T
 
     def _margins(self, act_in, act_un, rows: Rows, u_row, n_un: int, other_act) -> torch.Tensor:
         """WISE's activation loss: unrelated tokens below α, the edit's above β, an edit row's mean above every

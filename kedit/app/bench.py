@@ -77,9 +77,10 @@ def bench_metrics(model_ref: str, data: Path, n: int, batch_size: int = 32, sing
     }
 
 
-def _cases(data: Path | str, n: int) -> list:
-    """The first n cases of a file that have an outdated answer (every protocol metric needs it)."""
-    return scored_cases(load_facts(data).accepted, n)
+def _cases(data: Path | str, n: int | None, start: int = 0) -> list:
+    """The first n cases of a file that have an outdated answer (every protocol metric needs it), after the
+    first ``start`` of those."""
+    return scored_cases(load_facts(data).accepted, None if n is None else start + n)[start:]
 
 
 def _corpus_file(corpus: Path | str | None) -> str | None:
@@ -371,6 +372,7 @@ def _run_method(
     protocol: str = "counterfact",
     steps_dir: str | None = None,
     sequential: bool = True,
+    start: int = 0,
 ) -> dict:
     """One editor on a fresh model, in its own process (so peak memory is its own). With ``steps_dir`` each
     batch's patches and the editor's state are kept there, and a rerun with the same settings resumes.
@@ -380,7 +382,7 @@ def _run_method(
     from .bench_steps import open_steps, replay, save_step
 
     model, tok, editor, t_stats = editor_on(model_ref, method, corpus_path, overrides)
-    reqs = _cases(data, n)
+    reqs = _cases(data, n, start)
     read, scores_of = PROTOCOLS[protocol]
     require_not_trained_on(editor, reqs)
     assets = editor.provenance()  # the network a trained editor edits with: part of what a result depends on
@@ -456,9 +458,9 @@ def _independent(model, tok, editor, reqs, batch_size: int, read, scores_of) -> 
     }
 
 
-def _unedited(model_ref: str, data: str, n: int, protocol: str = "counterfact") -> dict:
+def _unedited(model_ref: str, data: str, n: int, protocol: str = "counterfact", start: int = 0) -> dict:
     model, tok = load_model(model_ref)
-    reqs = _cases(data, n)
+    reqs = _cases(data, n, start)
     read, scores_of = PROTOCOLS[protocol]
     scores = scores_of(model, tok, reqs, [], read(model, tok, reqs))
     return {k: v for k, v in scores.items() if k != "retention"}
@@ -475,9 +477,11 @@ def bench_editors(
     protocol: str = "counterfact",
     json_out: Path | None = None,
     sequential: bool = True,
+    start: int = 0,
 ) -> dict:
     """N edits in successive batches per method (not ``sequential``: each batch alone on the unedited model,
-    reverted after scoring), each method on a fresh model in its own process;
+    reverted after scoring), each method on a fresh model in its own process; the cases are the ``n`` after the first
+``start`` (a development slice is one the reported runs do not reach);
     metrics on the final model (``protocol``: a key of ``PROTOCOLS``). ``overrides`` maps a method to preset overrides.
 
     With ``json_out`` the JSON is rewritten after each method and a rerun with the same settings skips the
@@ -486,7 +490,7 @@ def bench_editors(
         pull(model_ref)
     corpus_path = _corpus_file(corpus)
     with worker_pool() as pool:
-        unedited = pool.submit(_unedited, model_ref, str(data), n, protocol).result()
+        unedited = pool.submit(_unedited, model_ref, str(data), n, protocol, start).result()
     settings = {
         "model": model_ref,
         "data": str(data),
@@ -497,6 +501,8 @@ def bench_editors(
         "overrides": overrides or {},
         "sequential": sequential,
     }
+    if start:
+        settings["start"] = start
     settings = with_code(settings)
     results = resumed(json_out, settings)
     for m in [m for m, r in results.items() if r.get("assets", {}) != _assets_now(model_ref, m)]:
@@ -506,7 +512,7 @@ def bench_editors(
 
     def args(m: str) -> tuple:
         steps = f"{json_out}.steps/{m}" if json_out else None
-        return model_ref, str(data), n, batch_size, corpus_path, (overrides or {}).get(m, {}), protocol, steps, sequential
+        return model_ref, str(data), n, batch_size, corpus_path, (overrides or {}).get(m, {}), protocol, steps, sequential, start
 
     out = each_method_alone(out, methods, _run_method, args, json_out)
     if json_out:  # a method in the JSON needs its steps no more (and a run written into docs/ must not leave them)

@@ -21,6 +21,7 @@ from kedit.app.options import (
     LIMITS,
     MODEL,
     SETS,
+    START,
     THREADS,
     TRACKING_URI,
     PathArg,
@@ -515,6 +516,7 @@ def bench_metrics(model: str, data: Path, n: int, batch_size: int, single_limit:
 @DATA
 @click.option("--methods", default=None, help="Comma-separated editors (default: every registered editor).")
 @click.option("--n", type=int, default=20, show_default=True)
+@START
 @BATCH_SIZE
 @click.option(
     "--sequential/--no-sequential",
@@ -538,14 +540,14 @@ def bench_metrics(model: str, data: Path, n: int, batch_size: int, single_limit:
     "with the unedited model (MEND / WISE).",
 )
 @JSON_OUT
-def bench_editors(model, data, methods, n, batch_size, sequential, corpus, sets, protocol, json_out) -> None:
+def bench_editors(model, data, methods, n, start, batch_size, sequential, corpus, sets, protocol, json_out) -> None:
     """N edits per method in successive batches; quality, speed and memory on the final model."""
     from evaluation.metrics import scores_table
     from kedit.app.bench import bench_editors as run
 
     chosen = methods.split(",") if methods else editor_names()
     overrides = _method_overrides(sets, chosen)
-    result = run(model, data, chosen, n, batch_size, corpus, overrides, protocol, json_out, sequential)
+    result = run(model, data, chosen, n, batch_size, corpus, overrides, protocol, json_out, sequential, start)
     click.echo(scores_table({"unedited": result["unedited"], **result["results"]}))
 
 
@@ -558,7 +560,7 @@ def bench_editors(model, data, methods, n, batch_size, sequential, corpus, sets,
 @click.option("--thrice", "n_thrice", type=int, default=10, show_default=True, help="Of those, facts updated a third time.")
 @BATCH_SIZE
 @click.option("--gap", type=int, default=3, show_default=True, help="Batches between a fact's update and the next one.")
-@click.option("--start", type=int, default=0, show_default=True, help="First record of the file used (0-based).")
+@START
 @click.option("--seed", type=int, default=0, show_default=True)
 @corpus_option(default_corpus, SHARED_CORPUS)
 @click.option("--set", "sets", multiple=True, help="Preset override METHOD.KEY=YAML_VALUE, e.g. come-memit.unlearning.alpha=0.3.")
@@ -741,9 +743,7 @@ def bench_keys(model, data, n, layers, json_out) -> None:
 @MODEL
 @DATA
 @click.option("--n", type=int, default=100, show_default=True, help="Facts.")
-@click.option(
-    "--start", type=int, default=0, show_default=True, help="Skip this many records first (tune on one slice, report on another)."
-)
+@START
 @click.option("--layers", default="4,7,10,14,18,22", show_default=True, help="Blocks, comma-separated.")
 @BATCH_SIZE
 @SETS

@@ -146,6 +146,9 @@ LIMITS = click.option(
 DEVICE = click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 THREADS = click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
 JSON_OUT = click.option("--json", "json_out", type=PathArg, default=None, help="Write the result as JSON here.")
+START = click.option(
+    "--start", type=int, default=0, show_default=True, help="Skip this many records first (tune on one slice, report on another)."
+)
 DATA = click.option("--data", "data", required=True, type=PathArg, help="Evaluation data (CounterFact, zsRE, ...).")
 
 # the options of every command that runs edits on a model
