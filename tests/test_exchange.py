@@ -82,6 +82,40 @@ def test_a_found_vector_skips_the_optimization_and_makes_the_same_edit(tmp_path)
         assert torch.allclose(got, model_c.get_parameter(name), atol=1e-5), name
 
 
+def test_a_pmet_vector_travels_as_the_top_blocks_output_so_a_reuser_with_other_edits_aims_where_its_maker_did(tmp_path):
+    """PMET sets its target at the top MLP's output, but shares it as the top block's output (the residual stream
+    above which no client's weights differ): a reuser whose own earlier edit moved the stream below takes its own
+    state off, where sharing the MLP output as it is would land the fact elsewhere."""
+    from editing.keys import read_at_subject
+
+    def states(model, editor):  # (1, d) each: the top block's output and its MLP's, at the subject of FACTS[0]
+        return {p: read_at_subject(model, editor.tok, FACTS[:1], ("{}",), [p], "output")[p] for p in (top, mlp)}
+
+    store = MKVStore(tmp_path)
+    model_a, a = client("pmet")
+    a.exchange = exchange(store, "a", a)
+    top, mlp = a.shared_path(), a.target_path()
+    assert a.target_layout()[0] == [top] == [a.spec.block(2)] and mlp != top
+    a_before = states(model_a, a)
+    a.edit(FACTS[:1])
+    shared = store.load(a.exchange.upload(0)).vectors[top]  # (1, d): the state a's edit aims for at the block
+    model_b, b = client("pmet")
+    b.edit(FACTS[2:])  # b's own earlier edit, in the blocks below the top one
+    b.commit()
+    b.exchange = exchange(store, "b", b)
+    before = states(model_b, b)  # b's, the fact not yet edited
+    aimed = {}
+    targets = b.targets
+    b.targets = lambda requests, h0: aimed.setdefault("z", targets(requests, h0))  # z at the MLP output
+    b.edit(FACTS[:1])
+    assert b.diagnostics["target_reused"] == [1.0]
+    at_block = before[top] + (aimed["z"] - before[mlp])  # where b's MLP target puts b's block output
+    assert torch.allclose(at_block, shared, atol=1e-5)
+    # the MLP output shared as it is would land b's block output off by what b's earlier edit moved below it
+    resid_a, resid_b = a_before[top] - a_before[mlp], before[top] - before[mlp]  # (1, d) each
+    assert float((resid_b - resid_a).norm()) > 1e-3 * float(resid_a.norm())
+
+
 def test_vectors_of_other_hparams_are_refused_and_the_fact_is_optimized(tmp_path):
     store = MKVStore(tmp_path)
     _, a = client()

@@ -94,13 +94,30 @@ class MEMITFamily(Editor):
         return fact_keys(self.model, self.tok, self.spec, first, self._white, requests)
 
     def target_layout(self) -> tuple[list[str], list[int], int]:
-        """Where the shared target is set, its width, and the key's width: what an exchange's vectors must fit."""
+        """Where a shared target lives, its width, and the key's width: what an exchange's vectors must fit."""
         module = self.module("mlp_out", self.hparams.layers[0])
         d_in = module.weight.shape[1] if isinstance(module, torch.nn.Linear) else module.weight.shape[0]  # Conv1D: (d_in, d_out)
-        return [self.target_path()], [self.model.config.hidden_size], 3 * int(d_in)  # z: the residual width
+        return [self.shared_path()], [self.model.config.hidden_size], 3 * int(d_in)  # z: the residual width
+
+    def shared_path(self) -> str:
+        """Where a shared target is expressed: the top edited block's output, the residual stream that every
+        client of the base turns into the same prediction (the blocks above it are nobody's edit), whatever its
+        own earlier edits did below. MEMIT's target is set there; a family that sets it elsewhere converts."""
+        return self.spec.block(self.hparams.layers[-1])
+
+    def to_shared(self, requests: list[EditRequest], delta: torch.Tensor) -> torch.Tensor:
+        """δ (n, d) at ``target_path`` as the change it makes at ``shared_path``."""
+        return delta
+
+    def from_shared(self, requests: list[EditRequest], change: torch.Tensor) -> torch.Tensor:
+        """A change (n, d) at ``shared_path`` as the δ at ``target_path`` that makes it."""
+        return change
 
     def targets(self, requests: list[EditRequest], h0: torch.Tensor) -> torch.Tensor:
-        """z (n, d): looked up in the exchange where found, optimized for the rest (and offered)."""
+        """z (n, d) at ``target_path``: looked up in the exchange where found, optimized for the rest (and offered).
+
+        A vector is exchanged at ``shared_path`` as the state the edit aims for there; a reuser takes its own state
+        there off it, so its earlier edits below do not shift where the fact lands."""
         t0 = time.perf_counter()
         if self.exchange is None:
             z = h0 + self.compute_targets(requests)
@@ -109,16 +126,24 @@ class MEMITFamily(Editor):
         keys = self.fact_keys(requests)  # (n, d_k)
         got = self.exchange.lookup(keys)
         lookup_s = time.perf_counter() - t0  # keys and search: what sharing costs when nothing is found
+        shared, same = self.shared_path(), self.shared_path() == self.target_path()
+        hs = h0 if same else read_at_subject(self.model, self.tok, requests, ("{}",), [shared], "output")[shared]  # (n, d)
+        found = got.found.nonzero().squeeze(1).tolist()
         own = (~got.found).nonzero().squeeze(1).tolist()
         z = got.z.to(h0).clone()  # (n, d)
+        if found and not same:
+            change = z[found] - hs[found]
+            z[found] = h0[found] + self.from_shared([requests[i] for i in found], change)
         diagnostics = {"target_nll": [float("nan")] * len(requests), "target_steps": [0.0] * len(requests)}
         if own:
-            z[own] = h0[own] + self.compute_targets([requests[i] for i in own])
+            mine = [requests[i] for i in own]
+            delta = self.compute_targets(mine)  # (m, d)
+            z[own] = h0[own] + delta
             for name, values in self.diagnostics.items():  # the optimized facts' rows, in place
                 if name in diagnostics:
                     for i, v in zip(own, values):
                         diagnostics[name][i] = v
-            self.exchange.offer(keys[own], z[own])
+            self.exchange.offer(keys[own], z[own] if same else hs[own] + self.to_shared(mine, delta))
         seconds = time.perf_counter() - t0
         self.diagnostics |= diagnostics | {
             "target_reused": got.found.float().tolist(),

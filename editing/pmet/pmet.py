@@ -5,6 +5,9 @@
 2. keys per layer as in MEMIT; the residual is measured at the MLP output of the last layer and
    spread with a square root: layer i takes 1/√(layers left) of it;
 3. solve and apply as MEMIT, on the MLP output projections only.
+
+Shared through an exchange (FLEKE), the FFN target travels as the top block's output it makes (``to_shared``), so
+a client whose earlier edits moved the residual stream below reaches the same state, not the same MLP output.
 """
 
 from __future__ import annotations
@@ -35,6 +38,14 @@ class PMETFamily(MEMITFamily):
         top = self.hparams.layers[-1]
         dy = mlp_output_to_residual(self.model, self.tok, self.spec, top, requests, resid)
         return residual_to_mlp_output(self.model, self.tok, self.spec, layer, requests, dy)
+
+    def to_shared(self, requests, delta):
+        """The top MLP's δ as the change of the top block's output: the FFN part PMET updates, without the
+        attention part it optimized beside it (which no weight carries), through the post-MLP norm where there is one."""
+        return mlp_output_to_residual(self.model, self.tok, self.spec, self.hparams.layers[-1], requests, delta)
+
+    def from_shared(self, requests, change):
+        return residual_to_mlp_output(self.model, self.tok, self.spec, self.hparams.layers[-1], requests, change)
 
     def optimize(self, requests: list[EditRequest]) -> Targets:
         top = self.hparams.layers[-1]
