@@ -1,0 +1,93 @@
+"""Where WISE's router sends unrelated text to the side memory, on development records only.
+
+usage: python scripts/wise_routing.py [--n 8] [--threads 2] [--json FILE] SETTING [SETTING ...]
+
+Each SETTING is a JSON object of WISE preset overrides (``'{}'`` for the preset, ``'{"null_space": {"leak": 0.01}}'``).
+Per setting, on a fresh model: zsRE records 900.. (after every record a WISE table in docs/benchmarks.md reports) as
+``n`` sequential single edits, each edit's Δact on its own tokens (the smallest) and the largest on the unrelated
+texts it trained against, and its target's NLL; then, on the 30 unrelated questions of records 900-929:
+
+- kedit's per-token routing: the share of questions with some token past ε, of their tokens, the positions of the
+  routed tokens, and quantiles of the largest Δact per token;
+- WISE's own routing, a whole input on its mean Δact: the share of unrelated questions, edit prompts and their
+  rephrasings whose mean is past ε (kedit routes per token: README, "WISE").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from editing.hooks import capture
+from kedit.app.bench import _cases, _corpus_file, editor_on, machine, scored_texts
+from kedit.core.lm import encode_prompts, pad_batch, pad_id_of
+from kedit.core.paths import default_corpus
+
+ZSRE = "../shared/data/zsre/zsre_eval_1037.json"
+
+
+def largest_act(model, tok, editor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) the largest Δact of any memory at each token (0 on padding), and the real tokens (B, T)."""
+    memory = model.get_submodule(editor.path())
+    input_ids, mask, positions, _ = pad_batch(encode_prompts(tok, texts), pad_id_of(tok), "right", "cpu")
+    with torch.no_grad(), capture(model, [editor.path()], "input") as seen:
+        model(input_ids=input_ids, attention_mask=mask, position_ids=positions)
+    x = seen[editor.path()]  # (B, T, d_in)
+    _, act = memory.activations(x.reshape(-1, x.shape[-1]))  # (B T, memories)
+    return act.max(-1).values.view(x.shape[:-1]) * mask, mask.bool()
+
+
+def routing(model, tok, editor, reqs, unrelated: list[str]) -> dict:
+    eps = float(model.get_submodule(editor.path()).threshold())
+    act, real = largest_act(model, tok, editor, unrelated)
+    hit = (act > eps) & real
+    out = {"threshold": eps, "unrelated_routed_per_token": float(hit.any(-1).float().mean())}
+    out["tokens_routed"] = float(hit.sum() / real.sum())
+    out["routed_positions"] = torch.bincount(hit.nonzero()[:, 1], minlength=16)[:16].tolist()
+    out["act_quantiles_50_90_99_100"] = torch.quantile(act[real], torch.tensor([0.5, 0.9, 0.99, 1.0])).tolist()
+    for name, texts in (
+        ("unrelated", unrelated),
+        ("edit_prompts", [r.text for r in reqs]),
+        ("rephrasings", [p for r in reqs for p in r.paraphrase_prompts]),
+    ):
+        a, m = largest_act(model, tok, editor, texts)
+        mean = a.sum(-1) / m.sum(-1)  # (B,)
+        out[f"{name}_mean_past_threshold"] = float((mean > eps).float().mean())
+        out[f"{name}_any_token_past_threshold"] = float(((a > eps) & m).any(-1).float().mean())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("settings", nargs="+", type=json.loads)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    reqs = _cases(ZSRE, args.n, 900)
+    unrelated = [nb.prompt for r in _cases(ZSRE, 30, 900) for nb in r.neighborhood]
+    out = {"n": args.n, "records": "zsre 900..", "settings": [], "machine": machine()}
+    for overrides in args.settings:
+        model, tok, editor, _ = editor_on("smollm2-135m", "wise", _corpus_file(default_corpus()), overrides)
+        editor.held_out = scored_texts(reqs)
+        edits = []
+        for r in reqs:
+            editor.edit([r])
+            editor.commit()
+            d = editor.diagnostics
+            edits.append(
+                {"edit_act_min": d["edit_act"][0], "unrelated_act_max": d["unrelated_act_max"][0], "nll": d["value_nll"][0]}
+            )
+        row = {"overrides": overrides, "edits": edits, **routing(model, tok, editor, reqs, unrelated)}
+        out["settings"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "edits"}), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
