@@ -68,8 +68,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    reqs = _cases(ZSRE, args.n, 900)
-    unrelated = [nb.prompt for r in _cases(ZSRE, 30, 900) for nb in r.neighborhood]
+    cases = _cases(ZSRE, max(30, args.n), 900)
+    reqs = cases[: args.n]
+    unrelated = [nb.prompt for r in cases[:30] for nb in r.neighborhood]
     out = {"n": args.n, "records": "zsre 900..", "settings": [], "machine": machine()}
     for overrides in args.settings:
         model, tok, editor, _ = editor_on("smollm2-135m", "wise", _corpus_file(default_corpus()), overrides)

@@ -126,13 +126,18 @@ class MEMITFamily(Editor):
         keys = self.fact_keys(requests)  # (n, d_k)
         got = self.exchange.lookup(keys)
         lookup_s = time.perf_counter() - t0  # keys and search: what sharing costs when nothing is found
-        shared, same = self.shared_path(), self.shared_path() == self.target_path()
-        hs = h0 if same else read_at_subject(self.model, self.tok, requests, ("{}",), [shared], "output")[shared]  # (n, d)
+        shared = self.shared_path()
+        # the state there before this edit: h0 itself where the target is set at the shared path (MEMIT)
+        hs = (
+            h0
+            if shared == self.target_path()
+            else read_at_subject(self.model, self.tok, requests, ("{}",), [shared], "output")[shared]
+        )
         found = got.found.nonzero().squeeze(1).tolist()
         own = (~got.found).nonzero().squeeze(1).tolist()
-        z = got.z.to(h0).clone()  # (n, d)
-        if found and not same:
-            change = z[found] - hs[found]
+        z = torch.zeros_like(h0)  # (n, d)
+        if found:
+            change = got.z.to(h0)[found] - hs[found]
             z[found] = h0[found] + self.from_shared([requests[i] for i in found], change)
         diagnostics = {"target_nll": [float("nan")] * len(requests), "target_steps": [0.0] * len(requests)}
         if own:
@@ -143,7 +148,7 @@ class MEMITFamily(Editor):
                 if name in diagnostics:
                     for i, v in zip(own, values):
                         diagnostics[name][i] = v
-            self.exchange.offer(keys[own], z[own] if same else hs[own] + self.to_shared(mine, delta))
+            self.exchange.offer(keys[own], hs[own] + self.to_shared(mine, delta))
         seconds = time.perf_counter() - t0
         self.diagnostics |= diagnostics | {
             "target_reused": got.found.float().tolist(),

@@ -257,18 +257,18 @@ class WISE(Editor):
         others = [state.slots[j] for j in range(len(state.slots)) if j != shard and state.edits[j] > 0]
         other_act = torch.stack([(a_in @ d.T).norm(dim=-1) for d in others]).amax(0) if others else None  # (N,)
 
-        # the change the shard may make is (mask ⊙ F) R, R a symmetric projector on the layer's input, so the change
-        # reads an input a as R a: with project, R leaves the shard's output on its earlier edits' tokens exactly as
-        # it was (at the cost of the mask); with null_space, it reads only the directions general text barely uses,
-        # so that unrelated tokens' Δact stays near 0 (AlphaEdit's null space, here for the router's sake)
-        proj = self._right_projector(kept)  # (d_in, d_in) or None
+        # the change the shard may make is (mask ⊙ F) R, R a symmetric projector on the layer's input: with project,
+        # R leaves the shard's output on its earlier edits' tokens exactly as it was (at the cost of the mask); with
+        # null_space, it reads only the directions general text barely uses (AlphaEdit's null space, for the router)
+        p = self.null_projector()  # (d_in, d_in) or None
+        q = None  # (d_in, K): an orthonormal basis of the kept tokens' inputs as P leaves them (inside P's range)
+        if tr.project and len(kept):
+            q = torch.linalg.qr((kept if p is None else kept @ p).T).Q
 
-        def seen(x: torch.Tensor) -> torch.Tensor:  # (·, d_in): what the change reads of inputs x
-            return x if proj is None else x @ proj
-
-        # Δact = ‖start a + m R a‖: the start's part and R a are fixed for the edit, computed once
-        in_r, un_r, theirs_r, kept_r = seen(a_in), seen(a_un), seen(theirs), seen(kept)
-        base_in, base_un, base_theirs = a_in @ start.T, a_un @ start.T, theirs @ start.T  # (·, d_out)
+        def change(f: torch.Tensor) -> torch.Tensor:
+            m = mask * f
+            m = m if p is None else m @ p
+            return m if q is None else m - (m @ q) @ q.T
 
         free = torch.zeros_like(start, requires_grad=True)  # (d_out, d_in): only its masked elements matter
         make = torch.optim.SGD if tr.optimizer == "sgd" else torch.optim.Adam
@@ -290,20 +290,20 @@ class WISE(Editor):
         try:
             with frozen(self.model), start_at_block(self.model, self.spec.blocks, hp.layer, h[:e, :width], returns_tuple):
                 for _ in range(tr.steps):
-                    m = mask * free  # (d_out, d_in)
-                    side["s"] = base_in + in_r @ m.T  # (N, d_out)
+                    c = change(free)  # (d_out, d_in)
+                    d = start + c
+                    side["s"] = a_in @ d.T  # (N, d_out)
                     act_in = side["s"].norm(dim=-1)  # (N,) Δact on the edit's tokens
-                    act_un = (base_un + un_r @ m.T).norm(dim=-1)  # (M,) on the unrelated tokens
+                    act_un = (a_un @ d.T).norm(dim=-1)  # (M,) on the unrelated tokens
                     logits = logits_at(self.model, ids, attn, pos, rows.t_rows, rows.t_cols)
                     tok_nll = torch.nn.functional.cross_entropy(logits, rows.t_labels, reduction="none")  # (N,)
                     row_nll = average_by_owner(tok_nll, rows.t_rows, rows.n_edit_rows)
                     nll = average_by_owner(row_nll, row_own, n)  # (n,)
                     margins = self._margins(act_in, act_un, rows, u_row, n_un, other_act)
                     if len(theirs):
-                        act_theirs = (base_theirs + theirs_r @ m.T).norm(dim=-1)
-                        margins = margins + torch.relu(act_theirs + hp.router.gap - theirs_act).mean()
+                        margins = margins + torch.relu((theirs @ d.T).norm(dim=-1) + hp.router.gap - theirs_act).mean()
                     if len(kept):
-                        margins = margins + tr.keep * ((kept_r @ m.T).norm(dim=-1) / hp.router.edit_min).pow(2).mean()
+                        margins = margins + tr.keep * ((kept @ c.T).norm(dim=-1) / hp.router.edit_min).pow(2).mean()
                     log.debug("wise step %d: NLL %s margins %.4f", steps, nll.detach().cpu().tolist(), float(margins.detach()))
                     if float(nll.detach().max()) < tr.stop_loss and float(margins.detach()) < tr.stop_loss:
                         break
@@ -315,7 +315,7 @@ class WISE(Editor):
                         free.copy_(mask * ((start + free).clamp(-tr.norm_constraint, tr.norm_constraint) - start))
         finally:
             handle.remove()
-        final = (start + seen(mask * free)).detach()  # (mask ⊙ F) R: R is symmetric
+        final = (start + change(free)).detach()
         # per request, its least-moved token: a token is routed on its own Δact, so ε must sit below every one
         tok_act = (a_in @ final.T).norm(dim=-1)  # (N,)
         edit_act = torch.full((n,), float("inf"), device=tok_act.device).scatter_reduce(0, rows.t_owner, tok_act, "amin")
@@ -343,16 +343,6 @@ class WISE(Editor):
             cov = second_moments(self.model, self.tok, self.spec, [layer], corpus, ns.statistics.samples, ns.statistics.length)
             self._null = low_energy_projector(cov[layer], ns.leak).to(model_device(self.model))
         return self._null
-
-    def _right_projector(self, kept: torch.Tensor) -> torch.Tensor | None:
-        """R (d_in, d_in): P (null_space's projector, else I) less the span of the kept tokens' inputs as P leaves
-        them (project), so that R k = 0 for every kept k; None when neither applies."""
-        p = self.null_projector()
-        if not (self.hparams.train.project and len(kept)):
-            return p
-        q = torch.linalg.qr((kept if p is None else kept @ p).T).Q  # (d_in, K): inside P's range, so P q = q
-        eye = p if p is not None else torch.eye(kept.shape[1], device=kept.device)
-        return eye - q @ q.T
 
     def _margins(self, act_in, act_un, rows: Rows, u_row, n_un: int, other_act) -> torch.Tensor:
         """WISE's activation loss: unrelated tokens below α, the edit's above β, an edit row's mean above every

@@ -480,12 +480,12 @@ def bench_editors(
     start: int = 0,
 ) -> dict:
     """N edits in successive batches per method (not ``sequential``: each batch alone on the unedited model,
-        reverted after scoring), each method on a fresh model in its own process; the cases are the ``n`` after the first
-    ``start`` (a development slice is one the reported runs do not reach);
-        metrics on the final model (``protocol``: a key of ``PROTOCOLS``). ``overrides`` maps a method to preset overrides.
+    reverted after scoring), each method on a fresh model in its own process; the cases are the ``n`` after the
+    first ``start`` (a development slice: one the reported runs do not reach); metrics on the final model
+    (``protocol``: a key of ``PROTOCOLS``). ``overrides`` maps a method to preset overrides.
 
-        With ``json_out`` the JSON is rewritten after each method and a rerun with the same settings skips the
-        methods there; a method stopped mid-run resumes after its last batch from ``<json_out>.steps/<method>``."""
+    With ``json_out`` the JSON is rewritten after each method and a rerun with the same settings skips the
+    methods there; a method stopped mid-run resumes after its last batch from ``<json_out>.steps/<method>``."""
     if model_ref in KNOWN_MODELS:
         pull(model_ref)
     corpus_path = _corpus_file(corpus)
