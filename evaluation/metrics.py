@@ -400,8 +400,7 @@ def memory_routing(model: nn.Module, tokenizer, prompts: Sequence[str], batch_si
         routed = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)  # (B, T)
 
         def hook(module, args, _routed=routed):
-            x = args[0]  # (B, T, d_in)
-            _routed |= module.routed(x.reshape(-1, x.shape[-1])).view(x.shape[:-1])
+            _routed |= module.routed(args[0])  # (B, T, d_in) -> (B, T): right padded, each row one sequence
 
         handles = [m.register_forward_pre_hook(hook) for m in found.values()]
         try:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import BigramLM, make_tokenizer, tiny_gpt2, tiny_llama
 
-from kedit.core.lm import encode_pairs, score_targets
+from kedit.core.lm import encode_pairs, encode_prompts, greedy_generate, score_targets
 
 PROMPTS = ["the capital of france is", "alice speaks", "the river flows through the country of", "bob"]
 TARGETS = ["paris", "french and english", "germany", "leads the company"]
@@ -90,3 +90,38 @@ def test_bf16_model_scores_close_to_fp32():
     ref = score_targets(model, tok, PROMPTS, TARGETS).logprob
     half = score_targets(model.to(torch.bfloat16), tok, PROMPTS, TARGETS).logprob
     assert torch.allclose(ref, half, atol=0.15)
+
+
+class SequenceProbe(torch.nn.Module):
+    """A router that decides on sequences (kedit.core.routing.SequenceRouter): records the layout it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.layout, self.seen = None, []
+
+    def routed(self, x):
+        return torch.zeros(x.shape[:-1], dtype=torch.bool)
+
+    def n_entries(self):
+        return 0
+
+
+def test_packed_scoring_and_decoding_tell_a_sequence_router_where_each_sequence_is():
+    tok = make_tokenizer()
+    model = tiny_llama(len(tok))
+    probe = SequenceProbe()
+    model.add_module("probe", probe)
+    model.model.layers[0].register_forward_hook(lambda *_: probe.seen.append(probe.layout))
+    score_targets(model, tok, ["the capital of france is"] * 2, ["paris", "rome is"])
+    (layout,) = probe.seen
+    visible = layout.visible[0]  # one packed row: prompt (5 tokens, no BOS here), "paris", "rome is"
+    n = len(encode_prompts(tok, ["the capital of france is"])[0])
+    assert visible.shape == (n + 3, n + 3)
+    assert bool(visible[n + 2, :n].all()) and bool(visible[n + 2, n + 1 :].all()) and not bool(visible[n + 2, n])
+    assert probe.layout is None  # the layout holds for the forwards inside only
+    probe.seen.clear()
+    short, long = (len(x) for x in encode_prompts(tok, ["alice speaks", "the capital of france is"]))
+    greedy_generate(model, tok, ["the capital of france is", "alice speaks"], max_new_tokens=3)
+    assert len(probe.seen) == 3 and len({id(x) for x in probe.seen}) == 1  # one running mean: the prefill, then two steps
+    left_padded = [[0] * (long - short) + [1] * short, [1] * long]  # sorted by length
+    assert short < long and probe.seen[0].mask.tolist() == left_padded and probe.layout is None

@@ -14,6 +14,8 @@ from editing.wise.memory import SideMemory, shard_mask
 from editing.wise.wise import _seed
 from kedit.core.facts import EditRequest
 from kedit.core.facts.schema import normalize
+from kedit.core.lm import encode_prompts, greedy_generate
+from kedit.core.routing import RunningMean, causal_mean
 
 FRANCE = EditRequest("a", "france", "the capital of {} is", "rome", "paris")
 ALICE = EditRequest("b", "alice", "{} speaks", "german", "french")
@@ -110,9 +112,10 @@ def test_the_threshold_is_act_ratio_times_the_least_moved_edited_token():
 def test_a_side_memory_installed_with_other_settings_is_refused():
     model, tok, editor = wise()
     editor.edit([FRANCE])
-    other = get_editor("wise")(model, tok, get_editor("wise").preset(model, CONTRACT["wise"] | {"router.act_ratio": 0.5}))
-    with pytest.raises(EditError, match="act_ratio 0.88, the preset 2 and 0.5"):
-        other.edit([ALICE])
+    for change in ({"router.act_ratio": 0.5}, {"router.mode": "mean"}):
+        other = get_editor("wise")(model, tok, get_editor("wise").preset(model, CONTRACT["wise"] | change))
+        with pytest.raises(EditError, match=r"\(2, 0.88, 'token'\), the preset \(2, 0.(5|88), '(token|mean)'\)"):
+            other.edit([ALICE])
 
 
 def test_held_out_texts_are_never_samples():
@@ -200,3 +203,69 @@ def test_with_null_space_the_shard_reads_only_where_general_text_barely_lies(tmp
     after = memory_of(model, editor).shards[0].detach().float()
     assert float(((after - first) @ outside).norm()) < 1e-4 * float((after - first).norm())
     assert float(((after - first) @ kept.T).norm()) < 1e-4 * float((first @ kept.T).norm())
+
+
+# ----------------------------------------------------------------------------- mode "mean": a sequence's running mean
+
+
+def test_a_running_mean_follows_packed_sequences_and_carries_over_decoding_steps():
+    torch.manual_seed(0)
+    values = torch.rand(2, 6, 3)  # (B, T, memories)
+    # packed: row 0 holds a prompt (3 tokens) then two targets (2 + 1): each target sees the prompt and itself
+    seg = torch.tensor([[0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 0, 0]])
+    i = torch.arange(6)
+    visible = (i[None, :] <= i[:, None])[None] & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
+    got = RunningMean(visible=visible)(values)
+    prompt = values[0, :3]
+    second_target = torch.cat([prompt, values[0, 5:6]]).mean(0)  # never the first target's tokens
+    assert torch.allclose(got[0, 5], second_target) and torch.allclose(got[0, 4], torch.cat([prompt, values[0, 3:5]]).mean(0))
+    assert torch.allclose(got[1], causal_mean(values[1:])[0])
+    # decoding: a left-padded prefill, then one token per call, as a full forward of each unpadded row
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    run = RunningMean(mask=mask)
+    steps = [run(values[:, :4])] + [run(values[:, t : t + 1]) for t in (4, 5)]
+    full0, full1 = causal_mean(values[:1, 2:])[0], causal_mean(values[1:])[0]
+    assert torch.allclose(steps[0][0, 2:], full0[:2]) and torch.allclose(steps[0][1], full1[:4])
+    assert torch.allclose(torch.cat(steps[1:], 1)[0], full0[2:]) and torch.allclose(torch.cat(steps[1:], 1)[1], full1[4:])
+    with pytest.raises(ValueError, match="laid out for"):
+        RunningMean(visible=visible)(values[:, :5])
+
+
+def _greedy_without_cache(model, tok, prompt: str, n: int) -> str:
+    ids = encode_prompts(tok, [prompt])[0]
+    start = len(ids)
+    with torch.no_grad():
+        for _ in range(n):  # every step the whole text, one row from column 0: no layout needed
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return tok.decode(ids[start:], skip_special_tokens=True)
+
+
+def test_mean_routing_decodes_from_a_cache_as_full_forwards_route(tmp_path):
+    model, tok, editor = wise(**{"router.mode": "mean"})
+    base = copy.deepcopy(model)
+    patch = editor.edit([FRANCE])
+    mem = memory_of(model, editor)
+    assert mem.mode == "mean" and mem.config()["mode"] == "mean"
+    hit, _ = routed_tokens(model, tok, editor, FRANCE.text)
+    assert bool(hit[-1]), "the edited prompt's last token reads the side memory"
+    # left-padded, batched, from a cache: the same text as a full forward per step
+    prompts = [FRANCE.text, ALICE.text, "the capital of alice is", CAROL.text]
+    assert greedy_generate(model, tok, prompts, max_new_tokens=4) == [_greedy_without_cache(model, tok, p, 4) for p in prompts]
+    # the rule is installed with the memory: a chain rebuilds it
+    PatchSet.load(tmp_path, patch.save(tmp_path)).apply(base)
+    assert memory_of(base, editor).mode == "mean"
+    assert_same_bits(snapshot(base), snapshot(model))
+
+
+def test_mean_routing_sets_the_threshold_below_every_edited_tokens_running_mean():
+    model, tok, editor = wise(**{"router.mode": "mean"})
+    editor.edit([FRANCE])
+    ids = encode_prompts(tok, [FRANCE.text + " " + FRANCE.target_new])[0]
+    n_prompt = len(encode_prompts(tok, [FRANCE.text])[0])
+    with torch.no_grad(), capture(model, [editor.path()], "input") as seen:
+        model(input_ids=torch.tensor([ids]))
+    mem = memory_of(model, editor)
+    _, act = mem.activations(seen[editor.path()])  # (1, T, memories)
+    running = causal_mean(act)[0, n_prompt - 1 : -1].amax(-1)  # the edit's tokens: the prompt's last, then the target's
+    assert float(mem.min_act) == pytest.approx(float(running.min()), rel=1e-4)
+    assert bool((running > mem.threshold()).all())

@@ -52,8 +52,8 @@ class Codebook(Installable):
         return int((self.radii >= 0).sum())
 
     def routed(self, x: torch.Tensor) -> torch.Tensor:  # kedit.core.routing.Router
-        """(N, d_in) -> (N,) bool: the rows this codebook answers (none while it is empty)."""
-        return self.lookup(x)[1]
+        """(..., d_in) -> (...) bool: the tokens this codebook answers (none while it is empty)."""
+        return self.lookup(x.reshape(-1, x.shape[-1]))[1].view(x.shape[:-1])
 
     def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row of x (N, d_in): the nearest used key's index and whether x lies within its radius."""

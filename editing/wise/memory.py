@@ -7,8 +7,10 @@ layer's input a, and the memory that moves it most answers when its Δact exceed
 times the smallest Δact an edit reached on one of its own tokens); everywhere else the output is the wrapped
 layer's, bit for bit.
 
-WISE routes a whole input on its mean Δact; kedit scores several prompts packed into one row and generates one
-token at a time from a cache, where a sequence's mean is not defined, so here a token is routed on its own Δact.
+WISE routes a whole input on its mean Δact. The installed rule (``mode``) is either ``token``, a token routed on
+its own Δact, or ``mean``: a token routed on each memory's mean Δact over its sequence up to and including it, a
+causal form of WISE's rule, so that a token's route never depends on tokens after it and decoding from a cache
+routes as a full forward does. Sequences come from ``kedit.core.routing`` (packed scoring rows, decoding).
 
 The shard count is fixed per module, so every later edit changes existing tensors (weight deltas) rather than
 installing anything; a merge is one more such change (the shards' TIES merge into ``memory``, the shards zeroed).
@@ -25,8 +27,10 @@ from torch.nn import functional as F
 
 from editing.patches import Installable
 from editing.patches.modules import register_module_type
+from kedit.core.routing import RunningMean, causal_mean
 
 MEMORY = 0  # row of ``edits``: the merged side memory; shard i is row i + 1
+MODES = ("token", "mean")  # the router's rule: a token on its own Δact, or its sequence's mean so far
 
 
 def layer_shape(layer: nn.Module) -> tuple[int, int]:
@@ -39,12 +43,16 @@ def layer_shape(layer: nn.Module) -> tuple[int, int]:
 class SideMemory(Installable):
     type_name: ClassVar[str] = "wise-side-memory"
 
-    def __init__(self, original: nn.Module, shards: int, d_in: int, d_out: int, act_ratio: float):
+    def __init__(self, original: nn.Module, shards: int, d_in: int, d_out: int, act_ratio: float, mode: str = "token"):
         super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"a side memory routes by one of {MODES}, not {mode!r}")
         w = next(original.parameters())
         self.original = original
         self.n_shards, self.d_in, self.d_out = int(shards), int(d_in), int(d_out)
         self.act_ratio = float(act_ratio)  # ε = act_ratio × min_act: the router's rule is part of what is installed
+        self.mode = mode
+        self.layout: RunningMean | None = None  # the forward's sequences (kedit.core.routing), mode "mean" only
 
         def frozen(*shape: int, dtype: torch.dtype = w.dtype) -> nn.Parameter:
             # parameters, not buffers: later edits change them through weight deltas like any weight's
@@ -58,10 +66,13 @@ class SideMemory(Installable):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], original: nn.Module) -> SideMemory:
-        return cls(original, config["shards"], config["d_in"], config["d_out"], config["act_ratio"])
+        # a memory installed before routing modes existed routed per token
+        mode = config.get("mode", "token")
+        return cls(original, config["shards"], config["d_in"], config["d_out"], config["act_ratio"], mode)
 
     def config(self) -> dict[str, Any]:
-        return {"shards": self.n_shards, "d_in": self.d_in, "d_out": self.d_out, "act_ratio": self.act_ratio}
+        out = {"shards": self.n_shards, "d_in": self.d_in, "d_out": self.d_out, "act_ratio": self.act_ratio}
+        return out | ({"mode": self.mode} if self.mode != "token" else {})
 
     def threshold(self) -> torch.Tensor:
         """(1,) ε: a token whose largest Δact exceeds it reads that memory."""
@@ -79,33 +90,37 @@ class SideMemory(Installable):
         return (self.edits > 0).nonzero().flatten()
 
     def activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N, d_in) -> each active memory's output difference (N, k, d_out) and its Δact (N, k), fp32."""
+        """x (..., d_in) -> each active memory's output difference (..., k, d_out) and its Δact (..., k), fp32."""
         idx = self.active().tolist()
         stacked = torch.cat([self.slots()[i] for i in idx])  # (k d_out, d_in): one matmul for every memory
-        sides = F.linear(x.float(), stacked.float()).view(x.shape[0], len(idx), self.d_out)
+        sides = F.linear(x.float(), stacked.float()).view(*x.shape[:-1], len(idx), self.d_out)
         return sides, torch.linalg.vector_norm(sides, dim=-1)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row of x (N, d_in): whether a memory answers, and that memory's output difference (N, d_out)."""
-        sides, act = self.activations(x)
-        best, which = act.max(-1)  # (N,)
-        chosen = sides[torch.arange(len(x), device=x.device), which]  # (N, d_out)
+        """x (B, T, d_in): per token, whether a memory answers (B, T), and that memory's output difference
+        (B, T, d_out). The memory is the one whose Δact (or, in mode "mean", its sequence's mean Δact so far) is
+        largest, and it answers when that exceeds ε."""
+        sides, act = self.activations(x)  # (B, T, k, d_out), (B, T, k)
+        if self.mode == "mean":
+            act = (self.layout or causal_mean)(act)
+        best, which = act.max(-1)  # (B, T)
+        chosen = sides.gather(-2, which[..., None, None].expand(*which.shape, 1, self.d_out)).squeeze(-2)
         return best > self.threshold(), chosen
 
     def routed(self, x: torch.Tensor) -> torch.Tensor:  # kedit.core.routing.Router
+        """(B, T, d_in), or one sequence (T, d_in) -> (B, T) / (T,) bool."""
         if not self.n_entries():
-            return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        return self.route(x)[0]
+            return torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+        return self.route(x if x.dim() == 3 else x[None])[0].view(x.shape[:-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.original(x)  # (..., d_out)
+        out = self.original(x)  # (B, T, d_out)
         if not self.n_entries():
             return out
-        hit, chosen = self.route(x.reshape(-1, x.shape[-1]))
+        hit, chosen = self.route(x if x.dim() == 3 else x[None])
         if not bool(hit.any()):
             return out
-        flat = out.reshape(-1, out.shape[-1])
-        return torch.where(hit[:, None], flat + chosen.to(out.dtype), flat).view_as(out)
+        return torch.where(hit.view(*out.shape[:-1], 1), out + chosen.view_as(out).to(out.dtype), out)
 
 
 def merge(parts: list[torch.Tensor], density: float) -> torch.Tensor:

@@ -40,6 +40,7 @@ from editing.stats import Corpus, corpus_from_model, low_energy_projector, secon
 from kedit.core.facts import EditRequest
 from kedit.core.facts.schema import normalize
 from kedit.core.lm import encode_pairs, encode_prompts, greedy_generate, logits_at, model_device, pad_batch, pad_id_of
+from kedit.core.routing import causal_mean
 
 from .hparams import WISEHyperParams
 from .memory import MEMORY, SideMemory, layer_shape, merge, shard_mask
@@ -150,10 +151,11 @@ class WISE(Editor):
         module = self.model.get_submodule(self.path())
         if isinstance(module, SideMemory):
             hp = self.hparams
-            if module.n_shards != hp.memory.shards or module.act_ratio != hp.router.act_ratio:
+            installed = (module.n_shards, module.act_ratio, module.mode)
+            if installed != (hp.memory.shards, hp.router.act_ratio, hp.router.mode):
                 raise EditError(
-                    f"the side memory at {self.path()} has {module.n_shards} shards and act_ratio {module.act_ratio}, "
-                    f"the preset {hp.memory.shards} and {hp.router.act_ratio}: a memory keeps the rule it was installed with"
+                    f"the side memory at {self.path()} has (shards, act_ratio, mode) {installed}, the preset "
+                    f"{(hp.memory.shards, hp.router.act_ratio, hp.router.mode)}: a memory keeps the rule it was installed with"
                 )
             return module
         if isinstance(module, Installable):
@@ -316,9 +318,7 @@ class WISE(Editor):
         finally:
             handle.remove()
         final = (start + change(free)).detach()
-        # per request, its least-moved token: a token is routed on its own Δact, so ε must sit below every one
-        tok_act = (a_in @ final.T).norm(dim=-1)  # (N,)
-        edit_act = torch.full((n,), float("inf"), device=tok_act.device).scatter_reduce(0, rows.t_owner, tok_act, "amin")
+        edit_act = self._edit_act(final, rows, a, n)
         un_act = (a_un @ final.T).norm(dim=-1)
         self.diagnostics |= {
             "value_nll": nll.detach().cpu().tolist(),
@@ -329,6 +329,20 @@ class WISE(Editor):
         }
         log.info("wise: shard %d, NLL max %.3f after %d steps, edit Δact min %.2f", shard, nll.max(), steps, edit_act.min())
         return final, edit_act
+
+    def _edit_act(self, final: torch.Tensor, rows: Rows, a: torch.Tensor, n: int) -> torch.Tensor:
+        """(n,) per request, the least its shard moves one of its own tokens as the router will judge them: each
+        token's own Δact (mode token), or its prompt's running mean up to it (mode mean: the prompt alone, the
+        rows without a context prefix, which are the first n), so ε can sit below every one."""
+        if self.hparams.router.mode == "token":
+            tok_act = (a[rows.t_rows, rows.t_cols] @ final.T).norm(dim=-1)  # (N,)
+            owner = rows.t_owner
+        else:
+            bare = rows.t_rows < n  # the edit's tokens in the bare prompts' rows
+            act = (a[:n] @ final.T).norm(dim=-1)  # (n, T) every token of the bare rows; right padded
+            tok_act = causal_mean(act[..., None])[..., 0][rows.t_rows[bare], rows.t_cols[bare]]
+            owner = rows.t_owner[bare]
+        return torch.full((n,), float("inf"), device=a.device).scatter_reduce(0, owner, tok_act, "amin")
 
     def null_projector(self) -> torch.Tensor | None:
         """(d_in, d_in) projector onto the directions of the layer's input that carry the least of general text's
@@ -407,7 +421,8 @@ class WISE(Editor):
         if installed is None:
             layer = self.model.get_submodule(path)
             d_out, d_in = layer_shape(layer)
-            memory = SideMemory(layer, len(state.slots) - 1, d_in, d_out, self.hparams.router.act_ratio)
+            router = self.hparams.router
+            memory = SideMemory(layer, len(state.slots) - 1, d_in, d_out, router.act_ratio, router.mode)
             with torch.no_grad():
                 for name, value in new.items():
                     p = memory.get_parameter(name)

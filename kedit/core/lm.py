@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kedit.core.routing import decoding, sequences
+
 
 @dataclass(frozen=True)
 class Encoded:
@@ -238,7 +240,9 @@ def score_encoded(model: nn.Module, tokenizer, enc: Encoded, batch_size: int = 6
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         input_ids, mask, pos, tok_rows, tok_pred, tok_label, lens = _packed_batch(batch, pad, side, device, dtype)
-        logits = logits_at(model, input_ids, mask, pos, tok_rows, tok_pred)  # (N, V)
+        # a router that decides on a sequence sees each target after its prompt, as attention does
+        with sequences(model, mask[:, 0] == 0):
+            logits = logits_at(model, input_ids, mask, pos, tok_rows, tok_pred)  # (N, V)
         labels = input_ids[tok_rows, tok_label]  # (N,)
         lp = torch.log_softmax(logits, dim=-1).gather(-1, labels[:, None]).squeeze(-1)
         top = logits.argmax(-1)
@@ -285,13 +289,14 @@ def greedy_generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tok
     for start in range(0, len(prompts), batch_size):
         idx = order[start : start + batch_size]
         input_ids, attn, _, _ = pad_batch([enc[i] for i in idx], pad, "left", device)
-        gen = model.generate(
-            input_ids=input_ids,
-            attention_mask=attn,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-        )
+        with decoding(model, attn):  # a router that decides on a sequence carries it from the prompt on
+            gen = model.generate(
+                input_ids=input_ids,
+                attention_mask=attn,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
         texts = tokenizer.batch_decode(gen[:, input_ids.shape[1] :], skip_special_tokens=True)
         for i, t in zip(idx, texts):
             out[i] = t
