@@ -10,7 +10,11 @@ texts it trained against, and its target's NLL; then, on the 30 unrelated questi
 - kedit's per-token routing: the share of questions with some token past ε, of their tokens, the positions of the
   routed tokens, and quantiles of the largest Δact per token;
 - WISE's own routing, a whole input on its mean Δact: the share of unrelated questions, edit prompts and their
-  rephrasings whose mean is past ε (kedit routes per token: README, "WISE").
+  rephrasings whose mean is past ε;
+- each rule a side memory can be installed with (``router.mode``: a token's own Δact, its sequence's running mean,
+  its running max), each with the threshold that rule would set on this memory (act_ratio times the least value
+  the rule gives an edit's own tokens: the bare prompt's last token and the answer's), judged at the question's last
+  token (where its answer is read) and at any token.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import torch
 
 from editing.hooks import capture
 from kedit.app.bench import _cases, _corpus_file, editor_on, machine, scored_texts
-from kedit.core.lm import encode_prompts, pad_batch, pad_id_of
+from kedit.core.lm import encode_pairs, encode_prompts, pad_batch, pad_id_of
 from kedit.core.paths import default_corpus
+from kedit.core.routing import causal
 
 ZSRE = "../shared/data/zsre/zsre_eval_1037.json"
 
@@ -38,6 +43,36 @@ def largest_act(model, tok, editor, texts: list[str]) -> tuple[torch.Tensor, tor
     x = seen[editor.path()]  # (B, T, d_in)
     _, act = memory.activations(x.reshape(-1, x.shape[-1]))  # (B T, memories)
     return act.max(-1).values.view(x.shape[:-1]) * mask, mask.bool()
+
+
+def memory_acts(model, editor, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, memories) each memory's Δact at each token (0 on padding), and the real tokens (B, T)."""
+    memory = model.get_submodule(editor.path())
+    input_ids, mask, positions, _ = pad_batch(ids, 0, "right", "cpu")
+    with torch.no_grad(), capture(model, [editor.path()], "input") as seen:
+        model(input_ids=input_ids, attention_mask=mask, position_ids=positions)
+    return memory.activations(seen[editor.path()])[1] * mask[..., None], mask.bool()
+
+
+def rules(model, tok, editor, reqs, groups: dict[str, list[str]]) -> dict:
+    """Per routing rule (token, mean, max): its threshold on this memory, and per group of texts the share routed
+    at the last token and at any token."""
+    ratio = editor.hparams.router.act_ratio
+    enc = encode_pairs(tok, [r.text for r in reqs], [r.target_new for r in reqs])
+    own, _ = memory_acts(model, editor, enc.ids)
+    texts = {name: memory_acts(model, editor, encode_prompts(tok, t)) for name, t in groups.items()}
+    out = {}
+    for how in ("token", "mean", "max"):
+        stat = (lambda a: a.amax(-1)) if how == "token" else (lambda a, how=how: causal(a, how).amax(-1))
+        s = stat(own)  # (n, T): each memory's statistic, the largest memory's
+        eps = ratio * min(float(s[b, p - 1 : p - 1 + t].min()) for b, (p, t) in enumerate(zip(enc.n_prompt, enc.n_target)))
+        row = {"threshold": eps}
+        for name, (act, real) in texts.items():
+            v, last = stat(act), real.sum(-1) - 1
+            row[f"{name}_last_token"] = float((v[torch.arange(len(v)), last] > eps).float().mean())
+            row[f"{name}_any_token"] = float(((v > eps) & real).any(-1).float().mean())
+        out[how] = row
+    return out
 
 
 def routing(model, tok, editor, reqs, unrelated: list[str]) -> dict:
@@ -84,6 +119,9 @@ def main() -> None:
                 {"edit_act_min": d["edit_act"][0], "unrelated_act_max": d["unrelated_act_max"][0], "nll": d["value_nll"][0]}
             )
         row = {"overrides": overrides, "edits": edits, **routing(model, tok, editor, reqs, unrelated)}
+        groups = {"unrelated": unrelated, "edit_prompts": [r.text for r in reqs]}
+        groups["rephrasings"] = [p for r in reqs for p in r.paraphrase_prompts]
+        row["rules"] = rules(model, tok, editor, reqs, groups)
         out["settings"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "edits"}), flush=True)
         if args.json:

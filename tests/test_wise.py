@@ -15,7 +15,7 @@ from editing.wise.wise import _seed
 from kedit.core.facts import EditRequest
 from kedit.core.facts.schema import normalize
 from kedit.core.lm import encode_prompts, greedy_generate
-from kedit.core.routing import RunningMean, causal_mean
+from kedit.core.routing import Running, causal
 
 FRANCE = EditRequest("a", "france", "the capital of {} is", "rome", "paris")
 ALICE = EditRequest("b", "alice", "{} speaks", "german", "french")
@@ -208,27 +208,33 @@ def test_with_null_space_the_shard_reads_only_where_general_text_barely_lies(tmp
 # ----------------------------------------------------------------------------- mode "mean": a sequence's running mean
 
 
-def test_a_running_mean_follows_packed_sequences_and_carries_over_decoding_steps():
+@pytest.mark.parametrize("how", ["mean", "max"])
+def test_a_running_statistic_follows_packed_sequences_and_carries_over_decoding_steps(how):
     torch.manual_seed(0)
     values = torch.rand(2, 6, 3)  # (B, T, memories)
+
+    def of(tokens):  # the statistic over a whole sequence's tokens (n, k) -> (k,)
+        return tokens.mean(0) if how == "mean" else tokens.amax(0)
+
     # packed: row 0 holds a prompt (3 tokens) then two targets (2 + 1): each target sees the prompt and itself
     seg = torch.tensor([[0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 0, 0]])
     i = torch.arange(6)
     visible = (i[None, :] <= i[:, None])[None] & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
-    got = RunningMean(visible=visible)(values)
+    got = Running(visible=visible)(values, how)
     prompt = values[0, :3]
-    second_target = torch.cat([prompt, values[0, 5:6]]).mean(0)  # never the first target's tokens
-    assert torch.allclose(got[0, 5], second_target) and torch.allclose(got[0, 4], torch.cat([prompt, values[0, 3:5]]).mean(0))
-    assert torch.allclose(got[1], causal_mean(values[1:])[0])
+    assert torch.allclose(got[0, 5], of(torch.cat([prompt, values[0, 5:6]])))  # never the first target's tokens
+    assert torch.allclose(got[0, 4], of(torch.cat([prompt, values[0, 3:5]])))
+    assert torch.allclose(got[1], causal(values[1:], how)[0])
+    assert torch.allclose(got[1, 3], of(values[1, :4]))
     # decoding: a left-padded prefill, then one token per call, as a full forward of each unpadded row
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
-    run = RunningMean(mask=mask)
-    steps = [run(values[:, :4])] + [run(values[:, t : t + 1]) for t in (4, 5)]
-    full0, full1 = causal_mean(values[:1, 2:])[0], causal_mean(values[1:])[0]
+    run = Running(mask=mask)
+    steps = [run(values[:, :4], how)] + [run(values[:, t : t + 1], how) for t in (4, 5)]
+    full0, full1 = causal(values[:1, 2:], how)[0], causal(values[1:], how)[0]
     assert torch.allclose(steps[0][0, 2:], full0[:2]) and torch.allclose(steps[0][1], full1[:4])
     assert torch.allclose(torch.cat(steps[1:], 1)[0], full0[2:]) and torch.allclose(torch.cat(steps[1:], 1)[1], full1[4:])
     with pytest.raises(ValueError, match="laid out for"):
-        RunningMean(visible=visible)(values[:, :5])
+        Running(visible=visible)(values[:, :5], how)
 
 
 def _greedy_without_cache(model, tok, prompt: str, n: int) -> str:
@@ -240,12 +246,13 @@ def _greedy_without_cache(model, tok, prompt: str, n: int) -> str:
     return tok.decode(ids[start:], skip_special_tokens=True)
 
 
-def test_mean_routing_decodes_from_a_cache_as_full_forwards_route(tmp_path):
-    model, tok, editor = wise(**{"router.mode": "mean"})
+@pytest.mark.parametrize("mode", ["mean", "max"])
+def test_sequence_routing_decodes_from_a_cache_as_full_forwards_route(mode, tmp_path):
+    model, tok, editor = wise(**{"router.mode": mode})
     base = copy.deepcopy(model)
     patch = editor.edit([FRANCE])
     mem = memory_of(model, editor)
-    assert mem.mode == "mean" and mem.config()["mode"] == "mean"
+    assert mem.mode == mode and mem.config()["mode"] == mode
     hit, _ = routed_tokens(model, tok, editor, FRANCE.text)
     assert bool(hit[-1]), "the edited prompt's last token reads the side memory"
     # left-padded, batched, from a cache: the same text as a full forward per step
@@ -253,12 +260,13 @@ def test_mean_routing_decodes_from_a_cache_as_full_forwards_route(tmp_path):
     assert greedy_generate(model, tok, prompts, max_new_tokens=4) == [_greedy_without_cache(model, tok, p, 4) for p in prompts]
     # the rule is installed with the memory: a chain rebuilds it
     PatchSet.load(tmp_path, patch.save(tmp_path)).apply(base)
-    assert memory_of(base, editor).mode == "mean"
+    assert memory_of(base, editor).mode == mode
     assert_same_bits(snapshot(base), snapshot(model))
 
 
-def test_mean_routing_sets_the_threshold_below_every_edited_tokens_running_mean():
-    model, tok, editor = wise(**{"router.mode": "mean"})
+@pytest.mark.parametrize("mode", ["mean", "max"])
+def test_sequence_routing_sets_the_threshold_below_every_edited_tokens_running_statistic(mode):
+    model, tok, editor = wise(**{"router.mode": mode})
     editor.edit([FRANCE])
     ids = encode_prompts(tok, [FRANCE.text + " " + FRANCE.target_new])[0]
     n_prompt = len(encode_prompts(tok, [FRANCE.text])[0])
@@ -266,6 +274,6 @@ def test_mean_routing_sets_the_threshold_below_every_edited_tokens_running_mean(
         model(input_ids=torch.tensor([ids]))
     mem = memory_of(model, editor)
     _, act = mem.activations(seen[editor.path()])  # (1, T, memories)
-    running = causal_mean(act)[0, n_prompt - 1 : -1].amax(-1)  # the edit's tokens: the prompt's last, then the target's
+    running = causal(act, mode)[0, n_prompt - 1 : -1].amax(-1)  # the edit's tokens: the prompt's last, then the target's
     assert float(mem.min_act) == pytest.approx(float(running.min()), rel=1e-4)
     assert bool((running > mem.threshold()).all())

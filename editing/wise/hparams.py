@@ -24,7 +24,7 @@ class RouterHyperParams(StrictConfig):
     act_ratio: float = 0.88
     # token: a token is routed on its own Δact (ε below every edited token's); mean: on each memory's mean Δact over
     # its sequence up to it, WISE's whole-input rule made causal (ε below every edited token's running mean)
-    mode: Literal["token", "mean"] = "token"
+    mode: Literal["token", "mean", "max"] = "token"
     # WISE's margins: unrelated tokens below irrelevant_max (α), edited tokens above edit_min (β), and an edit's
     # mean above an unrelated text's by gap (γ); the gap also separates the open shard from every other memory
     irrelevant_max: float = 5.0

@@ -27,10 +27,10 @@ from torch.nn import functional as F
 
 from editing.patches import Installable
 from editing.patches.modules import register_module_type
-from kedit.core.routing import RunningMean, causal_mean
+from kedit.core.routing import Running, causal
 
 MEMORY = 0  # row of ``edits``: the merged side memory; shard i is row i + 1
-MODES = ("token", "mean")  # the router's rule: a token on its own Δact, or its sequence's mean so far
+MODES = ("token", "mean", "max")  # the router's rule: a token on its own Δact, or its sequence's mean or max so far
 
 
 def layer_shape(layer: nn.Module) -> tuple[int, int]:
@@ -52,7 +52,7 @@ class SideMemory(Installable):
         self.n_shards, self.d_in, self.d_out = int(shards), int(d_in), int(d_out)
         self.act_ratio = float(act_ratio)  # ε = act_ratio × min_act: the router's rule is part of what is installed
         self.mode = mode
-        self.layout: RunningMean | None = None  # the forward's sequences (kedit.core.routing), mode "mean" only
+        self.layout: Running | None = None  # the forward's sequences (kedit.core.routing), modes "mean" and "max"
 
         def frozen(*shape: int, dtype: torch.dtype = w.dtype) -> nn.Parameter:
             # parameters, not buffers: later edits change them through weight deltas like any weight's
@@ -101,8 +101,8 @@ class SideMemory(Installable):
         (B, T, d_out). The memory is the one whose Δact (or, in mode "mean", its sequence's mean Δact so far) is
         largest, and it answers when that exceeds ε."""
         sides, act = self.activations(x)  # (B, T, k, d_out), (B, T, k)
-        if self.mode == "mean":
-            act = (self.layout or causal_mean)(act)
+        if self.mode != "token":
+            act = (self.layout or causal)(act, self.mode)
         best, which = act.max(-1)  # (B, T)
         chosen = sides.gather(-2, which[..., None, None].expand(*which.shape, 1, self.d_out)).squeeze(-2)
         return best > self.threshold(), chosen

@@ -40,7 +40,7 @@ from editing.stats import Corpus, corpus_from_model, low_energy_projector, secon
 from kedit.core.facts import EditRequest
 from kedit.core.facts.schema import normalize
 from kedit.core.lm import encode_pairs, encode_prompts, greedy_generate, logits_at, model_device, pad_batch, pad_id_of
-from kedit.core.routing import causal_mean
+from kedit.core.routing import causal
 
 from .hparams import WISEHyperParams
 from .memory import MEMORY, SideMemory, layer_shape, merge, shard_mask
@@ -340,7 +340,7 @@ class WISE(Editor):
         else:
             bare = rows.t_rows < n  # the edit's tokens in the bare prompts' rows
             act = (a[:n] @ final.T).norm(dim=-1)  # (n, T) every token of the bare rows; right padded
-            tok_act = causal_mean(act[..., None])[..., 0][rows.t_rows[bare], rows.t_cols[bare]]
+            tok_act = causal(act[..., None], self.hparams.router.mode)[..., 0][rows.t_rows[bare], rows.t_cols[bare]]
             owner = rows.t_owner[bare]
         return torch.full((n,), float("inf"), device=a.device).scatter_reduce(0, owner, tok_act, "amin")
 
