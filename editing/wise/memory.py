@@ -7,10 +7,11 @@ layer's input a, and the memory that moves it most answers when its Δact exceed
 times the smallest Δact an edit reached on one of its own tokens); everywhere else the output is the wrapped
 layer's, bit for bit.
 
-WISE routes a whole input on its mean Δact. The installed rule (``mode``) is either ``token``, a token routed on
-its own Δact, or ``mean``: a token routed on each memory's mean Δact over its sequence up to and including it, a
-causal form of WISE's rule, so that a token's route never depends on tokens after it and decoding from a cache
-routes as a full forward does. Sequences come from ``kedit.core.routing`` (packed scoring rows, decoding).
+WISE routes a whole input on its mean Δact. The installed rule (``mode``) is ``token``, a token routed on its own
+Δact; ``mean``, a token routed on each memory's mean Δact over its sequence up to and including it (a causal form
+of WISE's rule); or ``max``, the running maximum. A token's route never depends on tokens after it, so decoding
+from a cache routes as a full forward does. Sequences come from ``kedit.core.routing`` (packed scoring rows,
+decoding).
 
 The shard count is fixed per module, so every later edit changes existing tensors (weight deltas) rather than
 installing anything; a merge is one more such change (the shards' TIES merge into ``memory``, the shards zeroed).
@@ -98,8 +99,8 @@ class SideMemory(Installable):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, d_in): per token, whether a memory answers (B, T), and that memory's output difference
-        (B, T, d_out). The memory is the one whose Δact (or, in mode "mean", its sequence's mean Δact so far) is
-        largest, and it answers when that exceeds ε."""
+        (B, T, d_out). The memory is the one whose Δact (in modes "mean" and "max", its sequence's mean or max Δact
+        so far) is largest, and it answers when that exceeds ε."""
         sides, act = self.activations(x)  # (B, T, k, d_out), (B, T, k)
         if self.mode != "token":
             act = (self.layout or causal)(act, self.mode)

@@ -332,8 +332,8 @@ class WISE(Editor):
 
     def _edit_act(self, final: torch.Tensor, rows: Rows, a: torch.Tensor, n: int) -> torch.Tensor:
         """(n,) per request, the least its shard moves one of its own tokens as the router will judge them: each
-        token's own Δact (mode token), or its prompt's running mean up to it (mode mean: the prompt alone, the
-        rows without a context prefix, which are the first n), so ε can sit below every one."""
+        token's own Δact (mode token), or its prompt's running mean or max up to it (modes mean and max: over the
+        prompt alone, the rows without a context prefix, which are the first n), so ε can sit below every one."""
         if self.hparams.router.mode == "token":
             tok_act = (a[rows.t_rows, rows.t_cols] @ final.T).norm(dim=-1)  # (N,)
             owner = rows.t_owner
