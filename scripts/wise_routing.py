@@ -34,40 +34,28 @@ from kedit.core.routing import causal
 ZSRE = "../shared/data/zsre/zsre_eval_1037.json"
 
 
-def largest_act(model, tok, editor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) the largest Δact of any memory at each token (0 on padding), and the real tokens (B, T)."""
-    memory = model.get_submodule(editor.path())
-    input_ids, mask, positions, _ = pad_batch(encode_prompts(tok, texts), pad_id_of(tok), "right", "cpu")
-    with torch.no_grad(), capture(model, [editor.path()], "input") as seen:
-        model(input_ids=input_ids, attention_mask=mask, position_ids=positions)
-    x = seen[editor.path()]  # (B, T, d_in)
-    _, act = memory.activations(x.reshape(-1, x.shape[-1]))  # (B T, memories)
-    return act.max(-1).values.view(x.shape[:-1]) * mask, mask.bool()
-
-
-def memory_acts(model, editor, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def memory_acts(model, tok, editor, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T, memories) each memory's Δact at each token (0 on padding), and the real tokens (B, T)."""
     memory = model.get_submodule(editor.path())
-    input_ids, mask, positions, _ = pad_batch(ids, 0, "right", "cpu")
+    input_ids, mask, positions, _ = pad_batch(ids, pad_id_of(tok), "right", "cpu")
     with torch.no_grad(), capture(model, [editor.path()], "input") as seen:
         model(input_ids=input_ids, attention_mask=mask, position_ids=positions)
     return memory.activations(seen[editor.path()])[1] * mask[..., None], mask.bool()
 
 
-def rules(model, tok, editor, reqs, groups: dict[str, list[str]]) -> dict:
+def rules(model, tok, editor, reqs, acts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
     """Per routing rule (token, mean, max): its threshold on this memory, and per group of texts the share routed
     at the last token and at any token."""
     ratio = editor.hparams.router.act_ratio
     enc = encode_pairs(tok, [r.text for r in reqs], [r.target_new for r in reqs])
-    own, _ = memory_acts(model, editor, enc.ids)
-    texts = {name: memory_acts(model, editor, encode_prompts(tok, t)) for name, t in groups.items()}
+    own, _ = memory_acts(model, tok, editor, enc.ids)
     out = {}
     for how in ("token", "mean", "max"):
         stat = (lambda a: a.amax(-1)) if how == "token" else (lambda a, how=how: causal(a, how).amax(-1))
         s = stat(own)  # (n, T): each memory's statistic, the largest memory's
         eps = ratio * min(float(s[b, p - 1 : p - 1 + t].min()) for b, (p, t) in enumerate(zip(enc.n_prompt, enc.n_target)))
         row = {"threshold": eps}
-        for name, (act, real) in texts.items():
+        for name, (act, real) in acts.items():
             v, last = stat(act), real.sum(-1) - 1
             row[f"{name}_last_token"] = float((v[torch.arange(len(v)), last] > eps).float().mean())
             row[f"{name}_any_token"] = float(((v > eps) & real).any(-1).float().mean())
@@ -75,20 +63,17 @@ def rules(model, tok, editor, reqs, groups: dict[str, list[str]]) -> dict:
     return out
 
 
-def routing(model, tok, editor, reqs, unrelated: list[str]) -> dict:
+def routing(model, editor, acts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """The installed threshold: per-token routing on the unrelated questions, and each group's whole-input mean."""
     eps = float(model.get_submodule(editor.path()).threshold())
-    act, real = largest_act(model, tok, editor, unrelated)
+    largest = {name: (a.amax(-1), m) for name, (a, m) in acts.items()}  # (B, T): the largest memory's Δact
+    act, real = largest["unrelated"]
     hit = (act > eps) & real
     out = {"threshold": eps, "unrelated_routed_per_token": float(hit.any(-1).float().mean())}
     out["tokens_routed"] = float(hit.sum() / real.sum())
     out["routed_positions"] = torch.bincount(hit.nonzero()[:, 1], minlength=16)[:16].tolist()
     out["act_quantiles_50_90_99_100"] = torch.quantile(act[real], torch.tensor([0.5, 0.9, 0.99, 1.0])).tolist()
-    for name, texts in (
-        ("unrelated", unrelated),
-        ("edit_prompts", [r.text for r in reqs]),
-        ("rephrasings", [p for r in reqs for p in r.paraphrase_prompts]),
-    ):
-        a, m = largest_act(model, tok, editor, texts)
+    for name, (a, m) in largest.items():
         mean = a.sum(-1) / m.sum(-1)  # (B,)
         out[f"{name}_mean_past_threshold"] = float((mean > eps).float().mean())
         out[f"{name}_any_token_past_threshold"] = float(((a > eps) & m).any(-1).float().mean())
@@ -118,10 +103,11 @@ def main() -> None:
             edits.append(
                 {"edit_act_min": d["edit_act"][0], "unrelated_act_max": d["unrelated_act_max"][0], "nll": d["value_nll"][0]}
             )
-        row = {"overrides": overrides, "edits": edits, **routing(model, tok, editor, reqs, unrelated)}
         groups = {"unrelated": unrelated, "edit_prompts": [r.text for r in reqs]}
         groups["rephrasings"] = [p for r in reqs for p in r.paraphrase_prompts]
-        row["rules"] = rules(model, tok, editor, reqs, groups)
+        acts = {name: memory_acts(model, tok, editor, encode_prompts(tok, t)) for name, t in groups.items()}  # one pass each
+        row = {"overrides": overrides, "edits": edits, **routing(model, editor, acts)}
+        row["rules"] = rules(model, tok, editor, reqs, acts)
         out["settings"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "edits"}), flush=True)
         if args.json:

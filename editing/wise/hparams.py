@@ -18,12 +18,13 @@ class MemoryHyperParams(StrictConfig):
 
 class RouterHyperParams(StrictConfig):
     """Δact(x) = ‖(W' - W) a(x)‖: how far a memory moves the layer's output at a token. A token whose largest Δact
-    exceeds ε = act_ratio × (the smallest Δact an edit reached on one of its own tokens) reads that memory; in mode
-    ``mean`` the Δact of a token is its sequence's mean so far."""
+    exceeds ε = act_ratio × (the smallest Δact an edit reached on one of its own tokens) reads that memory; in modes
+    ``mean`` and ``max`` the Δact of a token is its sequence's mean or max so far."""
 
     act_ratio: float = 0.88
     # token: a token is routed on its own Δact (ε below every edited token's); mean: on each memory's mean Δact over
-    # its sequence up to it, WISE's whole-input rule made causal (ε below every edited token's running mean)
+    # its sequence up to it, WISE's whole-input rule made causal; max: on its running max (ε below every edited
+    # token's running statistic)
     mode: Literal["token", "mean", "max"] = "token"
     # WISE's margins: unrelated tokens below irrelevant_max (α), edited tokens above edit_min (β), and an edit's
     # mean above an unrelated text's by gap (γ); the gap also separates the open shard from every other memory

@@ -98,30 +98,30 @@ class SideMemory(Installable):
         return sides, torch.linalg.vector_norm(sides, dim=-1)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, d_in): per token, whether a memory answers (B, T), and that memory's output difference
-        (B, T, d_out). The memory is the one whose Δact (in modes "mean" and "max", its sequence's mean or max Δact
-        so far) is largest, and it answers when that exceeds ε."""
-        sides, act = self.activations(x)  # (B, T, k, d_out), (B, T, k)
+        """x (B, T, d_in), or one sequence (T, d_in): per token, whether a memory answers (B, T) / (T,), and that
+        memory's output difference (..., d_out). The memory is the one whose Δact (in modes "mean" and "max", its
+        sequence's mean or max Δact so far) is largest, and it answers when that exceeds ε."""
+        seqs = x if x.dim() == 3 else x[None]
+        sides, act = self.activations(seqs)  # (B, T, k, d_out), (B, T, k)
         if self.mode != "token":
             act = (self.layout or causal)(act, self.mode)
         best, which = act.max(-1)  # (B, T)
         chosen = sides.gather(-2, which[..., None, None].expand(*which.shape, 1, self.d_out)).squeeze(-2)
-        return best > self.threshold(), chosen
+        return (best > self.threshold()).view(x.shape[:-1]), chosen.view(*x.shape[:-1], self.d_out)
 
     def routed(self, x: torch.Tensor) -> torch.Tensor:  # kedit.core.routing.Router
-        """(B, T, d_in), or one sequence (T, d_in) -> (B, T) / (T,) bool."""
         if not self.n_entries():
             return torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
-        return self.route(x if x.dim() == 3 else x[None])[0].view(x.shape[:-1])
+        return self.route(x)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.original(x)  # (B, T, d_out)
         if not self.n_entries():
             return out
-        hit, chosen = self.route(x if x.dim() == 3 else x[None])
+        hit, chosen = self.route(x)
         if not bool(hit.any()):
             return out
-        return torch.where(hit.view(*out.shape[:-1], 1), out + chosen.view_as(out).to(out.dtype), out)
+        return torch.where(hit[..., None], out + chosen.to(out.dtype), out)
 
 
 def merge(parts: list[torch.Tensor], density: float) -> torch.Tensor:
