@@ -2,8 +2,10 @@
 
 A :class:`CapabilitySuite` resolves and loads its tasks once (datasets included); each
 :meth:`CapabilitySuite.evaluate` then scores the model's current weights on at most ``limit``
-documents per task, through one lm-eval wrapper kept per model object, so that edits made in
-place between calls are seen without saving or reloading anything.
+documents per task (or on chosen documents of them), through one lm-eval wrapper kept per model object,
+so that edits made in place between calls are seen without saving or reloading anything. Each result keeps
+lm-eval's per-document values, and :meth:`CapabilitySuite.aggregate` turns any subset of them into the
+task's metric with lm-eval's own aggregation: a sampled check compares the same documents on two models.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import contextlib
 import copy
 import logging
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -39,6 +41,9 @@ class CapabilityResult:
     higher_is_better: dict[str, bool]  # same keys as values
     n_docs: dict[str, int]  # task -> documents scored
     seconds: float
+    # "task/metric" -> document id -> lm-eval's value for that document (0/1 for acc, (loglikelihood, words)
+    # for a perplexity): what ``CapabilitySuite.aggregate`` turns into the metric over any subset
+    docs: dict[str, dict[int, Any]] = field(default_factory=dict)
 
 
 def project_tasks_dir() -> Path:
@@ -119,8 +124,32 @@ class CapabilitySuite:
 
     # ------------------------------------------------------------------ evaluating
 
-    def evaluate(self, model, tokenizer) -> CapabilityResult:
-        """Score the model's current weights on every task: at most ``limit`` documents each."""
+    def doc_ids(self) -> dict[str, list[int]]:
+        """Per task, the documents a full evaluation scores: the first ``limit`` (all without one)."""
+        out = {}
+        for name, task in self._loaded["tasks"].items():
+            n = len(task.eval_docs)
+            out[name] = list(range(n if self.limit is None else min(n, self.limit)))
+        return out
+
+    def groups(self) -> list[str]:
+        """The task groups among the tasks (their metrics aggregate subtasks, not documents)."""
+        return list(self._loaded.get("groups") or {})
+
+    def aggregate(self, docs: Mapping[str, Mapping[int, Any]], ids: Mapping[str, Sequence[int]]) -> dict[str, float]:
+        """Each task's metrics over the documents ``ids`` names, from per-document values ``docs`` (a result's
+        ``docs``), with the task's own lm-eval aggregation (mean, weighted perplexity, ...)."""
+        values = {}
+        for key, per_doc in docs.items():
+            task, metric = key.split("/")[:2]
+            chosen = [per_doc[i] for i in ids.get(task, ()) if i in per_doc]
+            if chosen:
+                values[key] = float(self._loaded["tasks"][task].aggregation()[metric](chosen))
+        return values
+
+    def evaluate(self, model, tokenizer, docs: Mapping[str, Sequence[int]] | None = None) -> CapabilityResult:
+        """Score the model's current weights on every task: at most ``limit`` documents each, or, with ``docs``
+        (task -> document ids), those documents only (a task left out is not scored)."""
         from lm_eval.evaluator import evaluate
 
         was_training = model.training  # read first: building the wrapper puts the model in eval mode
@@ -133,14 +162,30 @@ class CapabilitySuite:
                     # fewshot sampling draws from a per-task RNG; reseed so every call sees the same contexts
                     task.set_fewshot_seed(seed=FEWSHOT_SEED)
                 # bootstrap_iters=0: stderr bootstraps would cost more than the forward passes on small limits
-                out = evaluate(lm=lm, task_dict=self._loaded, limit=self.limit, bootstrap_iters=0, log_samples=False)
+                # log_samples: the per-document values a sampled check aggregates (a few dozen small dicts)
+                out = evaluate(
+                    lm=lm,
+                    task_dict=self._subset(docs) if docs is not None else self._loaded,
+                    limit=None if docs is not None else self.limit,
+                    samples={t: sorted(ids) for t, ids in docs.items()} if docs is not None else None,
+                    bootstrap_iters=0,
+                    log_samples=True,
+                )
         finally:
             model.train(was_training)
         seconds = time.perf_counter() - start
         values, hib = _flatten(out)
         n_docs = {t: int(n["effective"]) for t, n in out.get("n-samples", {}).items()}
         log.info("capability in %.1f s: %s", seconds, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
-        return CapabilityResult(values=values, higher_is_better=hib, n_docs=n_docs, seconds=seconds)
+        return CapabilityResult(values=values, higher_is_better=hib, n_docs=n_docs, seconds=seconds, docs=_per_doc(out))
+
+    def _subset(self, docs: Mapping[str, Sequence[int]]) -> dict:
+        """The loaded task dict with only the tasks ``docs`` names (lm-eval scores every task it is handed)."""
+        unknown = set(docs) - set(self._loaded["tasks"])
+        if unknown:
+            raise CapabilityError(f"no capability task {sorted(unknown)}; have {sorted(self._loaded['tasks'])}")
+        tasks = {t: task for t, task in self._loaded["tasks"].items() if t in docs}
+        return {**self._loaded, "tasks": tasks}
 
     def _wrapper(self, model, tokenizer):
         """One HFLM per (model, tokenizer) object: it holds the model by reference, so in-place edits show."""
@@ -212,6 +257,17 @@ def _flatten(out: dict) -> tuple[dict[str, float], dict[str, bool]]:
                 values[name] = float(value)
                 hib[name] = bool(out.get("higher_is_better", {}).get(task, {}).get(metric, True))
     return values, hib
+
+
+def _per_doc(out: dict) -> dict[str, dict[int, Any]]:
+    """lm-eval's logged samples as ``task/metric`` (``task/metric/filter``) -> document id -> its value."""
+    docs: dict[str, dict[int, Any]] = {}
+    for task, examples in (out.get("samples") or {}).items():
+        for ex in examples:
+            for metric in ex["metrics"]:
+                name = f"{task}/{metric}" if ex["filter"] == "none" else f"{task}/{metric}/{ex['filter']}"
+                docs.setdefault(name, {})[int(ex["doc_id"])] = ex[metric]
+    return docs
 
 
 def _first_line(exc: BaseException) -> str:

@@ -551,3 +551,29 @@ def test_history_plot_draws_the_published_row_only_beside_a_long_chain(tmp_path,
         plot_history([{"n_edits": last // 2} | row, {"n_edits": last} | row], tmp_path / f"{last}.png", "t")
     short, long = labels
     assert not any("AlphaEdit" in t for t in short) and any("AlphaEdit" in t for t in long)
+
+
+def test_bench_capability_times_the_gate_whole_and_sampled_with_each_samples_power(setup, tmp_path):
+    import json
+
+    import yaml
+
+    from evaluation.gates.capability import detection_power
+    from kedit.app.bench_capability import bench_capability, table
+
+    ck, _, _ = setup
+    cap = {"gate": "capability", "tasks": ["kedit_mc", "kedit_ppl"], "limit": 8, "sample": None, "full_every": 10}
+    cap |= {"detect": 0.5, "max_regression": {"kedit_mc/acc": 0.1, "kedit_ppl/word_perplexity": 0.05}}
+    gates = tmp_path / "gates.yaml"
+    gates.write_text(yaml.safe_dump({"gates": [cap], "bisect": True}))
+    r = bench_capability(str(ck), gates, [2, 4], repeat=1, json_out=tmp_path / "c.json")
+    assert [row["sample"] for row in r["rows"]] == [2, 4] and r["full_s"] > 0
+    for row in r["rows"]:
+        assert row["seconds"] > 0 and set(row["metrics"]) == {"kedit_mc/acc"}  # no exact power for a perplexity
+        for m in row["metrics"].values():
+            assert m["documents"] == 8 and m["power"] == detection_power(m["right"], 8, row["sample"], 0.5, 0.1)
+    assert json.loads((tmp_path / "c.json").read_text())["rows"] == r["rows"]
+    assert "| all (8) |" in table(r)
+    with pytest.raises(ValueError, match="no capability gate"):
+        gates.write_text(yaml.safe_dump({"gates": [{"gate": "retention", "min": 0.8}], "bisect": True}))
+        bench_capability(str(ck), gates, [2])

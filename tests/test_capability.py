@@ -146,3 +146,24 @@ def test_task_given_as_yaml_path(tmp_path, monkeypatch, model, btok):
     assert set(r.values) == {"my_tiny_ppl/byte_perplexity"} | MC_KEYS
     assert r.n_docs == {"my_tiny_ppl": 2, "kedit_mc": 2}
     assert r.values["my_tiny_ppl/byte_perplexity"] > 1.0
+
+
+def test_chosen_documents_score_as_the_same_documents_of_a_full_run(model, btok):
+    """A sampled check compares the same documents on two models: lm-eval run on chosen documents gives what
+    ``aggregate`` makes of a full run's per-document values for them (accuracy and weighted perplexities)."""
+    suite = CapabilitySuite(["kedit_mc", "kedit_ppl"], limit=6, batch_size=8)
+    assert suite.doc_ids() == {"kedit_mc": list(range(6)), "kedit_ppl": list(range(6))}
+    full = suite.evaluate(model, btok)
+    assert {k: sorted(v) for k, v in full.docs.items()} == {k: list(range(6)) for k in MC_KEYS | PPL_KEYS}
+    ids = {"kedit_mc": [1, 4, 5], "kedit_ppl": [0, 3]}
+    part = suite.evaluate(model, btok, docs=ids)
+    assert part.n_docs == {"kedit_mc": 3, "kedit_ppl": 2}
+    expected = suite.aggregate(full.docs, ids)
+    assert set(part.values) == set(expected) == MC_KEYS | PPL_KEYS
+    for key, value in part.values.items():
+        assert value == pytest.approx(expected[key], rel=1e-6), key
+    assert suite.aggregate(full.docs, suite.doc_ids()) == pytest.approx(full.values, rel=1e-9)
+    only_mc = suite.evaluate(model, btok, docs={"kedit_mc": [2]})  # a task left out is not scored
+    assert only_mc.n_docs == {"kedit_mc": 1} and set(only_mc.values) == MC_KEYS
+    with pytest.raises(CapabilityError, match=r"no capability task \['kedit_qa'\]"):
+        suite.evaluate(model, btok, docs={"kedit_qa": [0]})

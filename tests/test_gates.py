@@ -74,6 +74,9 @@ def test_the_shipped_files_keep_their_thresholds():
         "capability.limit": 40,
         "capability.max_regression.kedit_mc/acc": 0.1,
         "capability.max_regression.kedit_ppl/word_perplexity": 0.05,
+        "capability.sample": None,
+        "capability.full_every": 10,
+        "capability.detect": 0.3,
     }
     demo = load_gates(project_data_dir() / "gates" / "demo.yaml").params()
     # the demo logs paraphrases and neighbours without enforcing them; everything else is the default
@@ -432,3 +435,109 @@ def test_the_end_of_a_stream_scores_in_full_what_steps_only_sampled(monkeypatch)
     held = {r.key for r in earlier} & set(report.holding)  # all 30 less the broken ones the sample found
     lost = len(broken & held)  # the broken edits the sample did not see
     assert lost > 0 and final == {"retention_final": pytest.approx(1 - lost / len(held)), "retention_final_lost": lost}
+
+
+# ----------------------------------------------------------------------------- the sampled capability gate
+
+
+class WorldSuite(capability_gate.CapabilitySuite):
+    """The project's kedit_mc task (its documents and lm-eval's aggregation, for real) answered by a planted
+    world: ``world[doc]`` is 1 where the model answers right. Records the documents each evaluation scored."""
+
+    world: ClassVar[dict[int, int]] = {}
+    scored: ClassVar[list[int]] = []
+
+    def evaluate(self, model, tok, docs=None):
+        ids = docs if docs is not None else self.doc_ids()
+        per_doc = {"kedit_mc/acc": {i: self.world[i] for i in ids["kedit_mc"]}}
+        WorldSuite.scored.append(len(ids["kedit_mc"]))
+        values = self.aggregate(per_doc, ids)
+        return CapabilityResult(values, {"kedit_mc/acc": True}, {"kedit_mc": len(ids["kedit_mc"])}, 0.0, per_doc)
+
+
+def sampled_suite(monkeypatch, **cfg):
+    monkeypatch.setattr(capability_gate, "CapabilitySuite", WorldSuite)
+    WorldSuite.world = {i: int(i % 5 < 3) for i in range(60)}  # 24 of the 40 scored documents right
+    WorldSuite.scored = []
+    s = suite({**CAPABILITY, **cfg})
+    tok = make_tokenizer()
+    model = bigram(tok, {"is": {"rome": 5.0, "paris": 1.0}})
+    s.on_base(model, tok)
+    return s, model, tok
+
+
+def batch_of(i: int) -> list[EditRequest]:
+    return [EditRequest(f"b{i}", f"t{i}", "the capital of {} is", "rome", "paris")]
+
+
+def test_capability_detection_power_is_the_exact_tail():
+    from itertools import combinations
+
+    right, total, sample = 6, 10, 4
+    docs = ["b"] * 2 + ["r"] * 4 + ["w"] * 4  # 2 of the 6 right answers broken (a share 1/3), 4 wrong on the base
+    caught = 0
+    for picked in combinations(range(total), sample):
+        b = sum(docs[i] == "b" for i in picked)
+        k = sum(docs[i] == "r" for i in picked)
+        caught += b + k > 0 and b / (b + k) > 0.1
+    subsets = math.comb(total, sample)
+    assert capability_gate.detection_power(right, total, sample, 1 / 3, 0.1) == pytest.approx(caught / subsets)
+    assert capability_gate.detection_power(right, total, total, 1 / 3, 0.1) == 1.0  # the whole set sees it
+    assert capability_gate.detection_power(right, total, sample, 0.0, 0.1) == 0.0
+
+
+def test_sampled_capability_catches_a_planted_regression_at_the_stated_rate(monkeypatch):
+    """24 of 40 documents right on the base; a planted step turns 7 of them (30%) wrong. Each step scores 8 of
+    the 40, paired with the same 8 on the base: over 300 steps the gate fails as often as ``detection_power``
+    says, and a step that changes nothing never fails (the same documents on both sides: no sampling noise)."""
+    s, model, tok = sampled_suite(monkeypatch, sample=8, full_every=100, detect=0.3)
+    base = dict(WorldSuite.world)
+    right = [i for i in range(40) if base[i]]
+    for i in range(50):
+        report = s.measure(model, tok, batch_of(i), [], s.before(model, tok, batch_of(i)))
+        assert report.passed and not report.metrics["cap_regression_base/kedit_mc/acc"] > 0  # 0 (NaN: no right one drawn)
+    WorldSuite.world = base | {i: 0 for i in right[::3][:7]}
+    WorldSuite.scored.clear()
+    failed = 0
+    for i in range(300):
+        report = s.measure(model, tok, batch_of(1000 + i), [], s.before(model, tok, batch_of(1000 + i)))
+        failed += "capability:kedit_mc/acc" in {c.gate for c in report.failed}
+    assert WorldSuite.scored == [8] * 300 and report.metrics["cap_scored/kedit_mc"] == 8.0
+    power = capability_gate.detection_power(24, 40, 8, 0.3, 0.1)
+    assert report.metrics["cap_power/kedit_mc/acc"] == pytest.approx(power)
+    assert 0.5 < power < 0.95  # a rate the check below can tell from 0 and from 1
+    sd = (power * (1 - power) / 300) ** 0.5
+    assert abs(failed / 300 - power) < 4 * sd, (failed, power)
+    # cap/ is over all 40 documents, the ones not drawn at their last scored (base) value
+    assert report.metrics["cap/kedit_mc/acc"] >= 17 / 40
+
+
+def test_sampled_capability_full_checks_and_what_production_has_spent(monkeypatch):
+    """Every full_every-th accepted version scores all 40; an accepted sample moves production's values by the
+    documents it scored; the stream's end scores all of them once more."""
+    s, model, tok = sampled_suite(monkeypatch, sample=5, full_every=3)
+    right = [i for i in range(40) if WorldSuite.world[i]]
+    WorldSuite.world = WorldSuite.world | {i: 0 for i in right[:12]}  # half the right answers lost
+    WorldSuite.scored.clear()
+    gate = s.gates[0]
+    assert s.on_end(model, tok, []) == {}  # nothing accepted on a sample yet
+    report = s.measure(model, tok, batch_of(0), [], s.before(model, tok, batch_of(0)))
+    s.on_accept(report)
+    lost_seen = sum(1 for i in right[:12] if gate.prev_docs["kedit_mc/acc"][i] == 0)  # the lost ones the sample drew
+    assert WorldSuite.scored == [5]
+    assert gate.spent() == {"capability:kedit_mc/acc": pytest.approx(lost_seen / 24)}
+    assert report.metrics["cap/kedit_mc/acc"] == pytest.approx((24 - lost_seen) / 40)
+    s.on_accept(s.measure(model, tok, batch_of(1), [], s.before(model, tok, batch_of(1))))
+    report = s.measure(model, tok, batch_of(2), [], s.before(model, tok, batch_of(2)))  # the 3rd version: all 40
+    assert WorldSuite.scored == [5, 5, 40] and "cap_scored/kedit_mc" not in report.metrics
+    assert report.metrics["cap_regression_base/kedit_mc/acc"] == pytest.approx(0.5)
+    s.on_accept(report)
+    assert gate.spent() == {"capability:kedit_mc/acc": pytest.approx(0.5)}
+    assert s.on_end(model, tok, []) == {}  # the last version was checked in full
+    s.on_accept(s.measure(model, tok, batch_of(3), [], s.before(model, tok, batch_of(3))))  # on a sample again
+    final = s.on_end(model, tok, [])
+    assert WorldSuite.scored[-1] == 40
+    assert final == {
+        "cap_final/kedit_mc/acc": pytest.approx(12 / 40),
+        "cap_final_regression_base/kedit_mc/acc": pytest.approx(0.5),
+    }

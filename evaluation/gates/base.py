@@ -10,7 +10,7 @@ every gate named in the gates file, in file order. The hooks, and when they run:
 - ``measure(step, before)``: on the edited model; returns the gate's metrics and results;
 - ``on_accept(report)``: the batch became a version: move the previous-version baseline on from the report;
 - ``on_end(model, tok, earlier)``: the stream ends; metrics of a last check on production (retention scores all
-  it sampled).
+  it sampled, and so does a sampled capability gate).
 """
 
 from __future__ import annotations

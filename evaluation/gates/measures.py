@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,3 +70,12 @@ def regression(base: float, now: float, higher_is_better: bool) -> float:
     if base == 0 or math.isnan(base) or math.isnan(now):
         return float("nan")
     return (base - now) / abs(base) if higher_is_better else (now - base) / abs(base)
+
+
+def draw(n: int, sample: int, batch: Sequence[EditRequest], salt: str = "") -> list[int]:
+    """``sample`` indices of ``range(n)``, uniformly without replacement, the same for the same batch (and
+    ``salt``: two draws for one batch, e.g. per capability task, are independent)."""
+    text = "\x1f".join(sorted(r.key for r in batch)) + ("\x1e" + salt if salt else "")
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return sorted(order[:sample].tolist())

@@ -11,7 +11,6 @@ fails the gate, reported with each sampled step for the share ``detect``.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 
@@ -23,6 +22,7 @@ from kedit.core.facts import EditRequest
 
 from ..metrics import edit_success, mean
 from .base import Gate, GateReport, Outcome, Step, Threshold, at_least, register_gate
+from .measures import draw
 
 
 class RetentionConfig(StrictConfig):
@@ -41,13 +41,6 @@ def detection_power(holding: int, sample: int, broken: float, minimum: float) ->
     total = math.comb(holding, sample)
     passes = sum(math.comb(bad, x) * math.comb(holding - bad, sample - x) for x in range(min(allowed, bad) + 1))
     return 1.0 - passes / total
-
-
-def draw(n: int, sample: int, batch: Sequence[EditRequest]) -> list[int]:
-    """``sample`` indices of ``range(n)``, uniformly without replacement, the same for the same batch."""
-    seed = int.from_bytes(hashlib.sha256("\x1f".join(sorted(r.key for r in batch)).encode()).digest()[:8], "little")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return sorted(order[:sample].tolist())
 
 
 @register_gate

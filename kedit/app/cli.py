@@ -652,6 +652,19 @@ def bench_retention(model, data, lengths, sample, json_out) -> None:
     click.echo(table(run(model, data, [int(x) for x in lengths.split(",")], sample, json_out=json_out)))
 
 
+@bench.command("capability")
+@MODEL
+@GATES
+@click.option("--samples", default="5,10,20", show_default=True, help="Documents per task a sampled step scores (a list).")
+@JSON_OUT
+def bench_capability(model, gates, samples, json_out) -> None:
+    """The capability gate's seconds per step: every document scored, against samples, with each sample's power."""
+    from kedit.app.bench_capability import bench_capability as run
+    from kedit.app.bench_capability import table
+
+    click.echo(table(run(model, gates, [int(x) for x in samples.split(",")], json_out=json_out)))
+
+
 @bench.command("history")
 @TRACKING_URI
 @click.option("--name", default=None, help="Registered model (default: the store's only one).")

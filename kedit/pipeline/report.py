@@ -55,7 +55,7 @@ def finish_stream(session_id: str, plan: Plan) -> dict:
         session.progress.close()
     work = Path(plan.path).parent
     summary = summarize(session, plan)
-    # what steps only sampled (retention on a long chain), checked in full on production
+    # what steps only sampled (retention on a long chain, a sampled capability gate), checked in full on production
     summary["final_checks"] = session.gates.on_end(session.model, session.tokenizer, session.earlier)
     (work / "stream_quarantine.jsonl").write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in session.quarantined))
     (work / "accepted.json").write_text(json.dumps(session.accepted, indent=2))
