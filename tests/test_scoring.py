@@ -125,3 +125,18 @@ def test_packed_scoring_and_decoding_tell_a_sequence_router_where_each_sequence_
     assert len(probe.seen) == 3 and len({id(x) for x in probe.seen}) == 1  # one running mean: the prefill, then two steps
     left_padded = [[0] * (long - short) + [1] * short, [1] * long]  # sorted by length
     assert short < long and probe.seen[0].mask.tolist() == left_padded and probe.layout is None
+
+
+def test_the_sequences_layout_is_built_only_for_a_model_that_holds_a_sequence_router():
+    from kedit.core.routing import sequences
+
+    model = tiny_llama(len(make_tokenizer()))
+    made = []
+    with sequences(model, lambda: made.append(1) or torch.ones(1, 2, 2, dtype=torch.bool)):
+        pass
+    assert made == []  # no router: the (B, T, T) tensor is never made
+    model.add_module("a", SequenceProbe())
+    model.add_module("b", SequenceProbe())
+    with sequences(model, lambda: made.append(1) or torch.ones(1, 2, 2, dtype=torch.bool)):
+        assert model.a.layout is not model.b.layout and model.a.layout.visible is model.b.layout.visible
+    assert made == [1]  # once, shared by both routers

@@ -241,7 +241,7 @@ def score_encoded(model: nn.Module, tokenizer, enc: Encoded, batch_size: int = 6
         batch = rows[start : start + batch_size]
         input_ids, mask, pos, tok_rows, tok_pred, tok_label, lens = _packed_batch(batch, pad, side, device, dtype)
         # a router that decides on a sequence sees each target after its prompt, as attention does
-        with sequences(model, mask[:, 0] == 0):
+        with sequences(model, lambda m=mask: m[:, 0] == 0):
             logits = logits_at(model, input_ids, mask, pos, tok_rows, tok_pred)  # (N, V)
         labels = input_ids[tok_rows, tok_label]  # (N,)
         lp = torch.log_softmax(logits, dim=-1).gather(-1, labels[:, None]).squeeze(-1)

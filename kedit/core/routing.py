@@ -13,7 +13,7 @@ continue earlier calls (decoding from a cache), whoever runs the forward says so
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol, runtime_checkable
 
@@ -120,9 +120,17 @@ def _laid_out(model: torch.nn.Module, make) -> Iterator[None]:
             m.layout = None
 
 
-def sequences(model: torch.nn.Module, visible: torch.Tensor) -> AbstractContextManager[None]:
-    """For the forwards inside: ``visible`` (B, T, T) bool, the tokens each token's sequence holds up to it."""
-    return _laid_out(model, lambda: Running(visible=visible))
+def sequences(model: torch.nn.Module, visible: Callable[[], torch.Tensor]) -> AbstractContextManager[None]:
+    """For the forwards inside: ``visible()`` (B, T, T) bool, the tokens each token's sequence holds up to it; called
+    once, and only where the model holds a router that takes it (most scoring batches need no such tensor)."""
+    made: list[torch.Tensor] = []
+
+    def running() -> Running:
+        if not made:
+            made.append(visible())
+        return Running(visible=made[0])
+
+    return _laid_out(model, running)
 
 
 def decoding(model: torch.nn.Module, mask: torch.Tensor) -> AbstractContextManager[None]:
