@@ -573,7 +573,7 @@ def test_bench_capability_times_the_gate_whole_and_sampled_with_each_samples_pow
         for m in row["metrics"].values():
             assert m["documents"] == 8 and m["power"] == detection_power(m["right"], 8, row["sample"], 0.5, 0.1)
     assert json.loads((tmp_path / "c.json").read_text())["rows"] == r["rows"]
-    assert "| all (8) |" in table(r)
+    assert "| all (8) |" in table(r) and set(r["full"]) == {"kedit_mc/acc"} and r["full"]["kedit_mc/acc"]["documents"] == 8
     with pytest.raises(ValueError, match="no capability gate"):
         gates.write_text(yaml.safe_dump({"gates": [{"gate": "retention", "min": 0.8}], "bisect": True}))
         bench_capability(str(ck), gates, [2])

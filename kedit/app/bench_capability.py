@@ -47,25 +47,34 @@ def bench_capability(
     full_s, _ = _gate_seconds(full, model, tok, repeat)
     out = {"model": model_ref, "gates": str(gates or "default"), "tasks": list(cfg.tasks), "limit": cfg.limit}
     out |= {"max_regression": cfg.max_regression, "detect": cfg.detect, "full_s": full_s, "rows": [], "machine": machine()}
+    out["full"] = _power(cfg, full.base_docs, full.suite.doc_ids(), None)
     for s in samples:
         gate = CapabilityGate(cfg.model_copy(update={"sample": s, "full_every": 10**9}))
         gate.on_base(model, tok)
         seconds, metrics = _gate_seconds(gate, model, tok, repeat)
-        row = {"sample": s, "seconds": seconds, "speedup": full_s / seconds, "metrics": {}}
-        for key, limit in cfg.max_regression.items():
-            values = gate.base_docs.get(key, {})
-            if not values or any(v not in (0, 1) for v in values.values()):
-                continue  # no exact power for a perplexity
-            task = key.split("/")[0]
-            right, total = int(sum(values[i] for i in gate.pool[task])), len(gate.pool[task])
-            row["metrics"][key] = {
-                "right": right,
-                "documents": total,
-                "power": detection_power(right, total, s, cfg.detect, limit or 0.0),
-                "false_alarm": detection_power(right, total, s, 1 / right, limit or 0.0) if right else 0.0,
-            }
-        out["rows"].append(row)
+        row = {"sample": s, "seconds": seconds, "speedup": full_s / seconds}
+        out["rows"].append(row | {"metrics": _power(cfg, gate.base_docs, gate.pool, s)})
         save_json(json_out, out)
+    return out
+
+
+def _power(cfg, base_docs: dict, pool: dict[str, list[int]], sample: int | None) -> dict[str, dict]:
+    """Per gated 0/1 metric: the base's right answers among the scored documents, and the probabilities that a step
+    losing the share ``detect`` of them, and one losing one of them, fails (``sample`` None: all scored)."""
+    out = {}
+    for key, limit in cfg.max_regression.items():
+        values = base_docs.get(key, {})
+        if not values or any(v not in (0, 1) for v in values.values()):
+            continue  # no exact power for a perplexity
+        task = key.split("/")[0]
+        right, total = int(sum(values[i] for i in pool[task])), len(pool[task])
+        s = total if sample is None else sample
+        out[key] = {
+            "right": right,
+            "documents": total,
+            "power": detection_power(right, total, s, cfg.detect, limit or 0.0),
+            "false_alarm": detection_power(right, total, s, 1 / right, limit or 0.0) if right else 0.0,
+        }
     return out
 
 
@@ -75,8 +84,8 @@ def table(result: dict) -> str:
         " answers lost | P(fail) at one lost |"
     ]
     rows.append("|---:|---:|---:|---|---:|---:|")
-    rows.append(f"| all ({result['limit']}) | {result['full_s']:.2f} | 1.0x | | 1 | 0 |")
-    for r in result["rows"]:
+    full = {"sample": f"all ({result['limit']})", "seconds": result["full_s"], "speedup": 1.0, "metrics": result["full"]}
+    for r in [full, *result["rows"]]:
         for key, m in r["metrics"].items() or {"": None}.items():
             cells = f"{key} ({m['right']} of {m['documents']}) | {m['power']:.3f} | {m['false_alarm']:.3f}" if m else "| |"
             rows.append(f"| {r['sample']} | {r['seconds']:.2f} | {r['speedup']:.1f}x | {cells} |")
