@@ -136,18 +136,26 @@ class CapabilityGate(Gate):
             results.append(at_most(f"capability:{key}", metrics[f"cap_regression_base/{key}"], limit, detail, budget=True))
         return results
 
-    def _power(self) -> dict[str, float]:
-        """Per gated 0/1 metric, the probability that this step's sample catches a step breaking ``detect`` of
-        the base's right answers (a metric with other per-document values reports none)."""
+    def right_answers(self) -> dict[str, tuple[int, int]]:
+        """Per gated metric whose per-document values are 0/1 (accuracy): the base's right answers and the documents
+        a full check scores, what ``detection_power`` needs (a perplexity has no exact power and is left out)."""
+        pool = self.pool or self.suite.doc_ids()
         out = {}
         for key, limit in self.cfg.max_regression.items():
-            values = list(self.base_docs.get(key, {}).values())
-            if limit is None or not values or any(v not in (0, 1) for v in values):
+            values = self.base_docs.get(key, {})
+            if limit is None or not values or any(v not in (0, 1) for v in values.values()):
                 continue
             task = key.split("/")[0]
-            right = int(sum(self.base_docs[key][i] for i in self.pool[task]))
-            out[f"cap_power/{key}"] = detection_power(right, len(self.pool[task]), self.cfg.sample, self.cfg.detect, limit)
+            out[key] = (int(sum(values[i] for i in pool[task])), len(pool[task]))
         return out
+
+    def _power(self) -> dict[str, float]:
+        """Per gated 0/1 metric, the probability that this step's sample catches a step breaking ``detect`` of
+        the base's right answers."""
+        return {
+            f"cap_power/{key}": detection_power(right, total, self.cfg.sample, self.cfg.detect, self.cfg.max_regression[key])
+            for key, (right, total) in self.right_answers().items()
+        }
 
     def on_accept(self, report: GateReport) -> None:
         self.accepted += 1

@@ -47,33 +47,28 @@ def bench_capability(
     full_s, _ = _gate_seconds(full, model, tok, repeat)
     out = {"model": model_ref, "gates": str(gates or "default"), "tasks": list(cfg.tasks), "limit": cfg.limit}
     out |= {"max_regression": cfg.max_regression, "detect": cfg.detect, "full_s": full_s, "rows": [], "machine": machine()}
-    out["full"] = _power(cfg, full.base_docs, full.suite.doc_ids(), None)
+    out["full"] = _power(full, None)
     for s in samples:
         gate = CapabilityGate(cfg.model_copy(update={"sample": s, "full_every": 10**9}))
         gate.on_base(model, tok)
         seconds, metrics = _gate_seconds(gate, model, tok, repeat)
         row = {"sample": s, "seconds": seconds, "speedup": full_s / seconds}
-        out["rows"].append(row | {"metrics": _power(cfg, gate.base_docs, gate.pool, s)})
+        out["rows"].append(row | {"metrics": _power(gate, s)})
         save_json(json_out, out)
     return out
 
 
-def _power(cfg, base_docs: dict, pool: dict[str, list[int]], sample: int | None) -> dict[str, dict]:
+def _power(gate: CapabilityGate, sample: int | None) -> dict[str, dict]:
     """Per gated 0/1 metric: the base's right answers among the scored documents, and the probabilities that a step
     losing the share ``detect`` of them, and one losing one of them, fails (``sample`` None: all scored)."""
-    out = {}
-    for key, limit in cfg.max_regression.items():
-        values = base_docs.get(key, {})
-        if not values or any(v not in (0, 1) for v in values.values()):
-            continue  # no exact power for a perplexity
-        task = key.split("/")[0]
-        right, total = int(sum(values[i] for i in pool[task])), len(pool[task])
-        s = total if sample is None else sample
+    cfg, out = gate.cfg, {}
+    for key, (right, total) in gate.right_answers().items():
+        s, limit = total if sample is None else sample, cfg.max_regression[key]
         out[key] = {
             "right": right,
             "documents": total,
-            "power": detection_power(right, total, s, cfg.detect, limit or 0.0),
-            "false_alarm": detection_power(right, total, s, 1 / right, limit or 0.0) if right else 0.0,
+            "power": detection_power(right, total, s, cfg.detect, limit),
+            "false_alarm": detection_power(right, total, s, 1 / right, limit) if right else 0.0,
         }
     return out
 
