@@ -215,7 +215,7 @@ def _save_cached(path: Path, key: dict, mom2: torch.Tensor, tokens: int) -> None
     write_atomic(path, save_bytes({"mom2": mom2}, metadata=_header(key, mom2, tokens)))
 
 
-def _windows(tokenizer, corpus: Corpus, n_samples: int, length: int) -> list[list[int]]:
+def windows(tokenizer, corpus: Corpus, n_samples: int, length: int) -> list[list[int]]:
     """Consecutive windows of ``length`` tokens over the concatenated corpus, at most ``n_samples``."""
     eos = tokenizer.eos_token or ""
     ids: list[int] = []
@@ -292,13 +292,13 @@ def _accumulate(
     model: nn.Module, tokenizer, spec: ArchSpec, todo: list[int], corpus: Corpus, n_samples: int, length: int, batch_size: int
 ) -> tuple[dict[int, torch.Tensor], int]:
     """E[k kᵀ] per layer in ``todo``, (d_in, d_in) fp32 on CPU, and the token count; one forward pass per batch."""
-    windows = _windows(tokenizer, corpus, n_samples, length)
+    rows = windows(tokenizer, corpus, n_samples, length)
     paths = [spec.module_path("mlp_out", layer) for layer in todo]
     device = next(model.parameters()).device
     sums: dict[int, torch.Tensor] = {}
     count = 0
-    for i in tqdm(range(0, len(windows), batch_size), desc=f"key statistics, layers {todo}", unit="batch"):
-        chunk = windows[i : i + batch_size]
+    for i in tqdm(range(0, len(rows), batch_size), desc=f"key statistics, layers {todo}", unit="batch"):
+        chunk = rows[i : i + batch_size]
         width = max(len(w) for w in chunk)
         ids = torch.tensor([w + [0] * (width - len(w)) for w in chunk], device=device)
         mask = torch.tensor([[1] * len(w) + [0] * (width - len(w)) for w in chunk], device=device)

@@ -6,13 +6,15 @@ import copy
 import pytest
 import torch
 from test_bench import write_zsre
-from test_editors import CONTRACT, build
+from test_editors import CONTRACT, CORPUS, build
 
 from editing import EditError, get_editor
 from editing.balancedit import balancedit as balancedit_module
+from editing.balancedit.balancedit import Background
 from editing.grace.codebook import codebooks
 from editing.grace.grace import ADD, REPLACE
-from editing.keys import read_every_position
+from editing.keys import read_at_subject, read_every_position
+from editing.stats import Corpus
 from kedit.core.errors import KeditError
 from kedit.core.facts import EditRequest
 from kedit.core.facts.schema import normalize
@@ -22,10 +24,10 @@ BOB = EditRequest("b", "bob", "{} speaks", "french", "german")
 PARIS = EditRequest("c", "france", "the capital of {} is", "rome", "paris")
 
 
-def balancedit(**overrides):
+def balancedit(corpus=CORPUS, **overrides):
     model, tok, _ = build("balancedit")
     cls = get_editor("balancedit")
-    return model, tok, cls(model, tok, cls.preset(model, CONTRACT["balancedit"] | overrides))
+    return model, tok, cls(model, tok, cls.preset(model, CONTRACT["balancedit"] | overrides), corpus=corpus)
 
 
 def the_book(model, editor):
@@ -58,6 +60,34 @@ def test_the_scope_takes_in_the_positives_and_leaves_out_every_negative():
     states, at, _ = read_every_position(model, tok, [ALICE, BOB], editor.path())
     idx, hit = the_book(model, editor).lookup(states[torch.arange(2), at])
     assert hit.all() and idx.tolist() == [0, 1]
+
+
+def test_ordinary_text_bounds_every_scope_unless_it_names_the_subject():
+    """The background: states of ordinary text at the key's layer are negatives of every fact, except in text that
+    names the fact's subject (text about alice is not unrelated to her)."""
+    window = {"scope.background_window": 8}
+    radius = {}
+    for name, corpus, tokens in [("none", CORPUS, 0), ("naming", Corpus("t", ("<s> alice speaks", "the weather is fine")), 64)]:
+        model, tok, editor = balancedit(corpus, **{"scope.background_tokens": tokens} | window)
+        editor.edit([ALICE])
+        radius[name] = editor.diagnostics["radius"][0]
+    # read as keys are read: that text's "alice" after <s> is her key itself, yet it leaves her scope as it was
+    path = editor.path()
+    key = read_at_subject(model, tok, [ALICE], ("{}",), [path], "input")[path].cpu()  # (1, d_in)
+    assert torch.cdist(key, editor.background().states).min() < 1e-4
+    assert radius["naming"] == radius["none"] > 0
+    # a state of text that does not name alice, planted a quarter of her scope's radius from her key
+    direction = torch.randn(key.shape, generator=torch.Generator().manual_seed(0))
+    planted = key + 0.25 * radius["none"] * direction / direction.norm()
+    hit = {}
+    for name, tokens in [("none", 0), ("planted", 64)]:
+        model, tok, editor = balancedit(CORPUS, **{"scope.background_tokens": tokens} | window)
+        if tokens:
+            editor._background = Background(planted, torch.zeros(1, dtype=torch.long), ("the weather is fine",))
+        editor.edit([ALICE])
+        hit[name] = bool(the_book(model, editor).routed(planted))
+        radius[name] = editor.diagnostics["radius"][0]
+    assert hit == {"none": True, "planted": False} and radius["planted"] < 0.25 * radius["none"]
 
 
 def test_an_input_outside_every_scope_gets_the_unedited_output_bit_for_bit():

@@ -3,8 +3,9 @@
 1. key: the MLP output projection's input at the subject's last token (ROME's key: `kedit bench keys` finds
    a fact's rephrasings nearer there than other subjects, where GRACE's prompt-last-token key has none);
 2. samples (samples.py): positives, the prompt after the model's own prefixes and in other frames;
-   negatives, every other token of those prompts, the prompt about the batch's other subjects, and the
-   keys of every other fact in the codebook or the batch;
+   negatives, every other token of those prompts, the prompt about the batch's other subjects, the
+   keys of every other fact in the codebook or the batch, and every token of some ordinary text (the
+   background, read once per editor);
 3. scope: the radius sits between the farthest positive still nearer than the nearest negative (p*) and that
    negative (n*): r = p* + balance (n* - p*). Where two keys' scopes overlap, the nearer key answers;
 4. value: the projection's output at the subject plus ROME's target vector (context templates, KL on the
@@ -18,6 +19,9 @@ The text version keys on a hidden state of any layer: an image-conditioned key i
 
 from __future__ import annotations
 
+import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,12 +30,28 @@ from editing.base import EditError, register
 from editing.grace.grace import ADD, REPLACE
 from editing.grace.memory import Book, CodebookEditor
 from editing.ids import label_id, slot_id
-from editing.keys import context_templates, read_at_subject, read_every_position
+from editing.keys import context_templates, read_at_subject, read_every_position, read_tokens
+from editing.stats import Corpus, corpus_from_model, windows
 from editing.targets import optimize_targets
 from kedit.core.facts import EditRequest
+from kedit.core.facts.schema import normalize
 
 from .hparams import BalancEditHyperParams
 from .samples import positives, substitutions
+
+log = logging.getLogger(__name__)
+
+
+def _naming(subject: str) -> re.Pattern:
+    """The subject as a whole word or words in normalized text."""
+    return re.compile(rf"(?<!\w){re.escape(normalize(subject))}(?!\w)")
+
+
+@dataclass(frozen=True)
+class Background:
+    states: torch.Tensor  # (M, d_in) the key layer's input at each token of the text
+    owner: torch.Tensor  # (M,) the window each token belongs to
+    texts: tuple[str, ...]  # (W,) each window's text, normalized
 
 
 @register
@@ -39,10 +59,16 @@ class BalancEdit(CodebookEditor):
     name = "balancedit"
     hparams_cls = BalancEditHyperParams
     method_dir = Path(__file__).parent
+    assets = ("corpus",)  # ordinary text for the background negatives; None: sampled from the model
 
-    def __init__(self, model, tokenizer, hparams=None):
+    def __init__(self, model, tokenizer, hparams=None, corpus: Corpus | None = None):
         super().__init__(model, tokenizer, hparams)
+        self.corpus = corpus
         self._templates: tuple[str, ...] | None = None
+        self._background: Background | None = None
+
+    def prepare(self) -> None:
+        self.background()
 
     def require_supported(self, requests) -> None:
         for r in requests:
@@ -54,6 +80,33 @@ class BalancEdit(CodebookEditor):
             t = self.hparams.templates
             self._templates = context_templates(self.model, self.tok, t.count, t.length)
         return self._templates
+
+    def background(self) -> Background:
+        """Ordinary text's states at the key's layer: negatives of every fact whose subject the text does not name.
+        Read once, on the model as it is when first asked (the base, where a stream prepares its editor); the
+        codebook wraps the layer's output, so its own entries never change these states."""
+        if self._background is None:
+            hp = self.hparams.scope
+            self._background = self._read_background(hp.background_tokens, hp.background_window)
+        return self._background
+
+    @torch.no_grad()
+    def _read_background(self, n_tokens: int, window: int) -> Background:
+        if n_tokens == 0:
+            return Background(torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), ())
+        n_windows = -(-n_tokens // window)
+        corpus = self.corpus or corpus_from_model(self.model, self.tok, n_windows, window)
+        rows = windows(self.tok, corpus, n_windows, window)
+        parts = []
+        for s in range(0, len(rows), 32):
+            states, real = read_tokens(self.model, self.tok, rows[s : s + 32], self.path())  # (b, T, d_in), (b, T)
+            parts.append(states[real].cpu())
+        lengths = torch.tensor([len(r) for r in rows])
+        owner = torch.repeat_interleave(torch.arange(len(rows)), lengths)  # (M,) the window of each token
+        texts = tuple(normalize(t) for t in self.tok.batch_decode(rows, skip_special_tokens=True))
+        out = Background(torch.cat(parts)[:n_tokens], owner[:n_tokens], texts)
+        log.info("%s: %d background tokens from %s", self.name, len(out.states), corpus.name)
+        return out
 
     # ------------------------------------------------------------------ the method, in the paper's order
 
@@ -93,6 +146,8 @@ class BalancEdit(CodebookEditor):
         )
         d_pos, owner = d_at[~is_sub], owner[~is_sub]  # the prompts and their positives
         nearest_neg = torch.minimum(nearest_neg, self._nearest_other_fact(requests, keys, book))
+        background = self._nearest_background(requests, keys)
+        nearest_neg = torch.minimum(nearest_neg, background)
         # p*: the farthest positive that is still nearer than the nearest negative (0: the key alone)
         inside = d_pos < nearest_neg[owner]
         farthest = torch.zeros(n).scatter_reduce(0, owner, d_pos.masked_fill(~inside, 0.0), "amax")
@@ -105,6 +160,7 @@ class BalancEdit(CodebookEditor):
             "radius": radius.tolist(),
             "farthest_positive": far_all.tolist(),
             "nearest_negative": nearest_neg.tolist(),
+            "nearest_background": background.tolist(),
             "separable": (far_all < nearest_neg).float().tolist(),
             "positives": n_pos.float().tolist(),
         }
@@ -118,6 +174,16 @@ class BalancEdit(CodebookEditor):
         d = torch.cdist(keys, all_keys)  # (n, m + n)
         # the batch's own keys are among them, so d has a column per request: never empty
         return d.masked_fill(slots[:, None] == all_slots[None], float("inf")).amin(-1)
+
+    def _nearest_background(self, requests: list[EditRequest], keys: torch.Tensor) -> torch.Tensor:
+        """(n,) the distance from each key (n, d_in) to the nearest background token in a window that does not name
+        the fact's subject (text about the subject is not unrelated to it); inf where there is none."""
+        bg = self.background()
+        if not len(bg.states):
+            return torch.full((len(keys),), float("inf"))
+        names = torch.tensor([[bool(_naming(r.subject).search(t)) for t in bg.texts] for r in requests])  # (n, W)
+        d = torch.cdist(keys, bg.states)  # (n, M)
+        return d.masked_fill(names[:, bg.owner], float("inf")).amin(-1)
 
     def _place(self, book: Book, requests: list[EditRequest], keys: torch.Tensor, radii: torch.Tensor) -> dict[int, int]:
         """request -> entry: a re-edit of a fact the codebook holds replaces its entry, any other fact adds one."""

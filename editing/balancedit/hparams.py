@@ -9,6 +9,11 @@ class ScopeHyperParams(StrictConfig):
     # r = p* + balance (n* - p*); 0 keeps only what the samples reached, 1 reaches the nearest negative
     balance: float = 0.5
     capacity: int = 64  # entries of the first codebook; a full one is wrapped by one twice as large
+    # ordinary text (the corpus, else the model's own samples) whose every token's state at the key's layer is a
+    # negative of every fact, read once per editor: a single edit has no other subject to leave out, and an
+    # unrelated question's year digit or "river" can lie nearer a key than any of its fact's own negatives (0: none)
+    background_tokens: int = 16384
+    background_window: int = 64  # tokens per window of that text
 
 
 class BalancEditHyperParams(StrictConfig):

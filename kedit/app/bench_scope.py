@@ -16,6 +16,7 @@ from editing.grace.codebook import nearest_within
 from editing.grace.memory import Book
 from editing.ids import slot_id
 from editing.keys import read_at_subject, read_tokens
+from editing.stats import corpus_from_files
 from evaluation.metrics import mean, shared_subject, subject_ids
 from kedit.core.facts import EditRequest
 from kedit.core.facts.schema import normalize
@@ -26,9 +27,10 @@ from .bench import _cases, machine, require_held_out, scored_texts
 from .bench_keys import POSITIONS, prompt_rows
 
 
-def _layer(model, tok, reqs: list[EditRequest], layer: int, batch_size: int, overrides: dict) -> dict[str, float]:
-    editor = make_editor("balancedit", model, tok, {**overrides, "layer": layer})
+def _layer(model, tok, reqs: list[EditRequest], layer: int, batch_size: int, overrides: dict, corpus) -> dict[str, float]:
+    editor = make_editor("balancedit", model, tok, {**overrides, "layer": layer}, assets={"corpus": corpus})
     editor.held_out = scored_texts(reqs)
+    editor.prepare()  # the background negatives, as a stream reads them
     path = editor.path()
     keys = read_at_subject(model, tok, reqs, ("{}",), [path], "input")[path].cpu()  # (n, d_in)
     radii, seen, separable = [], set(), []
@@ -78,14 +80,23 @@ def _layer(model, tok, reqs: list[EditRequest], layer: int, batch_size: int, ove
 
 
 def bench_scope(
-    model_ref: str, data, n: int, start: int, layers: list[int], batch_size: int, overrides: dict | None = None
+    model_ref: str,
+    data,
+    n: int,
+    start: int,
+    layers: list[int],
+    batch_size: int,
+    overrides: dict | None = None,
+    corpus_path: str | None = None,
 ) -> dict:
-    """``overrides``: BalancEdit preset overrides (``scope.balance`` ...), recorded in the result."""
+    """``overrides``: BalancEdit preset overrides (``scope.balance`` ...), recorded in the result; ``corpus_path``:
+    the ordinary text of the background negatives (None: sampled from the model)."""
     if model_ref in KNOWN_MODELS:
         pull(model_ref)
     model, tok = load_model(model_ref)
     reqs = _cases(data, start + n)[start:]
+    corpus = corpus_from_files([corpus_path]) if corpus_path else None
     out = {"model": model_ref, "data": str(data), "n": len(reqs), "start": start, "batch_size": batch_size}
-    out |= {"overrides": overrides or {}, "machine": machine()}
-    out["layers"] = {str(layer): _layer(model, tok, reqs, layer, batch_size, overrides or {}) for layer in layers}
+    out |= {"overrides": overrides or {}, "corpus": corpus_path or "model samples", "machine": machine()}
+    out["layers"] = {str(layer): _layer(model, tok, reqs, layer, batch_size, overrides or {}, corpus) for layer in layers}
     return out

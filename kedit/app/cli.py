@@ -759,14 +759,16 @@ def bench_keys(model, data, n, layers, json_out) -> None:
 @START
 @click.option("--layers", default="4,7,10,14,18,22", show_default=True, help="Blocks, comma-separated.")
 @BATCH_SIZE
+@corpus_option(default_corpus, SHARED_CORPUS)
 @SETS
 @JSON_OUT
-def bench_scope(model, data, n, start, layers, batch_size, sets, json_out) -> None:
+def bench_scope(model, data, n, start, layers, batch_size, corpus, sets, json_out) -> None:
     """How far BalancEdit's learned scopes reach per layer: held-out rephrasings in, unrelated prompts out."""
+    from kedit.app.bench import _corpus_file
     from kedit.app.bench_scope import bench_scope as run
 
     overrides = _method_overrides(sets, ["balancedit"]).get("balancedit", {})
-    result = run(model, data, n, start, [int(x) for x in layers.split(",")], batch_size, overrides)
+    result = run(model, data, n, start, [int(x) for x in layers.split(",")], batch_size, overrides, _corpus_file(corpus))
     click.echo(json.dumps(result["layers"], indent=2))
     _write_json(json_out, result)
 

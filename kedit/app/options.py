@@ -98,7 +98,10 @@ def _limits(ctx, param, pairs: tuple[str, ...]):
 def corpus_option(default: Callable[[], Path | None] | None, help_default: str) -> Callable:
     """``--corpus``; a callable default is called when the command runs, not at import."""
     return click.option(
-        "--corpus", type=PathArg, default=default, help=f"Text file for the key statistics (default: {help_default})."
+        "--corpus",
+        type=PathArg,
+        default=default,
+        help=f"Ordinary text editors read: key statistics, a learned scope's background negatives (default: {help_default}).",
     )
 
 
