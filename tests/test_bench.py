@@ -237,6 +237,9 @@ def test_bench_scope_reports_reach_on_held_out_rephrasings_and_unrelated_prompts
         shares = [m["rephrasings_reached"], m["rephrasings_to_another_fact"], m["unrelated_prompts_touched"]]
         assert all(0.0 <= x <= 1.0 for x in shares) and m["rephrasings_reached"] + m["rephrasings_to_another_fact"] <= 1.0
         assert m["shared_subject"] == 0.0 and m["rephrasings_reached_distinct_subject"] == m["rephrasings_reached"]
+        # what crowds a scope: each touched prompt, by the token that lands in a scope and the fact it reaches
+        assert len({e["prompt"] for e in m["touched"]}) == round(m["unrelated_prompts_touched"] * m["n_unrelated"])
+        assert all(e["subject"] in {z[0] for z in ZSRE[:2]} for e in m["touched"])
 
 
 def test_bench_scope_scores_siblings_apart(setup, tmp_path):
@@ -491,6 +494,17 @@ def test_bench_stream_resumes_in_its_work_dir_and_reports_every_part_and_the_his
     tabled = [line.split(" | ")[1] for line in out.output.splitlines()[2:]]
     sizes = [b["n_edits"] - a["n_edits"] for a, b in zip([{"n_edits": 0}, *versions], versions)]
     assert tabled == [str(v["n_edits"]) for v, k in zip(versions, sizes) if k >= 2] and len(tabled) < len(versions)
+
+
+def test_the_history_tables_the_whole_capability_regression_not_a_samples():
+    from kedit.app.bench import history_row
+
+    ppl, mc = "kedit_ppl/word_perplexity", "kedit_mc/acc"
+    sampled = {f"cap_regression_base/{mc}": 0.5, f"cap_all_regression_base/{mc}": 0.1, "efficacy": 1.0}
+    assert history_row("3", 20, sampled) == {"version": "3", "n_edits": 20, "efficacy": 1.0, f"cap_all_regression_base/{mc}": 0.1}
+    # a stream from before the sampled gate: every check was of the whole
+    older = history_row("2", 10, {f"cap_regression_base/{ppl}": 0.2, f"cap_regression_prev/{ppl}": 0.1})
+    assert older == {"version": "2", "n_edits": 10, f"cap_all_regression_base/{ppl}": 0.2}
 
 
 def test_bench_stream_times_the_rollback_of_a_version_that_wrapped_a_codebook(setup, tmp_path, monkeypatch):

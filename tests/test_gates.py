@@ -255,7 +255,8 @@ def test_capability_gate_regresses_against_the_base_and_moves_its_previous_value
     s.on_base(None, None)  # base: 0.5
     report = s.measure(None, None, [], [], s.before(None, None, []))  # 0.4: 20% worse than the base
     assert report.metrics == {"cap/kedit_mc/acc": 0.4, "cap_regression_base/kedit_mc/acc": pytest.approx(0.2)} | {
-        "cap_regression_prev/kedit_mc/acc": pytest.approx(0.2)
+        "cap_regression_prev/kedit_mc/acc": pytest.approx(0.2),
+        "cap_all_regression_base/kedit_mc/acc": pytest.approx(0.2),  # a full check: the whole is what it checked
     }
     assert [str(c) for c in report.failed] == ["capability:kedit_mc/acc=0.2 (FAILED; limit 0.1 max relative to base)"]
     s.on_accept(report)
@@ -527,6 +528,8 @@ def test_sampled_capability_full_checks_and_what_production_has_spent(monkeypatc
     assert WorldSuite.scored == [5]
     assert gate.spent() == {"capability:kedit_mc/acc": pytest.approx(lost_seen / 24)}
     assert report.metrics["cap/kedit_mc/acc"] == pytest.approx((24 - lost_seen) / 40)
+    # the whole's estimate against the base's whole (24 of 40), where the checked regression is the sample's
+    assert report.metrics["cap_all_regression_base/kedit_mc/acc"] == pytest.approx(lost_seen / 24)
     s.on_accept(s.measure(model, tok, batch_of(1), [], s.before(model, tok, batch_of(1))))
     report = s.measure(model, tok, batch_of(2), [], s.before(model, tok, batch_of(2)))  # the 3rd version: all 40
     assert WorldSuite.scored == [5, 5, 40] and "cap_scored/kedit_mc" not in report.metrics

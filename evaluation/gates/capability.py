@@ -103,7 +103,7 @@ class CapabilityGate(Gate):
             result = self.suite.evaluate(step.model, step.tok)
             self.measured = (_keys(step.batch), _copy(result.docs), dict(result.values))
             metrics = self._regressions(result.values, self.base, self.prev)
-            return Outcome(metrics, self._checks(result.values, metrics, "relative to base"))
+            return Outcome(metrics | self._whole(metrics), self._checks(result.values, metrics, "relative to base"))
         ids = {t: draw(len(p), self.cfg.sample, step.batch, salt=t) for t, p in self.pool.items()}
         ids = {t: [self.pool[t][i] for i in picked] for t, picked in ids.items()}
         result = self.suite.evaluate(step.model, step.tok, docs=ids)
@@ -115,7 +115,7 @@ class CapabilityGate(Gate):
         # cap/: every document of the limit's, those not drawn at their last scored value (comparable across steps)
         metrics |= {f"cap/{k}": v for k, v in self.suite.aggregate(_merged(self.prev_docs, result.docs), self.pool).items()}
         metrics |= {f"cap_scored/{t}": float(len(i)) for t, i in ids.items()}
-        metrics |= self._power()
+        metrics |= self._power() | self._whole(metrics)
         n = ", ".join(f"{len(i)} of {len(self.pool[t])} {t}" for t, i in ids.items())
         return Outcome(metrics, self._checks(result.values, metrics, f"relative to base, on a sample ({n} documents)"))
 
@@ -127,6 +127,17 @@ class CapabilityGate(Gate):
             metrics[f"cap_regression_base/{key}"] = regression(base.get(key, float("nan")), value, hib)
             metrics[f"cap_regression_prev/{key}"] = regression(prev.get(key, float("nan")), value, hib)
         return metrics
+
+    def _whole(self, metrics: dict[str, float]) -> dict[str, float]:
+        """cap_all_regression_base/: ``cap/`` (every document, at its last scored value) against the base's whole. On
+        a full check it is the checked regression; on a sample, the estimate that is comparable across steps, where
+        the checked regression is the sample's against the same documents on the base."""
+        out = {}
+        for k, value in metrics.items():
+            if (key := k.removeprefix("cap/")) != k:
+                hib = self.higher_is_better.get(key, True)
+                out[f"cap_all_regression_base/{key}"] = regression(self.base.get(key, float("nan")), value, hib)
+        return out
 
     def _checks(self, values: dict[str, float], metrics: dict[str, float], detail: str) -> list:
         results = []

@@ -53,8 +53,9 @@ def _layer(model, tok, reqs: list[EditRequest], layer: int, batch_size: int, ove
     para = read_at_subject(model, tok, rows, ("{}",), [path], "input")[path].cpu()
     idx, hit = nearest_within(para, keys, radius)
     unrelated = [n.prompt for r in reqs for n in r.neighborhood]
-    states, real = read_tokens(model, tok, encode_prompts(tok, unrelated), path)  # (m, T, d_in), (m, T)
-    _, touched = nearest_within(states.reshape(-1, states.shape[-1]).cpu(), keys, radius)
+    ids = encode_prompts(tok, unrelated)
+    states, real = read_tokens(model, tok, ids, path)  # (m, T, d_in), (m, T)
+    by, touched = nearest_within(states.reshape(-1, states.shape[-1]).cpu(), keys, radius)
     touched = touched.reshape(real.shape) & real.cpu()
     # zsRE's siblings: records about one subject (mostly one question reworded, each with its own new answer), whose
     # keys lie as near each other as a rephrasing lies to its own: scored apart from the subjects that are one
@@ -72,11 +73,22 @@ def _layer(model, tok, reqs: list[EditRequest], layer: int, batch_size: int, ove
         "rephrasings_reached_shared_subject": mean(reached[by_shared]),
         "shared_subject": mean(shared),
         "unrelated_prompts_touched": float(touched.any(-1).float().mean()),
+        "touched": _touched(tok, unrelated, ids, touched, by.reshape(real.shape), reqs),
         "radius": float(radius.mean()),
         "separable": float(torch.tensor(separable).mean()),
         "n_rephrasings": float(len(rows)),
         "n_unrelated": float(len(unrelated)),
     }
+
+
+def _touched(tok, prompts: list[str], ids: list[list[int]], touched, by, reqs: list[EditRequest], limit: int = 50) -> list[dict]:
+    """Which unrelated prompt's which token lands in which fact's scope (the first ``limit``): what crowds a scope."""
+    out = []
+    for q, t in touched.nonzero().tolist()[:limit]:
+        fact = reqs[int(by[q, t])]
+        token = tok.decode([ids[q][t]])
+        out.append({"prompt": prompts[q], "token": token, "position": t, "fact": fact.id, "subject": fact.subject})
+    return out
 
 
 def bench_scope(

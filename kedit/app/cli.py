@@ -680,7 +680,7 @@ def bench_history(tracking_uri, name, plot, min_facts, json_out) -> None:
     if plot:
         click.echo(f"written: {plot_history(rows, plot, f'{name or tracking_uri}: metrics over edits')}")
     cols = ("efficacy", "generalization", "specificity", "retention", "drawdown_base", "drawdown_base_unrestated")
-    relative = ("cap_regression_base/kedit_ppl/word_perplexity", "cap_regression_base/kedit_mc/acc")
+    relative = ("cap_all_regression_base/kedit_ppl/word_perplexity", "cap_all_regression_base/kedit_mc/acc")
     click.echo("| version | edits | " + " | ".join((*cols, "perplexity vs base", "MC accuracy lost vs base")) + " |")
     click.echo("|---|" + "---:|" * (len(cols) + 3))
     before = 0
