@@ -24,7 +24,7 @@ class StreamConfig:
     batch_size: int = 10
     gates: str | None = None  # YAML path; None: data/gates/default.yaml
     tracking_uri: str | None = None
-    corpus: str | None = None  # text files for key statistics; None: text sampled from the model
+    corpus: str | None = None  # ordinary text editors read (key statistics, background negatives); None: sampled from the model
     overrides: dict[str, Any] = field(default_factory=dict)  # editor hparams, dotted keys
     device: str | None = None
     work_dir: str = "out/stream"
