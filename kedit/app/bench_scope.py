@@ -9,6 +9,8 @@ with any token inside any scope. A cheap way to choose the key's layer before pa
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from editing import make_editor
@@ -23,7 +25,7 @@ from kedit.core.facts.schema import normalize
 from kedit.core.lm import encode_prompts
 from kedit.core.models import KNOWN_MODELS, load_model, pull
 
-from .bench import _cases, machine, require_held_out, scored_texts
+from .bench import _cases, _corpus_file, machine, require_held_out, scored_texts
 from .bench_keys import POSITIONS, prompt_rows
 
 
@@ -99,16 +101,17 @@ def bench_scope(
     layers: list[int],
     batch_size: int,
     overrides: dict | None = None,
-    corpus_path: str | None = None,
+    corpus: Path | str | None = None,
 ) -> dict:
-    """``overrides``: BalancEdit preset overrides (``scope.balance`` ...), recorded in the result; ``corpus_path``:
-    the ordinary text of the background negatives (None: sampled from the model)."""
+    """``overrides``: BalancEdit preset overrides (``scope.balance`` ...), recorded in the result; ``corpus``:
+    the ordinary text of the background negatives (None or a missing file: sampled from the model)."""
     if model_ref in KNOWN_MODELS:
         pull(model_ref)
     model, tok = load_model(model_ref)
     reqs = _cases(data, start + n)[start:]
-    corpus = corpus_from_files([corpus_path]) if corpus_path else None
+    corpus_path = _corpus_file(corpus)
+    text = corpus_from_files([corpus_path]) if corpus_path else None
     out = {"model": model_ref, "data": str(data), "n": len(reqs), "start": start, "batch_size": batch_size}
     out |= {"overrides": overrides or {}, "corpus": corpus_path or "model samples", "machine": machine()}
-    out["layers"] = {str(layer): _layer(model, tok, reqs, layer, batch_size, overrides or {}, corpus) for layer in layers}
+    out["layers"] = {str(layer): _layer(model, tok, reqs, layer, batch_size, overrides or {}, text) for layer in layers}
     return out

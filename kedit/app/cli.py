@@ -764,11 +764,10 @@ def bench_keys(model, data, n, layers, json_out) -> None:
 @JSON_OUT
 def bench_scope(model, data, n, start, layers, batch_size, corpus, sets, json_out) -> None:
     """How far BalancEdit's learned scopes reach per layer: held-out rephrasings in, unrelated prompts out."""
-    from kedit.app.bench import _corpus_file
     from kedit.app.bench_scope import bench_scope as run
 
     overrides = _method_overrides(sets, ["balancedit"]).get("balancedit", {})
-    result = run(model, data, n, start, [int(x) for x in layers.split(",")], batch_size, overrides, _corpus_file(corpus))
+    result = run(model, data, n, start, [int(x) for x in layers.split(",")], batch_size, overrides, corpus)
     click.echo(json.dumps(result["layers"], indent=2))
     _write_json(json_out, result)
 
