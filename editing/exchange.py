@@ -41,6 +41,10 @@ class Found:
 
 
 class TargetExchange(Protocol):
+    # False: a found vector is used as it is (FLEKE's reuse: no step). True: it is where the editor's optimization
+    # starts, so one forward on this model checks it and only a vector that falls short here takes steps
+    refine: bool
+
     def lookup(self, keys: torch.Tensor) -> Found:
         """Vectors for the facts whose keys (n, d_k) match one the exchange holds."""
         ...

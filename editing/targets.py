@@ -289,6 +289,7 @@ def optimize_targets(
     first_block: int,
     cfg: TargetHyperParams,
     replace: bool = False,
+    start: dict[str, torch.Tensor] | None = None,
 ) -> Targets:
     """Jointly optimize one δ per request for each module in ``paths`` (all in blocks >= first_block).
 
@@ -299,6 +300,9 @@ def optimize_targets(
     "{}" plus δ, as a codebook's value replaces it whatever the context (otherwise δ is added to each row's own
     output, as a weight edit shifts it). The two are the same for the "{}" rows and differ where a prefix, a
     frame or the KL prompt changed the output at the subject.
+
+    ``start``: where δ starts, (n, d) per path (zero for a path not given): a vector reused from elsewhere is
+    checked before any step, and a request it already brings under ``stop_loss`` runs none.
     """
     n = len(requests)
     device = model_device(model)
@@ -375,7 +379,9 @@ def optimize_targets(
     runner = model if low is None else _copy_in(model, low)
     run_dtype = next(runner.parameters()).dtype
     run_base = getattr(runner, "base_model", runner)
-    deltas = {p: torch.zeros(n, originals[p].shape[-1], device=device, requires_grad=True) for p in paths}
+    start = start or {}
+    zeros = {p: torch.zeros(n, originals[p].shape[-1], device=device) for p in paths}  # (n, d) each
+    deltas = {p: (start[p].to(zeros[p]).clone() if p in start else zeros[p]).requires_grad_(True) for p in paths}
     opt = _optimizer(cfg, list(deltas.values()), [norms[p] for p in paths])
     active = torch.ones(n, dtype=torch.bool, device=device)
     live = live_view(active)

@@ -112,7 +112,8 @@ def path_allowed(value: str | Path | None, exact: Iterable[str | None], within: 
 
 
 # an event may not change these (a federated client's name and store included: a run cannot act as another client)
-FIXED = ("model", "editor", "tracking_uri", "overrides", "device", "batch_size", "limits", "client", "mkv", "mkv_threshold")
+FIXED = ("model", "editor", "tracking_uri", "overrides", "device", "batch_size", "limits")
+FIXED += ("client", "mkv", "mkv_threshold", "mkv_refine")
 ALLOWED_FILES = ("gates", "corpus", "work_dir")  # these may name only the served file or one under an --allow path
 
 
@@ -304,6 +305,7 @@ def process_feeds(
     client: str | None = None,
     mkv: str | None = None,
     mkv_threshold: float = 0.99,
+    mkv_refine: bool = False,
 ) -> dict:
     """Run the stream on one arrived feed, or on every new feed of a directory (as federated client ``client``,
     sharing target vectors through the MKV store ``mkv``, when given).
@@ -330,6 +332,7 @@ def process_feeds(
         client=client,
         mkv=mkv,
         mkv_threshold=mkv_threshold,
+        mkv_refine=mkv_refine,
     )
     policy = active_policy()
     if policy is not None:

@@ -76,7 +76,7 @@ def setup(tmp_path_factory):
 def test_federated_clients_reuse_the_vectors_of_facts_edited_elsewhere_and_resume(setup, tmp_path):
     ck, data, corpus = setup
     out = tmp_path / "federated.json"
-    args = (str(ck), data, ["memit"], 2, 2, 1, 1, 0.99, 0.0, 0, corpus, {"memit": MEMIT}, out)
+    args = (str(ck), data, ["memit"], 2, 2, 1, 1, 0.99, 0.0, False, 0, corpus, {"memit": MEMIT}, out)
     full = bench_federated(*args)
     assert full["group_sizes"] == [2, 2]  # two relations of two facts each, one per client
     r = full["results"]["memit"]
@@ -91,6 +91,7 @@ def test_federated_clients_reuse_the_vectors_of_facts_edited_elsewhere_and_resum
     # the keys and lookups are timed apart, inside the phase; alone there are none
     assert 0 < fed["lookup_s_after_slot_0"] < fed["target_s_after_slot_0"] and alone["lookup_s_after_slot_0"] == 0
     assert alone["optimized_steps_after_slot_0"] > 0 and "optimized_steps_cut" in r
+    assert fed["reused_steps_after_slot_0"] == fed["reused_stepped_after_slot_0"] == 0  # used as they are
     # (that a reused vector makes the edit the client's own would: tests/test_exchange.py; quality: the benchmark)
     assert len(fed["per_client"]) == 2 and set(r["federated_over_alone"]) == {"efficacy", "generalization", "specificity"}
     before = out.read_text()

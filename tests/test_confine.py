@@ -143,6 +143,7 @@ def test_the_served_parameters_pass_and_any_other_configuration_fails(tmp_path):
         "client": "another-tenant",  # a federated client's run cannot act as another client
         "mkv": "/tmp/other-federation",
         "mkv_threshold": 0.1,
+        "mkv_refine": True,
     }
     for key, value in changed.items():
         with pytest.raises(ParameterRefused, match=key):

@@ -79,7 +79,9 @@ class _CoME:
         match = ids[:, None] == self.installed_slot[None, :]  # (n, m)
         return torch.where(match.any(1), match.int().argmax(1), -1)
 
-    def compute_targets(self, requests: list[EditRequest]) -> torch.Tensor:
+    def compute_targets(self, requests: list[EditRequest], start: torch.Tensor | None = None) -> torch.Tensor:
+        if start is not None:  # shares_targets is False: no exchange ever hands CoME a vector to start from
+            raise ValueError("CoME's targets start from zero: its δ depends on what this model already removed")
         n = len(requests)
         rows = self._held_rows(requests)  # (n,)
         fresh = [i for i in range(n) if rows[i] < 0]  # δ′ optimized for these

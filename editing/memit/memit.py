@@ -73,8 +73,8 @@ class MEMITFamily(Editor):
         """The share of the remaining residual that layer i (0-based in the range) takes: 1 / layers left."""
         return 1.0 / (len(self.hparams.layers) - i)
 
-    def optimize(self, requests: list[EditRequest]) -> Targets:
-        """δ per optimized module, (n, d) each, with each request's final NLL and steps."""
+    def optimize(self, requests: list[EditRequest], start: dict[str, torch.Tensor] | None = None) -> Targets:
+        """δ per optimized module, (n, d) each, with each request's final NLL and steps; δ starts at ``start``."""
         return optimize_targets(
             self.model,
             self.tok,
@@ -84,6 +84,7 @@ class MEMITFamily(Editor):
             [self.target_path()],
             self.hparams.layers[-1],  # δ enters at the top layer's output: the blocks below it never change
             self.target_config(),
+            start=start,
         )
 
     def fact_keys(self, requests: list[EditRequest]) -> torch.Tensor:
@@ -117,7 +118,9 @@ class MEMITFamily(Editor):
         """z (n, d) at ``target_path``: looked up in the exchange where found, optimized for the rest (and offered).
 
         A vector is exchanged at ``shared_path`` as the state the edit aims for there; a reuser takes its own state
-        there off it, so its earlier edits below do not shift where the fact lands."""
+        there off it, so its earlier edits below do not shift where the fact lands. An exchange that ``refine``s
+        has each found vector checked on this model first and stepped from where it falls short (never offered
+        again: it is another client's vector)."""
         t0 = time.perf_counter()
         if self.exchange is None:
             z = h0 + self.compute_targets(requests)
@@ -135,31 +138,31 @@ class MEMITFamily(Editor):
         )
         found = got.found.nonzero().squeeze(1).tolist()
         own = (~got.found).nonzero().squeeze(1).tolist()
-        z = torch.zeros_like(h0)  # (n, d)
+        delta = torch.zeros_like(h0)  # (n, d) z - h0
         if found:
             change = got.z.to(h0)[found] - hs[found]
-            z[found] = h0[found] + self.from_shared([requests[i] for i in found], change)
+            delta[found] = self.from_shared([requests[i] for i in found], change)
         diagnostics = {"target_nll": [float("nan")] * len(requests), "target_steps": [0.0] * len(requests)}
-        if own:
-            mine = [requests[i] for i in own]
-            delta = self.compute_targets(mine)  # (m, d)
-            z[own] = h0[own] + delta
+        run = list(range(len(requests))) if getattr(self.exchange, "refine", False) else own
+        if run:
+            delta[run] = self.compute_targets([requests[i] for i in run], delta[run])
             for name, values in self.diagnostics.items():  # the optimized facts' rows, in place
                 if name in diagnostics:
-                    for i, v in zip(own, values):
+                    for i, v in zip(run, values):
                         diagnostics[name][i] = v
-            self.exchange.offer(keys[own], hs[own] + self.to_shared(mine, delta))
+        if own:
+            self.exchange.offer(keys[own], hs[own] + self.to_shared([requests[i] for i in own], delta[own]))
         seconds = time.perf_counter() - t0
         self.diagnostics |= diagnostics | {
             "target_reused": got.found.float().tolist(),
             "target_s": [seconds / len(requests)] * len(requests),  # the phase's time, spread over the batch
             "target_lookup_s": [lookup_s / len(requests)] * len(requests),
         }
-        return z
+        return h0 + delta
 
-    def compute_targets(self, requests: list[EditRequest]) -> torch.Tensor:
-        """z - h at the target path: (n, d)."""
-        t = self.optimize(requests)
+    def compute_targets(self, requests: list[EditRequest], start: torch.Tensor | None = None) -> torch.Tensor:
+        """z - h at the target path: (n, d), stepped from ``start`` (n, d) where given, else from zero."""
+        t = self.optimize(requests, None if start is None else {self.target_path(): start})
         self.diagnostics |= {"target_nll": t.nll.tolist(), "target_steps": t.steps.float().tolist()}
         return t.deltas[self.target_path()]
 

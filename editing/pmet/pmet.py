@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
+
 from editing.base import register
 from editing.keys import mlp_output_to_residual, residual_to_mlp_output
 from editing.memit.memit import MEMITFamily
@@ -47,10 +49,11 @@ class PMETFamily(MEMITFamily):
     def from_shared(self, requests, change):
         return residual_to_mlp_output(self.model, self.tok, self.spec, self.hparams.layers[-1], requests, change)
 
-    def optimize(self, requests: list[EditRequest]) -> Targets:
+    def optimize(self, requests: list[EditRequest], start: dict[str, torch.Tensor] | None = None) -> Targets:
         top = self.hparams.layers[-1]
         paths = [self.spec.module_path("attn_out", top), self.target_path()]
-        return optimize_targets(self.model, self.tok, self.spec, requests, self.templates(), paths, top, self.target_config())
+        cfg = self.target_config()
+        return optimize_targets(self.model, self.tok, self.spec, requests, self.templates(), paths, top, cfg, start=start)
 
 
 @register

@@ -148,6 +148,7 @@ def _run(
     overrides: dict,
     threshold: float,
     min_share: float,
+    refine: bool,
 ) -> dict:
     from editing import make_editor
     from evaluation.metrics import counterfact_metrics
@@ -187,7 +188,7 @@ def _run(
     exchanges = []
     if mode == "federated":
         compat = compat_for(first, fingerprint)
-        exchanges = [MKVExchange(store.client(f"client{c}"), compat, threshold, min_share) for c in range(n_clients)]
+        exchanges = [MKVExchange(store.client(f"client{c}"), compat, threshold, min_share, refine) for c in range(n_clients)]
         for e, x in zip(editors, exchanges):
             e.exchange = x
     uploaded: dict[str, list[str]] = {}  # "client/slot-t" -> fact id of each row: the bench's knowledge only
@@ -211,7 +212,10 @@ def _run(
             per_slot.append({"slot": t, "client": f"client{c}", "facts": len(batch), "reused": int(sum(reused))})
             per_slot[-1] |= {"target_s": sum(e.diagnostics["target_s"]), "edit_s": time.perf_counter() - t0}
             per_slot[-1]["lookup_s"] = sum(e.diagnostics.get("target_lookup_s", [0.0]))
-            per_slot[-1]["optimized_steps"] = sum(e.diagnostics.get("target_steps", [0.0]))
+            steps = e.diagnostics.get("target_steps", [0.0] * len(batch))
+            per_slot[-1]["optimized_steps"] = sum(steps)  # with refine, the steps taken from reused vectors too
+            per_slot[-1]["reused_steps"] = sum(s for s, u in zip(steps, reused) if u)
+            per_slot[-1]["reused_stepped"] = sum(1 for s, u in zip(steps, reused) if u and s > 0)
             facts_of[c] |= {r.id: r for r in batch}
             bar.update(1)
         for x in exchanges:
@@ -238,6 +242,9 @@ def _summary(per_slot: list[dict], scores: list[dict], refused: list[dict], n_sl
         # of which keys and lookups (0 without sharing), and the optimization steps summed over the facts optimized
         "lookup_s_after_slot_0": sum(s.get("lookup_s", 0.0) for s in later),
         "optimized_steps_after_slot_0": sum(s.get("optimized_steps", 0.0) for s in later),
+        # refine: the reused vectors that fell short on their reuser, and the steps taken from them
+        "reused_stepped_after_slot_0": sum(s.get("reused_stepped", 0) for s in later),
+        "reused_steps_after_slot_0": sum(s.get("reused_steps", 0.0) for s in later),
         "edit_s": sum(s["edit_s"] for s in per_slot),
         "per_client": [{k: s[k] for k in keys} for s in scores],
         "per_slot": per_slot,
@@ -258,6 +265,7 @@ def bench_federated(
     shared: int = 2,
     threshold: float = 0.99,
     min_share: float = 0.0,
+    refine: bool = False,
     seed: int = 0,
     corpus: Path | None = None,
     overrides: dict[str, dict] | None = None,
@@ -279,6 +287,7 @@ def bench_federated(
     corpus_path = _corpus_file(corpus)
     settings = {"model": model_ref, "data": str(data), "split": split, "clients": clients, "slots": slots, "own": own}
     settings["shared"] = shared
+    settings["refine"] = refine
     settings |= {"threshold": threshold, "min_share": min_share, "seed": seed, "corpus": corpus_path or "model samples"}
     settings["overrides"] = overrides or {}
     settings = with_code(settings)
@@ -290,7 +299,8 @@ def bench_federated(
             if mode in done:
                 continue
             with worker_pool() as pool:
-                args = (mode, method, model_ref, batches, corpus_path, (overrides or {}).get(method, {}), threshold, min_share)
+                sets = (overrides or {}).get(method, {})
+                args = (mode, method, model_ref, batches, corpus_path, sets, threshold, min_share, refine)
                 done[mode] = pool.submit(_run, *args).result()
             save_json(json_out, out)
         alone, fed = done["alone"], done["federated"]

@@ -19,6 +19,7 @@ from kedit.app.options import (
     GATES,
     JSON_OUT,
     LIMITS,
+    MKV_REFINE,
     MODEL,
     SETS,
     START,
@@ -185,6 +186,7 @@ def stream(
     client,
     mkv,
     mkv_threshold,
+    mkv_refine,
     work_dir,
 ) -> None:
     """Apply fact feeds to a model as a gated, tracked stream of edit batches (a Prefect flow)."""
@@ -207,6 +209,7 @@ def stream(
         client=client,
         mkv=str(mkv) if mkv else None,
         mkv_threshold=mkv_threshold,
+        mkv_refine=mkv_refine,
     )
     from flows.stream import stream as stream_flow
 
@@ -361,6 +364,7 @@ def serve(
     client,
     mkv,
     mkv_threshold,
+    mkv_refine,
 ) -> None:
     """Register the stream's deployments (feed events, optional cron) and run them; needs a Prefect server (kedit up).
 
@@ -388,6 +392,7 @@ def serve(
         "client": client,
         "mkv": str(Path(mkv).resolve()) if mkv else None,
         "mkv_threshold": mkv_threshold,
+        "mkv_refine": mkv_refine,
     }
     if write_policy:
         _, policy = served_policy(Path(feeds_dir), ref, editor, params, allow)
@@ -621,12 +626,13 @@ def bench_mquake(model, data, methods, n, corpus, sets, json_out) -> None:
 @click.option(
     "--min-share", type=float, default=0.0, show_default=True, help="Share of a batch an upload must match to be drawn on."
 )
+@MKV_REFINE
 @click.option("--seed", type=int, default=0, show_default=True)
 @corpus_option(default_corpus, SHARED_CORPUS)
 @click.option("--set", "sets", multiple=True, help="Preset override METHOD.KEY=YAML_VALUE.")
 @JSON_OUT
 def bench_federated(
-    model, data, methods, clients, split, slots, own, shared, threshold, min_share, seed, corpus, sets, json_out
+    model, data, methods, clients, split, slots, own, shared, threshold, min_share, mkv_refine, seed, corpus, sets, json_out
 ) -> None:
     """FLEKE: clients edit their own copies and reuse each other's target vectors (alone, federated, central)."""
     from kedit.app.bench_federated import bench_federated as run
@@ -634,7 +640,8 @@ def bench_federated(
 
     chosen = methods.split(",")
     overrides = _method_overrides(sets, chosen)
-    result = run(model, data, chosen, clients, slots, own, shared, threshold, min_share, seed, corpus, overrides, json_out, split)
+    args = (model, data, chosen, clients, slots, own, shared, threshold, min_share, mkv_refine, seed, corpus, overrides, json_out)
+    result = run(*args, split)
     click.echo(table(result))
 
 

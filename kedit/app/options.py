@@ -165,4 +165,10 @@ MKV = click.option(
 MKV_THRESHOLD = click.option(
     "--mkv-threshold", type=float, default=0.99, show_default=True, help="Cosine a fact's key must reach to reuse a vector."
 )
-FEDERATION = compose(CLIENT, MKV, MKV_THRESHOLD)
+MKV_REFINE = click.option(
+    "--mkv-refine/--mkv-as-is",
+    default=False,
+    show_default=True,
+    help="Check a reused vector on this model and step it where it falls short (default: use it as it is, FLEKE's reuse).",
+)
+FEDERATION = compose(CLIENT, MKV, MKV_THRESHOLD, MKV_REFINE)

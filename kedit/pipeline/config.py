@@ -37,6 +37,7 @@ class StreamConfig:
     mkv: str | None = None
     mkv_threshold: float = 0.99
     mkv_min_share: float = 0.0
+    mkv_refine: bool = False  # a reused vector is checked here and stepped from where it falls short
 
     def __post_init__(self):
         if self.editor is None:

@@ -153,7 +153,8 @@ def open_session(cfg: StreamConfig) -> Opened:
             sharing = sorted(n for n, c in EDITORS.items() if c.shares_targets)
             raise StreamError(f"{cfg.editor} does not share target vectors; a federated stream needs one of {sharing}")
         compat = compat_for(editor, fingerprint)
-        editor.exchange = MKVExchange(MKVStore(cfg.mkv).client(cfg.client), compat, cfg.mkv_threshold, cfg.mkv_min_share)
+        client = MKVStore(cfg.mkv).client(cfg.client)
+        editor.exchange = MKVExchange(client, compat, cfg.mkv_threshold, cfg.mkv_min_share, cfg.mkv_refine)
     session_id = uuid.uuid4().hex[:12]
     _SESSIONS[session_id] = Session(session_id, cfg, gates, tracker, registered, fingerprint, model, tokenizer, editor)
     return Opened(session_id, registered, gates.bisect, tracker.uri)

@@ -257,8 +257,9 @@ class MKVExchange:
     optimizes is held until ``upload(slot)`` writes it as this client's upload of that slot. ``refused`` and
     ``reused`` count over the exchange's life."""
 
-    def __init__(self, client: ClientStore, compat: Compat, threshold: float, min_share: float):
+    def __init__(self, client: ClientStore, compat: Compat, threshold: float, min_share: float, refine: bool = False):
         self.client, self.compat, self.threshold, self.min_share = client, compat, threshold, min_share
+        self.refine = refine  # a found vector is checked on the reuser and stepped from where it falls short
         self.pending_keys: list[torch.Tensor] = []
         self.pending_z: list[torch.Tensor] = []
         self.refused: dict[str, int] = {}
