@@ -691,9 +691,9 @@ def test_federated_clients_stream_under_their_own_names_and_upload_each_version_
     tmp, config, kept = env
     mkv = str(tmp / "mkv")
 
-    def client(name, records):
+    def client(name, records, refine=False):
         cfg = config(records, batch_size=4, overrides=MEMIT_TINY, editor="memit", **LOOSE)
-        return dataclasses.replace(cfg, client=name, mkv=mkv, work_dir=str(tmp / f"work-{name}"))
+        return dataclasses.replace(cfg, client=name, mkv=mkv, mkv_refine=refine, work_dir=str(tmp / f"work-{name}"))
 
     a = stream(client("a", GOOD[:2]))
     assert a["registered_model"].endswith("@a") and a["production"] == "1"
@@ -709,8 +709,9 @@ def test_federated_clients_stream_under_their_own_names_and_upload_each_version_
 
     monkeypatch.setattr(federation, "publish", killed_before_upload)
     with pytest.raises(BaseException, match="before the upload"):
-        stream(client("b", GOOD))
+        stream(client("b", GOOD, refine=True))  # a's vectors checked on b's model, stepped where they fall short
     b_session = next(s for s in [*kept, *sessions._SESSIONS.values()] if s.registered.endswith("@b"))
+    assert b_session.editor.exchange.refine
     assert b_session.editor.diagnostics["target_reused"] == [1.0, 1.0, 0.0, 0.0]  # GOOD[:2] came from a
     assert b_session.editor.exchange.sources[:2] == ["a/slot-1#0", "a/slot-1#1"]
     assert not (tmp / "mkv" / "b").exists()  # the version is in production, its vectors still on b's disk
@@ -719,7 +720,7 @@ def test_federated_clients_stream_under_their_own_names_and_upload_each_version_
     assert (run.data.metrics["mkv_reused"], run.data.metrics["mkv_offered"]) == (2.0, 2.0)
     monkeypatch.setattr(federation, "publish", real)
 
-    b = stream(client("b", GOOD))  # the restart uploads them; what v1 holds is not edited again
+    b = stream(client("b", GOOD, refine=True))  # the restart uploads them; what v1 holds is not edited again
     # (a fact of v1 whose edit did not hold on this tiny model is edited again: "accepted means held"; how many
     # hold depends on the tiny model's arithmetic, so the test counts, it does not fix the number)
     assert b["registered_model"].endswith("@b") and b["skipped"] + b["accepted"] + b["did_not_hold"] == 4
