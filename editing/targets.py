@@ -443,7 +443,9 @@ def optimize_targets(
                     d[~active] = keep[p][~active]  # finished requests stay where they stopped
                     limit = cfg.clamp_norm * norms[p]
                     scale = (limit / d.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)
-                    d.mul_(scale[:, None])
+                    # only the requests that stepped: one that stopped at its start (a vector reused from elsewhere
+                    # that already passed here) keeps the start it was checked at, whatever its norm
+                    d.mul_(torch.where(active, scale, 1.0)[:, None])
     nll = nll_req.detach().cpu()
     log.info(
         "targets: NLL of target_new mean %.3f max %.3f after %.1f steps on average", nll.mean(), nll.max(), steps.float().mean()

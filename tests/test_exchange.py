@@ -164,13 +164,15 @@ def test_nothing_a_client_uploads_holds_the_text_or_the_token_ids_of_its_facts(t
 
 
 class Handed:
-    """An exchange that hands every fact the vectors given (z at the shared path, (n, d)); keeps what is offered."""
+    """An exchange that hands the facts marked ``found`` (all by default) the vectors given (z at the shared path,
+    (n, d)); keeps what is offered."""
 
-    def __init__(self, z: torch.Tensor, refine: bool):
+    def __init__(self, z: torch.Tensor, refine: bool, found: list[bool] | None = None):
         self.z, self.refine, self.offered = z, refine, []
+        self.found = torch.ones(len(z), dtype=torch.bool) if found is None else torch.tensor(found)
 
     def lookup(self, keys: torch.Tensor) -> Found:
-        return Found(torch.ones(len(keys), dtype=torch.bool), self.z)
+        return Found(self.found, self.z)
 
     def offer(self, keys: torch.Tensor, z: torch.Tensor) -> None:
         self.offered.append(z)
@@ -218,3 +220,32 @@ def test_a_refined_reuse_is_checked_on_the_reuser_and_stepped_only_where_it_fall
     e.edit(fact)
     assert e.diagnostics["target_nll"][0] <= stop
     assert 0 < e.diagnostics["target_steps"][0] < a.diagnostics["target_steps"][0]  # from the vector, not from zero
+
+
+def test_a_refined_vector_that_passes_stays_exactly_as_checked_while_the_rest_of_its_batch_steps(tmp_path):
+    """A batch of a found fact and one of the client's own: the found vector passes the check and keeps its value,
+    even over the norm bound (the bound is for the steps), while the other fact is optimized and offered."""
+    from editing.keys import read_at_subject
+
+    fact = FACTS[1:2]
+    store = MKVStore(tmp_path)
+    model_a, a = client(overrides=REACH)
+    a.exchange = exchange(store, "a", a)
+    top = a.shared_path()
+    h = read_at_subject(model_a, a.tok, FACTS[1:3], ("{}",), [top], "output")[top]  # (2, d)
+    a.edit(fact)
+    z = store.load(a.exchange.upload(0)).vectors[top]  # (1, d)
+    over = h[:1] + 2 * (z - h[:1])  # further along than the maker went: passes, and over the reuser's bound
+    tight = REACH | {"targets.clamp_norm": 0.5}
+    assert float((over - h[:1]).norm()) > 0.5 * float(h[:1].norm())
+    _, b = client(overrides=tight)
+    b.exchange = Handed(torch.cat([over, torch.zeros_like(over)]), refine=True, found=[True, False])
+    aimed = {}
+    targets = b.targets
+    b.targets = lambda requests, h0: aimed.setdefault("z", targets(requests, h0))
+    b.edit(FACTS[1:3])
+    steps = b.diagnostics["target_steps"]
+    assert b.diagnostics["target_reused"] == [1.0, 0.0] and steps[0] == 0 and steps[1] > 0
+    assert torch.allclose(aimed["z"][0], over[0], atol=1e-6)  # not shrunk to the bound by the other fact's steps
+    assert float((aimed["z"][1] - h[1]).norm()) <= 0.5 * float(h[1].norm()) * (1 + 1e-5)  # the stepped one is bound
+    assert len(b.exchange.offered) == 1 and len(b.exchange.offered[0]) == 1  # only its own fact is offered

@@ -143,9 +143,10 @@ class MEMITFamily(Editor):
             change = got.z.to(h0)[found] - hs[found]
             delta[found] = self.from_shared([requests[i] for i in found], change)
         diagnostics = {"target_nll": [float("nan")] * len(requests), "target_steps": [0.0] * len(requests)}
-        run = list(range(len(requests))) if getattr(self.exchange, "refine", False) else own
+        refine = bool(getattr(self.exchange, "refine", False))
+        run = list(range(len(requests))) if refine else own
         if run:
-            delta[run] = self.compute_targets([requests[i] for i in run], delta[run])
+            delta[run] = self.compute_targets([requests[i] for i in run], delta[run] if refine else None)
             for name, values in self.diagnostics.items():  # the optimized facts' rows, in place
                 if name in diagnostics:
                     for i, v in zip(run, values):
