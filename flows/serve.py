@@ -187,7 +187,9 @@ class ServePolicy:
     @classmethod
     def read(cls, path: str | Path) -> ServePolicy:
         d = json.loads(Path(path).read_text())
-        return cls(tuple(d["feed_dirs"]), d["fixed"], d["files"], tuple(d["allow"]), d.get("signing_key_id"))
+        # a fixed parameter added to the flow after the file was written ran at its default when it was served
+        since = {k: _normal(k, v) for k, v in _flow_defaults().items() if k in FIXED and k not in d["fixed"]}
+        return cls(tuple(d["feed_dirs"]), since | d["fixed"], d["files"], tuple(d["allow"]), d.get("signing_key_id"))
 
 
 def _flow_defaults() -> dict[str, Any]:

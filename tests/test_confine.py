@@ -170,6 +170,21 @@ def test_the_policy_reaches_a_flow_run_through_the_environment_only(tmp_path, mo
         active_policy()
 
 
+def test_a_policy_written_before_a_fixed_parameter_existed_holds_it_at_the_default_it_was_served_with(tmp_path):
+    import json
+
+    params = served(tmp_path)
+    path = ServePolicy.served([tmp_path / "feeds"], params).write(tmp_path / "p.json")
+    old = json.loads(path.read_text())
+    del old["fixed"]["mkv_refine"]  # the file of a `kedit serve` from before the option
+    path.write_text(json.dumps(old))
+    policy = ServePolicy.read(path)
+    policy.check(params)  # left out: the flow's default, as served
+    policy.check({**params, "mkv_refine": False})
+    with pytest.raises(ParameterRefused, match="mkv_refine"):
+        policy.check({**params, "mkv_refine": True})
+
+
 def test_a_deployment_run_without_the_policy_or_with_another_signing_key_is_refused(tmp_path, monkeypatch):
     # a worker's job variables can rewrite a run's environment: emptying the policy variable must not unconfine it
     monkeypatch.delenv(POLICY_ENV, raising=False)
