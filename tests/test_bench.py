@@ -338,7 +338,9 @@ def test_bench_editors_resumes_a_method_stopped_mid_run_with_the_same_result(set
     monkeypatch.setattr(Editor, "edit", edit)
     assert sorted(p.name for p in (tmp_path / "parts").glob("step-*")) == ["step-00000", "step-00001"]
     resumed_run = _run_method("alphaedit", *args, steps_dir=str(tmp_path / "parts"))
-    timing = {"seconds_per_edit", "latency_ratio", "statistics_s", "peak_rss_mb", "peak_gpu_mb"}
+    timing = {"seconds_per_edit", "seconds_per_edit_this_run", "latency_ratio", "statistics_s", "peak_rss_mb", "peak_gpu_mb"}
+    assert (whole.pop("edits_resumed"), resumed_run.pop("edits_resumed")) == (0, 2)  # 2 single-fact batches replayed
+    assert resumed_run["seconds_per_edit_this_run"] > 0
     scores = sorted(set(whole) - timing)
     assert sorted(set(resumed_run) - timing) == scores and whole["efficacy"] > 0
 

@@ -209,7 +209,8 @@ def test_a_refined_reuse_is_checked_on_the_reuser_and_stepped_only_where_it_fall
     for name in patches.weights.parts:  # the same edit as the vector used as it is
         assert torch.equal(model_b.get_parameter(name), model_c.get_parameter(name)), name
 
-    # a vector a quarter of the way there: used as it is, it stays short; refined, it is stepped until it passes
+    # a vector a quarter of the way there: used as it is, no step is taken and nothing reads its NLL; refined, its
+    # NLL is read, falls short, and it is stepped until it passes
     short = h + 0.25 * (z - h)
     _, d = client(overrides=REACH)
     d.exchange = Handed(short, refine=False)

@@ -143,7 +143,7 @@ class MEMITFamily(Editor):
             change = got.z.to(h0)[found] - hs[found]
             delta[found] = self.from_shared([requests[i] for i in found], change)
         diagnostics = {"target_nll": [float("nan")] * len(requests), "target_steps": [0.0] * len(requests)}
-        refine = bool(getattr(self.exchange, "refine", False))
+        refine = self.exchange.refine
         run = list(range(len(requests))) if refine else own
         if run:
             delta[run] = self.compute_targets([requests[i] for i in run], delta[run] if refine else None)

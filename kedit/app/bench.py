@@ -403,6 +403,7 @@ def _run_method(
             done, t_edit = len(saved), counts["edit_s"]
             seen |= counts["samples"]
     bar = tqdm(batches[done:], desc=f"{method}: batches of {batch_size}", unit="batch", initial=done, total=len(batches))
+    replayed, t_replayed = sum(len(b) for b in batches[:done]), t_edit
     for i, b in enumerate(bar, start=done):
         t0 = time.perf_counter()
         patches = editor.edit(b)
@@ -417,6 +418,10 @@ def _run_method(
     return {
         **scores_of(model, tok, reqs, earlier, reference),
         "seconds_per_edit": t_edit / max(len(reqs), 1),
+        # a resumed run: the edits replayed from an earlier start (whose seconds are in seconds_per_edit, made under
+        # whatever else ran then), and the seconds per edit of the edits made in this run alone
+        "edits_resumed": replayed,
+        "seconds_per_edit_this_run": (t_edit - t_replayed) / max(len(reqs) - replayed, 1),
         # the edited model's forward over the first 64 prompts, against its installs bypassed (memory lookups cost)
         "latency_ratio": latency_ratio(model, tok, [r.text for r in reqs[:64]]),
         "statistics_s": t_stats,
