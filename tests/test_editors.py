@@ -402,7 +402,9 @@ def test_targets_in_bfloat16_run_on_a_copy_and_stay_near_the_model_precision():
         runs[precision] = optimize_targets(model, tok, spec, REQUESTS, ("{}", "the city . {}"), [path], 1, cfg)
     exact, low = runs["model"], runs["bfloat16"]
     assert model_fingerprint(None, model) == before and next(model.parameters()).dtype == torch.float32
-    assert torch.equal(low.originals[path], exact.originals[path])  # the unedited outputs are read in fp32
+    # the unedited outputs are read on the copy too (the steps' KL then starts at zero in their own precision)
+    o_rel = (low.originals[path] - exact.originals[path]).norm(dim=-1) / exact.originals[path].norm(dim=-1)
+    assert o_rel.max() < 3e-2 and not torch.equal(low.originals[path], exact.originals[path])
     rel = (low.deltas[path] - exact.deltas[path]).norm(dim=-1) / exact.deltas[path].norm(dim=-1)
     assert rel.max() < 1e-2 and not torch.equal(low.nll, exact.nll)  # near, but computed in another precision
 

@@ -189,7 +189,8 @@ class MEMITFamily(Editor):
         z = self.targets(requests, h0)  # (n, d)
         for i, layer in enumerate(hp.layers):
             keys = subject_keys(self.model, self.tok, self.spec, [layer], requests, self.templates())[layer]  # (n, d_in)
-            h = read_at_subject(self.model, self.tok, requests, ("{}",), [top], "output")[top]
+            # before the first layer's update the model is the one h0 was read from (finding targets changes no weight)
+            h = h0 if i == 0 else read_at_subject(self.model, self.tok, requests, ("{}",), [top], "output")[top]
             resid = self.at_layer(layer, requests, (z - h) * self.spread(i))  # (n, d)
             out_f, in_f = self.solve(layer, keys, resid)
             self._apply(self.weight_name("mlp_out", layer), linear_update(self.module("mlp_out", layer), out_f, in_f))
