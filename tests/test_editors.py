@@ -387,6 +387,31 @@ def test_targets_from_a_prefix_cache_equal_full_forwards(make):
     assert all(b < w_full[0][0] and t < w_full[0][1] for b, t in w_cached[1:])
 
 
+@pytest.mark.parametrize("cached", [True, False], ids=["cache", "full"])
+def test_a_target_at_a_block_output_starts_the_steps_at_the_next_block(cached):
+    """MEMIT's z is a block's output: the steps feed it to the next block instead of running the block again. The
+    optimization must be the one that runs the block and adds δ at its output (started a block lower here)."""
+    tok = make_tokenizer()
+    model = trained_scale_llama(len(tok), seed=0)
+    from kedit.core.arch import spec_for
+
+    spec = spec_for(model)
+    path = spec.block(1)
+    ran = []
+    h = model.get_submodule(path).register_forward_hook(lambda m, a, o: ran.append(1))
+    cfg = TargetHyperParams(steps=10, lr=0.5, clamp_norm=200.0, prefix_cache=cached)
+    ran.clear()
+    skip = optimize_targets(model, tok, spec, REQUESTS, ("{}", "the city . {}"), [path], 1, cfg)
+    runs_skipping = len(ran)
+    ran.clear()
+    hooked = optimize_targets(model, tok, spec, REQUESTS, ("{}", "the city . {}"), [path], 0, cfg)
+    h.remove()
+    assert runs_skipping == 1 and len(ran) > 2  # the first forward only, against once per step
+    assert hooked.deltas[path].norm(dim=-1).min() > 0.1
+    assert torch.allclose(skip.deltas[path], hooked.deltas[path], atol=1e-5, rtol=1e-4)
+    assert torch.allclose(skip.nll, hooked.nll, atol=1e-5) and torch.equal(skip.steps, hooked.steps)
+
+
 def test_targets_in_bfloat16_run_on_a_copy_and_stay_near_the_model_precision():
     tok = make_tokenizer()
     model = trained_scale_llama(len(tok))
