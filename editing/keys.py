@@ -31,7 +31,8 @@ class Located:
 def fill(template: str, request: EditRequest) -> tuple[str, str]:
     """The full text and the text up to the end of the subject."""
     head = request.prompt.split("{}", 1)[0] + request.subject
-    return template.replace("{}", request.text, 1), template.replace("{}", head, 1)
+    # the head ends at the subject: a frame's text after "{}" ("Q: {} A:") is not part of it
+    return template.replace("{}", request.text, 1), template.split("{}", 1)[0] + head
 
 
 def locate(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str]) -> Located:

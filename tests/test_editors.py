@@ -387,12 +387,14 @@ def test_targets_from_a_prefix_cache_equal_full_forwards(make):
     assert all(b < w_full[0][0] and t < w_full[0][1] for b, t in w_cached[1:])
 
 
+@pytest.mark.parametrize("replace", [False, True], ids=["add", "replace"])
 @pytest.mark.parametrize("cached", [True, False], ids=["cache", "full"])
-def test_a_target_at_a_block_output_starts_the_steps_at_the_next_block(cached):
+@pytest.mark.parametrize("make", [trained_scale_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_a_target_at_a_block_output_starts_the_steps_at_the_next_block(make, cached, replace):
     """MEMIT's z is a block's output: the steps feed it to the next block instead of running the block again. The
     optimization must be the one that runs the block and adds δ at its output (started a block lower here)."""
     tok = make_tokenizer()
-    model = trained_scale_llama(len(tok), seed=0)
+    model = make(len(tok), seed=0)
     from kedit.core.arch import spec_for
 
     spec = spec_for(model)
@@ -401,10 +403,10 @@ def test_a_target_at_a_block_output_starts_the_steps_at_the_next_block(cached):
     h = model.get_submodule(path).register_forward_hook(lambda m, a, o: ran.append(1))
     cfg = TargetHyperParams(steps=10, lr=0.5, clamp_norm=200.0, prefix_cache=cached)
     ran.clear()
-    skip = optimize_targets(model, tok, spec, REQUESTS, ("{}", "the city . {}"), [path], 1, cfg)
+    skip = optimize_targets(model, tok, spec, REQUESTS, ("{}", "the city . {}"), [path], 1, cfg, replace=replace)
     runs_skipping = len(ran)
     ran.clear()
-    hooked = optimize_targets(model, tok, spec, REQUESTS, ("{}", "the city . {}"), [path], 0, cfg)
+    hooked = optimize_targets(model, tok, spec, REQUESTS, ("{}", "the city . {}"), [path], 0, cfg, replace=replace)
     h.remove()
     assert runs_skipping == 1 and len(ran) > 2  # the first forward only, against once per step
     assert hooked.deltas[path].norm(dim=-1).min() > 0.1
@@ -878,3 +880,15 @@ def test_pmet_maps_its_top_mlp_change_through_the_top_norm_and_back_through_each
     llama = tiny_llama(len(tok))
     pmet = editor_class("pmet")(llama, tok, editor_class("pmet").preset(llama, {"layers": (0, 1), **TINY}), corpus=CORPUS)
     assert pmet.at_layer(0, reqs, d_top) is d_top  # no norm: the change as it is, on every layer
+
+
+@pytest.mark.parametrize("template", ["{}", "the city . {}", "Q: {} A:", "Question: {}\nAnswer:"])
+def test_the_subject_is_located_at_its_last_token_in_any_frame(template):
+    """A frame with text after "{}" (BalancEdit's question frames) must not move the subject's position: the
+    head is the text up to the subject's end, never the frame's closing words."""
+    from editing.keys import locate
+
+    tok = make_tokenizer()
+    loc = locate(tok, REQUESTS, [template])
+    for ids, pos, r in zip(loc.ids, loc.subject_pos, REQUESTS):
+        assert tok.decode(ids[pos]).strip() == r.subject  # one token each in the test tokenizer
