@@ -17,6 +17,8 @@ EDITS = [
     {"id": "c", "subject": "carol", "prompt": "the ceo is {} and she speaks", "target_new": "german", "target_true": "french"},
 ]
 MEMIT = {
+    # in the model's precision: the joint and the per-request problems agree to 1e-3 there, bf16 rounding exceeds it
+    "targets.precision": "model",
     "layers": [1, 2],
     "solve.mom2_weight": 10.0,
     "statistics.samples": 20,

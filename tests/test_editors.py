@@ -55,7 +55,8 @@ OVERRIDES = {
     "memit": {"layers": (1, 2), "solve.mom2_weight": 1.0, **TINY},
     "alphaedit": {"layers": (1, 2), "solve.l2": 1e-6, "solve.nullspace_threshold": 1e-3, **TINY},
     "pmet": {"layers": (1, 2), "targets.clamp_norm": 200.0, "solve.mom2_weight": 1.0, **TINY},
-    "come-memit": {"layers": (1, 2), "solve.mom2_weight": 1.0, **TINY},
+    # MEMIT's llama preset steps on a bf16 copy where native, CoME's does not: alpha 0 equals MEMIT in one precision
+    "come-memit": {"layers": (1, 2), "solve.mom2_weight": 1.0, "targets.precision": "model", **TINY},
     "come-pmet": {"layers": (1, 2), "solve.mom2_weight": 1.0, **TINY},
     "ft-l": {"layers": (1,), "lr": 0.01, "norm_constraint": 0.05},
     "ft-m": {"layers": (1,), "lr": 0.01},
