@@ -415,6 +415,20 @@ def test_a_target_at_a_block_output_starts_the_steps_at_the_next_block(make, cac
     assert torch.allclose(skip.nll, hooked.nll, atol=1e-5) and torch.equal(skip.steps, hooked.steps)
 
 
+def test_the_low_precision_copy_is_made_straight_in_its_dtype_and_equals_a_converted_deepcopy():
+    from editing.targets import _copy_in
+
+    model = tiny_llama(len(make_tokenizer()), seed=0)
+    model.get_output_embeddings().weight = model.get_input_embeddings().weight  # a head tied as SmolLM2's is
+    low = _copy_in(model, torch.bfloat16)
+    converted = copy.deepcopy(model).to(torch.bfloat16)  # how the copy was made before
+    ours, theirs = low.state_dict(), converted.state_dict()
+    assert list(ours) == list(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype for k in ours)
+    assert all(not p.requires_grad for p in low.parameters()) and next(model.parameters()).dtype == torch.float32
+    assert low.get_output_embeddings().weight is low.get_input_embeddings().weight  # still one tensor
+
+
 def test_targets_in_bfloat16_run_on_a_copy_and_stay_near_the_model_precision():
     tok = make_tokenizer()
     model = trained_scale_llama(len(tok))
