@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from kedit.core.config import ConfigError, Seq, StrictConfig, load_yaml
+from kedit.core.precision import Precision
 
 C = TypeVar("C", bound=StrictConfig)
 
@@ -53,10 +54,10 @@ class TargetHyperParams(StrictConfig):
     # run only the tokens from the subject's last token on at each step, the ones before it as a key/value cache:
     # the same arithmetic on a fifth of the tokens (false: every token every step, to measure the difference)
     prefix_cache: bool = True
-    # the precision of the steps' forward and backward: "model" (the weights' own), a lower one ("bfloat16") run on
-    # a copy of the model made per batch, or "auto" (bfloat16 where its matmuls are native, editing/targets.py);
-    # the unedited outputs, the cache and the KL reference are read from the model either way
-    precision: Literal["model", "auto", "bfloat16", "float16"] = "model"
+    # the precision of the target phase (the unedited forward, the cache, the KL reference and the steps): "model"
+    # (the weights' own), a lower one ("bfloat16") run on a copy of the model made per batch, or "auto" (bfloat16
+    # where its matmuls are native: kedit/core/precision.py)
+    precision: Precision = "model"
     # the steps' attention: "plain" (matmul and softmax), "model" (the model's own implementation), or "auto" (plain
     # where the steps run on a lower-precision copy on a CPU, whose bf16 flash-attention backward over a step's few
     # dozen tokens costs several times the plain path's; the model's own elsewhere): editing/targets.py

@@ -24,21 +24,6 @@ from kedit.core.arch import ArchSpec
 from .hooks import capture, output_kind, stop_before
 
 
-def low_precision(precision: str | None, model: nn.Module) -> torch.dtype | None:
-    """The dtype a frozen copy runs in when it is not the model's own (None: the model itself).
-
-    ``auto``: bf16 for fp32 weights where bf16 matmuls are native (a CUDA device, or a CPU whose oneDNN has them:
-    AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slower, and the model's own precision is kept."""
-    weight = next(model.parameters())
-    if precision in (None, "model"):
-        return None
-    if precision != "auto":
-        dtype = getattr(torch, precision)
-        return None if dtype == weight.dtype else dtype
-    native = weight.device.type == "cuda" or (weight.device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return torch.bfloat16 if weight.dtype == torch.float32 and native else None
-
-
 class _CastHead(nn.Module):
     """A low-precision head fed and read in the model's dtype; gradients reach its input as through the model's own."""
 

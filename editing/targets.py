@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager
-from copy import deepcopy
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +29,11 @@ from transformers import DynamicCache
 from kedit.core.arch import ArchSpec
 from kedit.core.facts import EditRequest
 from kedit.core.lm import additive_mask, encode_pairs, head_logits, model_device, pad_id_of
+from kedit.core.precision import low_precision, low_precision_copy
 
 from .hooks import capture, edit_output, frozen, output_kind, start_at_block
 from .hparams import TargetHyperParams
 from .keys import average_by_owner, fill, locate
-from .stem import low_precision
 
 log = logging.getLogger(__name__)
 
@@ -213,14 +212,6 @@ class _Live:
     d_cols: torch.Tensor
 
 
-def _copy_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A frozen copy of the model in ``dtype``, made per call: it cannot go stale across edits."""
-    # the weights go straight to ``dtype`` (a memo deepcopy takes as given): no fp32 clone of 135M weights first;
-    # tied weights stay tied (one memo entry per parameter object)
-    memo = {id(p): nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in model.parameters()}
-    return deepcopy(model, memo).to(dtype).eval()  # .to: the buffers (rotary frequencies), as the model's .to would
-
-
 @contextmanager
 def _step_attention(runner: nn.Module, choice: str, copied: bool):
     """The attention the steps run with on ``runner`` (``copied``: a lower-precision copy made for them); its own
@@ -323,7 +314,7 @@ def optimize_targets(
     # the steps run on the model itself, or on a copy in a lower precision (a step over a few tokens streams every
     # weight it passes through: half the bytes is half the time)
     low = low_precision(cfg.precision, model)
-    runner = model if low is None else _copy_in(model, low)
+    runner = model if low is None else low_precision_copy(model, low)
     run_dtype = next(runner.parameters()).dtype
     run_base = getattr(runner, "base_model", runner)
 

@@ -7,7 +7,7 @@ usage: python scripts/target_phase_parts.py [--model smollm2-135m] [--threads 2]
   by a benchmark) in one batch, every request running all 10 steps (stop loss below zero), the batch's set-up
   (copy and first forward, timed apart) taken off.
 - ``setup_s``: the set-up alone for a batch of 10 (no step): tokenizing, the copy (bf16) and the unedited forward.
-- ``copy_s``: the bf16 copy as ``_copy_in`` makes it, against a deepcopy in fp32 converted after (how it was made
+- ``copy_s``: the bf16 copy as ``low_precision_copy`` makes it, against a deepcopy in fp32 converted after (how it was made
   before), and whether the two hold the same tensors.
 - ``key_read_tokens``: the token slots the key reads run for the first 20 CounterFact records over the preset's
   templates, each row run to its end (before) against stopped at the subject's last token (now).
@@ -26,9 +26,10 @@ import torch
 
 from editing import make_editor
 from editing.keys import locate
-from editing.targets import _copy_in, optimize_targets
+from editing.targets import optimize_targets
 from kedit.app.bench import _cases, machine
 from kedit.core.models import load_model
+from kedit.core.precision import low_precision_copy
 
 TRAIN = "../shared/data/counterfact/counterfact-train.easyedit.json"
 EVAL = "../shared/data/counterfact/counterfact_500.rome.json"
@@ -72,10 +73,10 @@ def main() -> None:
         print(json.dumps({precision: out["step_s"][precision], "setup_s": out["setup_s"][precision]}), flush=True)
 
     old = deepcopy(model).to(torch.bfloat16)
-    new = _copy_in(model, torch.bfloat16)
+    new = low_precision_copy(model, torch.bfloat16)
     same = all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
     out["copy_s"] = {
-        "now": fastest(lambda: _copy_in(model, torch.bfloat16), args.repeat + 1),
+        "now": fastest(lambda: low_precision_copy(model, torch.bfloat16), args.repeat + 1),
         "before": fastest(lambda: deepcopy(model).to(torch.bfloat16), args.repeat + 1),
         "same_tensors": same,
     }

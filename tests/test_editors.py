@@ -416,11 +416,11 @@ def test_a_target_at_a_block_output_starts_the_steps_at_the_next_block(make, cac
 
 
 def test_the_low_precision_copy_is_made_straight_in_its_dtype_and_equals_a_converted_deepcopy():
-    from editing.targets import _copy_in
+    from kedit.core.precision import low_precision_copy
 
     model = tiny_llama(len(make_tokenizer()), seed=0)
     model.get_output_embeddings().weight = model.get_input_embeddings().weight  # a head tied as SmolLM2's is
-    low = _copy_in(model, torch.bfloat16)
+    low = low_precision_copy(model, torch.bfloat16)
     converted = copy.deepcopy(model).to(torch.bfloat16)  # how the copy was made before
     ours, theirs = low.state_dict(), converted.state_dict()
     assert list(ours) == list(theirs)
@@ -452,14 +452,15 @@ def test_targets_in_bfloat16_run_on_a_copy_and_stay_near_the_model_precision():
 
 
 def test_the_steps_attend_on_the_plain_path_where_chosen_and_the_model_gets_its_own_back():
-    from editing.targets import _copy_in, _step_attention
+    from editing.targets import _step_attention
+    from kedit.core.precision import low_precision_copy
 
     model = trained_scale_llama(len(make_tokenizer()))
     own = model.config._attn_implementation
     assert own != "eager"
     with _step_attention(model, "auto", copied=False):  # the model itself: its own
         assert model.config._attn_implementation == own
-    copy = _copy_in(model, torch.bfloat16)
+    copy = low_precision_copy(model, torch.bfloat16)
     with _step_attention(copy, "auto", copied=True):  # a bf16 copy on a CPU: plain, in every module
         assert all(m.config._attn_implementation == "eager" for m in copy.modules() if hasattr(m, "config"))
         assert model.config._attn_implementation == own  # the copy's config is its own
@@ -780,7 +781,7 @@ def test_pmet_spreads_the_residual_with_a_square_root():
 
 
 def test_auto_precision_is_bfloat16_only_where_its_matmuls_are_native(monkeypatch):
-    from editing.stem import low_precision
+    from kedit.core.precision import low_precision
 
     model = tiny_llama(len(make_tokenizer()))
     assert low_precision("model", model) is None and low_precision(None, model) is None

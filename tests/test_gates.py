@@ -58,6 +58,7 @@ def test_the_shipped_files_keep_their_thresholds():
     assert params == {
         "bisect": True,
         "spent_at": 0.5,
+        "precision": "model",
         "edits.efficacy_min": 0.75,
         "edits.generalization_min": 0.25,
         "edits.specificity_max_drop": 0.3,
@@ -109,6 +110,7 @@ def test_the_shipped_files_keep_their_thresholds():
         ({"gates": [EDITS]}, "bisect: missing key"),
         ({"gates": [EDITS], "bisect": True, "spent_at": 1.5}, "spent_at: "),
         ({"gates": [EDITS], "bisect": True, "spent_at": 0}, "spent_at: "),
+        ({"gates": [EDITS], "bisect": True, "precision": "bf16"}, "precision: "),
     ],
 )
 def test_bad_gate_files_name_the_file_and_the_key(tmp_path, data, message):
@@ -313,18 +315,24 @@ class ToyGate(Gate):
     Config = ToyConfig
     calls: ClassVar[list[str]] = []
 
+    seen: ClassVar[list] = []  # the model each hook was handed
+
     def on_base(self, model, tok):
         self.calls.append("on_base")
+        self.seen.append(model)
 
     def on_production(self, model, tok, earlier):
         self.calls.append("on_production")
+        self.seen.append(model)
 
     def before(self, model, tok, batch):
         self.calls.append("before")
+        self.seen.append(model)
         return len(batch)
 
     def measure(self, step, before):
         self.calls.append("measure")
+        self.seen.append(step.model)
         return Outcome({"toy_batch": float(before)}, [at_most("toy", float(len(step.batch)), self.cfg.max_batch)])
 
     def on_accept(self, report):
@@ -335,6 +343,7 @@ class ToyGate(Gate):
 def toy_gate():
     register_gate(ToyGate)
     ToyGate.calls.clear()
+    ToyGate.seen.clear()
     yield ToyGate
     GATES.pop("toy")
 
@@ -353,6 +362,42 @@ def test_a_new_gate_is_one_class_and_one_entry_in_the_file(tmp_path, toy_gate):
     assert toy_gate.calls == ["on_base", "on_production", "before", "measure", "on_accept:2"]
     with pytest.raises(ValueError, match="already registered"):
         register_gate(ToyGate)
+
+
+def test_gates_in_a_lower_precision_score_a_fresh_copy_and_leave_the_model_as_it_is(toy_gate):
+    """``precision: bfloat16``: every hook is handed a bf16 copy of the model as it is at that hook (an edit between
+    ``before`` and ``measure`` is seen), the model keeps its fp32 bits, and scores that bf16 represents exactly are
+    the same as on the model itself."""
+    tok = make_tokenizer()
+    unedited = {"is": {"paris": 5.0, "berlin": 6.0}, "speaks": {"french": 2.0}}
+    model = bigram(tok, unedited)
+    bits = model.table.detach().clone()
+    on_copy = suite_from_mapping({"gates": [{"gate": "toy", "max_batch": 4}, EDITS], "bisect": True, "precision": "bfloat16"})
+    on_model = suite({"gate": "toy", "max_batch": 4}, EDITS)
+    assert on_copy.params()["precision"] == "bfloat16" and on_model.params()["precision"] == "model"
+
+    on_copy.on_base(model, tok)
+    on_copy.on_production(model, tok, [])
+    before = on_copy.before(model, tok, [REQ])
+    with torch.no_grad():  # the edit: "is" now prefers rome
+        model.table[tok.convert_tokens_to_ids("is"), tok.convert_tokens_to_ids("rome")] = 7.0
+    edited = model.table.detach().clone()
+    report = on_copy.measure(model, tok, [REQ], [], before)
+
+    copies = ToyGate.seen
+    assert len(copies) == 4 and all(m is not model and m.table.dtype == torch.bfloat16 for m in copies)
+    assert len({id(m) for m in copies}) == 4  # one copy per hook: none outlives a change of the model
+    assert torch.equal(copies[2].table.float(), bits) and torch.equal(copies[3].table.float(), edited)
+    assert model.table.dtype == torch.float32 and torch.equal(model.table.detach(), edited)
+    assert report.metrics["efficacy"] == 1.0 and report.metrics["specificity_drop"] == pytest.approx(0.5)
+
+    ToyGate.seen.clear()
+    unedited_model = bigram(tok, unedited)
+    same = on_model.measure(model, tok, [REQ], [], on_model.before(unedited_model, tok, [REQ]))
+    assert ToyGate.seen == [unedited_model, model]  # "model": the models themselves
+    assert {k: report.metrics[k] for k in ("efficacy", "generalization", "specificity", "specificity_drop")} == {
+        k: same.metrics[k] for k in ("efficacy", "generalization", "specificity", "specificity_drop")
+    }
 
 
 def test_a_gate_not_registered_is_an_error_listing_the_registered_ones(tmp_path):

@@ -21,9 +21,10 @@ from torch import nn
 from editing.base import EditError, Editor, linear_update, register
 from editing.finetune import model_device, target_batch
 from editing.hooks import frozen, start_at_block, swapped
-from editing.stem import FrozenCopy, LowPrecisionStem, low_precision
+from editing.stem import FrozenCopy, LowPrecisionStem
 from kedit.core.arch import ArchSpec, spec_for
 from kedit.core.facts import EditRequest
+from kedit.core.precision import low_precision
 
 from .files import load_network, save_network
 from .gradients import gradient_factors, kept, target_nll

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +15,7 @@ from pydantic import Field
 from kedit.core.config import ConfigError, Seq, StrictConfig, flatten, from_mapping, read_yaml
 from kedit.core.facts import EditRequest
 from kedit.core.paths import project_data_dir
+from kedit.core.precision import Precision, low_precision, low_precision_copy
 
 from .base import GATES, Gate, GateReport, GateResult, Step, round_sig
 
@@ -43,6 +45,11 @@ class GatesFile(StrictConfig):
     # this share of each of them already is held back, not quarantined, and the stream stops: the budget is
     # spent, and every further fact would fail it too. Absent or null: such a fact is quarantined like any.
     spent_at: Annotated[float, Field(gt=0, le=1)] | None = None
+    # What the gates score on: "model" (the model itself), or a copy made per hook in a lower precision ("auto":
+    # bfloat16 where its matmuls are native; kedit/core/precision.py). Every hook, the base's baselines included,
+    # scores on the same kind of copy, so what is compared was measured alike; the model and its versions keep
+    # their own precision (docs/benchmarks.md, "The gates on a bf16 copy").
+    precision: Precision = "model"
 
 
 def default_gates_path() -> Path:
@@ -68,7 +75,7 @@ def suite_from_mapping(data: Any, source: str = "<dict>") -> GateSuite:
     for i, name in enumerate(names):
         if name in names[:i]:
             raise ConfigError(f"{source}: gates[{i}]: gate {name!r} is listed twice (its metrics would collide)")
-    return GateSuite(gates, top.bisect, source, top.spent_at)
+    return GateSuite(gates, top.bisect, source, top.spent_at, top.precision)
 
 
 def _build(entry: dict[str, Any], i: int, source: str) -> Gate:
@@ -94,11 +101,19 @@ def fact_outcomes(step: Step) -> dict[str, dict[str, Any]]:
 class GateSuite:
     """The gates of one file, with the baselines they keep; one per stream."""
 
-    def __init__(self, gates: Sequence[Gate], bisect: bool, source: str = "<dict>", spent_at: float | None = None):
+    def __init__(
+        self,
+        gates: Sequence[Gate],
+        bisect: bool,
+        source: str = "<dict>",
+        spent_at: float | None = None,
+        precision: Precision = "model",
+    ):
         self.gates = list(gates)
         self.bisect = bisect
         self.source = source
         self.spent_at = spent_at
+        self.precision = precision
 
     @property
     def names(self) -> list[str]:
@@ -107,37 +122,48 @@ class GateSuite:
     def params(self) -> dict[str, Any]:
         """Dotted settings for run parameters: ``edits.efficacy_min``, ``capability.max_regression.kedit_mc/acc``, bisect."""
         sections = {f"{g.name}.{k}": v for g in self.gates for k, v in flatten(g.cfg).items()}
-        return {"bisect": self.bisect, "spent_at": self.spent_at, **sections}
+        return {"bisect": self.bisect, "spent_at": self.spent_at, "precision": self.precision, **sections}
+
+    @contextmanager
+    def scored(self, model) -> Iterator[Any]:
+        """What a hook scores on: the model, or a copy of it as it is now in the suite's lower precision (made per
+        hook: the model changes between hooks, and a copy of it is 0.1 s on SmolLM2-135M)."""
+        dtype = low_precision(self.precision, model)
+        yield model if dtype is None else low_precision_copy(model, dtype)
 
     def on_base(self, model, tok) -> None:
-        for g in self.gates:
-            g.on_base(model, tok)
+        with self.scored(model) as m:
+            for g in self.gates:
+                g.on_base(m, tok)
 
     def on_production(self, model, tok, earlier: Sequence[EditRequest]) -> None:
-        for g in self.gates:
-            g.on_production(model, tok, earlier)
+        with self.scored(model) as m:
+            for g in self.gates:
+                g.on_production(m, tok, earlier)
 
     def before(self, model, tok, batch: Sequence[EditRequest]) -> dict[str, Any]:
         """Each gate's measurement just before the edit, by gate name; hand it back to ``measure``."""
-        return {g.name: g.before(model, tok, batch) for g in self.gates}
+        with self.scored(model) as m:
+            return {g.name: g.before(m, tok, batch) for g in self.gates}
 
     def measure(
         self, model, tok, batch: Sequence[EditRequest], earlier: Sequence[EditRequest], before: Mapping[str, Any]
     ) -> GateReport:
-        """Every gate on the current (edited) model, timed per gate."""
-        step = Step(model, tok, batch, earlier)
+        """Every gate on the current (edited) model, timed per gate (the first gate's time includes the copy)."""
         results: list[GateResult] = []
         metrics: dict[str, float] = {}
         seconds: dict[str, float] = {}
         holding: list[str] = []
-        for g in self.gates:
-            t = time.perf_counter()
-            out = g.measure(step, before.get(g.name))
-            seconds[g.name] = time.perf_counter() - t
-            results += out.results
-            metrics |= out.metrics
-            holding += out.holding
-        return GateReport(results, metrics, seconds, holding, fact_outcomes(step))
+        t = time.perf_counter()
+        with self.scored(model) as m:
+            step = Step(m, tok, batch, earlier)
+            for g in self.gates:
+                out = g.measure(step, before.get(g.name))
+                seconds[g.name], t = time.perf_counter() - t, time.perf_counter()
+                results += out.results
+                metrics |= out.metrics
+                holding += out.holding
+            return GateReport(results, metrics, seconds, holding, fact_outcomes(step))
 
     def on_accept(self, report: GateReport) -> None:
         for g in self.gates:
@@ -160,6 +186,7 @@ class GateSuite:
     def on_end(self, model, tok, earlier: Sequence[EditRequest]) -> dict[str, float]:
         """Each gate's last check on the production model when the stream ends, merged."""
         out: dict[str, float] = {}
-        for g in self.gates:
-            out |= g.on_end(model, tok, earlier)
+        with self.scored(model) as m:
+            for g in self.gates:
+                out |= g.on_end(m, tok, earlier)
         return out
