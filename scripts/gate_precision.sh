@@ -1,0 +1,33 @@
+#!/bin/bash
+# The gates' share of a step in batches of 10, scoring the model itself (precision: model) against a bf16 copy
+# (precision: auto, data/gates/long.yaml as shipped): the same N facts of CounterFact's edit split through the full
+# flow, one stream after the other. Run it with nothing else on the machine. The streams' per-attempt timings land in
+# OUT/gateprec_{model,auto}_steps.jsonl, the bench results in OUT/gateprec_{model,auto}.json, and a table is printed.
+# usage: scripts/gate_precision.sh OUT [EDITOR] [N]
+set -euo pipefail
+OUT=$1; EDITOR=${2:-alphaedit}; N=${3:-100}
+DATA=../shared/data/counterfact/counterfact-edit.easyedit.json
+mkdir -p "$OUT"
+SCRATCH=$(mktemp -d)
+trap 'rm -rf "$SCRATCH"' EXIT
+sed 's/^precision: auto$/precision: model/' data/gates/long.yaml > "$SCRATCH/long_model.yaml"
+grep -q '^precision: model$' "$SCRATCH/long_model.yaml"
+for P in model auto; do
+  GATES=data/gates/long.yaml; [ "$P" = model ] && GATES="$SCRATCH/long_model.yaml"
+  kedit bench stream --data "$DATA" --n "$N" --batch-size 10 --editor "$EDITOR" --threads 2 --gates "$GATES" \
+      --work-dir "$SCRATCH/$P" --json "$OUT/gateprec_$P.json" > "$SCRATCH/$P.log" 2>&1 \
+      || { tail -20 "$SCRATCH/$P.log" >&2; exit 1; }
+  cp "$SCRATCH/$P/work/steps.jsonl" "$OUT/gateprec_${P}_steps.jsonl"
+done
+python3 - "$OUT" << 'PY'
+import json, sys
+out = sys.argv[1]
+for p in ("model", "auto"):
+    print(f"precision: {p}")
+    for line in open(f"{out}/gateprec_{p}_steps.jsonl"):
+        s = json.loads(line)
+        gates = sum(v for k, v in s.items() if k.startswith("gate:"))
+        parts = " ".join(f"{k[5:]} {v:.2f}" for k, v in s.items() if k.startswith("gate:"))
+        print(f"  {s['attempt']:>16} n={s['n']:>2} {s['verdict']:>9}  edit {s['edit']:5.1f} s  gates {gates:5.2f} s"
+              f"  wall {s['wall']:5.1f} s  share {gates / s['wall']:6.1%}  ({parts})")
+PY
