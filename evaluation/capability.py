@@ -72,6 +72,7 @@ class CapabilitySuite:
         self._loaded = self._load(self.task_specs)  # lm-eval TaskDict: {"tasks", "groups", "group_map"}
         self._lm = None
         self._lm_for: tuple[Any, Any] | None = None  # (model, tokenizer) the wrapper was built for
+        self._tok: tuple[Any, Any] | None = None  # (the caller's tokenizer, the copy HFLM is given)
 
     # ------------------------------------------------------------------ building tasks
 
@@ -195,8 +196,12 @@ class CapabilitySuite:
         import torch
         from lm_eval.models.huggingface import HFLM
 
-        # HFLM sets a missing pad token on the tokenizer it is given; keep the caller's tokenizer untouched
-        tok = copy.deepcopy(tokenizer)
+        # HFLM sets a missing pad token on the tokenizer it is given; keep the caller's tokenizer untouched. One copy
+        # per caller's tokenizer: gates that score a fresh low-precision copy of the model build an HFLM every step,
+        # and a tokenizer's deepcopy is 0.1 s of it (SmolLM2)
+        if self._tok is None or self._tok[0] is not tokenizer:
+            self._tok = (tokenizer, copy.deepcopy(tokenizer))
+        tok = self._tok[1]
         with _quiet_lm_eval(logging.ERROR), _no_retie(model):
             self._lm = HFLM(
                 pretrained=model,  # kept by reference: HFLM neither copies nor moves a model instance
