@@ -2,7 +2,8 @@
 # The gates' share of a step in batches of 10, scoring the model itself (precision: model) against a bf16 copy
 # (precision: auto, data/gates/long.yaml as shipped): the same N facts of CounterFact's edit split through the full
 # flow, one stream after the other. Run it with nothing else on the machine. The streams' per-attempt timings land in
-# OUT/gateprec_{model,auto}_steps.jsonl, the bench results in OUT/gateprec_{model,auto}.json, and a table is printed.
+# OUT/gateprec_{model,auto}_steps.jsonl, the bench results in OUT/gateprec_{model,auto}.json, and the tables are
+# printed (scripts/gate_precision_table.py OUT).
 # usage: scripts/gate_precision.sh OUT [EDITOR] [N]
 set -euo pipefail
 OUT=$1; EDITOR=${2:-alphaedit}; N=${3:-100}
@@ -19,15 +20,4 @@ for P in model auto; do
       || { tail -20 "$SCRATCH/$P.log" >&2; exit 1; }
   cp "$SCRATCH/$P/work/steps.jsonl" "$OUT/gateprec_${P}_steps.jsonl"
 done
-python3 - "$OUT" << 'PY'
-import json, sys
-out = sys.argv[1]
-for p in ("model", "auto"):
-    print(f"precision: {p}")
-    for line in open(f"{out}/gateprec_{p}_steps.jsonl"):
-        s = json.loads(line)
-        gates = sum(v for k, v in s.items() if k.startswith("gate:"))
-        parts = " ".join(f"{k[5:]} {v:.2f}" for k, v in s.items() if k.startswith("gate:"))
-        print(f"  {s['attempt']:>16} n={s['n']:>2} {s['verdict']:>9}  edit {s['edit']:5.1f} s  gates {gates:5.2f} s"
-              f"  wall {s['wall']:5.1f} s  share {gates / s['wall']:6.1%}  ({parts})")
-PY
+python3 scripts/gate_precision_table.py "$OUT"
