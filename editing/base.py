@@ -60,6 +60,8 @@ class Editor(ABC):
     trains: ClassVar[str | None] = None  # the asset this method trains itself (kedit train NAME), if any
     # whether its per-fact targets can be looked up and shared (editing/exchange.py): set ``exchange`` to use it
     shares_targets: ClassVar[bool] = False
+    # whether its edits install memories (modules that answer some inputs from their own store: kedit.core.routing)
+    installs_memories: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, tokenizer, hparams=None):
         self.model = model

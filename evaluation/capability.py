@@ -70,8 +70,6 @@ class CapabilitySuite:
         self.include_paths = tuple(Path(p).expanduser().resolve() for p in include_paths)
         self.task_specs = tuple(str(t) for t in tasks)
         self._loaded = self._load(self.task_specs)  # lm-eval TaskDict: {"tasks", "groups", "group_map"}
-        self._lm = None
-        self._lm_for: tuple[Any, Any] | None = None  # (model, tokenizer) the wrapper was built for
         self._tok: tuple[Any, Any] | None = None  # (the caller's tokenizer, the copy HFLM is given)
 
     # ------------------------------------------------------------------ building tasks
@@ -189,30 +187,25 @@ class CapabilitySuite:
         return {**self._loaded, "tasks": tasks}
 
     def _wrapper(self, model, tokenizer):
-        """One HFLM per (model, tokenizer) object: it holds the model by reference, so in-place edits show."""
-        if self._lm is not None and self._lm_for is not None:
-            if self._lm_for[0] is model and self._lm_for[1] is tokenizer:
-                return self._lm
+        """An HFLM around the model as it is, built per evaluation (0.05 s on SmolLM2 once the tokenizer's copy is
+        kept): it holds the model by reference, and a wrapper kept between evaluations would keep alive a model
+        the caller has let go (the gates' per-hook low-precision copies)."""
         import torch
         from lm_eval.models.huggingface import HFLM
 
         # HFLM sets a missing pad token on the tokenizer it is given; keep the caller's tokenizer untouched. One copy
-        # per caller's tokenizer: gates that score a fresh low-precision copy of the model build an HFLM every step,
-        # and a tokenizer's deepcopy is 0.1 s of it (SmolLM2)
+        # per caller's tokenizer: a tokenizer's deepcopy is 0.1 s (SmolLM2), twice an HFLM's own building
         if self._tok is None or self._tok[0] is not tokenizer:
             self._tok = (tokenizer, copy.deepcopy(tokenizer))
-        tok = self._tok[1]
         with _quiet_lm_eval(logging.ERROR), _no_retie(model):
-            self._lm = HFLM(
+            return HFLM(
                 pretrained=model,  # kept by reference: HFLM neither copies nor moves a model instance
-                tokenizer=tok,
+                tokenizer=self._tok[1],
                 backend="causal",
                 batch_size=self.batch_size,
                 # bf16 log-softmax visibly rounds perplexities; the model's own dtype is left as it is
                 softmax_dtype=torch.float32,
             )
-        self._lm_for = (model, tokenizer)
-        return self._lm
 
 
 # ---------------------------------------------------------------------------- helpers

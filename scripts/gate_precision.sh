@@ -4,16 +4,18 @@
 # flow, one stream after the other. Run it with nothing else on the machine. The streams' per-attempt timings land in
 # OUT/gateprec_{model,auto}_steps.jsonl, the bench results in OUT/gateprec_{model,auto}.json, and the tables are
 # printed (scripts/gate_precision_table.py OUT).
-# usage: scripts/gate_precision.sh OUT [EDITOR] [N]
+# ORDER: which stream runs first ("model auto" or "auto model"): a machine's speed drifts, so run both orders.
+# usage: scripts/gate_precision.sh OUT [EDITOR] [N] [ORDER]
 set -euo pipefail
-OUT=$1; EDITOR=${2:-alphaedit}; N=${3:-100}
+OUT=$(realpath -m "$1"); EDITOR=${2:-alphaedit}; N=${3:-100}; ORDER=${4:-model auto}
+cd "$(dirname "$0")/.."  # the paths below are the repository's
 DATA=../shared/data/counterfact/counterfact-edit.easyedit.json
 mkdir -p "$OUT"
 SCRATCH=$(mktemp -d)
 trap 'rm -rf "$SCRATCH"' EXIT
-sed 's/^precision: auto$/precision: model/' data/gates/long.yaml > "$SCRATCH/long_model.yaml"
-grep -q '^precision: model$' "$SCRATCH/long_model.yaml"
-for P in model auto; do
+sed 's/^precision: auto\b/precision: model/' data/gates/long.yaml > "$SCRATCH/long_model.yaml"
+grep -q '^precision: model' "$SCRATCH/long_model.yaml" || { echo "data/gates/long.yaml has no top-level 'precision: auto'" >&2; exit 1; }
+for P in $ORDER; do
   GATES=data/gates/long.yaml; [ "$P" = model ] && GATES="$SCRATCH/long_model.yaml"
   kedit bench stream --data "$DATA" --n "$N" --batch-size 10 --editor "$EDITOR" --threads 2 --gates "$GATES" \
       --work-dir "$SCRATCH/$P" --json "$OUT/gateprec_$P.json" > "$SCRATCH/$P.log" 2>&1 \

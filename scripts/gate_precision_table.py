@@ -15,28 +15,42 @@ def steps(out: Path, p: str) -> list[dict]:
     return [json.loads(line) for line in (out / f"gateprec_{p}_steps.jsonl").read_text().splitlines()]
 
 
+def gate_seconds(step: dict) -> float:
+    return sum(v for k, v in step.items() if k.startswith("gate:"))
+
+
+def fmt(x) -> str:
+    return "–" if x is None else f"{x:.4g}"
+
+
 def main(out: Path) -> None:
-    runs = {p: steps(out, p) for p in ("model", "auto")}
+    runs = {p: {s["attempt"]: s for s in steps(out, p)} for p in ("model", "auto")}
     print("| attempt | facts | verdict (model / auto) | edit s | gates s, model | share | gates s, bf16 copy | share |")
     print("|---|---:|---|---:|---:|---:|---:|---:|")
-    for m, a in zip(runs["model"], runs["auto"], strict=True):
-        gm = sum(v for k, v in m.items() if k.startswith("gate:"))
-        ga = sum(v for k, v in a.items() if k.startswith("gate:"))
-        verdict = m["verdict"] if m["verdict"] == a["verdict"] else f"{m['verdict']} / {a['verdict']}"
-        print(
-            f"| {m['attempt']} | {m['n']} | {verdict} | {m['edit']:.1f} / {a['edit']:.1f} | {gm:.2f} | {gm / m['wall']:.1%}"
-            f" | {ga:.2f} | {ga / a['wall']:.1%} |"
-        )
+    for name in dict.fromkeys([*runs["model"], *runs["auto"]]):  # both streams' attempts, in order, matched by name
+        m, a = runs["model"].get(name), runs["auto"].get(name)
+        one = m or a
+        verdict = " / ".join(x["verdict"] if x else "–" for x in (m, a))
+        if m and a and m["verdict"] == a["verdict"]:
+            verdict = m["verdict"]
+        edit = " / ".join(f"{x['edit']:.1f}" if x else "–" for x in (m, a))
+        cells = [f"{gate_seconds(x):.2f} | {gate_seconds(x) / x['wall']:.1%}" if x else "– | –" for x in (m, a)]
+        print(f"| {name} | {one['n']} | {verdict} | {edit} | {cells[0]} | {cells[1]} |")
     for p, rows in runs.items():
-        big = [r for r in rows if r["n"] == 10]
-        parts = {k: sum(r[k] for r in big) / len(big) for k in big[0] if k.startswith("gate:")}
-        print(f"{p}: batches of 10, mean gate seconds " + ", ".join(f"{k[5:]} {v:.2f}" for k, v in parts.items()))
+        big = [r for r in rows.values() if r["n"] == max(x["n"] for x in rows.values())]
+        parts = {k: sum(r.get(k, 0.0) for r in big) / len(big) for k in big[0] if k.startswith("gate:")}
+        means = ", ".join(f"{k[5:]} {v:.2f}" for k, v in parts.items())
+        print(f"{p}: the {big[0]['n']}-fact batches, mean gate seconds {means}")
     results = {p: json.loads((out / f"gateprec_{p}.json").read_text()) for p in ("model", "auto")}
     print(f"stream seconds: model {results['model']['total_s']:.0f}, auto {results['auto']['total_s']:.0f}")
-    for vm, va in zip(results["model"]["versions"], results["auto"]["versions"], strict=True):
-        diff = {k: (vm[k], va.get(k)) for k in vm if k != "version" and vm[k] != va.get(k)}
-        shown = ", ".join(f"{k} {x:.4g} / {y:.4g}" for k, (x, y) in diff.items())
-        print(f"v{vm['version']} ({vm['n_edits']} edits): " + (shown or "every gate metric equal"))
+    versions = {p: {v["version"]: v for v in r["versions"]} for p, r in results.items()}
+    for name in dict.fromkeys([*versions["model"], *versions["auto"]]):
+        vm, va = versions["model"].get(name, {}), versions["auto"].get(name, {})
+        keys = [k for k in dict.fromkeys([*vm, *va]) if k != "version"]
+        diff = {k: (vm.get(k), va.get(k)) for k in keys if vm.get(k) != va.get(k)}
+        shown = ", ".join(f"{k} {fmt(x)} / {fmt(y)}" for k, (x, y) in diff.items())
+        edits = (vm or va).get("n_edits")
+        print(f"v{name} ({edits} edits): " + (shown or "every gate metric equal"))
 
 
 if __name__ == "__main__":

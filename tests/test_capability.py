@@ -70,10 +70,11 @@ def test_project_tasks_load_from_any_cwd_and_respect_limit(tmp_path, monkeypatch
 def test_repeated_evaluate_rebuilds_requests_and_repeats_values(model, btok):
     suite = CapabilitySuite(["kedit_mc", "kedit_ppl"], limit=3, batch_size=8)
     first = suite.evaluate(model, btok)
-    lm = suite._lm
+    kept = suite._tok
     second = suite.evaluate(model, btok)
     assert second.values == first.values and second.n_docs == first.n_docs
-    assert suite._lm is lm  # one wrapper per model
+    assert suite._tok is kept and kept[0] is btok and kept[1] is not btok  # one copy of the caller's tokenizer
+    assert not any(isinstance(v, torch.nn.Module) for v in vars(suite).values())  # no model kept between evaluations
     # requests are rebuilt per call, not appended: 4 choices x 3 documents, each answered once
     instances = suite._loaded["tasks"]["kedit_mc"].instances
     assert len(instances) == 12 and all(len(i.resps) == 1 for i in instances)
@@ -89,23 +90,20 @@ def test_lm_eval_draws_no_progress_bars_of_its_own(model, btok, capsys):
     assert not task.tqdm(range(1)).disable  # lm-eval's own tqdm is put back afterwards
 
 
-def test_in_place_edit_is_seen_without_rebuilding(model, btok):
+def test_in_place_edit_is_seen(model, btok):
     suite = CapabilitySuite(["kedit_ppl"], limit=2, batch_size=8)
     before = suite.evaluate(model, btok).values
-    lm = suite._lm
     original = model.lm_head.weight.detach().clone()
     with torch.no_grad():
         model.lm_head.weight.mul_(4.0)
     after = suite.evaluate(model, btok).values
-    assert suite._lm is lm
     assert abs(after["kedit_ppl/byte_perplexity"] - before["kedit_ppl/byte_perplexity"]) > 1e-3
     with torch.no_grad():
         model.lm_head.weight.copy_(original)
     assert suite.evaluate(model, btok).values == pytest.approx(before)
 
     other = tiny_llama(len(btok), seed=1, layers=2, init=0.2)
-    assert suite.evaluate(other, btok).values != pytest.approx(before)
-    assert suite._lm is not lm  # a new model object gets its own wrapper
+    assert suite.evaluate(other, btok).values != pytest.approx(before)  # a new model object is scored as itself
 
 
 def test_callers_model_and_tokenizer_are_left_as_they_were(model):
@@ -114,11 +112,11 @@ def test_callers_model_and_tokenizer_are_left_as_they_were(model):
     model.config.tie_word_embeddings = True  # as if an edit had untied the LM head of a tied model
     suite = CapabilitySuite(["kedit_ppl"], limit=1)
     suite.evaluate(model, tok)
-    assert suite._lm.model is model  # wrapped by reference, not copied
     assert tok.pad_token is None  # HFLM would set one on the tokenizer it is given
     assert model.training
     assert model.lm_head.weight is not model.model.embed_tokens.weight  # HFLM's tie_weights() would re-tie them
     assert "tie_weights" not in vars(model)
+    assert suite._wrapper(model, tok).model is model  # wrapped by reference, not copied
 
 
 def test_unknown_task_is_one_clear_line(tmp_path):

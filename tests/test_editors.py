@@ -19,6 +19,7 @@ from editing.targets import optimize_targets
 from kedit.core.config import ConfigError, StrictConfig
 from kedit.core.facts import EditRequest
 from kedit.core.lm import score_targets
+from kedit.core.routing import routers
 
 CORPUS = Corpus(
     "test",
@@ -185,6 +186,8 @@ def test_editor_contract(name, dtype, tmp_path):
     # an installed module's own tensors are the model's dtype, or fp32 where they count (a bf16 257 is 256)
     assert all(edited[k].dtype in (dtype, torch.float32) for k in set(edited) - set(before))
     installed = patches.modules.describe()["paths"]
+    # the class says whether its edits install memories: a stream refuses to gate such a model on a rounded copy
+    assert bool(routers(model)) == type(editor).installs_memories
 
     def inside(k):
         return any(k.startswith(p + ".") for p in installed)

@@ -79,6 +79,7 @@ def test_the_shipped_files_keep_their_thresholds():
         "capability.full_every": 10,
         "capability.detect": 0.3,
     }
+    assert load_gates(project_data_dir() / "gates" / "long.yaml").precision == "auto"  # docs: "The gates on a bf16 copy"
     demo = load_gates(project_data_dir() / "gates" / "demo.yaml").params()
     # the demo logs paraphrases and neighbours without enforcing them; everything else is the default
     assert demo == {**params, "edits.generalization_min": None, "edits.specificity_max_drop": None}
@@ -111,6 +112,7 @@ def test_the_shipped_files_keep_their_thresholds():
         ({"gates": [EDITS], "bisect": True, "spent_at": 1.5}, "spent_at: "),
         ({"gates": [EDITS], "bisect": True, "spent_at": 0}, "spent_at: "),
         ({"gates": [EDITS], "bisect": True, "precision": "bf16"}, "precision: "),
+        ({"gates": [EDITS], "bisect": True, "precision": "float16"}, "precision: "),  # overflows on some models
     ],
 )
 def test_bad_gate_files_name_the_file_and_the_key(tmp_path, data, message):
@@ -398,6 +400,32 @@ def test_gates_in_a_lower_precision_score_a_fresh_copy_and_leave_the_model_as_it
     assert {k: report.metrics[k] for k in ("efficacy", "generalization", "specificity", "specificity_drop")} == {
         k: same.metrics[k] for k in ("efficacy", "generalization", "specificity", "specificity_drop")
     }
+
+
+class _Memory(torch.nn.Module):
+    """An installed memory as kedit.core.routing sees one: it routes and counts."""
+
+    def routed(self, x):
+        return torch.zeros(x.shape[:-1], dtype=torch.bool)
+
+    def n_entries(self):
+        return 257  # not a bfloat16 number
+
+
+def test_gates_refuse_a_rounded_copy_of_a_model_with_installed_memories():
+    """A memory's keys, radii and counts decide by margins rounding moves: with a lower precision the suite refuses a
+    memory editor at the stream's start, and a model that has memories installed at any hook; ``model`` scores it."""
+    tok = make_tokenizer()
+    model = bigram(tok, {"is": {"rome": 5.0}})
+    lowered = suite_from_mapping({"gates": [EDITS], "bisect": True, "precision": "bfloat16"}, "g.yaml")
+    lowered.refuse_memories(None, model)  # no memory yet, none announced: fine
+    with pytest.raises(ConfigError, match=r"g.yaml: precision: bfloat16 .* grace installs memories"):
+        lowered.refuse_memories("grace", model)
+    suite(EDITS).refuse_memories("grace", model)  # scored as it is: nothing to refuse
+    model.add_module("memory", _Memory())
+    with pytest.raises(ConfigError, match=r"installed memories \(memory\).*use precision: model"):
+        lowered.before(model, tok, [REQ])
+    assert suite(EDITS).before(model, tok, [REQ]) == {"edits": 0.0}  # scored on the model itself
 
 
 def test_a_gate_not_registered_is_an_error_listing_the_registered_ones(tmp_path):

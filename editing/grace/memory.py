@@ -61,6 +61,8 @@ class CodebookEditor(Editor):
     Its state is which fact (``slots``) and which target (``labels``) each entry holds, hashed, innermost
     codebook first: saved with every version, it is what a later stream resumes from."""
 
+    installs_memories = True
+
     def __init__(self, model, tokenizer, hparams=None):
         super().__init__(model, tokenizer, hparams)
         self.slots = torch.zeros(0, dtype=torch.int64)  # (n,)

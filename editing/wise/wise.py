@@ -84,6 +84,7 @@ def _seed(base: int, merged_edits: int, shard: int) -> int:
 class WISE(Editor):
     name = "wise"
     hparams_cls = WISEHyperParams
+    installs_memories = True
     method_dir = Path(__file__).parent
 
     assets = ("corpus",)  # unrelated passages the router must leave alone; None: text the model generates

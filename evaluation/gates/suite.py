@@ -8,14 +8,15 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
 from kedit.core.config import ConfigError, Seq, StrictConfig, flatten, from_mapping, read_yaml
 from kedit.core.facts import EditRequest
 from kedit.core.paths import project_data_dir
-from kedit.core.precision import Precision, low_precision, low_precision_copy
+from kedit.core.precision import low_precision, low_precision_copy
+from kedit.core.routing import routers
 
 from .base import GATES, Gate, GateReport, GateResult, Step, round_sig
 
@@ -48,8 +49,9 @@ class GatesFile(StrictConfig):
     # What the gates score on: "model" (the model itself), or a copy made per hook in a lower precision ("auto":
     # bfloat16 where its matmuls are native; kedit/core/precision.py). Every hook, the base's baselines included,
     # scores on the same kind of copy, so what is compared was measured alike; the model and its versions keep
-    # their own precision (docs/benchmarks.md, "The gates on a bf16 copy").
-    precision: Precision = "model"
+    # their own precision (docs/benchmarks.md, "The gates on a bf16 copy"). Not float16: its range overflows on
+    # some models (Gemma), and a NaN metric is a check not made. Not with installed memories (``scored``).
+    precision: Literal["model", "auto", "bfloat16"] = "model"
 
 
 def default_gates_path() -> Path:
@@ -107,7 +109,7 @@ class GateSuite:
         bisect: bool,
         source: str = "<dict>",
         spent_at: float | None = None,
-        precision: Precision = "model",
+        precision: str = "model",
     ):
         self.gates = list(gates)
         self.bisect = bisect
@@ -124,12 +126,33 @@ class GateSuite:
         sections = {f"{g.name}.{k}": v for g in self.gates for k, v in flatten(g.cfg).items()}
         return {"bisect": self.bisect, "spent_at": self.spent_at, "precision": self.precision, **sections}
 
+    def lowered(self, model) -> Any:
+        """The dtype the gates score ``model`` in when it is not the model's own (None: the model itself)."""
+        return low_precision(self.precision, model)
+
+    def refuse_memories(self, installs: str | None, model) -> None:
+        """Raise if the gates would score a lower-precision copy of a model that ``installs`` (a memory editor's name;
+        None: the model's installed memories as they are) puts memories in: their keys, radii and counts decide by
+        margins the copy's rounding moves (a WISE count of 257 is not a bfloat16 number), so the gates would judge
+        another router than the one production serves."""
+        if self.lowered(model) is None or not (installs or routers(model)):
+            return
+        what = f"{installs} installs memories" if installs else f"the model has installed memories ({', '.join(routers(model))})"
+        raise ConfigError(
+            f"{self.source}: precision: {self.precision} scores a lower-precision copy, but {what}, whose keys and "
+            "radii decide by margins the copy's rounding moves; use precision: model"
+        )
+
     @contextmanager
     def scored(self, model) -> Iterator[Any]:
         """What a hook scores on: the model, or a copy of it as it is now in the suite's lower precision (made per
         hook: the model changes between hooks, and a copy of it is 0.1 s on SmolLM2-135M)."""
-        dtype = low_precision(self.precision, model)
-        yield model if dtype is None else low_precision_copy(model, dtype)
+        dtype = self.lowered(model)
+        if dtype is None:
+            yield model
+            return
+        self.refuse_memories(None, model)
+        yield low_precision_copy(model, dtype)
 
     def on_base(self, model, tok) -> None:
         with self.scored(model) as m:
