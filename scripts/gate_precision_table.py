@@ -1,7 +1,8 @@
 """The tables of scripts/gate_precision.sh from its outputs: each attempt's edit and gate seconds on the model and on
 the bf16 copy, and what the two streams' gates read at each version (where they differ).
 
-usage: python scripts/gate_precision_table.py OUT
+usage: python scripts/gate_precision_table.py OUT [PREFIX]   (PREFIX: gateprec_ as the script writes them; the copies in
+docs/ are bench_gateprec_ and bench_gateprec_rev_)
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import sys
 from pathlib import Path
 
 
-def steps(out: Path, p: str) -> list[dict]:
-    return [json.loads(line) for line in (out / f"gateprec_{p}_steps.jsonl").read_text().splitlines()]
+def steps(out: Path, p: str, prefix: str) -> list[dict]:
+    return [json.loads(line) for line in (out / f"{prefix}{p}_steps.jsonl").read_text().splitlines()]
 
 
 def gate_seconds(step: dict) -> float:
@@ -23,8 +24,8 @@ def fmt(x) -> str:
     return "–" if x is None else f"{x:.4g}"
 
 
-def main(out: Path) -> None:
-    runs = {p: {s["attempt"]: s for s in steps(out, p)} for p in ("model", "auto")}
+def main(out: Path, prefix: str = "gateprec_") -> None:
+    runs = {p: {s["attempt"]: s for s in steps(out, p, prefix)} for p in ("model", "auto")}
     print("| attempt | facts | verdict (model / auto) | edit s | gates s, model | share | gates s, bf16 copy | share |")
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     for name in dict.fromkeys([*runs["model"], *runs["auto"]]):  # both streams' attempts, in order, matched by name
@@ -41,7 +42,7 @@ def main(out: Path) -> None:
         parts = {k: sum(r.get(k, 0.0) for r in big) / len(big) for k in big[0] if k.startswith("gate:")}
         means = ", ".join(f"{k[5:]} {v:.2f}" for k, v in parts.items())
         print(f"{p}: the {big[0]['n']}-fact batches, mean gate seconds {means}")
-    results = {p: json.loads((out / f"gateprec_{p}.json").read_text()) for p in ("model", "auto")}
+    results = {p: json.loads((out / f"{prefix}{p}.json").read_text()) for p in ("model", "auto")}
     print(f"stream seconds: model {results['model']['total_s']:.0f}, auto {results['auto']['total_s']:.0f}")
     versions = {p: {v["version"]: v for v in r["versions"]} for p, r in results.items()}
     for name in dict.fromkeys([*versions["model"], *versions["auto"]]):
@@ -54,4 +55,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *sys.argv[2:3])
