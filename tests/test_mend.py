@@ -160,6 +160,9 @@ def test_training_lowers_the_edit_loss_and_raises_edit_success_on_held_out_facts
     # after-target KL (its own test below): the reference's losses
     over = {"layers": (2, 3), "network.rank": 16, **TRAIN, "train.steps": 150, "train.val_every": 50}
     over |= {"train.negatives": 0, "train.after_target": False}
+    # the edit rates at the maps' rate, as in the reference (and the presets): at TRAIN's ten times that rate, this
+    # training's locality came out at 2 of 6 on one machine's fresh install and above 0.8 on others (a fragile point)
+    over["train.lr_lr"] = over["train.lr"]
     hp = MEND.preset(model, over)
     spec = spec_for(model)
     net = MEND.new_network(model, hp)
@@ -171,7 +174,7 @@ def test_training_lowers_the_edit_loss_and_raises_edit_success_on_held_out_facts
     assert progress.stopped in ("steps", "early") and progress.step >= 50
     assert after["val_edit_loss"] < 0.5 * before["val_edit_loss"]
     assert after["val_edit_success"] >= 0.5 > before["val_edit_success"]
-    assert after["val_loc_agreement"] >= 0.8
+    assert after["val_loc_agreement"] >= 0.8, after
 
 
 def test_the_after_target_kl_reads_the_position_after_each_new_target_and_only_moves_with_an_edit():
