@@ -13,13 +13,13 @@ storage moved): a stale copy cannot be used.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from kedit.core.arch import ArchSpec
+from kedit.core.precision import low_precision_copy
 
 from .hooks import capture, output_kind, stop_before
 
@@ -81,9 +81,7 @@ class LowPrecisionStem:
         """The copy, rebuilt first if a weight it copies changed: take one per edit (the check walks the model)."""
         key = tuple((p.data_ptr(), p._version) for p in self._stem_params())
         if self._copy is None or key != self._key:
-            self._copy = copy.deepcopy(self.model).to(self.dtype).eval()
-            for p in self._copy.parameters():
-                p.requires_grad_(False)
+            self._copy = low_precision_copy(self.model, self.dtype)
             self._key = key
         dtype = next(self.model.parameters()).dtype
         return FrozenCopy(self._copy, self.spec, self.first, self.dtype, dtype)

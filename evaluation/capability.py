@@ -187,14 +187,13 @@ class CapabilitySuite:
         return {**self._loaded, "tasks": tasks}
 
     def _wrapper(self, model, tokenizer):
-        """An HFLM around the model as it is, built per evaluation (0.05 s on SmolLM2 once the tokenizer's copy is
-        kept): it holds the model by reference, and a wrapper kept between evaluations would keep alive a model
-        the caller has let go (the gates' per-hook low-precision copies)."""
+        """An HFLM around the model as it is, built per evaluation: it holds the model by reference, and a wrapper
+        kept between evaluations would keep alive a model the caller has let go (the gates' per-hook copies)."""
         import torch
         from lm_eval.models.huggingface import HFLM
 
         # HFLM sets a missing pad token on the tokenizer it is given; keep the caller's tokenizer untouched. One copy
-        # per caller's tokenizer: a tokenizer's deepcopy is 0.1 s (SmolLM2), twice an HFLM's own building
+        # per caller's tokenizer: a deepcopy of a real tokenizer costs more than building the HFLM
         if self._tok is None or self._tok[0] is not tokenizer:
             self._tok = (tokenizer, copy.deepcopy(tokenizer))
         with _quiet_lm_eval(logging.ERROR), _no_retie(model):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import weakref
 
 import pytest
 import torch
@@ -74,7 +76,12 @@ def test_repeated_evaluate_rebuilds_requests_and_repeats_values(model, btok):
     second = suite.evaluate(model, btok)
     assert second.values == first.values and second.n_docs == first.n_docs
     assert suite._tok is kept and kept[0] is btok and kept[1] is not btok  # one copy of the caller's tokenizer
-    assert not any(isinstance(v, torch.nn.Module) for v in vars(suite).values())  # no model kept between evaluations
+    other = tiny_llama(len(btok), seed=1, layers=2, init=0.2)
+    suite.evaluate(other, btok)
+    gone = weakref.ref(other)
+    del other
+    gc.collect()
+    assert gone() is None  # the suite keeps no model alive between evaluations (the gates' copies are let go)
     # requests are rebuilt per call, not appended: 4 choices x 3 documents, each answered once
     instances = suite._loaded["tasks"]["kedit_mc"].instances
     assert len(instances) == 12 and all(len(i.resps) == 1 for i in instances)

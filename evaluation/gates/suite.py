@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import torch
 from pydantic import Field
 
 from kedit.core.config import ConfigError, Seq, StrictConfig, flatten, from_mapping, read_yaml
@@ -126,7 +127,7 @@ class GateSuite:
         sections = {f"{g.name}.{k}": v for g in self.gates for k, v in flatten(g.cfg).items()}
         return {"bisect": self.bisect, "spent_at": self.spent_at, "precision": self.precision, **sections}
 
-    def lowered(self, model) -> Any:
+    def lowered(self, model) -> torch.dtype | None:
         """The dtype the gates score ``model`` in when it is not the model's own (None: the model itself)."""
         return low_precision(self.precision, model)
 
@@ -135,9 +136,12 @@ class GateSuite:
         None: the model's installed memories as they are) puts memories in: their keys, radii and counts decide by
         margins the copy's rounding moves (a WISE count of 257 is not a bfloat16 number), so the gates would judge
         another router than the one production serves."""
-        if self.lowered(model) is None or not (installs or routers(model)):
+        if self.lowered(model) is None:
             return
-        what = f"{installs} installs memories" if installs else f"the model has installed memories ({', '.join(routers(model))})"
+        installed = routers(model)
+        if not (installs or installed):
+            return
+        what = f"{installs} installs memories" if installs else f"the model has installed memories ({', '.join(installed)})"
         raise ConfigError(
             f"{self.source}: precision: {self.precision} scores a lower-precision copy, but {what}, whose keys and "
             "radii decide by margins the copy's rounding moves; use precision: model"

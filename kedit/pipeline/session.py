@@ -143,9 +143,10 @@ def open_session(cfg: StreamConfig) -> Opened:
     tracker = Tracker(cfg.tracking_uri)
     tracker.ensure_registered(registered, fingerprint, cfg.model)
 
-    gates.refuse_memories(cfg.editor if get_editor(cfg.editor).installs_memories else None, model)
+    editor_cls = get_editor(cfg.editor)
+    gates.refuse_memories(cfg.editor if editor_cls.installs_memories else None, model)
     gates.on_base(model, tokenizer)
-    assets = _assets(cfg) | trained_assets(tracker, get_editor(cfg.editor), registered, fingerprint)
+    assets = _assets(cfg) | trained_assets(tracker, editor_cls, registered, fingerprint)
     editor = make_editor(cfg.editor, model, tokenizer, cfg.overrides, assets=assets)
     with torch.no_grad():
         editor.prepare()  # statistics of the *base* model, so they are cached once per base
