@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from kedit.app.bench_federated import bench_federated, plan
+from kedit.app.bench_federated import bench_federated
 from kedit.app.tiny import CORPUS, train_tiny, write_jsonl
 from kedit.core.facts import EditRequest
+from kedit.pipeline.slots import plan
 
 SPEAKS = {"prompt": "{} speaks", "neighborhood": [{"prompt": "eve speaks", "answer": "english"}]}
 CAPITAL = {"prompt": "the capital of {} is", "neighborhood": [{"prompt": "the capital of italy is", "answer": "rome"}]}
@@ -38,7 +39,7 @@ def test_the_plan_splits_by_relation_and_shares_only_what_another_client_had_ear
 def test_spectral_groups_recover_planted_clusters_and_the_plan_deals_them_whole():
     import torch
 
-    from kedit.app.bench_federated import by_relation, spectral_groups
+    from kedit.pipeline.slots import by_relation, spectral_groups
 
     g = torch.Generator().manual_seed(0)
     centers = torch.eye(3, 16) * 5
@@ -55,8 +56,8 @@ def test_spectral_groups_recover_planted_clusters_and_the_plan_deals_them_whole(
 
 
 def test_by_cluster_partitions_the_facts_with_the_models_embeddings(setup):
-    from kedit.app.bench_federated import by_cluster
     from kedit.core.models import load_model
+    from kedit.pipeline.slots import by_cluster
 
     model, tok = load_model(str(setup[0]), "cpu")
     reqs = requests() * 3  # 12 rows: enough for a neighbour graph

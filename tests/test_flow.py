@@ -729,3 +729,53 @@ def test_federated_clients_stream_under_their_own_names_and_upload_each_version_
     assert len(edited_again) == 4 - b["skipped"]  # every fact v1 holds is skipped, never edited twice
     assert store.load(tmp / "mkv" / "b" / "slot-1").n == 2  # only what b optimized itself
     assert not list((tmp / "work-b").rglob("*.safetensors"))
+
+
+def test_federate_runs_each_clients_slot_as_its_own_stream_and_resumes_by_running_again(env):
+    """FLEKE's slots over one file: GOOD split by relation gives client0 dave and eve ("was born in"), client1
+    grace and frank (one fact each of two relations). Slot 0: client0 dave, client1 grace; slot 1: each its next
+    fact and the other's slot-0 fact, whose vector it reuses from the store instead of optimizing it."""
+    import dataclasses
+
+    from flows.federate import federate
+    from kedit.pipeline.config import FederationConfig
+    from kedit.store.mkv import MKVStore
+
+    tmp, config, kept = env
+    every = config(GOOD, batch_size=4, overrides=MEMIT_TINY, editor="memit", **LOOSE)
+    every = dataclasses.replace(every, client="client", mkv=str(tmp / "mkv"), work_dir=str(tmp / "fed"))
+    cfg = FederationConfig(every, clients=2, slots=2, own=1, shared=1)
+    result = federate(cfg)
+
+    feeds = tmp / "fed" / "federation"
+    subjects = {
+        f"{p.parent.name}/{p.stem}": [json.loads(x)["subject"] for x in p.read_text().splitlines()]
+        for p in feeds.rglob("*.jsonl")
+    }
+    assert subjects == {
+        "slot-0/client0": ["dave"],
+        "slot-0/client1": ["grace"],
+        "slot-1/client0": ["eve", "grace"],
+        "slot-1/client1": ["frank", "dave"],
+    }
+    rows = {(r["slot"], r["client"]): r for r in result["slots"]}
+    assert [rows[t, c]["facts"] for t in (0, 1) for c in ("client0", "client1")] == [1, 1, 2, 2]
+    assert [rows[t, c]["reused"] for t in (0, 1) for c in ("client0", "client1")] == [0, 0, 1, 1]
+    assert result["totals"]["reused_share_after_slot_0"] == 0.5
+    # every fact dealt ends in an accepted version (the gates are loose): held, or did not hold on the tiny model
+    assert all(r["accepted"] + r["did_not_hold"] == r["facts"] for r in result["slots"])
+    # each client is a registered model of its own, with its own production
+    assert sorted(name.rsplit("@", 1)[1] for name in result["production"]) == ["client0", "client1"]
+    assert all(result["production"].values())
+    # what a client uploaded is what its accepted attempts optimized, once (a retry alone optimizes again), and
+    # never a vector it reused: at least its own two facts, and the store holds exactly what was offered
+    store = MKVStore(tmp / "mkv")
+    uploaded = {c: sum(store.load(d).n for d in (tmp / "mkv" / c).iterdir()) for c in ("client0", "client1")}
+    assert uploaded == {c: sum(r["offered"] for r in result["slots"] if r["client"] == c) for c in uploaded}
+    assert min(uploaded.values()) >= 2
+
+    again = federate(cfg)  # the same feeds: every client's stream finds its facts on its chain
+    assert again["production"] == result["production"]
+    assert again["totals"]["accepted"] == 0 and again["totals"]["reused"] == 0
+    assert again["totals"]["skipped"] == result["totals"]["facts"] == 6  # each fact its chain settled, edited never again
+    assert {c: sum(store.load(d).n for d in (tmp / "mkv" / c).iterdir()) for c in ("client0", "client1")} == uploaded

@@ -218,3 +218,22 @@ def test_a_local_store_keeps_its_artifacts_beside_its_database_not_in_the_workin
     tracker.end_run(run)
     assert not (cwd / "mlruns").exists()
     assert [p.name for p in (tmp_path / "store" / "artifacts").rglob("x.json")] == ["x.json"]
+
+
+def test_a_federation_config_names_its_clients_and_refuses_what_cannot_be_a_federation(tmp_path):
+    from kedit.pipeline.config import FederationConfig, StreamConfig, StreamError
+
+    every = StreamConfig(feeds=("data.json",), model="m", client="tenant-", mkv=str(tmp_path / "mkv"), work_dir=str(tmp_path))
+    cfg = FederationConfig(every, clients=3, slots=2, own=1, shared=1)
+    one = cfg.client_stream(2, "slot-1/tenant-2.jsonl")
+    assert (one.client, one.feeds, one.mkv) == ("tenant-2", ("slot-1/tenant-2.jsonl",), every.mkv)
+    assert one.work_dir == str(tmp_path / "tenant-2")  # each client's lists and pending uploads in its own folder
+    bad = [
+        ({"stream": StreamConfig(feeds=("a.json", "b.json"), model="m", client="c", mkv="s")}, "one data file"),
+        ({"stream": StreamConfig(feeds=("a.json",), model="m")}, "share an MKV store"),
+        ({"stream": every, "clients": 1}, ">= 2 clients"),
+        ({"stream": every, "split": "random"}, "split must be one of relation, cluster"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(StreamError, match=message):
+            FederationConfig(**kwargs)

@@ -33,92 +33,11 @@ from tqdm import tqdm
 from kedit.app.bench import _cases, _corpus_file, editor_on, machine, resumed, save_json, with_code, worker_pool
 from kedit.core.facts import EditRequest
 from kedit.core.models import KNOWN_MODELS, pull
+from kedit.pipeline.slots import by_cluster, by_relation, plan
 
 log = logging.getLogger(__name__)
 
 MODES = ("alone", "federated", "central")
-
-
-SPLITS = ("relation", "cluster")
-
-
-def by_relation(reqs: list[EditRequest]) -> dict[str, list[EditRequest]]:
-    """The facts grouped by prompt template (CounterFact's stand-in for a relation)."""
-    groups: dict[str, list[EditRequest]] = {}
-    for r in reqs:
-        groups.setdefault(r.prompt, []).append(r)
-    return groups
-
-
-def embed(model, tokenizer, texts: list[str], batch: int = 64) -> torch.Tensor:
-    """(n, d) unit-normed sentence embeddings: the mean of the model's last hidden states over each text's tokens.
-    (FLEKE clusters ZsRE with a sentence encoder; none is reachable here, so the base model stands in.)"""
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch):
-            enc = tokenizer(texts[i : i + batch], return_tensors="pt", padding=True).to(next(model.parameters()).device)
-            hidden = model(**enc, output_hidden_states=True).hidden_states[-1].float()  # (b, T, d)
-            mask = enc["attention_mask"].unsqueeze(-1).float()  # (b, T, 1)
-            out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).cpu())
-    return torch.cat(out)
-
-
-def spectral_groups(embeddings: torch.Tensor, k: int, seed: int) -> list[int]:
-    """A cluster label per row: spectral clustering on a nearest-neighbour graph of the embeddings."""
-    from sklearn.cluster import SpectralClustering
-
-    n_neighbors = min(10, len(embeddings) - 1)
-    sc = SpectralClustering(
-        k, affinity="nearest_neighbors", n_neighbors=n_neighbors, random_state=seed, assign_labels="cluster_qr"
-    )
-    return [int(x) for x in sc.fit_predict(embeddings.numpy())]
-
-
-def by_cluster(reqs: list[EditRequest], model, tokenizer, clients: int, seed: int) -> dict[str, list[EditRequest]]:
-    """The facts in ``clients`` clusters of their questions' embeddings (FLEKE's ZsRE split)."""
-    labels = spectral_groups(embed(model, tokenizer, [r.text for r in reqs]), clients, seed)
-    groups: dict[str, list[EditRequest]] = {}
-    for r, label in zip(reqs, labels):
-        groups.setdefault(f"cluster-{label}", []).append(r)
-    return groups
-
-
-def plan(
-    reqs: list[EditRequest],
-    clients: int,
-    slots: int,
-    own: int,
-    shared: int,
-    seed: int,
-    groups: dict[str, list[EditRequest]] | None = None,
-) -> list[list[list[EditRequest]]]:
-    """``batches[t][c]``: the facts client c receives in slot t (see the module's docstring); ``groups`` (default:
-    by relation) are dealt to clients whole."""
-    groups = groups if groups is not None else by_relation(reqs)
-    mine: list[list[EditRequest]] = [[] for _ in range(clients)]
-    for template in sorted(groups, key=lambda k: (-len(groups[k]), k)):
-        min(mine, key=len).extend(groups[template])
-    short = [c for c in range(clients) if len(mine[c]) < own * slots]
-    if short:
-        have, need = len(mine[short[0]]), own * slots
-        raise ValueError(
-            f"{len(reqs)} facts in {clients} clients leave client {short[0]} {have}; {own} x {slots} slots need {need}"
-        )
-    batches: list[list[list[EditRequest]]] = []
-    seen: list[set[str]] = [set() for _ in range(clients)]
-    for t in range(slots):
-        row = []
-        for c in range(clients):
-            batch = mine[c][t * own : (t + 1) * own]
-            if t and shared:
-                pool = [r for s in batches for o, b in enumerate(s) if o != c for r in b if r.id not in seen[c]]
-                pool = list({r.id: r for r in pool}.values())
-                g = torch.Generator().manual_seed(seed * 1_000_003 + t * 1_000 + c)
-                batch += [pool[int(i)] for i in torch.randperm(len(pool), generator=g)[:shared]]
-            seen[c] |= {r.id for r in batch}
-            row.append(batch)
-        batches.append(row)
-    return batches
 
 
 class Clients:

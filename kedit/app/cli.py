@@ -15,11 +15,14 @@ from kedit.app.options import (
     EDIT_RUN,
     EDITOR,
     FEDERATION,
+    FEDERATION_PLAN,
     FORMAT,
     GATES,
     JSON_OUT,
     LIMITS,
+    MKV,
     MKV_REFINE,
+    MKV_THRESHOLD,
     MODEL,
     SETS,
     START,
@@ -190,10 +193,86 @@ def stream(
     work_dir,
 ) -> None:
     """Apply fact feeds to a model as a gated, tracked stream of edit batches (a Prefect flow)."""
-    from kedit.pipeline.config import StreamConfig
+    _threads(threads)
+    args = (model, editor, batch_size, gates, tracking_uri, sets, device, corpus, fmt, limits, work_dir)
+    cfg = _stream_config(feeds, *args, client=client, mkv=mkv, mkv_threshold=mkv_threshold, mkv_refine=mkv_refine)
+    from flows.stream import stream as stream_flow
+
+    summary = stream_flow(cfg)
+    click.echo(json.dumps({k: v for k, v in summary.items() if k != "steps"}, indent=2))
+    click.echo("in the MLflow UI (kedit up, or mlflow ui on this store):")
+    for what, url in summary["links"].items():
+        click.echo(f"  {what:<7} {url}")
+
+
+@cli.command()
+@click.option(
+    "--data", "data", required=True, type=PathArg, help="The fact file whose facts the federation deals to its clients."
+)
+@EDIT_RUN
+@corpus_option(None, "text sampled from the model")
+@FORMAT
+@LIMITS
+@THREADS
+@FEDERATION_PLAN
+@click.option("--clients-named", "prefix", default="client", show_default=True, help="The clients' names: PREFIX0, PREFIX1, ...")
+@MKV
+@MKV_THRESHOLD
+@MKV_REFINE
+@click.option("--work-dir", type=PathArg, default=Path("out/federate"), show_default=True)
+@JSON_OUT
+def federate(
+    data,
+    model,
+    editor,
+    batch_size,
+    gates,
+    tracking_uri,
+    sets,
+    device,
+    corpus,
+    fmt,
+    limits,
+    threads,
+    clients,
+    split,
+    slots,
+    own,
+    shared,
+    seed,
+    prefix,
+    mkv,
+    mkv_threshold,
+    mkv_refine,
+    work_dir,
+    json_out,
+) -> None:
+    """Run a federation over one fact file (FLEKE): its facts dealt to clients and time slots, each client's slot
+    a gated stream of its own (<model>@<client>), sharing target vectors through the MKV store (default:
+    WORK_DIR/mkv). Run it again to resume."""
+    from kedit.pipeline.config import FederationConfig
 
     _threads(threads)
-    cfg = StreamConfig(
+    args = (model, editor, batch_size, gates, tracking_uri, sets, device, corpus, fmt, limits, work_dir)
+    mkv = mkv or Path(work_dir) / "mkv"
+    every = _stream_config((data,), *args, client=prefix, mkv=mkv, mkv_threshold=mkv_threshold, mkv_refine=mkv_refine)
+    cfg = FederationConfig(every, clients=clients, slots=slots, own=own, shared=shared, split=split, seed=seed)
+    from flows.federate import federate as federate_flow
+    from kedit.pipeline.slots import slots_table
+
+    result = federate_flow(cfg)
+    click.echo(slots_table(result))
+    _write_json(json_out, result)
+
+
+def _stream_config(
+    feeds, model, editor, batch_size, gates, tracking_uri, sets, device, corpus, fmt, limits, work_dir, **federation
+):
+    """A stream's config from the command line's options (``federation``: client, mkv, mkv_threshold, mkv_refine)."""
+    from kedit.pipeline.config import StreamConfig
+
+    mkv = federation.pop("mkv", None)
+    return StreamConfig(
         feeds=tuple(str(f) for f in feeds),
         model=model,
         editor=editor,
@@ -206,18 +285,9 @@ def stream(
         work_dir=str(work_dir),
         fmt=fmt,
         limits=limits,
-        client=client,
         mkv=str(mkv) if mkv else None,
-        mkv_threshold=mkv_threshold,
-        mkv_refine=mkv_refine,
+        **federation,
     )
-    from flows.stream import stream as stream_flow
-
-    summary = stream_flow(cfg)
-    click.echo(json.dumps({k: v for k, v in summary.items() if k != "steps"}, indent=2))
-    click.echo("in the MLflow UI (kedit up, or mlflow ui on this store):")
-    for what, url in summary["links"].items():
-        click.echo(f"  {what:<7} {url}")
 
 
 def _threads(n: int | None) -> None:
@@ -603,31 +673,12 @@ def bench_mquake(model, data, methods, n, corpus, sets, json_out) -> None:
 @MODEL
 @DATA
 @click.option("--methods", default="memit,pmet", show_default=True, help="Editors that share targets, comma-separated.")
-@click.option("--clients", type=click.IntRange(2), default=8, show_default=True, help="Clients.")
-@click.option(
-    "--split",
-    type=click.Choice(["relation", "cluster"]),
-    default="relation",
-    show_default=True,
-    help="How facts are split into clients: by relation (prompt template), or spectral clusters of their embeddings (ZsRE).",
-)
-@click.option("--slots", type=click.IntRange(1), default=10, show_default=True, help="Time slots.")
-@click.option(
-    "--own", type=click.IntRange(1), default=2, show_default=True, help="New facts of its relations per client and slot."
-)
-@click.option(
-    "--shared",
-    type=click.IntRange(0),
-    default=2,
-    show_default=True,
-    help="Facts per client and slot (from slot 1) that another client had earlier.",
-)
+@FEDERATION_PLAN
 @click.option("--threshold", type=float, default=0.99, show_default=True, help="Cosine a key must reach to reuse a vector.")
 @click.option(
     "--min-share", type=float, default=0.0, show_default=True, help="Share of a batch an upload must match to be drawn on."
 )
 @MKV_REFINE
-@click.option("--seed", type=int, default=0, show_default=True)
 @corpus_option(default_corpus, SHARED_CORPUS)
 @click.option("--set", "sets", multiple=True, help="Preset override METHOD.KEY=YAML_VALUE.")
 @JSON_OUT

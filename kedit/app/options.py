@@ -59,6 +59,12 @@ def format_names() -> list[str]:
     return list(names())
 
 
+def split_names() -> list[str]:
+    from kedit.pipeline.config import SPLITS
+
+    return list(SPLITS)
+
+
 def _editor_default(ctx, param, value: str | None) -> str:
     return value or default_editor()
 
@@ -172,3 +178,27 @@ MKV_REFINE = click.option(
     help="Check a reused vector on this model and step it where it falls short (default: use it as it is, FLEKE's reuse).",
 )
 FEDERATION = compose(CLIENT, MKV, MKV_THRESHOLD, MKV_REFINE)
+
+# a federation's plan over one data file: which facts each client receives in each slot (`kedit federate`, and
+# `kedit bench federated`, which runs the same plan alone, federated and central)
+CLIENTS = click.option("--clients", type=click.IntRange(2), default=8, show_default=True, help="Clients.")
+SPLIT = click.option(
+    "--split",
+    type=_Registered("split", split_names),
+    default="relation",
+    show_default=True,
+    help="How facts are split into clients: by relation (prompt template), or spectral clusters of their embeddings (ZsRE).",
+)
+SLOTS = click.option("--slots", type=click.IntRange(1), default=10, show_default=True, help="Time slots.")
+OWN = click.option(
+    "--own", type=click.IntRange(1), default=2, show_default=True, help="New facts of its relations per client and slot."
+)
+SHARED = click.option(
+    "--shared",
+    type=click.IntRange(0),
+    default=2,
+    show_default=True,
+    help="Facts per client and slot (from slot 1) that another client had earlier.",
+)
+SEED = click.option("--seed", type=int, default=0, show_default=True, help="Which earlier facts each client shares.")
+FEDERATION_PLAN = compose(CLIENTS, SPLIT, SLOTS, OWN, SHARED, SEED)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from kedit.core.errors import KeditError
@@ -10,6 +11,8 @@ from kedit.core.facts import Limits
 
 # the history points kept per accepted version: what the drawdown plot, the stream run's series and `kedit status` show
 HISTORY_KEYS = ("drawdown_base", "drawdown_prev", "retention")
+# how a federation splits its data file into clients: by relation (prompt template), or clusters of embeddings
+SPLITS = ("relation", "cluster")
 
 
 class StreamError(KeditError):
@@ -50,3 +53,43 @@ class StreamConfig:
             raise StreamError("no fact feeds given")
         if self.mkv and not self.client:
             raise StreamError("an MKV store (mkv) is shared between clients: name this stream's client")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """A federation run over one data file (FLEKE's time slots, ``flows/federate.py``): the file's facts are dealt
+    to ``clients`` clients over ``slots`` slots (``own`` new facts of a client's own relations per slot, and from
+    slot 1 on ``shared`` facts another client had earlier), and each client's slot runs as that client's stream.
+
+    ``stream`` is every client's stream: its one feed is the data file, its ``client`` the prefix of the clients'
+    names (``client0``, ``client1``, ...), its ``mkv`` the store they share, its ``work_dir`` the federation's
+    (each client works in a folder of its own below it)."""
+
+    stream: StreamConfig
+    clients: int = 8
+    slots: int = 10
+    own: int = 2
+    shared: int = 2
+    split: str = "relation"  # SPLITS
+    seed: int = 0
+
+    def __post_init__(self):
+        if len(self.stream.feeds) != 1:
+            raise StreamError(f"a federation deals the facts of one data file, got {len(self.stream.feeds)} feeds")
+        if not (self.stream.client and self.stream.mkv):
+            raise StreamError("a federation's clients share an MKV store: give the clients' name prefix and the store")
+        if self.clients < 2 or self.slots < 1 or self.own < 1 or self.shared < 0:
+            raise StreamError(
+                f"a federation needs >= 2 clients, >= 1 slot and >= 1 own fact per slot, got clients={self.clients}, "
+                f"slots={self.slots}, own={self.own}, shared={self.shared}"
+            )
+        if self.split not in SPLITS:
+            raise StreamError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+
+    def client_name(self, c: int) -> str:
+        return f"{self.stream.client}{c}"
+
+    def client_stream(self, c: int, feed: str) -> StreamConfig:
+        """Client c's stream on one of its slot feeds, working in its own folder."""
+        name = self.client_name(c)
+        return replace(self.stream, feeds=(feed,), client=name, work_dir=str(Path(self.stream.work_dir) / name))
