@@ -8,6 +8,7 @@ import pytest
 from kedit.app.bench_federated import bench_federated
 from kedit.app.tiny import CORPUS, train_tiny, write_jsonl
 from kedit.core.facts import EditRequest
+from kedit.pipeline.config import StreamError
 from kedit.pipeline.slots import plan
 
 SPEAKS = {"prompt": "{} speaks", "neighborhood": [{"prompt": "eve speaks", "answer": "english"}]}
@@ -32,7 +33,7 @@ def test_the_plan_splits_by_relation_and_shares_only_what_another_client_had_ear
     batches = plan(requests(), clients=2, slots=2, own=1, shared=1, seed=0)
     assert [[r.id for r in b] for b in batches[0]] == [["c"], ["a"]]  # one template per client
     assert [[r.id for r in b] for b in batches[1]] == [["d", "a"], ["b", "c"]]  # then the other's slot-0 fact
-    with pytest.raises(ValueError, match="need 3"):
+    with pytest.raises(StreamError, match="need 3"):
         plan(requests(), clients=2, slots=3, own=1, shared=0, seed=0)
 
 

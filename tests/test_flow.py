@@ -741,10 +741,10 @@ def test_federate_runs_each_clients_slot_as_its_own_stream_and_resumes_by_runnin
     from kedit.pipeline.config import FederationConfig
     from kedit.store.mkv import MKVStore
 
-    tmp, config, kept = env
+    tmp, config, _ = env
     every = config(GOOD, batch_size=4, overrides=MEMIT_TINY, editor="memit", **LOOSE)
     every = dataclasses.replace(every, client="client", mkv=str(tmp / "mkv"), work_dir=str(tmp / "fed"))
-    cfg = FederationConfig(every, clients=2, slots=2, own=1, shared=1)
+    cfg = FederationConfig(every, clients=2, slots=2, own=1, shared=1, split="relation", seed=0)
     result = federate(cfg)
 
     feeds = tmp / "fed" / "federation"

@@ -224,9 +224,10 @@ def test_a_federation_config_names_its_clients_and_refuses_what_cannot_be_a_fede
     from kedit.pipeline.config import FederationConfig, StreamConfig, StreamError
 
     every = StreamConfig(feeds=("data.json",), model="m", client="tenant-", mkv=str(tmp_path / "mkv"), work_dir=str(tmp_path))
-    cfg = FederationConfig(every, clients=3, slots=2, own=1, shared=1)
+    plan = {"clients": 3, "slots": 2, "own": 1, "shared": 1, "split": "relation", "seed": 0}
+    cfg = FederationConfig(every, **plan)
     one = cfg.client_stream(2, "slot-1/tenant-2.jsonl")
-    assert (one.client, one.feeds, one.mkv) == ("tenant-2", ("slot-1/tenant-2.jsonl",), every.mkv)
+    assert (one.client, one.feeds, one.mkv, one.fmt) == ("tenant-2", ("slot-1/tenant-2.jsonl",), every.mkv, "feed")
     assert one.work_dir == str(tmp_path / "tenant-2")  # each client's lists and pending uploads in its own folder
     bad = [
         ({"stream": StreamConfig(feeds=("a.json", "b.json"), model="m", client="c", mkv="s")}, "one data file"),
@@ -236,4 +237,4 @@ def test_a_federation_config_names_its_clients_and_refuses_what_cannot_be_a_fede
     ]
     for kwargs, message in bad:
         with pytest.raises(StreamError, match=message):
-            FederationConfig(**kwargs)
+            FederationConfig(**(plan | kwargs))

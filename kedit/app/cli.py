@@ -194,8 +194,9 @@ def stream(
 ) -> None:
     """Apply fact feeds to a model as a gated, tracked stream of edit batches (a Prefect flow)."""
     _threads(threads)
-    args = (model, editor, batch_size, gates, tracking_uri, sets, device, corpus, fmt, limits, work_dir)
-    cfg = _stream_config(feeds, *args, client=client, mkv=mkv, mkv_threshold=mkv_threshold, mkv_refine=mkv_refine)
+    run = {"model": model, "editor": editor, "batch_size": batch_size, "gates": gates, "tracking_uri": tracking_uri}
+    run |= {"sets": sets, "device": device, "corpus": corpus, "fmt": fmt, "limits": limits, "work_dir": work_dir}
+    cfg = _stream_config(feeds, **run, client=client, mkv=mkv, mkv_threshold=mkv_threshold, mkv_refine=mkv_refine)
     from flows.stream import stream as stream_flow
 
     summary = stream_flow(cfg)
@@ -253,9 +254,10 @@ def federate(
     from kedit.pipeline.config import FederationConfig
 
     _threads(threads)
-    args = (model, editor, batch_size, gates, tracking_uri, sets, device, corpus, fmt, limits, work_dir)
+    run = {"model": model, "editor": editor, "batch_size": batch_size, "gates": gates, "tracking_uri": tracking_uri}
+    run |= {"sets": sets, "device": device, "corpus": corpus, "fmt": fmt, "limits": limits, "work_dir": work_dir}
     mkv = mkv or Path(work_dir) / "mkv"
-    every = _stream_config((data,), *args, client=prefix, mkv=mkv, mkv_threshold=mkv_threshold, mkv_refine=mkv_refine)
+    every = _stream_config((data,), **run, client=prefix, mkv=mkv, mkv_threshold=mkv_threshold, mkv_refine=mkv_refine)
     cfg = FederationConfig(every, clients=clients, slots=slots, own=own, shared=shared, split=split, seed=seed)
     from flows.federate import federate as federate_flow
     from kedit.pipeline.slots import slots_table
@@ -266,7 +268,7 @@ def federate(
 
 
 def _stream_config(
-    feeds, model, editor, batch_size, gates, tracking_uri, sets, device, corpus, fmt, limits, work_dir, **federation
+    feeds, *, model, editor, batch_size, gates, tracking_uri, sets, device, corpus, fmt, limits, work_dir, **federation
 ):
     """A stream's config from the command line's options (``federation``: client, mkv, mkv_threshold, mkv_refine)."""
     from kedit.pipeline.config import StreamConfig

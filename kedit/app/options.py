@@ -200,5 +200,7 @@ SHARED = click.option(
     show_default=True,
     help="Facts per client and slot (from slot 1) that another client had earlier.",
 )
-SEED = click.option("--seed", type=int, default=0, show_default=True, help="Which earlier facts each client shares.")
+SEED = click.option(
+    "--seed", type=int, default=0, show_default=True, help="Which earlier facts each client shares; the clustering's seed."
+)
 FEDERATION_PLAN = compose(CLIENTS, SPLIT, SLOTS, OWN, SHARED, SEED)

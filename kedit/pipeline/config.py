@@ -66,12 +66,12 @@ class FederationConfig:
     (each client works in a folder of its own below it)."""
 
     stream: StreamConfig
-    clients: int = 8
-    slots: int = 10
-    own: int = 2
-    shared: int = 2
-    split: str = "relation"  # SPLITS
-    seed: int = 0
+    clients: int
+    slots: int
+    own: int
+    shared: int
+    split: str  # SPLITS
+    seed: int  # which earlier facts each client shares, and the spectral clustering's seed
 
     def __post_init__(self):
         if len(self.stream.feeds) != 1:
@@ -90,6 +90,8 @@ class FederationConfig:
         return f"{self.stream.client}{c}"
 
     def client_stream(self, c: int, feed: str) -> StreamConfig:
-        """Client c's stream on one of its slot feeds, working in its own folder."""
+        """Client c's stream on one of its slot feeds (written in kedit's own feed format, whatever the data file's),
+        working in its own folder."""
         name = self.client_name(c)
-        return replace(self.stream, feeds=(feed,), client=name, work_dir=str(Path(self.stream.work_dir) / name))
+        work_dir = str(Path(self.stream.work_dir) / name)
+        return replace(self.stream, feeds=(feed,), fmt="feed", client=name, work_dir=work_dir)

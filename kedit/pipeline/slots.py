@@ -21,7 +21,7 @@ import torch
 from kedit.core.facts import EditRequest, load_facts
 from kedit.store.tracking import T_VERDICT, Tracker
 
-from .config import FederationConfig
+from .config import FederationConfig, StreamError
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def plan(
     short = [c for c in range(clients) if len(mine[c]) < own * slots]
     if short:
         have, need = len(mine[short[0]]), own * slots
-        raise ValueError(
+        raise StreamError(
             f"{len(reqs)} facts in {clients} clients leave client {short[0]} {have}; {own} x {slots} slots need {need}"
         )
     batches: list[list[list[EditRequest]]] = []
@@ -106,19 +106,27 @@ def plan(
 
 
 def slot_feeds(cfg: FederationConfig) -> list[list[str]]:
-    """Deal the data file's facts to the clients and slots and write each client's slot as a JSONL feed under
-    ``<work_dir>/federation/slot-T/CLIENT.jsonl``; returns ``feeds[t][c]``. The same file and settings write
-    the same feeds, byte for byte, so a federation run again finds what its clients' streams already applied."""
+    """Deal the data file's facts to the clients and slots and write each client's slot as a feed (kedit's own
+    format) at ``<work_dir>/federation/slot-T/CLIENT.jsonl``; returns ``feeds[t][c]``. The same file and settings
+    write the same feeds, byte for byte, so a federation run again finds what its clients' streams already applied."""
     data = cfg.stream.feeds[0]
     reqs = load_facts(data, cfg.stream.fmt, limits=cfg.stream.limits).accepted
-    groups = None
-    if cfg.split == "cluster":
-        from kedit.core.models import load_model
+    batches = plan(reqs, cfg.clients, cfg.slots, cfg.own, cfg.shared, cfg.seed, _groups(cfg, reqs))
+    log.info("%s: %d facts dealt to %d clients over %d slots (%s split)", data, len(reqs), cfg.clients, cfg.slots, cfg.split)
+    return _write_feeds(cfg, batches)
 
-        model, tok = load_model(cfg.stream.model, cfg.stream.device)
-        groups = by_cluster(reqs, model, tok, cfg.clients, cfg.seed)
-        del model
-    batches = plan(reqs, cfg.clients, cfg.slots, cfg.own, cfg.shared, cfg.seed, groups)
+
+def _groups(cfg: FederationConfig, reqs: list[EditRequest]) -> dict[str, list[EditRequest]] | None:
+    """The groups dealt to clients whole: None (by relation, the plan's default) or the embeddings' clusters."""
+    if cfg.split != "cluster":
+        return None
+    from kedit.core.models import load_model
+
+    model, tok = load_model(cfg.stream.model, cfg.stream.device)
+    return by_cluster(reqs, model, tok, cfg.clients, cfg.seed)  # the model goes with this frame, before any client loads
+
+
+def _write_feeds(cfg: FederationConfig, batches: list[list[list[EditRequest]]]) -> list[list[str]]:
     root = Path(cfg.stream.work_dir) / "federation"
     feeds = []
     for t, row in enumerate(batches):
@@ -129,14 +137,13 @@ def slot_feeds(cfg: FederationConfig) -> list[list[str]]:
             path.write_text("".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in batch), encoding="utf-8")
             paths.append(str(path))
         feeds.append(paths)
-    log.info("%s: %d facts dealt to %d clients over %d slots (%s split)", data, len(reqs), cfg.clients, cfg.slots, cfg.split)
     return feeds
 
 
 def slot_row(cfg: FederationConfig, t: int, c: int, summary: dict) -> dict:
     """One client's slot as the federation reports it: the facts dealt to it, what its stream settled, and what
     its accepted attempts took from the store and offered to it (read from the stream's attempt runs; a fact
-    retried alone after its batch is counted again)."""
+    retried alone after its batch is counted again). A slot a rerun finds done reports its facts as skipped."""
     tracker = Tracker(cfg.stream.tracking_uri)
     registered = summary["registered_model"]
     parent = f"tags.`mlflow.parentRunId` = '{summary['run_id']}' and tags.`{T_VERDICT}` = 'accepted'"
@@ -161,13 +168,15 @@ def federation_summary(rows: list[dict]) -> dict:
     return {"slots": rows, "totals": totals, "production": production}
 
 
-KEYS = ("slot", "client", "production", "facts", "accepted", "did_not_hold", "quarantined", "skipped", "reused", "offered")
+KEYS = ("slot", "client", "production", "facts", "accepted", "did_not_hold", "quarantined", "held_back", "skipped")
+KEYS += ("reused", "offered")
 
 
 def slots_table(result: dict) -> str:
     """The federation's slots as text: one line per client and slot, then the totals."""
-    form = "{:>4}  {:<12} {:>10} {:>5} {:>8} {:>8} {:>11} {:>7} {:>6} {:>7}"
-    head = ("slot", "client", "production", "facts", "accepted", "not held", "quarantined", "skipped", "reused", "offered")
+    form = "{:>4}  {:<12} {:>10} {:>5} {:>8} {:>8} {:>11} {:>9} {:>7} {:>6} {:>7}"
+    head = ("slot", "client", "production", "facts", "accepted", "not held", "quarantined", "held back", "skipped", "reused")
+    head += ("offered",)
     lines = [form.format(*head)]
     for r in result["slots"]:
         lines.append(form.format(*(r[k] if k != "production" else r[k] or "-" for k in KEYS)))
