@@ -238,3 +238,31 @@ def test_a_federation_config_names_its_clients_and_refuses_what_cannot_be_a_fede
     for kwargs, message in bad:
         with pytest.raises(StreamError, match=message):
             FederationConfig(**(plan | kwargs))
+
+
+def test_kedit_federate_hands_the_flow_one_config_built_from_its_options(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import flows.federate
+    from kedit.app.cli import cli
+
+    seen = []
+
+    def flow(cfg):
+        seen.append(cfg)
+        return {"slots": [], "totals": {"accepted": 0, "reused": 0, "reused_share_after_slot_0": 0.0}, "production": {}}
+
+    monkeypatch.setattr(flows.federate, "federate", flow)
+    data = tmp_path / "cf.json"
+    data.write_text("[]")
+    args = ["federate", "--data", str(data), "--model", "m", "--editor", "memit", "--format", "counterfact"]
+    args += ["--clients", "3", "--slots", "4", "--own", "1", "--shared", "1", "--split", "cluster", "--seed", "7"]
+    args += ["--clients-named", "tenant-", "--set", "layers=[1, 2]", "--work-dir", str(tmp_path / "w")]
+    out = CliRunner().invoke(cli, args)
+    assert out.exit_code == 0, out.output
+    (cfg,) = seen
+    assert (cfg.clients, cfg.slots, cfg.own, cfg.shared, cfg.split, cfg.seed) == (3, 4, 1, 1, "cluster", 7)
+    every = cfg.stream
+    assert (every.feeds, every.model, every.editor, every.fmt) == ((str(data),), "m", "memit", "counterfact")
+    assert every.overrides == {"layers": [1, 2]} and every.mkv == str(tmp_path / "w" / "mkv")  # the store by default
+    assert cfg.client_stream(1, "f.jsonl").client == "tenant-1"

@@ -173,30 +173,10 @@ def score(model: str, data: Path, fmt: str, protocol: str, n: int | None, batch_
 @THREADS
 @FEDERATION
 @click.option("--work-dir", type=PathArg, default=Path("out/stream"), show_default=True)
-def stream(
-    feeds,
-    model,
-    editor,
-    batch_size,
-    gates,
-    tracking_uri,
-    sets,
-    device,
-    corpus,
-    fmt,
-    limits,
-    threads,
-    client,
-    mkv,
-    mkv_threshold,
-    mkv_refine,
-    work_dir,
-) -> None:
+def stream(feeds, threads, **opts) -> None:
     """Apply fact feeds to a model as a gated, tracked stream of edit batches (a Prefect flow)."""
     _threads(threads)
-    run = {"model": model, "editor": editor, "batch_size": batch_size, "gates": gates, "tracking_uri": tracking_uri}
-    run |= {"sets": sets, "device": device, "corpus": corpus, "fmt": fmt, "limits": limits, "work_dir": work_dir}
-    cfg = _stream_config(feeds, **run, client=client, mkv=mkv, mkv_threshold=mkv_threshold, mkv_refine=mkv_refine)
+    cfg = _stream_config(feeds, **opts)
     from flows.stream import stream as stream_flow
 
     summary = stream_flow(cfg)
@@ -222,42 +202,15 @@ def stream(
 @MKV_REFINE
 @click.option("--work-dir", type=PathArg, default=Path("out/federate"), show_default=True)
 @JSON_OUT
-def federate(
-    data,
-    model,
-    editor,
-    batch_size,
-    gates,
-    tracking_uri,
-    sets,
-    device,
-    corpus,
-    fmt,
-    limits,
-    threads,
-    clients,
-    split,
-    slots,
-    own,
-    shared,
-    seed,
-    prefix,
-    mkv,
-    mkv_threshold,
-    mkv_refine,
-    work_dir,
-    json_out,
-) -> None:
+def federate(data, threads, clients, split, slots, own, shared, seed, prefix, json_out, **opts) -> None:
     """Run a federation over one fact file (FLEKE): its facts dealt to clients and time slots, each client's slot
     a gated stream of its own (<model>@<client>), sharing target vectors through the MKV store (default:
     WORK_DIR/mkv). Run it again to resume."""
     from kedit.pipeline.config import FederationConfig
 
     _threads(threads)
-    run = {"model": model, "editor": editor, "batch_size": batch_size, "gates": gates, "tracking_uri": tracking_uri}
-    run |= {"sets": sets, "device": device, "corpus": corpus, "fmt": fmt, "limits": limits, "work_dir": work_dir}
-    mkv = mkv or Path(work_dir) / "mkv"
-    every = _stream_config((data,), **run, client=prefix, mkv=mkv, mkv_threshold=mkv_threshold, mkv_refine=mkv_refine)
+    opts["mkv"] = opts["mkv"] or Path(opts["work_dir"]) / "mkv"
+    every = _stream_config((data,), client=prefix, **opts)
     cfg = FederationConfig(every, clients=clients, slots=slots, own=own, shared=shared, split=split, seed=seed)
     from flows.federate import federate as federate_flow
     from kedit.pipeline.slots import slots_table
@@ -270,7 +223,8 @@ def federate(
 def _stream_config(
     feeds, *, model, editor, batch_size, gates, tracking_uri, sets, device, corpus, fmt, limits, work_dir, **federation
 ):
-    """A stream's config from the command line's options (``federation``: client, mkv, mkv_threshold, mkv_refine)."""
+    """A stream's config from the command line's options (``federation``: client, mkv, mkv_threshold, mkv_refine:
+    a stream's own, or those every client of a federation shares)."""
     from kedit.pipeline.config import StreamConfig
 
     mkv = federation.pop("mkv", None)
