@@ -1,12 +1,7 @@
 """FLEKE's protocol measured (``kedit bench federated``): N clients of one base model, T time slots.
 
-The facts are split by relation (kedit's facts carry no relation id; the prompt template stands for it), or,
-with ``split="cluster"`` (FLEKE's ZsRE split, whose questions share no templates), into N clusters of their
-questions' embeddings by spectral clustering. The groups are dealt to clients, largest first, each to the
-client with the fewest facts so far, so that every client's facts are of its own relations (or cluster). In
-slot t each client receives ``own`` new facts of its own and, from slot 1 on, ``shared`` facts that another
-client received in an earlier slot (knowledge that reaches several organisations: the same fact, the same
-statement). Three runs over the same plan:
+The facts are dealt to clients and slots by ``kedit.pipeline.slots.plan`` (by relation, or ZsRE's clusters),
+the plan ``kedit federate`` runs through the clients' gated streams. Three runs over the same plan:
 
 - ``alone``: each client edits its own copy with no sharing;
 - ``federated``: each client's editor looks its facts up in the MKV store first (the other clients' uploads of

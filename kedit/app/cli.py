@@ -630,7 +630,7 @@ def bench_mquake(model, data, methods, n, corpus, sets, json_out) -> None:
 @DATA
 @click.option("--methods", default="memit,pmet", show_default=True, help="Editors that share targets, comma-separated.")
 @FEDERATION_PLAN
-@click.option("--threshold", type=float, default=0.99, show_default=True, help="Cosine a key must reach to reuse a vector.")
+@MKV_THRESHOLD
 @click.option(
     "--min-share", type=float, default=0.0, show_default=True, help="Share of a batch an upload must match to be drawn on."
 )
@@ -639,7 +639,7 @@ def bench_mquake(model, data, methods, n, corpus, sets, json_out) -> None:
 @click.option("--set", "sets", multiple=True, help="Preset override METHOD.KEY=YAML_VALUE.")
 @JSON_OUT
 def bench_federated(
-    model, data, methods, clients, split, slots, own, shared, threshold, min_share, mkv_refine, seed, corpus, sets, json_out
+    model, data, methods, clients, split, slots, own, shared, mkv_threshold, min_share, mkv_refine, seed, corpus, sets, json_out
 ) -> None:
     """FLEKE: clients edit their own copies and reuse each other's target vectors (alone, federated, central)."""
     from kedit.app.bench_federated import bench_federated as run
@@ -647,7 +647,8 @@ def bench_federated(
 
     chosen = methods.split(",")
     overrides = _method_overrides(sets, chosen)
-    args = (model, data, chosen, clients, slots, own, shared, threshold, min_share, mkv_refine, seed, corpus, overrides, json_out)
+    args = (model, data, chosen, clients, slots, own, shared, mkv_threshold, min_share, mkv_refine, seed, corpus, overrides)
+    args += (json_out,)
     result = run(*args, split)
     click.echo(table(result))
 

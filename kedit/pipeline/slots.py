@@ -25,6 +25,11 @@ from .config import FederationConfig, StreamError
 
 log = logging.getLogger(__name__)
 
+# what a slot's row counts: the facts dealt, how the client's stream settled them (its summary's counts), and the
+# vectors its accepted attempts reused from the store and offered to it
+SETTLED = ("accepted", "did_not_hold", "quarantined", "held_back", "skipped")
+COUNTS = ("facts", *SETTLED, "reused", "offered")
+
 
 def by_relation(reqs: list[EditRequest]) -> dict[str, list[EditRequest]]:
     """The facts grouped by prompt template (CounterFact's stand-in for a relation)."""
@@ -150,7 +155,7 @@ def slot_row(cfg: FederationConfig, t: int, c: int, summary: dict) -> dict:
     attempts = tracker.runs(registered, "attempt", extra=parent)
     row = {"slot": t, "client": cfg.client_name(c), "registered_model": registered, "production": summary["production"]}
     row["facts"] = summary["records"]
-    row |= {k: summary[k] for k in ("accepted", "skipped", "did_not_hold", "quarantined", "held_back")}
+    row |= {k: summary[k] for k in SETTLED}
     for what in ("reused", "offered"):
         row[what] = int(sum(run.data.metrics.get(f"mkv_{what}", 0.0) for run in attempts))
     return row
@@ -159,8 +164,7 @@ def slot_row(cfg: FederationConfig, t: int, c: int, summary: dict) -> dict:
 def federation_summary(rows: list[dict]) -> dict:
     """The slots' rows and their totals: the facts the clients' streams accepted, and the vectors reused from the
     store against the facts dealt after the first slot (FLEKE's reuse rate; the first slot has nothing to find)."""
-    keys = ("facts", "accepted", "skipped", "did_not_hold", "quarantined", "held_back", "reused", "offered")
-    totals = {k: sum(r[k] for r in rows) for k in keys}
+    totals = {k: sum(r[k] for r in rows) for k in COUNTS}
     later = [r for r in rows if r["slot"] > 0]
     dealt_later = sum(r["facts"] for r in later)
     totals["reused_share_after_slot_0"] = sum(r["reused"] for r in later) / dealt_later if dealt_later else 0.0
@@ -168,18 +172,12 @@ def federation_summary(rows: list[dict]) -> dict:
     return {"slots": rows, "totals": totals, "production": production}
 
 
-KEYS = ("slot", "client", "production", "facts", "accepted", "did_not_hold", "quarantined", "held_back", "skipped")
-KEYS += ("reused", "offered")
-
-
 def slots_table(result: dict) -> str:
     """The federation's slots as text: one line per client and slot, then the totals."""
-    form = "{:>4}  {:<12} {:>10} {:>5} {:>8} {:>8} {:>11} {:>9} {:>7} {:>6} {:>7}"
-    head = ("slot", "client", "production", "facts", "accepted", "not held", "quarantined", "held back", "skipped", "reused")
-    head += ("offered",)
-    lines = [form.format(*head)]
+    form = "{:>4}  {:<12} {:>10}" + " {:>12}" * len(COUNTS)
+    lines = [form.format("slot", "client", "production", *(k.replace("_", " ") for k in COUNTS))]
     for r in result["slots"]:
-        lines.append(form.format(*(r[k] if k != "production" else r[k] or "-" for k in KEYS)))
+        lines.append(form.format(r["slot"], r["client"], r["production"] or "-", *(r[k] for k in COUNTS)))
     t = result["totals"]
     lines.append(
         f"accepted {t['accepted']}; vectors reused {t['reused']} ({t['reused_share_after_slot_0']:.0%} of the facts after slot 0)"
