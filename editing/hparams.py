@@ -92,11 +92,23 @@ class LocateEditHyperParams(StrictConfig):
     statistics: StatisticsHyperParams = StatisticsHyperParams()
 
 
+class NegativeHyperParams(StrictConfig):
+    """Each request's prompt about the batch's other subjects: inputs whose outputs the update must keep.
+
+    A batch's facts often share a relation ("{}'s mother tongue is") with the neighbours the model must not change;
+    keys at the subject hold the relation as well as the subject, and an update that reads the relation moves every
+    subject's answer. Kept at their current outputs, the other subjects' keys leave the update the subject's part."""
+
+    per_request: int = 0  # other subjects per request (0: none); the batch's own, never one whose prompt it edits
+    weight: float = 1.0  # each kept key's weight in the solve, an edited key's being 1
+
+
 class MultiLayerHyperParams(LocateEditHyperParams):
     """The MEMIT family: consecutive MLP layers; the target is set at the last one."""
 
     layers: Seq[int]
     solve: CovarianceSolve = CovarianceSolve()
+    negatives: NegativeHyperParams = NegativeHyperParams()
 
 
 class FineTuneHyperParams(StrictConfig):

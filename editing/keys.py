@@ -14,6 +14,7 @@ from torch import nn
 
 from kedit.core.arch import ArchSpec
 from kedit.core.facts import EditRequest
+from kedit.core.facts.schema import normalize
 from kedit.core.lm import adds_bos, model_device, pad_batch, pad_id_of
 
 from .hooks import capture, last_run, stop_after
@@ -111,6 +112,23 @@ def subject_keys(
     paths = {layer: spec.module_path("mlp_out", layer) for layer in layers}
     got = read_at_subject(model, tokenizer, requests, templates, list(paths.values()), "input")
     return {layer: got[p] for layer, p in paths.items()}
+
+
+def other_subjects(requests: Sequence[EditRequest], per_request: int) -> list[EditRequest]:
+    """Each request's prompt about up to ``per_request`` of the batch's other subjects, the next ones in the batch's
+    order: inputs whose outputs the update must keep. A subject that is the request's own (case and spacing folded),
+    or that another request edits in this very prompt, is not one: those outputs are meant to change."""
+    if per_request <= 0:
+        return []
+    edited = {r.slot for r in requests}
+    subjects = list(dict.fromkeys(r.subject for r in requests))
+    out = []
+    for r in requests:
+        start = subjects.index(r.subject)
+        ring = subjects[start + 1 :] + subjects[:start]  # the batch's other subjects, from the request's own on
+        kept = [s for s in ring if (normalize(s), normalize(r.prompt)) not in edited][:per_request]
+        out += [EditRequest(id=f"{r.id}~{j}", subject=s, prompt=r.prompt, target_new=r.target_new) for j, s in enumerate(kept)]
+    return out
 
 
 def context_templates(model: nn.Module, tokenizer, n: int = 5, length: int = 10) -> tuple[str, ...]:

@@ -12,7 +12,7 @@ from editing import EDITORS, LinearAdapter, PatchIntegrityError, PatchSet, Weigh
 from editing.base import EditError, Editor
 from editing.finetune import model_device, target_batch
 from editing.hparams import TargetHyperParams
-from editing.keys import subject_keys
+from editing.keys import other_subjects, subject_keys
 from editing.mend.mend import MENDNetwork
 from editing.stats import Corpus, second_moments
 from editing.targets import optimize_targets
@@ -302,6 +302,53 @@ def test_alphaedit_leaves_preserved_keys_unchanged():
 
     assert rel(k_edit) > 1e-3  # the edit moved its own keys' outputs
     assert rel(k0) < 1e-4 * rel(k_edit)  # and not the preserved ones
+
+
+def test_other_subjects_are_the_batchs_others_in_each_prompt_never_one_the_batch_edits_there():
+    r = [
+        EditRequest("a", "france", "the capital of {} is", "rome"),
+        EditRequest("b", "alice", "{} speaks", "german"),
+        EditRequest("c", "Alice", "the capital of {} is", "berlin"),  # alice's capital is edited in this batch
+        EditRequest("d", "bob", "{} speaks", "french"),
+        EditRequest("e", "eve", "{} lives in", "paris"),
+    ]
+    cap, speaks = "the capital of {} is", "{} speaks"
+    got = [(n.id, n.subject, n.prompt) for n in other_subjects(r, 2)]
+    assert got == [
+        ("a~0", "bob", cap),  # alice's and Alice's capital are c's edit (case folded): skipped
+        ("a~1", "eve", cap),
+        ("b~0", "eve", speaks),  # from b's own subject on: Alice speaks is b's own edit, bob speaks d's
+        ("b~1", "france", speaks),  # wrapped around
+        ("c~0", "bob", cap),
+        ("c~1", "eve", cap),
+        ("d~0", "eve", speaks),
+        ("d~1", "france", speaks),
+        ("e~0", "france", "{} lives in"),
+        ("e~1", "alice", "{} lives in"),
+    ]
+    assert other_subjects(r, 0) == []
+
+
+@pytest.mark.parametrize("name", ["memit", "alphaedit"])
+def test_the_batchs_other_subjects_in_each_prompt_keep_their_outputs(name):
+    """``negatives``: the update leaves each prompt about the batch's other subjects (nearly) where it was."""
+    moved = {}
+    for per_request in (0, 1):
+        tok = make_tokenizer()
+        model = trained_scale_llama(len(tok))
+        cls = get_editor(name)
+        hp = cls.preset(model, CONTRACT[name] | {"negatives.per_request": per_request, "negatives.weight": 100.0})
+        editor = cls(model, tok, hp, CORPUS)
+        layer = hp.layers[0]  # its keys at edit time are the unedited model's
+        kept = subject_keys(model, tok, editor.spec, [layer], other_subjects(REQUESTS, 1), ("{}",))[layer]  # (2, d_in)
+        own = subject_keys(model, tok, editor.spec, [layer], REQUESTS, editor.templates())[layer]  # (2, d_in)
+        w = model.get_parameter(editor.weight_name("mlp_out", layer)).detach().clone()
+        editor.edit(REQUESTS)
+        dw = model.get_parameter(editor.weight_name("mlp_out", layer)).detach() - w  # (d_out, d_in)
+        assert (own @ dw.T).norm(dim=-1).min() > 1e-3  # the edit moved its own keys' outputs either way
+        moved[per_request] = (kept @ dw.T).norm(dim=-1) / (own @ dw.T).norm(dim=-1)  # (2,)
+    assert (moved[0] > 0.05).all()  # without negatives the other subjects' outputs move with the edit
+    assert (moved[1] < 0.1 * moved[0]).all()
 
 
 def test_alphaedit_accumulates_keys_of_earlier_batches():

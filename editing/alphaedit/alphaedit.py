@@ -52,11 +52,12 @@ class AlphaEdit(MEMITFamily):
     def prepare(self) -> None:
         self.projectors()
 
-    def solve(self, layer, keys, resid):
+    def solve(self, layer, keys, resid, kept=None):
         p = self.projectors()[layer].to(keys.device).double()
         k = keys.double()  # (n, d_in)
         cache = self.key_cache.get(layer)
-        gram = k.T @ k + (cache.to(k.device).double() if cache is not None else 0)
+        # the batch's kept keys beside the earlier edits': both are outputs the update must leave as they are
+        gram = k.T @ k + (cache.to(k.device).double() if cache is not None else 0) + self.kept_gram(kept)
         a = p @ gram + self.hparams.solve.l2 * torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
         x = torch.linalg.solve(a, p @ k.T)  # (d_in, n); Δ = R^T x^T
         return resid.T.float(), x.T.float()

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from editing.hparams import LocateEditHyperParams
+from editing.hparams import LocateEditHyperParams, NegativeHyperParams
 from kedit.core.config import Seq, StrictConfig
 
 
@@ -12,3 +12,4 @@ class NullSpaceSolve(StrictConfig):
 class AlphaEditHyperParams(LocateEditHyperParams):
     layers: Seq[int]
     solve: NullSpaceSolve = NullSpaceSolve()
+    negatives: NegativeHyperParams = NegativeHyperParams()

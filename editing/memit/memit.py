@@ -22,7 +22,7 @@ import torch
 from editing.base import Editor, linear_update, register
 from editing.exchange import TargetExchange, fact_keys, whitener
 from editing.hparams import TargetHyperParams
-from editing.keys import context_templates, read_at_subject, residual_to_mlp_output, subject_keys
+from editing.keys import context_templates, other_subjects, read_at_subject, residual_to_mlp_output, subject_keys
 from editing.stats import Corpus, corpus_from_model, second_moments
 from editing.targets import Targets, optimize_targets
 from kedit.core.facts import EditRequest
@@ -171,12 +171,22 @@ class MEMITFamily(Editor):
         """The residual-stream change (n, d) layer ``layer`` must make, as a change of its MLP output projection."""
         return residual_to_mlp_output(self.model, self.tok, self.spec, layer, requests, resid)
 
-    def solve(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Factors (d_out, n), (n, d_in) of the layer's update. keys (n, d_in), resid (n, d_out)."""
+    def solve(
+        self, layer: int, keys: torch.Tensor, resid: torch.Tensor, kept: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors (d_out, n), (n, d_in) of the layer's update. keys (n, d_in), resid (n, d_out); ``kept`` (m, d_in):
+        keys whose outputs stay, weighted by ``negatives.weight`` beside the covariance."""
         cov = self.covariances()[layer].to(keys.device).double()
         k = keys.double()
-        x = torch.linalg.solve(self.hparams.solve.mom2_weight * cov + k.T @ k, k.T)  # (d_in, n)
+        x = torch.linalg.solve(self.hparams.solve.mom2_weight * cov + k.T @ k + self.kept_gram(kept), k.T)  # (d_in, n)
         return resid.T.float(), x.T.float()
+
+    def kept_gram(self, kept: torch.Tensor | None) -> torch.Tensor | float:
+        """μ NᵀN (d_in, d_in) of the kept keys N (m, d_in), in float64; 0 where there are none."""
+        if kept is None or not len(kept):
+            return 0.0
+        n = kept.double()
+        return self.hparams.negatives.weight * (n.T @ n)
 
     def after_layer(self, layer: int, keys: torch.Tensor) -> None:
         """Hook for state kept across batches (AlphaEdit's key cache)."""
@@ -187,12 +197,15 @@ class MEMITFamily(Editor):
         top = self.target_path()
         h0 = read_at_subject(self.model, self.tok, requests, ("{}",), [top], "output")[top]  # (n, d)
         z = self.targets(requests, h0)  # (n, d)
+        negatives = other_subjects(requests, hp.negatives.per_request)
         for i, layer in enumerate(hp.layers):
             keys = subject_keys(self.model, self.tok, self.spec, [layer], requests, self.templates())[layer]  # (n, d_in)
+            # (m, d_in) at the current weights, as the edited keys are: their outputs now are the ones to keep
+            kept = subject_keys(self.model, self.tok, self.spec, [layer], negatives, ("{}",))[layer] if negatives else None
             # before the first layer's update the model is the one h0 was read from (finding targets changes no weight)
             h = h0 if i == 0 else read_at_subject(self.model, self.tok, requests, ("{}",), [top], "output")[top]
             resid = self.at_layer(layer, requests, (z - h) * self.spread(i))  # (n, d)
-            out_f, in_f = self.solve(layer, keys, resid)
+            out_f, in_f = self.solve(layer, keys, resid, kept)
             self._apply(self.weight_name("mlp_out", layer), linear_update(self.module("mlp_out", layer), out_f, in_f))
             self.after_layer(layer, keys)
 
