@@ -101,6 +101,7 @@ class NegativeHyperParams(StrictConfig):
 
     per_request: int = 0  # other subjects per request (0: none); the batch's own, never one whose prompt it edits
     weight: float = 1.0  # each kept key's weight in the solve, an edited key's being 1
+    positions: Literal["subject", "all"] = "subject"  # keys at the subject's last token, or at every token
 
 
 class MultiLayerHyperParams(LocateEditHyperParams):

@@ -329,15 +329,17 @@ def test_other_subjects_are_the_batchs_others_in_each_prompt_never_one_the_batch
     assert other_subjects(r, 0) == []
 
 
+@pytest.mark.parametrize("positions", ["subject", "all"])
 @pytest.mark.parametrize("name", ["memit", "alphaedit"])
-def test_the_batchs_other_subjects_in_each_prompt_keep_their_outputs(name):
+def test_the_batchs_other_subjects_in_each_prompt_keep_their_outputs(name, positions):
     """``negatives``: the update leaves each prompt about the batch's other subjects (nearly) where it was."""
     moved = {}
     for per_request in (0, 1):
         tok = make_tokenizer()
         model = trained_scale_llama(len(tok))
         cls = get_editor(name)
-        hp = cls.preset(model, CONTRACT[name] | {"negatives.per_request": per_request, "negatives.weight": 100.0})
+        negatives = {"per_request": per_request, "weight": 100.0, "positions": positions}
+        hp = cls.preset(model, CONTRACT[name] | {f"negatives.{k}": v for k, v in negatives.items()})
         editor = cls(model, tok, hp, CORPUS)
         layer = hp.layers[0]  # its keys at edit time are the unedited model's
         kept = subject_keys(model, tok, editor.spec, [layer], other_subjects(REQUESTS, 1), ("{}",))[layer]  # (2, d_in)

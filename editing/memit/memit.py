@@ -22,7 +22,14 @@ import torch
 from editing.base import Editor, linear_update, register
 from editing.exchange import TargetExchange, fact_keys, whitener
 from editing.hparams import TargetHyperParams
-from editing.keys import context_templates, other_subjects, read_at_subject, residual_to_mlp_output, subject_keys
+from editing.keys import (
+    context_templates,
+    other_subjects,
+    read_at_subject,
+    read_every_position,
+    residual_to_mlp_output,
+    subject_keys,
+)
 from editing.stats import Corpus, corpus_from_model, second_moments
 from editing.targets import Targets, optimize_targets
 from kedit.core.facts import EditRequest
@@ -188,6 +195,13 @@ class MEMITFamily(Editor):
         n = kept.double()
         return self.hparams.negatives.weight * (n.T @ n)
 
+    def kept_keys(self, layer: int, negatives: list[EditRequest]) -> torch.Tensor:
+        """(m, d_in) keys of the negatives at ``layer``: at the subject's last token, or at every token."""
+        if self.hparams.negatives.positions == "subject":
+            return subject_keys(self.model, self.tok, self.spec, [layer], negatives, ("{}",))[layer]
+        states, _, real = read_every_position(self.model, self.tok, negatives, self.spec.module_path("mlp_out", layer))
+        return states[real]
+
     def after_layer(self, layer: int, keys: torch.Tensor) -> None:
         """Hook for state kept across batches (AlphaEdit's key cache)."""
 
@@ -201,7 +215,7 @@ class MEMITFamily(Editor):
         for i, layer in enumerate(hp.layers):
             keys = subject_keys(self.model, self.tok, self.spec, [layer], requests, self.templates())[layer]  # (n, d_in)
             # (m, d_in) at the current weights, as the edited keys are: their outputs now are the ones to keep
-            kept = subject_keys(self.model, self.tok, self.spec, [layer], negatives, ("{}",))[layer] if negatives else None
+            kept = self.kept_keys(layer, negatives) if negatives else None
             # before the first layer's update the model is the one h0 was read from (finding targets changes no weight)
             h = h0 if i == 0 else read_at_subject(self.model, self.tok, requests, ("{}",), [top], "output")[top]
             resid = self.at_layer(layer, requests, (z - h) * self.spread(i))  # (n, d)
