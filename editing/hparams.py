@@ -62,6 +62,11 @@ class TargetHyperParams(StrictConfig):
     # where the steps run on a lower-precision copy on a CPU, whose bf16 flash-attention backward over a step's few
     # dozen tokens costs several times the plain path's; the model's own elsewhere): editing/targets.py
     attention: Literal["auto", "model", "plain"] = "auto"
+    # "none": every coordinate of δ steps alike. "gain": where a norm sits between each edited MLP and the residual
+    # stream (Gemma 2/3), coordinate i steps in proportion to the edited layers' mean |gain_i| (mean 1): a change
+    # the norms pass weakly costs the MLPs much more than it moves the residual, and it comes back bent
+    # (scripts/norm_delivery.py). The same as "none" where no such norm is
+    step_scale: Literal["none", "gain"] = "none"
 
 
 class TemplateHyperParams(StrictConfig):

@@ -179,6 +179,16 @@ def mlp_output_to_residual(
     return torch.where(dead, torch.zeros_like(change), change * gain / rms)
 
 
+@torch.no_grad()
+def post_norm_gain(model: nn.Module, spec: ArchSpec, layer: int) -> tuple[torch.Tensor, float]:
+    """Block ``layer``'s post-MLP norm y = g ⊙ m / rms(m): its gain g (d,) fp32 and its epsilon."""
+    norm = model.get_submodule(f"{spec.block(layer)}.{spec.mlp_post_norm}")
+    weight = next(norm.parameters())
+    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)))
+    ones = torch.ones(1, weight.shape[-1], dtype=weight.dtype, device=weight.device)
+    return norm(ones).float()[0] * (1.0 + eps) ** 0.5, eps  # the norm of a vector of ones is its gain
+
+
 def _post_norm(
     model: nn.Module, tokenizer, spec: ArchSpec, layer: int, requests: Sequence[EditRequest]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -186,11 +196,7 @@ def _post_norm(
     gain g (d,), rms(m) (n, 1), and the coordinates it all but silences (gain under DEAD_GAIN of the median), (d,)."""
     path = spec.module_path("mlp_out", layer)
     m = read_at_subject(model, tokenizer, requests, ("{}",), [path], "output")[path]  # (n, d)
-    norm = model.get_submodule(f"{spec.block(layer)}.{spec.mlp_post_norm}")
-    weight = next(norm.parameters())
-    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)))
-    ones = torch.ones(1, m.shape[-1], dtype=weight.dtype, device=weight.device)
-    gain = norm(ones).float()[0] * (1.0 + eps) ** 0.5  # (d,): the norm of a vector of ones is its gain
+    gain, eps = post_norm_gain(model, spec, layer)
     dead = gain.abs() < DEAD_GAIN * gain.abs().median()
     rms = (m.pow(2).mean(-1, keepdim=True) + eps).sqrt()  # (n, 1), as the norm computes it
     return gain, rms, dead

@@ -281,6 +281,7 @@ def optimize_targets(
     cfg: TargetHyperParams,
     replace: bool = False,
     start: dict[str, torch.Tensor] | None = None,
+    step_scale: dict[str, torch.Tensor] | None = None,
 ) -> Targets:
     """Jointly optimize one δ per request for each module in ``paths`` (all in blocks >= first_block).
 
@@ -294,6 +295,9 @@ def optimize_targets(
 
     ``start``: where δ starts, (n, d) per path (zero for a path not given): a vector reused from elsewhere is
     checked before any step, and a request it already brings under ``stop_loss`` runs none.
+
+    ``step_scale``: per path, (d,) factors each coordinate's step is multiplied by (a learning rate per coordinate):
+    where the change can only be delivered more cheaply along some coordinates than others, the steps go there.
     """
     n = len(requests)
     device = model_device(model)
@@ -438,6 +442,8 @@ def optimize_targets(
             with torch.no_grad():
                 for p in paths:
                     d = deltas[p]
+                    if step_scale is not None and p in step_scale:
+                        d.copy_(keep[p] + (d - keep[p]) * step_scale[p].to(d))  # (n, d): the step, per coordinate
                     d[~active] = keep[p][~active]  # finished requests stay where they stopped
                     limit = cfg.clamp_norm * norms[p]
                     scale = (limit / d.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)

@@ -40,6 +40,7 @@ def run(editor, requests, batch_size: int, overrides: dict) -> dict:
             [path],
             editor.hparams.layers[-1],
             cfg,
+            step_scale=editor.step_scale(cfg),
         )
         steps.append(t.steps.float())
         nll.append(t.nll)

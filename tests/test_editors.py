@@ -403,6 +403,28 @@ def test_batched_target_vectors_equal_per_request_ones():
         assert torch.allclose(joint.deltas[path][i], alone.deltas[path][0], atol=1e-4)
 
 
+def test_a_step_scale_is_a_learning_rate_per_coordinate():
+    """``step_scale``: ones change nothing; a coordinate scaled by 0 never moves; one scaled by 2 takes Adam's
+    steps twice as long (no clamp, no decay, one step: Adam's first step is lr·sign(g) on every coordinate)."""
+    tok = make_tokenizer()
+    model = tiny_llama(len(tok), seed=0)
+    from kedit.core.arch import spec_for
+
+    spec = spec_for(model)
+    path = spec.module_path("mlp_out", 1)
+    cfg = TargetHyperParams(steps=1, lr=0.1, weight_decay=0.0, clamp_norm=1e9, kl_factor=0.0)
+    templates = ("{}",)
+    plain = optimize_targets(model, tok, spec, REQUESTS, templates, [path], 1, cfg).deltas[path]  # (2, d)
+    d = plain.shape[-1]
+    ones = optimize_targets(model, tok, spec, REQUESTS, templates, [path], 1, cfg, step_scale={path: torch.ones(d)})
+    assert torch.equal(ones.deltas[path], plain)
+    scale = torch.ones(d)
+    scale[: d // 2], scale[d // 2 :] = 0.0, 2.0
+    got = optimize_targets(model, tok, spec, REQUESTS, templates, [path], 1, cfg, step_scale={path: scale}).deltas[path]
+    assert not got[:, : d // 2].any()
+    assert torch.allclose(got[:, d // 2 :], 2 * plain[:, d // 2 :])
+
+
 @pytest.mark.parametrize("make", [trained_scale_llama, tiny_gpt2], ids=["llama", "gpt2"])
 def test_targets_from_a_prefix_cache_equal_full_forwards(make):
     """δ enters at the subject's last token: the tokens before it are run once and cached, each step runs the
@@ -918,6 +940,25 @@ def test_a_residual_change_becomes_the_mlp_output_change_that_makes_it_behind_a_
     assert torch.isfinite(dm).all() and not dm[:, :3].any()  # no change where none can pass, not an unbounded one
     llama = tiny_llama(len(tok))
     assert residual_to_mlp_output(llama, tok, spec_for(llama), 1, reqs, dy) is dy  # no norm there: the same change
+
+
+def test_memit_steps_its_target_by_the_edited_layers_gains_where_a_norm_follows_the_mlp():
+    tok = make_tokenizer()
+    model, spec = tiny_gemma3(tok)
+    with torch.no_grad():
+        for layer in (0, 1):
+            model.get_submodule(f"{spec.block(layer)}.{spec.mlp_post_norm}").weight.normal_(0.0, 3.0)
+    over = {"layers": (0, 1), "targets.step_scale": "gain", **TINY}
+    editor = get_editor("memit")(model, tok, get_editor("memit").preset(model, over), CORPUS)
+    ((path, scale),) = editor.step_scale().items()
+    weights = torch.stack([model.get_submodule(f"{spec.block(i)}.{spec.mlp_post_norm}").weight for i in (0, 1)])
+    expected = (1.0 + weights.detach()).abs().mean(0)  # Gemma's gain is 1 + weight
+    assert path == editor.target_path() and torch.allclose(scale, expected / expected.mean(), atol=1e-4)
+    llama = trained_scale_llama(len(tok))
+    plain = get_editor("memit")(
+        llama, tok, get_editor("memit").preset(llama, OVERRIDES["memit"] | {"targets.step_scale": "gain"}), CORPUS
+    )
+    assert plain.step_scale() is None  # no norm after the MLP: every coordinate steps alike
 
 
 def test_pmet_maps_its_top_mlp_change_through_the_top_norm_and_back_through_each_layers():

@@ -25,6 +25,7 @@ from editing.hparams import TargetHyperParams
 from editing.keys import (
     context_templates,
     other_subjects,
+    post_norm_gain,
     read_at_subject,
     read_every_position,
     residual_to_mlp_output,
@@ -92,7 +93,17 @@ class MEMITFamily(Editor):
             self.hparams.layers[-1],  # δ enters at the top layer's output: the blocks below it never change
             self.target_config(),
             start=start,
+            step_scale=self.step_scale(),
         )
+
+    def step_scale(self, cfg: TargetHyperParams | None = None) -> dict[str, torch.Tensor] | None:
+        """``targets.step_scale: gain`` (in ``cfg``, else the editor's): δ's steps per coordinate in proportion to the
+        edited layers' mean |gain| of their post-MLP norms, (d,) with mean 1; None where every coordinate steps alike."""
+        if (cfg or self.target_config()).step_scale == "none" or self.spec.mlp_post_norm is None:
+            return None
+        gains = torch.stack([post_norm_gain(self.model, self.spec, layer)[0].abs() for layer in self.hparams.layers])
+        scale = gains.mean(0)  # (d,)
+        return {self.target_path(): scale / scale.mean()}
 
     def fact_keys(self, requests: list[EditRequest]) -> torch.Tensor:
         """The text-free lookup key of each fact (n, 3 d_in): editing/exchange.py."""
