@@ -65,7 +65,9 @@ class TargetHyperParams(StrictConfig):
     # "none": every coordinate of δ steps alike. "gain": where a norm sits between each edited MLP and the residual
     # stream (Gemma 2/3), coordinate i steps in proportion to the edited layers' mean |gain_i| (mean 1): a change
     # the norms pass weakly costs the MLPs much more than it moves the residual, and it comes back bent
-    # (scripts/norm_delivery.py). The same as "none" where no such norm is
+    # (scripts/norm_delivery.py). The same as "none" where no such norm is. Read by the MEMIT family's targets at a
+    # block's output (MEMIT, AlphaEdit, CoME-MEMIT); editors whose δ sits elsewhere (PMET's MLP output, ROME, the
+    # memory editors' values) step every coordinate alike
     step_scale: Literal["none", "gain"] = "none"
 
 
