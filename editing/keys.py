@@ -114,21 +114,24 @@ def subject_keys(
     return {layer: got[p] for layer, p in paths.items()}
 
 
-def other_subjects(requests: Sequence[EditRequest], per_request: int) -> list[EditRequest]:
+def other_subjects(requests: Sequence[EditRequest], per_request: int) -> tuple[list[EditRequest], list[int]]:
     """Each request's prompt about up to ``per_request`` of the batch's other subjects, the next ones in the batch's
     order: inputs whose outputs the update must keep. A subject that is the request's own (case and spacing folded),
-    or that another request edits in this very prompt, is not one: those outputs are meant to change."""
+    or that another request edits in this very prompt, is not one: those outputs are meant to change. Returns them
+    and the index of the request each belongs to."""
+    out: list[EditRequest] = []
+    owner: list[int] = []
     if per_request <= 0:
-        return []
+        return out, owner
     edited = {r.slot for r in requests}
     subjects = list(dict.fromkeys(r.subject for r in requests))
-    out = []
-    for r in requests:
+    for i, r in enumerate(requests):
         start = subjects.index(r.subject)
         ring = subjects[start + 1 :] + subjects[:start]  # the batch's other subjects, from the request's own on
         kept = [s for s in ring if (normalize(s), normalize(r.prompt)) not in edited][:per_request]
         out += [EditRequest(id=f"{r.id}~{j}", subject=s, prompt=r.prompt, target_new=r.target_new) for j, s in enumerate(kept)]
-    return out
+        owner += [i] * len(kept)
+    return out, owner
 
 
 def context_templates(model: nn.Module, tokenizer, n: int = 5, length: int = 10) -> tuple[str, ...]:

@@ -38,20 +38,19 @@ def quartiles(x: torch.Tensor) -> list[float]:
 def leak(model_ref: str, requests: list, batch_size: int) -> dict:
     model, tok, editor, _ = editor_on(model_ref, "memit", str(default_corpus() or "") or None, None)
     hp = editor.hparams
-    cov = editor.covariances()
     rows: dict[int, dict[str, list[torch.Tensor]]] = {layer: {"cosine": [], "leak": []} for layer in hp.layers}
     for start in range(0, len(requests), batch_size):
         batch = requests[start : start + batch_size]
-        negatives = other_subjects(batch, batch_size - 1)
-        owner = torch.tensor([next(i for i, r in enumerate(batch) if n.id.startswith(f"{r.id}~")) for n in negatives])
+        negatives, owner = other_subjects(batch, batch_size - 1)
+        owner = torch.tensor(owner)  # (m,) the request each other-subject prompt belongs to
         keys = subject_keys(model, tok, editor.spec, hp.layers, batch, editor.templates())  # as MEMIT solves with
         bare = subject_keys(model, tok, editor.spec, hp.layers, batch, ("{}",))  # as the negatives are read
         others = subject_keys(model, tok, editor.spec, hp.layers, negatives, ("{}",))
         for layer in hp.layers:
-            k, b, n = keys[layer].double(), bare[layer].double(), others[layer].double()  # (b, d), (b, d), (m, d)
-            x = torch.linalg.solve(hp.solve.mom2_weight * cov[layer].double() + k.T @ k, k.T)  # (d, b)
-            own = (k * x.T).sum(-1)  # (b,) kᵢᵀxᵢ
-            rows[layer]["leak"].append((n * x.T[owner]).sum(-1) / own[owner])
+            k, b, n = keys[layer], bare[layer], others[layer]  # (b, d), (b, d), (m, d)
+            _, x = editor.solve(layer, k, torch.zeros(len(k), 1))  # (b, d): MEMIT's (λC + KᵀK)⁻¹ Kᵀ, transposed
+            own = (k * x).sum(-1)  # (b,) kᵢᵀxᵢ
+            rows[layer]["leak"].append((n * x[owner]).sum(-1) / own[owner])
             rows[layer]["cosine"].append(torch.nn.functional.cosine_similarity(b[owner], n, dim=-1))
     return {
         str(layer): {name: quartiles(torch.cat(v)) for name, v in r.items()} | {"pairs": int(sum(len(t) for t in r["leak"]))}

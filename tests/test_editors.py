@@ -313,7 +313,9 @@ def test_other_subjects_are_the_batchs_others_in_each_prompt_never_one_the_batch
         EditRequest("e", "eve", "{} lives in", "paris"),
     ]
     cap, speaks = "the capital of {} is", "{} speaks"
-    got = [(n.id, n.subject, n.prompt) for n in other_subjects(r, 2)]
+    kept, owner = other_subjects(r, 2)
+    assert owner == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    got = [(n.id, n.subject, n.prompt) for n in kept]
     assert got == [
         ("a~0", "bob", cap),  # alice's and Alice's capital are c's edit (case folded): skipped
         ("a~1", "eve", cap),
@@ -326,7 +328,7 @@ def test_other_subjects_are_the_batchs_others_in_each_prompt_never_one_the_batch
         ("e~0", "france", "{} lives in"),
         ("e~1", "alice", "{} lives in"),
     ]
-    assert other_subjects(r, 0) == []
+    assert other_subjects(r, 0) == ([], [])
 
 
 @pytest.mark.parametrize("positions", ["subject", "all"])
@@ -342,7 +344,7 @@ def test_the_batchs_other_subjects_in_each_prompt_keep_their_outputs(name, posit
         hp = cls.preset(model, CONTRACT[name] | {f"negatives.{k}": v for k, v in negatives.items()})
         editor = cls(model, tok, hp, CORPUS)
         layer = hp.layers[0]  # its keys at edit time are the unedited model's
-        kept = subject_keys(model, tok, editor.spec, [layer], other_subjects(REQUESTS, 1), ("{}",))[layer]  # (2, d_in)
+        kept = subject_keys(model, tok, editor.spec, [layer], other_subjects(REQUESTS, 1)[0], ("{}",))[layer]  # (2, d_in)
         own = subject_keys(model, tok, editor.spec, [layer], REQUESTS, editor.templates())[layer]  # (2, d_in)
         w = model.get_parameter(editor.weight_name("mlp_out", layer)).detach().clone()
         editor.edit(REQUESTS)

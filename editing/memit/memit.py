@@ -222,7 +222,7 @@ class MEMITFamily(Editor):
         top = self.target_path()
         h0 = read_at_subject(self.model, self.tok, requests, ("{}",), [top], "output")[top]  # (n, d)
         z = self.targets(requests, h0)  # (n, d)
-        negatives = other_subjects(requests, hp.negatives.per_request)
+        negatives, _ = other_subjects(requests, hp.negatives.per_request)
         for i, layer in enumerate(hp.layers):
             keys = subject_keys(self.model, self.tok, self.spec, [layer], requests, self.templates())[layer]  # (n, d_in)
             # (m, d_in) at the current weights, as the edited keys are: their outputs now are the ones to keep
