@@ -27,8 +27,6 @@ import torch
 import editing.memit.memit as memit_module
 from editing.keys import _post_norm, read_at_subject, residual_to_mlp_output
 from kedit.app.bench import _cases, editor_on, machine
-from kedit.core.arch import spec_for
-from kedit.core.models import load_model
 from kedit.core.paths import default_corpus
 
 F = torch.nn.functional
@@ -78,7 +76,8 @@ def delivery(model_ref: str, requests: list, lr: float, map_name: str, overrides
     h0, delta = seen["h0"], seen["delta"]
     size = float((delta.norm(dim=-1) / h0.norm(dim=-1)).mean())
     rms_h = float(h0.pow(2).mean(-1).sqrt().mean())
-    row = {"lr": lr, "map": map_name, "overrides": overrides, "delta_over_h": round(size, 4), "rms_h": round(rms_h, 1)}
+    row = {"lr": lr, "map": map_name, "overrides": overrides, "post_norm": editor.spec.mlp_post_norm is not None}
+    row |= {"delta_over_h": round(size, 4), "rms_h": round(rms_h, 1)}
     return row | stats(h1 - h0, delta)
 
 
@@ -120,10 +119,13 @@ def main() -> None:
     out = {"data": args.data, "n": 10, "machine": machine(), "models": {}}
     for ref in args.models.split(","):
         got = out["models"][ref] = {"delivery": [], "norm": []}
-        has_norm = spec_for(load_model(ref)[0]).mlp_post_norm is not None
+        has_norm = None  # the first run says: without a post-MLP norm the maps are the identity, run once
         for lr in (float(x) for x in args.lrs.split(",")):
-            for name in MAPS if has_norm else ("first_order",):
+            for name in MAPS:
+                if name != "first_order" and not has_norm:
+                    continue
                 got["delivery"].append(delivery(ref, requests, lr, name, args.set))
+                has_norm = got["delivery"][-1]["post_norm"]
                 print(ref, json.dumps(got["delivery"][-1]), flush=True)
         if has_norm and not args.no_norm:
             got["norm"] = norm_errors(ref, requests)
