@@ -1,13 +1,16 @@
 """Where a single MEND edit changes the edited subject's free text.
 
-usage: python scripts/mend_generation.py [--network DIR] [--n 20] [--threads 2] [--json FILE]
+usage: python scripts/mend_generation.py [--network DIR] [--data FILE] [--start K] [--n 20] [--set KEY=VALUE ...]
+                                        [--threads 2] [--json FILE]
 
-For each of the first ``--n`` CounterFact records (``counterfact_500.rome.json``, the records the single-edit
-benchmark scores): the unedited model's greedy continuation (30 tokens) of the record's first generation prompt
-is read teacher-forced by the unedited and by the edited model, and every position from the subject's last token
-on is checked for the edit's target: "taken" when the edited model's argmax there is the target's first token and
+For each of the first ``--n`` CounterFact records after ``--start`` (default ``counterfact_500.rome.json``, the
+records the single-edit benchmark scores; its first generation prompt, or "<subject> is" for a record without
+one, such as those of EasyEdit's training split): the unedited model's greedy continuation (30 tokens) of that
+prompt is read teacher-forced by the unedited and by the edited model, and every position from the subject's last
+token on is checked for the edit's target: "taken" when the edited model's argmax there is the target's first token and
 the unedited model's is not. Then both models generate from the prompt, and the script reports ROME's n-gram
-entropy of each text. Each edit is reverted before the next. ``--network``: a network directory written by
+entropy of each text, and whether the edited text names the new target. Each edit is reverted before the next.
+``--set``: MEND preset overrides (``edit_scale=0.5``). ``--network``: a network directory written by
 ``kedit train mend`` (``OUT/network``); default the production network registered for the model.
 """
 
@@ -35,7 +38,7 @@ def greedy(model, tok, ids: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def one(model, tok, editor, request, n_new: int) -> dict:
-    prompt = request.generation_prompts[0]
+    prompt = request.generation_prompts[0] if request.generation_prompts else f"{request.subject} is"
     at = prompt.find(request.subject)
     if at < 0:
         raise ValueError(f"case {request.id}: generation prompt {prompt!r} does not name the subject {request.subject!r}")
@@ -65,6 +68,7 @@ def one(model, tok, editor, request, n_new: int) -> dict:
         "taken": float(taken.float().mean()),
         "entropy_unedited": ngram_entropy(base_text),
         "entropy_edited": ngram_entropy(edited_text),
+        "names_target": float(request.target_new.lower() in edited_text.lower()),
         "unedited": base_text,
         "edited": edited_text,
     }
@@ -74,12 +78,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--network", type=Path, help="a trained network directory (default: the registered production one)")
+    ap.add_argument("--data", default=DATA)
+    ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="MEND preset override KEY=VALUE")
     ap.add_argument("--tokens", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.sets)} or None
     if args.network:
         from kedit.core.models import load_model
 
@@ -87,12 +95,13 @@ def main() -> None:
         _, fingerprint = identify(args.model, model)
         provenance = {"network_dir": str(args.network), "network_sha256": tree_sha256(args.network)}
         net = MEND.open_asset("network", args.network, fingerprint, provenance)
-        editor = make_editor("mend", model, tok, assets={"network": net})
+        editor = make_editor("mend", model, tok, overrides, assets={"network": net})
     else:
-        model, tok, editor, _ = editor_on(args.model, "mend", None, None)
-    rows = [one(model, tok, editor, r, args.tokens) for r in _cases(DATA, args.n) if r.generation_prompts]
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("taken", "entropy_unedited", "entropy_edited")}
-    out = {"machine": machine(), "network": editor.provenance(), "n": len(rows), **mean, "records": rows}
+        model, tok, editor, _ = editor_on(args.model, "mend", None, overrides)
+    rows = [one(model, tok, editor, r, args.tokens) for r in _cases(args.data, args.n, args.start)]
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("taken", "entropy_unedited", "entropy_edited", "names_target")}
+    setting = {"data": args.data, "start": args.start, "overrides": overrides or {}}
+    out = {"machine": machine(), "network": editor.provenance(), **setting, "n": len(rows), **mean, "records": rows}
     print(json.dumps({k: v for k, v in out.items() if k != "records"}, indent=1))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))

@@ -53,6 +53,23 @@ def test_an_untrained_network_makes_the_fine_tuning_step_exactly():
         assert torch.allclose(delta.parts[name].dense(), -hp.edit_lr * g, atol=1e-6, rtol=1e-4), name
 
 
+def test_edit_scale_multiplies_the_networks_update_and_must_be_positive():
+    """``edit_scale`` s: the same edit's weight delta, s times over (the network and its factors unchanged)."""
+    model, tok, hp = setup({"network.norm": False})
+    net = MEND.new_network(model, hp)
+    reqs = facts()[:2]
+    deltas = {}
+    for scale in (1.0, 0.25):
+        editor = MEND(model, tok, hp.model_copy(update={"edit_scale": scale}), MENDNetwork(net, {}))
+        deltas[scale] = editor.edit(reqs).weights
+        editor.revert()
+    for name, part in deltas[1.0].parts.items():
+        full, quarter = part.dense(), deltas[0.25].parts[name].dense()
+        assert full.abs().max() > 0 and torch.allclose(quarter, 0.25 * full, atol=1e-7, rtol=1e-5), name
+    with pytest.raises(ValueError, match="edit_scale"):
+        MEND.preset(model, {**TINY, "edit_scale": 0.0})
+
+
 @pytest.mark.parametrize(
     "low", [{"stem_dtype": "bfloat16"}, {"head_dtype": "bfloat16"}, {"stem_dtype": "bfloat16", "head_dtype": "bfloat16"}]
 )

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from kedit.core.config import Seq, StrictConfig
 
@@ -76,5 +76,9 @@ class MENDHyperParams(StrictConfig):
     # the output head at this precision in an edit: the edit loss runs through it forward and backward, and no
     # edit changes it (a copy like the stem's, rebuilt when its weights change); None: the model's
     head_dtype: Literal["auto", "bfloat16", "float16"] | None = None
+    # a factor on the trained network's update at edit time (training never reads it): the network learns its edit
+    # rates against the training's balance of edit loss and KL, and a smaller update trades some of the edit's
+    # strength for less of its spill into the subject's free text and its relation's other subjects
+    edit_scale: float = Field(1.0, gt=0.0)
     network: NetworkHyperParams = NetworkHyperParams()
     train: TrainHyperParams = TrainHyperParams()

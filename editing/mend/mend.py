@@ -168,4 +168,5 @@ class MEND(Editor):
         with torch.no_grad():
             for path, (out, inp) in net.updates(factors).items():
                 module = self.model.get_submodule(path)
+                out = out * self.hparams.edit_scale  # (d_out, T_w)
                 self._apply(f"{path}.weight", linear_update(module, out.contiguous(), inp.contiguous()))
