@@ -78,7 +78,9 @@ class MENDHyperParams(StrictConfig):
     head_dtype: Literal["auto", "bfloat16", "float16"] | None = None
     # a factor on the trained network's update at edit time (training never reads it): the network learns its edit
     # rates against the training's balance of edit loss and KL, and a smaller update trades some of the edit's
-    # strength for less of its spill into the subject's free text and its relation's other subjects
+    # strength for less of its spill into the subject's free text and its relation's other subjects (SmolLM2, one
+    # network, 0.75: 0.985 / 0.955 / 0.635 -> 0.935 / 0.883 / 0.663, fluency 0.65 -> 1.41; below 0.75 edits stop
+    # taking; kept at 1.0 until more than one network says so: docs/benchmarks.md)
     edit_scale: float = Field(1.0, gt=0.0)
     network: NetworkHyperParams = NetworkHyperParams()
     train: TrainHyperParams = TrainHyperParams()
