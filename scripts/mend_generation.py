@@ -1,6 +1,6 @@
 """Where a single MEND edit changes the edited subject's free text.
 
-usage: python scripts/mend_generation.py [--network DIR] [--data FILE] [--start K] [--n 20] [--set KEY=VALUE ...]
+usage: python scripts/mend_generation.py [--network DIR] [--data FILE] [--start K] [--n 20] [--set KEY=YAML_VALUE ...]
                                         [--threads 2] [--json FILE]
 
 For each of the first ``--n`` CounterFact records after ``--start`` (default ``counterfact_500.rome.json``, the
@@ -26,6 +26,7 @@ from editing import make_editor
 from editing.mend.mend import MEND
 from evaluation.metrics import ngram_entropy
 from kedit.app.bench import _cases, editor_on, machine
+from kedit.app.options import sets_to_overrides
 from kedit.core.lm import encode_prompts
 from kedit.store.naming import identify
 from kedit.store.networks import tree_sha256
@@ -81,13 +82,13 @@ def main() -> None:
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--n", type=int, default=20)
-    ap.add_argument("--set", dest="sets", action="append", default=[], help="MEND preset override KEY=VALUE")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="MEND preset override KEY=YAML_VALUE")
     ap.add_argument("--tokens", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.sets)} or None
+    overrides = sets_to_overrides(tuple(args.sets)) or None  # the CLI's own --set: KEY=YAML_VALUE
     if args.network:
         from kedit.core.models import load_model
 
