@@ -459,9 +459,40 @@ def test_targets_from_a_prefix_cache_equal_full_forwards(make):
     assert torch.allclose(cached.nll, full.nll, atol=1e-5) and torch.equal(cached.steps, full.steps)
     assert torch.equal(cached.originals[path], full.originals[path])
     # the first forward runs every row and column; the steps run the tokens from the subject's last token on,
-    # several rows' to a sequence
-    assert w_cached[0] == w_full[0] and all(w == w_full[0] for w in w_full[1:])
+    # several rows' to a sequence; full or cached, never a rewrite row's last token (the longest rows here end in
+    # a target, so the full steps are one column narrower)
+    assert w_cached[0] == w_full[0] and all(w == (w_full[0][0], w_full[0][1] - 1) for w in w_full[1:])
     assert all(b < w_full[0][0] and t < w_full[0][1] for b, t in w_cached[1:])
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cache", "full"])
+def test_the_steps_leave_out_each_rewrite_rows_last_token_and_optimize_the_same(cached, monkeypatch):
+    """The last target token is predicted at the column before it and seen by no earlier token: a step without it
+    computes the same losses and gradients as one with it, over fewer tokens."""
+    import editing.targets as targets
+    from kedit.core.arch import spec_for
+
+    tok = make_tokenizer()
+    model = trained_scale_llama(len(tok), seed=0)
+    spec = spec_for(model)
+    path = spec.module_path("mlp_out", 1)
+    reqs = [*REQUESTS, EditRequest("c", "the river", "{} flows through", "the city of london", None)]
+    cfg = TargetHyperParams(steps=8, lr=0.5, clamp_norm=200.0, prefix_cache=cached)
+    tokens = []  # per forward through block 2: the token slots it ran, (B, T) -> B * T
+    h = model.get_submodule(spec.block(2)).register_forward_hook(
+        lambda m, a, o: tokens.append((o[0] if isinstance(o, tuple) else o).shape[:2].numel())
+    )
+    trimmed = optimize_targets(model, tok, spec, reqs, ("{}", "the city . {}"), [path], 1, cfg)
+    t_trimmed = list(tokens)
+    tokens.clear()
+    monkeypatch.setattr(targets, "_without_last_target", lambda lay, n: lay)
+    whole = optimize_targets(model, tok, spec, reqs, ("{}", "the city . {}"), [path], 1, cfg)
+    h.remove()
+    assert whole.deltas[path].norm(dim=-1).min() > 0.1
+    assert torch.allclose(trimmed.deltas[path], whole.deltas[path], atol=1e-5, rtol=1e-4)
+    assert torch.allclose(trimmed.nll, whole.nll, atol=1e-5) and torch.equal(trimmed.steps, whole.steps)
+    # every step ran fewer token slots (the first forward, before any step, runs the full layout in both)
+    assert t_trimmed[0] == tokens[0] and all(a < b for a, b in zip(t_trimmed[1:], tokens[1:], strict=True))
 
 
 @pytest.mark.parametrize("replace", [False, True], ids=["add", "replace"])
