@@ -12,6 +12,7 @@ every token before it has the same hidden states, keys and values at every step:
 with that token on one column, the tokens before it run once and are kept as a key/value cache, and each
 step runs only the tokens from the subject's last token on (``targets.prefix_cache``; a CounterFact row
 of about 20 tokens keeps 3 to 9), several rows' packed into one sequence whose cache holds their prefixes.
+A rewrite row's last token (the last target token, which no loss reads) is left out of the steps.
 The blocks below the first edited module run once as well.
 """
 
@@ -92,8 +93,8 @@ def _align(ids: list[list[int]], subject_pos: list[int], pad_id: int, device) ->
 def _without_last_target(lay: _Layout, n_rewrite: int) -> _Layout:
     """The layout the steps run: each rewrite row (the first ``n_rewrite``) without its last token. No loss is taken
     at or after it (it is the last target token, predicted at the column before), and under causal attention no
-    earlier token sees it. A step runs every token from the subject on, so that is 1 token in 4 to 10 of a step's
-    matmuls. KL rows keep theirs: their last token is where the KL is taken."""
+    earlier token sees it. A step runs every token from the subject on (3 to 9 in a CounterFact row), so that is one
+    token in 3 to 9 of a row's matmuls. KL rows keep theirs: their last token is where the KL is taken."""
     rewrite = (torch.arange(len(lay.lengths), device=lay.lengths.device) < n_rewrite).long()  # (R,)
     return replace_fields(lay, lengths=lay.lengths - rewrite)
 
