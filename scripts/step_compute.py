@@ -8,9 +8,9 @@ usage: python scripts/step_compute.py [--model smollm2-135m] [--tokens 16 48 100
    bound by arithmetic (fewer tokens is what saves time); where it climbs with M, by per-call cost.
 2. The model's blocks above the BalancEdit preset's layer (5 on) on a bf16 copy, eager attention, weights frozen:
    a forward and backward over T tokens of one sequence, eager, then each block compiled (``dynamic=True``), the
-   compile's own time apart. This runs without a key/value cache: the steps' prefix cache (a transformers
-   DynamicCache) makes the compiled blocks recompile per layer (its guards see each layer's cache state), which is
-   why this is measured here and not in ``optimize_targets``.
+   compile's own time apart. This runs without a key/value cache: a transformers DynamicCache that fills its layers
+   as it goes made compiled blocks recompile per layer in a scratch attempt inside ``optimize_targets`` (dynamo's
+   guards read each layer's cache state), which is why this is measured here and not there.
 """
 
 from __future__ import annotations
