@@ -8,6 +8,8 @@ from contextlib import AbstractContextManager, contextmanager
 import torch
 from torch import nn
 
+from editing.patches import Installable
+
 
 def first(x):
     """Decoder blocks return a tensor or a tuple whose first item is the hidden states."""
@@ -124,8 +126,12 @@ def start_at_block(model: nn.Module, blocks_path: str, index: int, hidden: torch
     """Run the model from block ``index`` on, with ``hidden`` (B, T, d) as that block's input.
 
     The blocks below are swapped for passthroughs and the embedding output is overwritten at
-    ``index``, so repeated forwards (an optimization loop) do not recompute what cannot change.
+    ``index``, so repeated forwards (an optimization loop) do not recompute what cannot change. An installed
+    module below forgets what it recorded for modules above (its forwards inside see none of its tokens).
     """
+    for m in model.modules():
+        if isinstance(m, Installable):
+            m.forget()
     blocks = model.get_submodule(blocks_path)
     saved = [blocks[i] for i in range(index)]
     for i in range(index):

@@ -6,14 +6,16 @@ import copy
 import pytest
 import torch
 from test_bench import write_zsre
-from test_editors import CONTRACT, CORPUS, build
+from test_editors import CONTRACT, CORPUS, assert_same_bits, build, snapshot
 
 from editing import EditError, get_editor
 from editing.balancedit import balancedit as balancedit_module
 from editing.balancedit.balancedit import Background
-from editing.grace.codebook import codebooks
+from editing.grace.codebook import Answers, Scope, codebooks
 from editing.grace.grace import ADD, REPLACE
+from editing.hooks import capture, start_at_block
 from editing.keys import read_at_subject, read_every_position
+from editing.patches import PatchSet
 from editing.stats import Corpus
 from kedit.core.errors import KeditError
 from kedit.core.facts import EditRequest
@@ -115,6 +117,102 @@ def test_held_out_texts_are_never_samples():
     editor.held_out = frozenset({normalize("Q: alice speaks A:")})
     editor.edit([ALICE])
     assert editor.samples and "Q: alice speaks A:" not in editor.samples
+
+
+def split_books(model, editor):
+    """[(scope, answers)] innermost first: a split codebook's halves at the key's and the value's paths."""
+    scopes, _ = codebooks(model.get_submodule(editor.path()), Scope)
+    answers, _ = codebooks(model.get_submodule(editor.value_path()), Answers)
+    assert len(scopes) == len(answers)
+    return list(zip(scopes, answers))
+
+
+def test_a_value_above_its_key_replaces_that_blocks_output_where_the_scope_hits_and_nowhere_else():
+    model, tok, editor = balancedit(value_layer=2)
+    base = copy.deepcopy(model)
+    editor.edit([PARIS, ALICE])
+    ((scope, answers),) = split_books(model, editor)
+    assert editor.path() != editor.value_path() and scope.n_entries() == 2 and answers._scope[0] is scope
+    # the key's block computes what it did before: the scope only looks
+    ids = tok(PARIS.text, return_tensors="pt")["input_ids"]
+    with capture(model, [editor.path(), editor.value_path()], "output") as out, capture(base, [editor.path()], "output") as ref:
+        with torch.no_grad():
+            model(input_ids=ids)
+            base(input_ids=ids)
+    assert torch.equal(out[editor.path()], ref[editor.path()])
+    # the value's block answers at the subject's last token with the hit key's value, and nowhere else
+    idx, hit = scope.found
+    at = len(tok(PARIS.text.split(PARIS.subject)[0] + PARIS.subject)["input_ids"]) - 1
+    assert hit[0].nonzero().flatten().tolist() == [at] and int(idx[0, at]) == 0
+    assert torch.equal(out[editor.value_path()][0, at], answers.values[0])
+    # an input outside every scope gets the unedited output bit for bit
+    ids = tok("bob speaks german", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def test_answers_take_no_hits_in_a_forward_that_starts_above_their_scope_and_refuse_another_forwards():
+    model, tok, editor = balancedit(value_layer=2)
+    editor.edit([PARIS])
+    ((scope, answers),) = split_books(model, editor)
+    ids = tok(PARIS.text, return_tensors="pt")["input_ids"]
+    with torch.no_grad(), capture(model, [editor.spec.block(2)], "input") as seen:
+        full = model(input_ids=ids).logits
+    assert scope.found is not None and scope.found[1].any()
+    # the same forward with the scope's hits withheld from the value's block
+    handle = model.get_submodule(editor.spec.block(2)).register_forward_pre_hook(lambda *_: scope.forget())
+    with torch.no_grad():
+        withheld = model(input_ids=ids).logits
+    handle.remove()
+    assert not torch.equal(full, withheld)
+    # the steps' forwards start above the scope: what it found for an earlier forward must not reach them
+    with torch.no_grad():
+        model(input_ids=ids)
+        with start_at_block(model, editor.spec.blocks, 2, seen[editor.spec.block(2)], returns_tuple=False):
+            assert scope.found is None
+            resumed = model(input_ids=ids).logits
+    assert torch.equal(resumed, withheld)
+    # the scope's hits are for one forward's tokens: another shape reaching the answers is an error, not a guess
+    with torch.no_grad():
+        model(input_ids=ids)
+        with pytest.raises(RuntimeError, match="saw"):
+            answers(torch.zeros(1, ids.shape[1] + 1, answers.original.in_features))
+
+
+def test_a_full_split_codebook_is_wrapped_by_a_larger_pair_and_the_chain_rebuilds_it(tmp_path):
+    model, tok, editor = balancedit(value_layer=2, **{"scope.capacity": 1})
+    base = copy.deepcopy(model)
+    patches = [editor.edit([PARIS]), editor.edit([ALICE, BOB])]
+    pairs = split_books(model, editor)
+    assert [(s.capacity, s.n_entries()) for s, _ in pairs] == [(1, 1), (2, 2)]
+    assert all(a._scope[0] is s for s, a in pairs)
+    patches.append(editor.edit([EditRequest("a2", "france", "the capital of {} is", "berlin", "rome")]))  # a re-edit
+    assert editor.diagnostics["action"] == [REPLACE]
+    inner = editor.path() + ".original", editor.value_path() + ".original"
+    assert patches[2].weights.parts.keys() == {f"{inner[0]}.keys", f"{inner[1]}.values", f"{inner[0]}.radii"}
+    for i, p in enumerate(patches):
+        PatchSet.load(tmp_path / str(i), p.save(tmp_path / str(i))).apply(base)
+    assert_same_bits(snapshot(base), snapshot(model))
+    for r in (PARIS, ALICE, BOB):
+        ids = tok(r.text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            assert torch.equal(base(input_ids=ids).logits, model(input_ids=ids).logits)
+    editor.revert()
+    assert [(s.capacity, s.n_entries()) for s, _ in split_books(model, editor)] == [(1, 1), (2, 2)]
+
+
+def test_a_codebook_laid_out_otherwise_than_the_preset_is_refused():
+    model, tok, editor = balancedit()
+    editor.edit([ALICE])
+    editor.commit()
+    cls = get_editor("balancedit")
+    other = cls(model, tok, cls.preset(model, CONTRACT["balancedit"] | {"value_layer": 2}), corpus=CORPUS)
+    other.load_state_dict(editor.state_dict())
+    with pytest.raises(EditError, match="not the split codebook"):
+        other.edit([BOB])
+    for outside in (0, 3):  # below the key, or the last block (whose output no later token reads)
+        with pytest.raises(EditError, match="from its key's"):
+            cls(model, tok, cls.preset(model, CONTRACT["balancedit"] | {"value_layer": outside}), corpus=CORPUS).edit([BOB])
 
 
 def test_a_request_without_a_subject_token_and_an_empty_state_are_refused():

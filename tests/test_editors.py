@@ -115,9 +115,12 @@ class AdapterEditor(Editor):
 
 TEST_EDITORS = {AdapterEditor.name: AdapterEditor}
 CONTRACT = {**OVERRIDES, AdapterEditor.name: dict(layer=1, rank=2, steps=10, lr=0.05)}
+# a registered editor in another layout its hparams offer, through the whole contract: "editor[what]" -> overrides
+CONTRACT["balancedit[value above its key]"] = CONTRACT["balancedit"] | {"value_layer": 2}
 
 
 def editor_class(name):
+    name = name.split("[")[0]
     return TEST_EDITORS.get(name) or get_editor(name)
 
 

@@ -10,7 +10,9 @@
    negative (n*): r = p* + balance (n* - p*). Where two keys' scopes overlap, the nearer key answers;
 4. value: the projection's output at the subject plus ROME's target vector (context templates, KL on the
    subject's essence), trained in place (it replaces the output at the subject in every row, as it will in any
-   context), so a hit at the subject's token makes the model state target_new;
+   context), so a hit at the subject's token makes the model state target_new. It may be written at a later
+   block than its key (``value_layer``: a split codebook, editing/grace/codebook.py), where it trains on fewer
+   blocks in fewer steps;
 5. write: as GRACE's codebook (editing/grace/memory.py); a re-edit of a fact the codebook holds (same
    subject and prompt) replaces its entry.
 
@@ -69,6 +71,17 @@ class BalancEdit(CodebookEditor):
 
     def prepare(self) -> None:
         self.background()
+
+    def value_layer(self) -> int:
+        v = self.hparams.value_layer
+        if v is None:
+            return self.hparams.layer
+        last = len(self.model.get_submodule(self.spec.blocks)) - 1
+        if not self.hparams.layer <= v < last:
+            # at the last block a value changes only its own token's output: no later token (the answer) reads it
+            blocks = f"from its key's ({self.hparams.layer}) to {last - 1}"
+            raise EditError(f"{self.name}: a value replaces the output of a block {blocks}, not {v}")
+        return v
 
     def require_supported(self, requests) -> None:
         for r in requests:
@@ -201,12 +214,13 @@ class BalancEdit(CodebookEditor):
         return plan
 
     def _train_values(self, book: Book, plan: dict[int, int], requests: list[EditRequest]) -> None:
-        path = self.path()
+        path = self.value_path()
         hp = self.hparams
         # trained where the scope reaches: after the generated prefixes and in the question frames
         templates = self.templates() + hp.frames
         # the value replaces the output at the subject in every context, so it is trained as it will act
-        t = optimize_targets(self.model, self.tok, self.spec, requests, templates, [path], hp.layer, hp.value, replace=True)
+        layer = self.value_layer()
+        t = optimize_targets(self.model, self.tok, self.spec, requests, templates, [path], layer, hp.value, replace=True)
         # (n, d_out): the output the model should have at the subject; a later request of one slot wins
         values = (t.originals[path] + t.deltas[path]).cpu()
         last = {j: i for i, j in plan.items()}  # entry -> the batch's last request for it

@@ -18,6 +18,9 @@ class ScopeHyperParams(StrictConfig):
 
 class BalancEditHyperParams(StrictConfig):
     layer: int  # block whose MLP output projection the codebook wraps; the key is its input at the subject
+    # block whose MLP output a value replaces (at the tokens the scope at ``layer`` takes in, in the same forward);
+    # None: ``layer``'s own. A value higher up trains on fewer blocks in fewer steps (scripts/balancedit_value_layer.py)
+    value_layer: int | None = None
     scope: ScopeHyperParams = ScopeHyperParams()
     # the model's own generated prefixes: context for the value (as ROME's) and positive samples of the scope
     templates: TemplateHyperParams = TemplateHyperParams()

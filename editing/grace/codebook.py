@@ -8,6 +8,11 @@ output, and everywhere else the output is the wrapped module's, bit for bit. Emp
 The capacity is fixed per module, so that later edits change rows (a weight delta of a few rows) rather
 than reallocating; a full codebook is wrapped by a new, larger one, and where both hold a matching key
 the outer (newer) one wins.
+
+A codebook may also be split in two: a ``Scope`` (keys and radii) around one block's projection, which
+finds the hits and leaves that block's output as it is, and its ``Answers`` (values) around a later block's,
+which replaces that block's output at the tokens its scope hit in the same forward. The key stays where a
+fact's rephrasings lie near it; the value is written where it is cheap to train (fewer blocks above it).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from editing.patches import Installable
+from editing.patches import Installable, PatchIntegrityError
 from editing.patches.modules import register_module_type
 
 EMPTY = -1.0  # the radius of an unused row: no distance is below it
@@ -70,6 +75,96 @@ class Codebook(Installable):
         return torch.where(hit[:, None], self.values[idx].to(out.dtype), flat).view_as(out)
 
 
+@register_module_type
+class Scope(Installable):
+    """The key half of a split codebook: keys and radii around one block's projection, whose output it returns
+    unchanged. Each forward records, per token, the nearest key and whether the token lies within its radius
+    (``found``), which the ``Answers`` bound to it reads later in the same forward."""
+
+    type_name: ClassVar[str] = "codebook-scope"
+
+    def __init__(self, original: nn.Module, capacity: int, d_in: int):
+        super().__init__()
+        w = next(original.parameters())
+        self.original = original
+        self.capacity, self.d_in = int(capacity), int(d_in)
+        # parameters, not buffers: later edits change rows through weight deltas like any weight's
+        self.keys = nn.Parameter(torch.zeros(self.capacity, self.d_in, dtype=w.dtype, device=w.device), requires_grad=False)
+        self.radii = nn.Parameter(torch.full((self.capacity,), EMPTY, dtype=w.dtype, device=w.device), requires_grad=False)
+        self.found: tuple[torch.Tensor, torch.Tensor] | None = None  # (...,) index, (...,) hit: this forward's
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], original: nn.Module) -> Scope:
+        return cls(original, config["capacity"], config["d_in"])
+
+    def config(self) -> dict[str, Any]:
+        return {"capacity": self.capacity, "d_in": self.d_in}
+
+    def n_entries(self) -> int:  # kedit.core.routing.Router
+        return int((self.radii >= 0).sum())
+
+    def routed(self, x: torch.Tensor) -> torch.Tensor:  # kedit.core.routing.Router
+        """(..., d_in) -> (...) bool: the tokens this scope takes in (none while it is empty)."""
+        return nearest_within(x.reshape(-1, x.shape[-1]), self.keys, self.radii)[1].view(x.shape[:-1])
+
+    def forget(self) -> None:
+        self.found = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((self.radii >= 0).any()):
+            idx, hit = nearest_within(x.reshape(-1, x.shape[-1]), self.keys, self.radii)  # (N,) over every position
+            self.found = idx.view(x.shape[:-1]), hit.view(x.shape[:-1])
+        else:
+            self.found = None
+        return self.original(x)
+
+
+@register_module_type
+class Answers(Installable):
+    """The value half of a split codebook: around a later block's projection, its output at the tokens its
+    ``Scope`` (installed before it at ``config['scope']``) hit in this forward becomes the hit key's value;
+    everywhere else it is the wrapped module's, bit for bit. A forward that starts above the scope (the target
+    steps' ``start_at_block``, which forgets what the scope found) gets no hits: the scope never saw its tokens."""
+
+    type_name: ClassVar[str] = "codebook-answers"
+
+    def __init__(self, original: nn.Module, capacity: int, d_out: int, scope: str):
+        super().__init__()
+        w = next(original.parameters())
+        self.original = original
+        self.capacity, self.d_out, self.scope_path = int(capacity), int(d_out), str(scope)
+        self.values = nn.Parameter(torch.zeros(self.capacity, self.d_out, dtype=w.dtype, device=w.device), requires_grad=False)
+        self._scope: tuple[Scope, ...] = ()  # a tuple, not an attribute nn.Module would register as a child
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], original: nn.Module) -> Answers:
+        return cls(original, config["capacity"], config["d_out"], config["scope"])
+
+    def config(self) -> dict[str, Any]:
+        return {"capacity": self.capacity, "d_out": self.d_out, "scope": self.scope_path}
+
+    def bind(self, model: nn.Module) -> None:
+        """Installed: the scope is the module at its path now (the one installed just before, in the same edit)."""
+        scope = model.get_submodule(self.scope_path)
+        if not isinstance(scope, Scope) or scope.capacity != self.capacity:
+            raise PatchIntegrityError(f"{self.scope_path}: the answers of a {self.capacity}-entry scope need that scope there")
+        self._scope = (scope,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.original(x)  # (..., d_out)
+        if not self._scope:
+            raise PatchIntegrityError(f"answers for {self.scope_path} were never bound to their scope")
+        found = self._scope[0].found
+        if found is None:
+            return out
+        idx, hit = found
+        if hit.shape != x.shape[:-1]:
+            raise RuntimeError(f"the scope at {self.scope_path} saw {tuple(hit.shape)} tokens, its answers {tuple(x.shape[:-1])}")
+        if not bool(hit.any()):
+            return out
+        return torch.where(hit[..., None], self.values[idx].to(out.dtype), out)
+
+
 def nearest_within(x: torch.Tensor, keys: torch.Tensor, radii: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of x (N, d_in): the nearest key's index among keys (C, d_in) with a radius >= 0, and whether x
     lies within that key's radius: where the nearer of two overlapping scopes answers."""
@@ -79,11 +174,11 @@ def nearest_within(x: torch.Tensor, keys: torch.Tensor, radii: torch.Tensor) -> 
     return idx, nearest <= radii.float()[idx]
 
 
-def codebooks(module: nn.Module) -> tuple[list[Codebook], nn.Module]:
-    """The codebooks stacked at a path, innermost first (each full one wrapped by the next), and the layer
-    they wrap."""
-    out: list[Codebook] = []
-    while isinstance(module, Codebook):
+def codebooks(module: nn.Module, kind: type[Installable] = Codebook) -> tuple[list, nn.Module]:
+    """The codebooks (or scopes, or answers) stacked at a path, innermost first (each full one wrapped by the
+    next), and the layer they wrap."""
+    out: list = []
+    while isinstance(module, kind):
         out.append(module)
         module = module.original
     return out[::-1], module

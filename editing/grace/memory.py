@@ -15,9 +15,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from editing.base import EditError, Editor
-from editing.patches import Dense, LowRank
+from editing.patches import Dense, Installable, LowRank
 
-from .codebook import Codebook, codebooks
+from .codebook import Answers, Codebook, Scope, codebooks
+
+NAMES = ("keys", "values", "radii")
 
 
 @dataclasses.dataclass
@@ -40,23 +42,34 @@ class Book:
         return len(self.radii) - 1
 
 
-def _write_rows(prefix: str, cb: Codebook, book: Book, start: int, stop: int, apply: Callable[[str, object], None]) -> None:
-    new = {name: getattr(book, name)[start:stop] for name in ("keys", "values", "radii")}
-    old = {name: getattr(cb, name)[: stop - start].detach().float().cpu() for name in ("keys", "values", "radii")}
+def _write_rows(
+    parts: list[tuple[str, nn.Module]], capacity: int, book: Book, start: int, stop: int, apply: Callable[[str, object], None]
+) -> None:
+    """Rows start..stop of the book into one codebook, whose tensors ``parts`` hold between them: (prefix,
+    module) pairs, one codebook, or a split codebook's scope (keys, radii) and answers (values)."""
+    held = {name: (prefix, m) for prefix, m in parts for name in NAMES if name in m._parameters}
+    new = {name: getattr(book, name)[start:stop] for name in NAMES}
+    old = {name: getattr(m, name)[: stop - start].detach().float().cpu() for name, (_, m) in held.items()}
     changed = (new["keys"] != old["keys"]).any(-1) | (new["values"] != old["values"]).any(-1) | (new["radii"] != old["radii"])
     rows = changed.nonzero().flatten()  # (m,)
     if not len(rows):
         return
-    onehot = F.one_hot(rows, cb.capacity).T.float()  # (C, m): the update touches these rows only
+    onehot = F.one_hot(rows, capacity).T.float()  # (C, m): the update touches these rows only
     for name in ("keys", "values"):  # each its own one-hot: a saved patch stores every tensor once
-        apply(f"{prefix}.{name}", LowRank(onehot.clone(), (new[name] - old[name])[rows]))
-    radii = torch.zeros(cb.capacity)
+        apply(f"{held[name][0]}.{name}", LowRank(onehot.clone(), (new[name] - old[name])[rows]))
+    radii = torch.zeros(capacity)
     radii[rows] = (new["radii"] - old["radii"])[rows]
-    apply(f"{prefix}.radii", Dense(radii))
+    apply(f"{held['radii'][0]}.radii", Dense(radii))
+
+
+def _layer_shape(layer: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out): nn.Linear keeps (d_out, d_in), GPT-2's Conv1D (d_in, d_out)."""
+    return tuple(layer.weight.shape[::-1] if isinstance(layer, nn.Linear) else layer.weight.shape)
 
 
 class CodebookEditor(Editor):
-    """An editor whose facts live in a codebook at one block's MLP output projection (``hparams.layer``).
+    """An editor whose facts live in a codebook at one block's MLP output projection (``hparams.layer``), or
+    split: its keys there and its values at a later block's (``value_layer()``).
 
     Its state is which fact (``slots``) and which target (``labels``) each entry holds, hashed, innermost
     codebook first: saved with every version, it is what a later stream resumes from."""
@@ -69,7 +82,40 @@ class CodebookEditor(Editor):
         self.labels = torch.zeros(0, dtype=torch.int64)  # (n,)
 
     def path(self) -> str:
+        """Where the keys are read and the codebook (or its scope) sits."""
         return self.spec.module_path("mlp_out", self.hparams.layer)
+
+    def value_layer(self) -> int:
+        """The block whose MLP output a value replaces: the key's own, unless an editor's hparams say otherwise."""
+        return self.hparams.layer
+
+    def value_path(self) -> str:
+        return self.spec.module_path("mlp_out", self.value_layer())
+
+    def split(self) -> bool:
+        return self.value_layer() != self.hparams.layer
+
+    def _stacks(self) -> list[list[tuple[str, nn.Module]]]:
+        """Per installed codebook, innermost first: the (prefix, module) parts that hold its tensors; refuses a
+        model whose codebooks are laid out otherwise than this editor's hparams say."""
+        path, vpath = self.path(), self.value_path()
+        whole, _ = codebooks(self.model.get_submodule(path))
+        scopes, _ = codebooks(self.model.get_submodule(path), Scope)
+        answers, _ = codebooks(self.model.get_submodule(vpath), Answers)
+        layout = "split" if self.split() else "whole"
+        if (whole and self.split()) or ((scopes or answers) and not self.split()) or len(scopes) != len(answers):
+            raise EditError(
+                f"{path} holds {len(whole)} codebooks and {len(scopes)} scopes, {vpath} {len(answers)} answers: "
+                f"not the {layout} codebook this editor's layers ({self.hparams.layer}, {self.value_layer()}) make"
+            )
+
+        def prefix(p: str, depth: int) -> str:  # the outermost sits at p, the one inside it at p.original, ...
+            return p + ".original" * depth
+
+        if not self.split():
+            return [[(prefix(path, len(whole) - 1 - i), cb)] for i, cb in enumerate(whole)]
+        n = len(scopes)
+        return [[(prefix(path, n - 1 - i), s), (prefix(vpath, n - 1 - i), a)] for i, (s, a) in enumerate(zip(scopes, answers))]
 
     def state_dict(self) -> dict:
         return {"slots": self.slots.clone(), "labels": self.labels.clone()}
@@ -80,18 +126,19 @@ class CodebookEditor(Editor):
         self.slots, self.labels = state["slots"].clone(), state["labels"].clone()
 
     def _working_copy(self) -> Book:
-        """The entries installed at ``path()`` with the record of what each holds; they must agree in number."""
-        path = self.path()
-        books, layer = codebooks(self.model.get_submodule(path))
-        # nn.Linear keeps (d_out, d_in), GPT-2's Conv1D (d_in, d_out)
-        d_in, d_out = layer.weight.shape[::-1] if isinstance(layer, nn.Linear) else layer.weight.shape
-        n = sum(b.n_entries() for b in books)
-        if n != len(self.slots):
-            raise EditError(f"the model holds {n} codebook entries at {path}, the editor's state {len(self.slots)}")
-        used = [b for b in books if b.n_entries()]
+        """The entries installed at ``path()`` (and ``value_path()``) with the record of what each holds; they
+        must agree in number."""
+        d_in, _ = _layer_shape(codebooks(self.model.get_submodule(self.path()), Installable)[1])
+        _, d_out = _layer_shape(codebooks(self.model.get_submodule(self.value_path()), Installable)[1])
+        stacks = self._stacks()
+        held = [{name: getattr(m, name) for _, m in parts for name in NAMES if name in m._parameters} for parts in stacks]
+        counts = [int((h["radii"] >= 0).sum()) for h in held]
+        if sum(counts) != len(self.slots):
+            held_n, path = sum(counts), self.path()
+            raise EditError(f"the model holds {held_n} codebook entries at {path}, the editor's state {len(self.slots)}")
 
         def cat(name: str, width: int | None) -> torch.Tensor:
-            parts = [getattr(b, name)[: b.n_entries()].detach().float().cpu() for b in used]
+            parts = [h[name][:c].detach().float().cpu() for h, c in zip(held, counts) if c]
             empty = torch.zeros((0, width) if width is not None else (0,))
             return torch.cat(parts) if parts else empty
 
@@ -100,23 +147,38 @@ class CodebookEditor(Editor):
     def _write(self, book: Book, first_capacity: int) -> None:
         """Changed rows of installed codebooks as row deltas (before any install: ``_apply`` refuses names inside a
         module installed in the same edit), then the rows that do not fit into a new codebook twice as large
-        around the full one; the book's record of what each entry holds becomes the editor's state."""
-        path = self.path()
-        books, _ = codebooks(self.model.get_submodule(path))
+        around the full one (a split one: its scope, then its answers, bound to that scope); the book's record
+        of what each entry holds becomes the editor's state."""
+        stacks = self._stacks()
         start = 0
-        for i, cb in enumerate(books):  # innermost first, as the entries are numbered
-            depth = len(books) - 1 - i  # the outermost sits at path, the one inside it at path.original, ...
-            stop = min(start + cb.capacity, len(book.radii))
+        capacity = 0
+        for parts in stacks:  # innermost first, as the entries are numbered
+            capacity = parts[0][1].capacity
+            stop = min(start + capacity, len(book.radii))
             if stop > start:
-                _write_rows(path + ".original" * depth, cb, book, start, stop, self._apply)
-            start += cb.capacity
+                _write_rows(parts, capacity, book, start, stop, self._apply)
+            start += capacity
         # entries fill the codebooks innermost first, so rows past the installed capacity (start) are all new
         if start < len(book.radii):
             spill = len(book.radii) - start
-            capacity = max(2 * books[-1].capacity if books else first_capacity, spill)
-            cb = Codebook(self.model.get_submodule(path), capacity, book.keys.shape[-1], book.values.shape[-1])
-            with torch.no_grad():
-                for name in ("keys", "values", "radii"):
-                    getattr(cb, name)[:spill] = getattr(book, name)[start:].to(getattr(cb, name))
-            self._install(path, cb)
+            capacity = max(2 * capacity if stacks else first_capacity, spill)
+            for path, module in self._new_codebook(capacity, book, start):
+                self._install(path, module)
         self.slots, self.labels = book.slots, book.labels
+
+    def _new_codebook(self, capacity: int, book: Book, start: int) -> list[tuple[str, Installable]]:
+        """Modules holding the book's rows from ``start`` on, in the order they install."""
+        path, vpath = self.path(), self.value_path()
+        d_in, d_out = book.keys.shape[-1], book.values.shape[-1]
+        if self.split():
+            modules = [(path, Scope(self.model.get_submodule(path), capacity, d_in))]
+            modules.append((vpath, Answers(self.model.get_submodule(vpath), capacity, d_out, path)))
+        else:
+            modules = [(path, Codebook(self.model.get_submodule(path), capacity, d_in, d_out))]
+        spill = len(book.radii) - start
+        with torch.no_grad():
+            for _, m in modules:
+                for name in NAMES:
+                    if name in m._parameters:
+                        getattr(m, name)[:spill] = getattr(book, name)[start:].to(getattr(m, name))
+        return modules

@@ -46,6 +46,14 @@ class Installable(nn.Module):
         """What ``from_config`` needs besides the original, JSON-able."""
         raise NotImplementedError
 
+    def bind(self, model: nn.Module) -> None:
+        """Called once installed in ``model``: a module that reads another installed module's per-forward state
+        (a split codebook's answers, its scope's hits) finds it here. Most need nothing."""
+
+    def forget(self) -> None:
+        """Drop what this module recorded in the last forward for modules later in it (``start_at_block``
+        runs forwards that skip it). Most record nothing."""
+
     def own_state(self) -> dict[str, torch.Tensor]:
         """The state_dict without the wrapped original's entries: what a patch must store."""
         prefix = ORIGINAL + "."
@@ -101,7 +109,13 @@ def install(model: nn.Module, path: str, module: Installable) -> Undo:
     if getattr(module, ORIGINAL, None) is not original:
         raise PatchIntegrityError(f"{path}: an installed module must hold the module it replaces as .{ORIGINAL}")
     model.set_submodule(path, module)
-    return Undo([ModuleSwap(path, original)])
+    undo = Undo([ModuleSwap(path, original)])
+    try:
+        module.bind(model)
+    except BaseException:
+        undo.restore(model)
+        raise
+    return undo
 
 
 @contextmanager
