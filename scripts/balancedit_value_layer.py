@@ -2,8 +2,9 @@
 
 usage: python scripts/balancedit_value_layer.py [--model smollm2-135m] [--n 15] [--threads 2] [--json FILE] LAYER [LAYER ...]
 
-The codebook's key and value sit at one layer today (the preset's 4): the key there is where a fact's rephrasings
-lie nearest (docs/benchmarks.md, `kedit bench scope`), and the value is trained through every block above it. Per
+A whole codebook's key and value sit at one layer (4 on SmolLM2): the key there is where a fact's rephrasings
+lie nearest (docs/benchmarks.md, `kedit bench scope`), and the value is trained through every block above it. A
+split codebook (``value_layer``) keeps the key and writes the value higher; this script measured what that saves. Per
 LAYER, on development records only (zsRE 900-(900+n), after the first 900 the benchmarks report), each record's
 value is trained alone with the preset's value settings, templates and frames at that layer's MLP output, as
 BalancEdit trains it (``optimize_targets(..., replace=True)``) on the unedited model: mean steps, seconds per value

@@ -233,7 +233,7 @@ def tiny(tmp_path_factory):
 def test_a_benchmark_scoring_a_rephrasing_the_editor_saw_as_a_positive_fails(tiny, tmp_path, monkeypatch):
     from kedit.app.bench import _run_method
 
-    overrides = {"layer": 1, "templates.count": 1, "templates.length": 2, "value.steps": 2}
+    overrides = {"layer": 1, "value_layer": 2, "templates.count": 1, "templates.length": 2, "value.steps": 2}
     data = write_zsre(tmp_path / "zsre.json", "Q: {} speaks A:", n=1)  # a rephrasing the editor's own frames generate
     # held out, the editor leaves it out of its samples and the run scores it
     ok = _run_method("balancedit", tiny, str(data), 1, 1, None, overrides, "zsre")

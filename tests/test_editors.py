@@ -64,7 +64,15 @@ OVERRIDES = {
     # an untrained network (the identity maps): one gradient step of rate edit_lr on two layers' MLPs
     "mend": {"layers": (2, 3), "network.rank": 16, "edit_lr": 0.01},
     "grace": {"layer": 2, "codebook.radius": 0.5, "codebook.capacity": 2},
-    "balancedit": {"layer": 1, "scope.capacity": 2, "templates.count": 2, "templates.length": 3, "value.clamp_norm": 200.0},
+    # the value at its key's block; the presets' split codebook (the value above its key) is the variant below
+    "balancedit": {
+        "layer": 1,
+        "value_layer": None,
+        "scope.capacity": 2,
+        "templates.count": 2,
+        "templates.length": 3,
+        "value.clamp_norm": 200.0,
+    },
     # a tiny model's outputs are small: margins to its scale, two edits per shard, two shards per merge
     "wise": WISE_TINY,
 }

@@ -490,6 +490,7 @@ MEMORY_EDITORS = {
     # needs a value far beyond ROME's norm bound to move its answer (the preset's bound is SmolLM2's)
     "balancedit": {
         "layer": 2,
+        "value_layer": None,  # the whole prompt is the subject: no block above 2 but the last, which no later token reads
         "templates.count": 0,
         "frames": [],
         "value.kl_factor": 0.0,
