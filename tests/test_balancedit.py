@@ -20,6 +20,7 @@ from editing.stats import Corpus
 from kedit.core.errors import KeditError
 from kedit.core.facts import EditRequest
 from kedit.core.facts.schema import normalize
+from kedit.store.squash import squash_patches
 
 ALICE = EditRequest("a", "alice", "{} speaks", "german", "french")
 BOB = EditRequest("b", "bob", "{} speaks", "french", "german")
@@ -181,7 +182,7 @@ def test_answers_take_no_hits_in_a_forward_that_starts_above_their_scope_and_ref
 
 def test_a_full_split_codebook_is_wrapped_by_a_larger_pair_and_the_chain_rebuilds_it(tmp_path):
     model, tok, editor = balancedit(value_layer=2, **{"scope.capacity": 1})
-    base = copy.deepcopy(model)
+    base, squashed = copy.deepcopy(model), copy.deepcopy(model)
     patches = [editor.edit([PARIS]), editor.edit([ALICE, BOB])]
     pairs = split_books(model, editor)
     assert [(s.capacity, s.n_entries()) for s, _ in pairs] == [(1, 1), (2, 2)]
@@ -193,10 +194,14 @@ def test_a_full_split_codebook_is_wrapped_by_a_larger_pair_and_the_chain_rebuild
     for i, p in enumerate(patches):
         PatchSet.load(tmp_path / str(i), p.save(tmp_path / str(i))).apply(base)
     assert_same_bits(snapshot(base), snapshot(model))
+    # a squashed chain installs path by path, every scope before any answers: each answers still finds its own scope
+    squash_patches(model, snapshot(squashed)).apply(squashed)
+    assert [a._scope[0] for _, a in split_books(squashed, editor)] == [s for s, _ in split_books(squashed, editor)]
     for r in (PARIS, ALICE, BOB):
         ids = tok(r.text, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             assert torch.equal(base(input_ids=ids).logits, model(input_ids=ids).logits)
+            assert torch.equal(squashed(input_ids=ids).logits, model(input_ids=ids).logits)
     editor.revert()
     assert [(s.capacity, s.n_entries()) for s, _ in split_books(model, editor)] == [(1, 1), (2, 2)]
 

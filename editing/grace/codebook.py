@@ -124,7 +124,9 @@ class Answers(Installable):
     """The value half of a split codebook: around a later block's projection, its output at the tokens its
     ``Scope`` (installed before it at ``config['scope']``) hit in this forward becomes the hit key's value;
     everywhere else it is the wrapped module's, bit for bit. A forward that starts above the scope (the target
-    steps' ``start_at_block``, which forgets what the scope found) gets no hits: the scope never saw its tokens."""
+    steps' ``start_at_block``, which forgets what the scope found) gets no hits: the scope never saw its tokens.
+    The hits pass through the scope's ``found`` between the two halves: one forward at a time per model, as
+    every forward kedit runs is."""
 
     type_name: ClassVar[str] = "codebook-answers"
 
@@ -144,11 +146,14 @@ class Answers(Installable):
         return {"capacity": self.capacity, "d_out": self.d_out, "scope": self.scope_path}
 
     def bind(self, model: nn.Module) -> None:
-        """Installed: the scope is the module at its path now (the one installed just before, in the same edit)."""
-        scope = model.get_submodule(self.scope_path)
-        if not isinstance(scope, Scope) or scope.capacity != self.capacity:
-            raise PatchIntegrityError(f"{self.scope_path}: the answers of a {self.capacity}-entry scope need that scope there")
-        self._scope = (scope,)
+        """Installed: the scope is the one at the same depth of the stack at its path (innermost first) as this
+        one in its own stack, whether the pairs were installed pair by pair (a chain) or every scope first (a
+        squashed chain installs path by path)."""
+        scopes, _ = codebooks(model.get_submodule(self.scope_path), Scope)
+        depth = len(codebooks(self.original, Answers)[0])  # the answers this one wraps
+        if depth >= len(scopes) or scopes[depth].capacity != self.capacity:
+            raise PatchIntegrityError(f"{self.scope_path}: no {self.capacity}-entry scope at depth {depth} for these answers")
+        self._scope = (scopes[depth],)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.original(x)  # (..., d_out)
