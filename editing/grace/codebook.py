@@ -28,23 +28,25 @@ from editing.patches.modules import register_module_type
 EMPTY = -1.0  # the radius of an unused row: no distance is below it
 
 
+def _rows(original: nn.Module, *shape: int, fill: float = 0.0) -> nn.Parameter:
+    """A frozen tensor in the wrapped layer's dtype and device: parameters, not buffers, so that later edits
+    change rows through weight deltas like any weight's."""
+    w = next(original.parameters())
+    return nn.Parameter(torch.full(shape, fill, dtype=w.dtype, device=w.device), requires_grad=False)
+
+
 @register_module_type
 class Codebook(Installable):
     type_name: ClassVar[str] = "grace-codebook"
+    rows: ClassVar[tuple[str, ...]] = ("keys", "values", "radii")  # the per-entry tensors this module holds
 
     def __init__(self, original: nn.Module, capacity: int, d_in: int, d_out: int):
         super().__init__()
-        w = next(original.parameters())
         self.original = original
         self.capacity, self.d_in, self.d_out = int(capacity), int(d_in), int(d_out)
-
-        def frozen(*shape: int, fill: float = 0.0) -> nn.Parameter:
-            # parameters, not buffers: later edits change rows through weight deltas like any weight's
-            return nn.Parameter(torch.full(shape, fill, dtype=w.dtype, device=w.device), requires_grad=False)
-
-        self.keys = frozen(self.capacity, self.d_in)  # (C, d_in)
-        self.values = frozen(self.capacity, self.d_out)  # (C, d_out)
-        self.radii = frozen(self.capacity, fill=EMPTY)  # (C,)
+        self.keys = _rows(original, self.capacity, self.d_in)  # (C, d_in)
+        self.values = _rows(original, self.capacity, self.d_out)  # (C, d_out)
+        self.radii = _rows(original, self.capacity, fill=EMPTY)  # (C,)
 
     @classmethod
     def from_config(cls, config: dict[str, Any], original: nn.Module) -> Codebook:
@@ -82,15 +84,14 @@ class Scope(Installable):
     (``found``), which the ``Answers`` bound to it reads later in the same forward."""
 
     type_name: ClassVar[str] = "codebook-scope"
+    rows: ClassVar[tuple[str, ...]] = ("keys", "radii")
 
     def __init__(self, original: nn.Module, capacity: int, d_in: int):
         super().__init__()
-        w = next(original.parameters())
         self.original = original
         self.capacity, self.d_in = int(capacity), int(d_in)
-        # parameters, not buffers: later edits change rows through weight deltas like any weight's
-        self.keys = nn.Parameter(torch.zeros(self.capacity, self.d_in, dtype=w.dtype, device=w.device), requires_grad=False)
-        self.radii = nn.Parameter(torch.full((self.capacity,), EMPTY, dtype=w.dtype, device=w.device), requires_grad=False)
+        self.keys = _rows(original, self.capacity, self.d_in)  # (C, d_in)
+        self.radii = _rows(original, self.capacity, fill=EMPTY)  # (C,)
         self.found: tuple[torch.Tensor, torch.Tensor] | None = None  # (...,) index, (...,) hit: this forward's
 
     @classmethod
@@ -100,19 +101,17 @@ class Scope(Installable):
     def config(self) -> dict[str, Any]:
         return {"capacity": self.capacity, "d_in": self.d_in}
 
-    def n_entries(self) -> int:  # kedit.core.routing.Router
-        return int((self.radii >= 0).sum())
-
-    def routed(self, x: torch.Tensor) -> torch.Tensor:  # kedit.core.routing.Router
-        """(..., d_in) -> (...) bool: the tokens this scope takes in (none while it is empty)."""
-        return nearest_within(x.reshape(-1, x.shape[-1]), self.keys, self.radii)[1].view(x.shape[:-1])
+    # the key half's lookup is the whole codebook's (they read only keys and radii)
+    n_entries = Codebook.n_entries
+    routed = Codebook.routed
+    lookup = Codebook.lookup
 
     def forget(self) -> None:
         self.found = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if bool((self.radii >= 0).any()):
-            idx, hit = nearest_within(x.reshape(-1, x.shape[-1]), self.keys, self.radii)  # (N,) over every position
+            idx, hit = self.lookup(x.reshape(-1, x.shape[-1]))  # (N,) over every position
             self.found = idx.view(x.shape[:-1]), hit.view(x.shape[:-1])
         else:
             self.found = None
@@ -129,13 +128,13 @@ class Answers(Installable):
     every forward kedit runs is."""
 
     type_name: ClassVar[str] = "codebook-answers"
+    rows: ClassVar[tuple[str, ...]] = ("values",)
 
     def __init__(self, original: nn.Module, capacity: int, d_out: int, scope: str):
         super().__init__()
-        w = next(original.parameters())
         self.original = original
         self.capacity, self.d_out, self.scope_path = int(capacity), int(d_out), str(scope)
-        self.values = nn.Parameter(torch.zeros(self.capacity, self.d_out, dtype=w.dtype, device=w.device), requires_grad=False)
+        self.values = _rows(original, self.capacity, self.d_out)  # (C, d_out)
         self._scope: tuple[Scope, ...] = ()  # a tuple, not an attribute nn.Module would register as a child
 
     @classmethod

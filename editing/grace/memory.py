@@ -19,8 +19,6 @@ from editing.patches import Dense, Installable, LowRank
 
 from .codebook import Answers, Codebook, Scope, codebooks
 
-NAMES = ("keys", "values", "radii")
-
 
 @dataclasses.dataclass
 class Book:
@@ -47,8 +45,8 @@ def _write_rows(
 ) -> None:
     """Rows start..stop of the book into one codebook, whose tensors ``parts`` hold between them: (prefix,
     module) pairs, one codebook, or a split codebook's scope (keys, radii) and answers (values)."""
-    held = {name: (prefix, m) for prefix, m in parts for name in NAMES if name in m._parameters}
-    new = {name: getattr(book, name)[start:stop] for name in NAMES}
+    held = {name: (prefix, m) for prefix, m in parts for name in m.rows}
+    new = {name: getattr(book, name)[start:stop] for name in Codebook.rows}
     old = {name: getattr(m, name)[: stop - start].detach().float().cpu() for name, (_, m) in held.items()}
     changed = (new["keys"] != old["keys"]).any(-1) | (new["values"] != old["values"]).any(-1) | (new["radii"] != old["radii"])
     rows = changed.nonzero().flatten()  # (m,)
@@ -131,7 +129,7 @@ class CodebookEditor(Editor):
         d_in, _ = _layer_shape(codebooks(self.model.get_submodule(self.path()), Installable)[1])
         _, d_out = _layer_shape(codebooks(self.model.get_submodule(self.value_path()), Installable)[1])
         stacks = self._stacks()
-        held = [{name: getattr(m, name) for _, m in parts for name in NAMES if name in m._parameters} for parts in stacks]
+        held = [{name: getattr(m, name) for _, m in parts for name in m.rows} for parts in stacks]
         counts = [int((h["radii"] >= 0).sum()) for h in held]
         if sum(counts) != len(self.slots):
             held_n, path = sum(counts), self.path()
@@ -178,7 +176,6 @@ class CodebookEditor(Editor):
         spill = len(book.radii) - start
         with torch.no_grad():
             for _, m in modules:
-                for name in NAMES:
-                    if name in m._parameters:
-                        getattr(m, name)[:spill] = getattr(book, name)[start:].to(getattr(m, name))
+                for name in m.rows:
+                    getattr(m, name)[:spill] = getattr(book, name)[start:].to(getattr(m, name))
         return modules
