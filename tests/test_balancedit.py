@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from conftest import make_tokenizer
 from test_bench import write_zsre
 from test_editors import CONTRACT, CORPUS, assert_same_bits, build, snapshot
 
@@ -20,6 +21,7 @@ from editing.stats import Corpus
 from kedit.core.errors import KeditError
 from kedit.core.facts import EditRequest
 from kedit.core.facts.schema import normalize
+from kedit.core.lm import score_targets
 from kedit.store.squash import squash_patches
 
 ALICE = EditRequest("a", "alice", "{} speaks", "german", "french")
@@ -108,6 +110,48 @@ def test_a_reedit_replaces_the_entry_and_recomputes_its_scope():
     editor.commit()
     editor.edit([EditRequest("a2", "alice", "{} speaks", "english", "german")])
     assert editor.diagnostics["action"] == [REPLACE] and the_book(model, editor).n_entries() == 1
+
+
+@pytest.mark.parametrize("batches", ["one after the other", "in one batch"])
+def test_a_second_fact_about_a_subject_that_opens_its_prompt_is_keyed_where_its_prompt_ends(batches):
+    """Prompts that open with one subject read one key there (a causal state sees only the tokens up to it): at
+    distance 0 neither entry is nearer, so the later fact is keyed at its prompt's end (GRACE's key), and both
+    facts hold."""
+    home = EditRequest("h", "alice", "{} lives in", "rome", "paris")
+    model, tok, editor = balancedit()
+    prompts = [ALICE.text, home.text]
+    before = score_targets(model, tok, prompts, [ALICE.target_new, home.target_new]).mean_logprob
+    if batches == "in one batch":
+        editor.edit([ALICE, home])
+        assert editor.diagnostics["keyed_at_prompt_end"] == [0.0, 1.0]
+    else:
+        editor.edit([ALICE])
+        editor.commit()
+        editor.edit([home])
+        assert editor.diagnostics["keyed_at_prompt_end"] == [1.0] and editor.diagnostics["action"] == [ADD]
+    assert all(len(v) == 2 if batches == "in one batch" else 1 for v in editor.diagnostics.values())
+    new = score_targets(model, tok, prompts, [ALICE.target_new, home.target_new]).mean_logprob
+    old = score_targets(model, tok, prompts, [ALICE.target_true, home.target_true]).mean_logprob
+    # keyed at the subject as well, the second fact would get the first one's value: its target would not move
+    assert (new > before + 0.25).all() and (new > old).all(), f"new {before.tolist()} -> {new.tolist()}, old {old.tolist()}"
+    # the second fact's prompt is answered at its last token, the subject's token by the first fact's entry
+    hit, at = routed(model, tok, editor, [home])
+    assert hit[0, at[0]] and hit[0, -1]
+
+
+def test_a_subject_that_is_its_prompts_first_token_is_keyed_where_its_prompt_ends():
+    """Without BOS a prompt that opens with a one-token subject reads its key where nothing precedes it: the
+    token's state alone, near every text's first token. Such a fact is keyed at its prompt's end, and holds."""
+    model, _, _ = build("balancedit")
+    tok = make_tokenizer(add_bos=False)
+    cls = get_editor("balancedit")
+    editor = cls(model, tok, cls.preset(model, CONTRACT["balancedit"]), corpus=CORPUS)
+    before = score_targets(model, tok, [ALICE.text], [ALICE.target_new]).mean_logprob
+    editor.edit([ALICE, PARIS])
+    assert editor.diagnostics["keyed_at_prompt_end"] == [1.0, 0.0]  # "the capital of france is": france is not first
+    new = score_targets(model, tok, [ALICE.text], [ALICE.target_new]).mean_logprob
+    old = score_targets(model, tok, [ALICE.text], [ALICE.target_true]).mean_logprob
+    assert new > before + 0.25 and new > old, f"new {before.tolist()} -> {new.tolist()}, old {old.tolist()}"
 
 
 def test_held_out_texts_are_never_samples():

@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from editing.base import EditError, register
-from editing.grace.grace import ADD, REPLACE
+from editing.grace.grace import ADD, REPLACE, at_last_token
 from editing.grace.memory import Book, CodebookEditor
 from editing.ids import label_id, slot_id
-from editing.keys import context_templates, read_at_subject, read_every_position, read_tokens
+from editing.keys import context_templates, locate, read_at_subject, read_every_position, read_tokens
 from editing.stats import Corpus, corpus_from_model, windows
 from editing.targets import optimize_targets
 from kedit.core.facts import EditRequest
@@ -42,6 +42,20 @@ from .hparams import BalancEditHyperParams
 from .samples import positives, substitutions
 
 log = logging.getLogger(__name__)
+
+
+_SAME_KEY = 1e-3  # a key within this share of its norm of another fact's is the same key (numerics aside)
+
+
+def _in_order(done: list[tuple[list[int], dict[str, list[float]]]], n: int) -> dict[str, list[float]]:
+    """The rounds' diagnostics, each for its own requests (their indices), as one value per request in order."""
+    out: dict[str, list[float]] = {}
+    for idx, diag in done:
+        for name, values in diag.items():
+            merged = out.setdefault(name, [float("nan")] * n)
+            for i, v in zip(idx, values):
+                merged[i] = v
+    return out
 
 
 def _naming(subject: str) -> re.Pattern:
@@ -124,26 +138,66 @@ class BalancEdit(CodebookEditor):
     # ------------------------------------------------------------------ the method, in the paper's order
 
     def _edit(self, requests: list[EditRequest]) -> None:
-        path = self.path()
-        keys = read_at_subject(self.model, self.tok, requests, ("{}",), [path], "input")[path].cpu()  # (n, d_in)
+        keys = self._keys(requests)  # (n, d_in)
         book = self._working_copy()
-        radii = self.scope(requests, keys, book)
-        plan = self._place(book, requests, keys, radii)
-        self._train_values(book, plan, requests)
+        at_end = self._at_prompt_end(requests, keys, book)  # (n,)
+        done, samples = [], []
+        for chosen, moved in ((~at_end, False), (at_end, True)):  # the facts keyed at their prompt's end go in last
+            idx = chosen.nonzero().flatten().tolist()
+            if not idx:
+                continue
+            facts = [requests[i] for i in idx]
+            asked = at_last_token(facts) if moved else facts
+            k = self._keys(asked) if moved else keys[idx]
+            self.diagnostics = {}
+            radii = self.scope(facts, k, book, asked)
+            plan = self._place(book, facts, k, radii)
+            self._train_values(book, plan, asked)
+            done.append((idx, self.diagnostics))
+            samples += self.samples
+        self.samples = samples
+        self.diagnostics = {"keyed_at_prompt_end": at_end.float().tolist()} | _in_order(done, len(requests))
         self._write(book, self.hparams.scope.capacity)
 
-    def scope(self, requests: list[EditRequest], keys: torch.Tensor, book: Book) -> torch.Tensor:
+    def _keys(self, asked: list[EditRequest]) -> torch.Tensor:
+        """(n, d_in) the key layer's input at each request's subject's last token."""
+        path = self.path()
+        return read_at_subject(self.model, self.tok, asked, ("{}",), [path], "input")[path].cpu()
+
+    def _at_prompt_end(self, requests: list[EditRequest], keys: torch.Tensor, book: Book) -> torch.Tensor:
+        """(n,) bool: facts the subject's key (n, d_in) cannot hold, keyed instead where their prompt ends (GRACE's
+        key, the whole prompt as the subject). A causal model's state at the subject sees only the tokens up to it:
+        - two prompts that open with one subject ("{} owner", "{} was created in") read one key, and where keys
+          coincide neither entry is nearer: a key within ``_SAME_KEY`` of another fact's (the codebook's, or an
+          earlier one of the batch) is taken;
+        - a subject that is the prompt's first token (no BOS before it) is read where nothing precedes it: that
+          state is the token's alone, the one later tokens read least, and every text's first token lies near it."""
+        slots = torch.tensor([slot_id(r) for r in requests])  # (n,)
+        d_book = torch.cdist(keys, book.keys).masked_fill(slots[:, None] == book.slots[None], float("inf"))  # (n, m)
+        earlier = torch.ones(len(keys), len(keys), dtype=torch.bool).tril(-1) & (slots[:, None] != slots[None])
+        d_batch = torch.cdist(keys, keys).masked_fill(~earlier, float("inf"))  # (n, n)
+        nearest = torch.cat([d_book, d_batch], dim=-1).amin(-1)  # inf where no other fact is there
+        taken = nearest <= _SAME_KEY * torch.linalg.vector_norm(keys, dim=-1)
+        first = torch.tensor(locate(self.tok, requests, ("{}",)).subject_pos) == 0
+        return taken | first
+
+    def scope(
+        self, requests: list[EditRequest], keys: torch.Tensor, book: Book, asked: list[EditRequest] | None = None
+    ) -> torch.Tensor:
         """(n,) each fact's radius, from its positive and negative samples' distances to its key (n, d_in), with
-        the facts ``book`` holds as negatives too. Records the samples and the distances in the diagnostics."""
+        the facts ``book`` holds as negatives too. ``asked``: the requests as keyed, where the key is not at the
+        fact's own subject but at its prompt's end (the whole prompt as their subject). Records the samples and
+        the distances in the diagnostics."""
         n = len(requests)
         path = self.path()
-        pos, pos_owner = positives(requests, self.templates() + self.hparams.frames, self.held_out)
-        subs, sub_owner = substitutions(requests)
+        asked = asked or requests
+        pos, pos_owner = positives(asked, self.templates() + self.hparams.frames, self.held_out)
+        subs, sub_owner = substitutions(asked)
         self.samples = [q.text for q in pos]
         # one forward for every row: the prompts themselves (their subject's token is the key, distance 0) and
         # their positives, whose subject's token should be taken in and every other token left out; then the
         # prompts about the batch's other subjects, whose subject's token must be left out
-        rows = list(requests) + pos + subs
+        rows = list(asked) + pos + subs
         owner = torch.tensor(list(range(n)) + pos_owner + sub_owner, dtype=torch.long)  # (R,)
         states, at, real = read_every_position(self.model, self.tok, rows, path)  # (R, T, d_in), (R,), (R, T)
         d = torch.linalg.vector_norm(states.cpu() - keys[owner][:, None], dim=-1)  # (R, T)
