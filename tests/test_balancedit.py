@@ -129,7 +129,8 @@ def test_a_second_fact_about_a_subject_that_opens_its_prompt_is_keyed_where_its_
         editor.commit()
         editor.edit([home])
         assert editor.diagnostics["keyed_at_prompt_end"] == [1.0] and editor.diagnostics["action"] == [ADD]
-    assert all(len(v) == 2 if batches == "in one batch" else 1 for v in editor.diagnostics.values())
+    n = 2 if batches == "in one batch" else 1
+    assert all(len(v) == n for v in editor.diagnostics.values()), "diagnostics: one value per request"
     new = score_targets(model, tok, prompts, [ALICE.target_new, home.target_new]).mean_logprob
     old = score_targets(model, tok, prompts, [ALICE.target_true, home.target_true]).mean_logprob
     # keyed at the subject as well, the second fact would get the first one's value: its target would not move
